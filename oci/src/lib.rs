@@ -1,0 +1,186 @@
+//! cohort-oci: build a reproducible OCI image from host files, in-process.
+//!
+//! Knows OCI, tar and ELF, and nothing of git, agents or container engines. The caller
+//! chooses what goes in (programs, binaries, files) and gets back an oci-archive that any
+//! engine can load.
+//!
+//! Layers, in order (least to most frequently changed, so rebuilds reuse the early ones):
+//! base image layers (optional) · host programs with their shared-library closure ·
+//! skeleton (passwd/group, home, /tmp, workdir) · codex · cohort · caller files.
+
+mod archive;
+mod blob;
+mod elf;
+mod error;
+mod image;
+mod layer;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub use archive::{import_base, index_json, write_oci_archive, BaseImage, REF_NAME};
+pub use blob::{sha256_digest, BlobStore};
+pub use elf::{read_deps, ElfDeps, LibraryResolver};
+pub use error::{Error, Result};
+pub use image::{
+    write_config_and_manifest, BuiltImage, ImageSettings, ManifestInput, DEFAULT_PATH,
+    LABEL_REVISION,
+};
+pub use layer::{Layer, LayerBuilder, LayerOptions};
+pub use oci_spec::image::MediaType;
+
+/// The programs an agent needs by default: a shell, coreutils basics, git with its helpers
+/// and templates, and CA certificates. Only those present on this host are returned.
+pub fn default_programs() -> Vec<PathBuf> {
+    const BIN: &[&str] = &[
+        "sh", "bash", "cat", "ls", "cp", "mv", "rm", "mkdir", "rmdir", "ln", "chmod", "touch",
+        "echo", "env", "head", "tail", "wc", "sort", "uniq", "tr", "cut", "date", "dirname",
+        "basename", "pwd", "sleep", "test", "true", "false", "mktemp", "readlink", "realpath",
+        "tee", "id", "uname", "stat", "printf", "expr", "seq", "grep", "sed", "find", "xargs",
+        "diff", "git",
+    ];
+    let mut out: Vec<PathBuf> = BIN
+        .iter()
+        .filter_map(|b| {
+            ["/usr/bin", "/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(b))
+                .find(|p| p.exists())
+        })
+        .collect();
+    for p in [
+        "/usr/lib/git-core",
+        "/usr/share/git-core/templates",
+        "/etc/ssl/certs",
+    ] {
+        if Path::new(p).exists() {
+            out.push(PathBuf::from(p));
+        }
+    }
+    out
+}
+
+/// Everything one build needs.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// Layer (a): host paths (files or directories) mirrored at the same place, plus the
+    /// shared-library closure of every ELF file among them.
+    pub programs: Vec<PathBuf>,
+    /// Layer (b): the static codex binary, `(host path, image path)`.
+    pub codex: Option<(PathBuf, String)>,
+    /// Layer (c): the cohort binary, `(host path, image path)`.
+    pub cohort: Option<(PathBuf, String)>,
+    /// Layer (d): caller-chosen files, `(host path, image path)`.
+    pub files: Vec<(PathBuf, String)>,
+    pub settings: ImageSettings,
+    /// A base image as an OCI layout directory or oci-archive; `None` builds from scratch.
+    pub base: Option<PathBuf>,
+    /// SOURCE_DATE_EPOCH: every mtime and the `created` time.
+    pub source_date_epoch: u64,
+    /// gzip level for new layers.
+    pub compression: u32,
+    /// Library search path; `LibraryResolver::system()` by default.
+    pub resolver: LibraryResolver,
+}
+
+impl Default for BuildSpec {
+    fn default() -> Self {
+        BuildSpec {
+            programs: default_programs(),
+            codex: None,
+            cohort: None,
+            files: Vec::new(),
+            settings: ImageSettings::default(),
+            base: None,
+            source_date_epoch: source_date_epoch_from_env().unwrap_or(0),
+            compression: 6,
+            resolver: LibraryResolver::system(),
+        }
+    }
+}
+
+/// `SOURCE_DATE_EPOCH` from the environment, if set and numeric.
+pub fn source_date_epoch_from_env() -> Option<u64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok()?.trim().parse().ok()
+}
+
+/// The programs layer: each program mirrored plus its library closure.
+pub fn programs_layer(programs: &[PathBuf], resolver: &LibraryResolver) -> Result<LayerBuilder> {
+    let mut layer = LayerBuilder::new();
+    let mut roots = Vec::new();
+    for p in programs {
+        layer.host_path(p)?;
+        collect_files(p, &mut roots)?;
+    }
+    for lib in resolver.closure(&roots)? {
+        layer.host_path(&lib)?;
+    }
+    Ok(layer)
+}
+
+/// Regular files under `p` (or `p` itself), the candidates for ELF closure.
+fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = fs::symlink_metadata(p).map_err(|_| Error::Missing(p.to_owned()))?;
+    if meta.is_dir() {
+        let mut children: Vec<_> = fs::read_dir(p)
+            .and_then(|rd| rd.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| Error::Io {
+                path: p.to_owned(),
+                source,
+            })?;
+        children.sort_by_key(|c| c.file_name());
+        for c in children {
+            collect_files(&c.path(), out)?;
+        }
+    } else if meta.is_file() || (meta.file_type().is_symlink() && p.is_file()) {
+        out.push(p.to_owned());
+    }
+    Ok(())
+}
+
+/// Build the image into `store` (blobs are content-addressed; unchanged layers are reused).
+pub fn build(spec: &BuildSpec, store: &BlobStore) -> Result<BuiltImage> {
+    let opts = LayerOptions {
+        mtime: spec.source_date_epoch,
+        compression: spec.compression,
+    };
+    let base = match &spec.base {
+        Some(p) => import_base(p, store)?,
+        None => BaseImage::default(),
+    };
+    let mut layers = base.layers.clone();
+    let mut media_types = base.media_types.clone();
+    let mut builders = vec![
+        programs_layer(&spec.programs, &spec.resolver)?,
+        spec.settings
+            .skeleton_layer(base.passwd.as_deref(), base.group.as_deref())?,
+    ];
+    for (host, image_path) in spec.codex.iter().chain(spec.cohort.iter()) {
+        let mut l = LayerBuilder::new();
+        l.host_file(host, image_path)?;
+        builders.push(l);
+    }
+    let mut files = LayerBuilder::new();
+    for (host, image_path) in &spec.files {
+        files.host_file(host, image_path)?;
+    }
+    builders.push(files);
+    for b in builders.iter().filter(|b| !b.is_empty()) {
+        layers.push(b.write(store, &opts)?);
+        media_types.push(MediaType::ImageLayerGzip);
+    }
+    write_config_and_manifest(
+        store,
+        &ManifestInput {
+            settings: &spec.settings,
+            layers: &layers,
+            media_types: &media_types,
+            created_epoch: spec.source_date_epoch,
+            base_env: &base.env,
+            base_history: &base.history,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests;

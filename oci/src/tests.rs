@@ -1,0 +1,235 @@
+//! Crate tests against real host files (no fixtures needed on Debian).
+
+use super::*;
+use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest, OciLayout};
+use std::collections::BTreeMap;
+use std::io::Read;
+
+fn small_spec(dir: &Path) -> BuildSpec {
+    let file = dir.join("hello.txt");
+    fs::write(&file, "hello\n").unwrap();
+    BuildSpec {
+        programs: vec![PathBuf::from("/bin/sh"), PathBuf::from("/usr/bin/env")],
+        files: vec![(file, "/opt/app/hello.txt".into())],
+        settings: ImageSettings {
+            source_commit: Some("0123456789abcdef".into()),
+            ..Default::default()
+        },
+        source_date_epoch: 1_700_000_000,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn layer_is_deterministic_across_stores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = programs_layer(&[PathBuf::from("/bin/bash")], &LibraryResolver::system()).unwrap();
+    let opts = LayerOptions {
+        mtime: 1_700_000_000,
+        compression: 6,
+    };
+    let a = layer
+        .write(&BlobStore::open(tmp.path().join("a")).unwrap(), &opts)
+        .unwrap();
+    let b = layer
+        .write(&BlobStore::open(tmp.path().join("b")).unwrap(), &opts)
+        .unwrap();
+    assert_eq!(a, b);
+    let other = LayerOptions { mtime: 1, ..opts };
+    let c = layer
+        .write(&BlobStore::open(tmp.path().join("c")).unwrap(), &other)
+        .unwrap();
+    assert_ne!(a.digest, c.digest, "mtime must be part of the content");
+}
+
+#[test]
+fn programs_layer_mirrors_symlinks_and_libraries() {
+    let layer = programs_layer(&[PathBuf::from("/bin/bash")], &LibraryResolver::system()).unwrap();
+    let paths: Vec<String> = layer.paths().collect();
+    assert!(paths.iter().any(|p| p.ends_with("/bash")), "{paths:?}");
+    assert!(paths.iter().any(|p| p.contains("/libc.so")), "{paths:?}");
+    assert!(paths.iter().any(|p| p.contains("ld-linux")), "{paths:?}");
+    // On merged-/usr hosts /bin is a symlink; it must be kept as one, not turned into a directory.
+    if fs::symlink_metadata("/bin")
+        .unwrap()
+        .file_type()
+        .is_symlink()
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
+        let l = layer
+            .write(
+                &store,
+                &LayerOptions {
+                    mtime: 0,
+                    compression: 1,
+                },
+            )
+            .unwrap();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(
+            fs::File::open(store.path(&l.digest)).unwrap(),
+        ));
+        let mut kinds = BTreeMap::new();
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            let h = e.header();
+            assert_eq!(h.mtime().unwrap(), 0);
+            assert_eq!(h.uid().unwrap(), 0);
+            kinds.insert(
+                e.path().unwrap().to_string_lossy().into_owned(),
+                h.entry_type(),
+            );
+        }
+        assert_eq!(
+            kinds.get("bin"),
+            Some(&tar::EntryType::Symlink),
+            "{kinds:?}"
+        );
+        assert_eq!(kinds.get("usr/bin/bash"), Some(&tar::EntryType::Regular));
+    }
+}
+
+#[test]
+fn two_builds_same_digest_and_valid_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = small_spec(tmp.path());
+    let a = build(&spec, &BlobStore::open(tmp.path().join("s1")).unwrap()).unwrap();
+    let store = BlobStore::open(tmp.path().join("s2")).unwrap();
+    let b = build(&spec, &store).unwrap();
+    assert_eq!(a, b);
+
+    let out = tmp.path().join("image.tar");
+    write_oci_archive(
+        &store,
+        &b,
+        "localhost/test:latest",
+        &out,
+        spec.source_date_epoch,
+    )
+    .unwrap();
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut ar = tar::Archive::new(fs::File::open(&out).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        files.insert(name, data);
+    }
+    let _: OciLayout = serde_json::from_slice(&files["oci-layout"]).unwrap();
+    let index: ImageIndex = serde_json::from_slice(&files["index.json"]).unwrap();
+    let m = &index.manifests()[0];
+    assert_eq!(m.digest().to_string(), b.manifest_digest);
+    assert_eq!(
+        m.annotations()
+            .as_ref()
+            .unwrap()
+            .get(REF_NAME)
+            .map(String::as_str),
+        Some("localhost/test:latest")
+    );
+    let blob = |d: &str| &files[&format!("blobs/sha256/{}", d.trim_start_matches("sha256:"))];
+    // Every blob's name is its content's digest.
+    for (name, data) in files
+        .iter()
+        .filter(|(n, _)| n.starts_with("blobs/sha256/") && n.len() > 13)
+    {
+        assert_eq!(sha256_digest(data), format!("sha256:{}", &name[13..]));
+    }
+    let manifest: ImageManifest = serde_json::from_slice(blob(&b.manifest_digest)).unwrap();
+    let config: ImageConfiguration =
+        serde_json::from_slice(blob(&manifest.config().digest().to_string())).unwrap();
+    assert_eq!(manifest.layers().len(), config.rootfs().diff_ids().len());
+    let c = config.config().as_ref().unwrap();
+    assert_eq!(c.working_dir().as_deref(), Some("/workspace"));
+    assert_eq!(c.user().as_deref(), Some("1000:1000"));
+    assert!(c
+        .volumes()
+        .as_ref()
+        .unwrap()
+        .contains(&"/workspace".to_string()));
+    assert_eq!(
+        c.labels().as_ref().unwrap()[LABEL_REVISION],
+        "0123456789abcdef"
+    );
+    // diff_ids really are the digests of the uncompressed layers.
+    for (l, diff_id) in manifest.layers().iter().zip(config.rootfs().diff_ids()) {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&blob(&l.digest().to_string())[..])
+            .read_to_end(&mut raw)
+            .unwrap();
+        assert_eq!(&sha256_digest(&raw), diff_id);
+    }
+
+    // Writing the archive twice gives the same bytes.
+    let out2 = tmp.path().join("image2.tar");
+    write_oci_archive(
+        &store,
+        &b,
+        "localhost/test:latest",
+        &out2,
+        spec.source_date_epoch,
+    )
+    .unwrap();
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&out2).unwrap());
+}
+
+#[test]
+fn changed_input_changes_digest_and_reuses_other_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(tmp.path().join("s")).unwrap();
+    let mut spec = small_spec(tmp.path());
+    let a = build(&spec, &store).unwrap();
+    spec.settings.source_commit = Some("fedcba".into());
+    let b = build(&spec, &store).unwrap();
+    assert_ne!(a.manifest_digest, b.manifest_digest);
+    assert_eq!(a.layers, b.layers, "only the config changed");
+    fs::write(&spec.files[0].0, "changed\n").unwrap();
+    let c = build(&spec, &store).unwrap();
+    assert_eq!(
+        a.layers[..a.layers.len() - 1],
+        c.layers[..c.layers.len() - 1]
+    );
+    assert_ne!(a.layers.last(), c.layers.last());
+}
+
+#[test]
+fn builds_on_top_of_a_base_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(tmp.path().join("s")).unwrap();
+    let base_spec = small_spec(tmp.path());
+    let base = build(&base_spec, &store).unwrap();
+    let archive = tmp.path().join("base.tar");
+    write_oci_archive(&store, &base, "localhost/base:1", &archive, 0).unwrap();
+
+    let store2 = BlobStore::open(tmp.path().join("s2")).unwrap();
+    let spec = BuildSpec {
+        programs: vec![PathBuf::from("/usr/bin/env")],
+        base: Some(archive),
+        settings: ImageSettings {
+            user: "agent".into(),
+            uid: 2000,
+            gid: 2000,
+            ..Default::default()
+        },
+        ..small_spec(tmp.path())
+    };
+    let img = build(&spec, &store2).unwrap();
+    assert_eq!(img.layers[..base.layers.len()], base.layers[..]);
+    let imported = import_base(&tmp.path().join("base.tar"), &store2).unwrap();
+    let passwd = imported.passwd.unwrap();
+    assert!(passwd.contains("cohort:x:1000"), "{passwd}");
+}
+
+#[test]
+fn bad_image_paths_are_rejected() {
+    let mut l = LayerBuilder::new();
+    assert!(matches!(
+        l.bytes("relative", "x", 0o644),
+        Err(Error::BadImagePath(_))
+    ));
+    assert!(matches!(
+        l.bytes("/a/../b", "x", 0o644),
+        Err(Error::BadImagePath(_))
+    ));
+}
