@@ -1,0 +1,111 @@
+//! What runs for a task: an agent turns a task into a program invocation and
+//! reads that program's output. Where it runs is the runtime's business.
+
+pub mod command;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::secret::Secret;
+
+/// Everything an agent may use to build its invocation.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub run_id: String,
+    pub index: usize,
+    pub task: String,
+    /// The prompt (template with the task filled in).
+    pub prompt: String,
+    /// The prompt, as a file outside the checkout (never committed).
+    pub prompt_file: PathBuf,
+    /// The checkout the agent works in (as the runtime will see it).
+    pub checkout: PathBuf,
+    /// A private directory for this attempt, outside the checkout.
+    pub scratch: PathBuf,
+    pub attempt: u32,
+}
+
+/// A program to start: argv without a shell, extra environment, and stdin.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Only ever placed in the child's environment.
+    pub secret_env: Vec<(String, Secret)>,
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// What the agent reported, as far as cohort understands it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentEvent {
+    Thread {
+        id: String,
+    },
+    Command {
+        command: String,
+        exit_code: Option<i32>,
+    },
+    FileChange {
+        paths: Vec<String>,
+    },
+    Message {
+        text: String,
+    },
+    Usage {
+        input_tokens: u64,
+        cached_input_tokens: u64,
+        output_tokens: u64,
+    },
+    Error {
+        message: String,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+impl AgentEvent {
+    /// One short line for a progress display.
+    pub fn summary(&self) -> String {
+        let s = match self {
+            AgentEvent::Thread { id } => format!("thread {id}"),
+            AgentEvent::Command { command, .. } => format!("$ {command}"),
+            AgentEvent::FileChange { paths } => format!("edited {}", paths.join(", ")),
+            AgentEvent::Message { text } => text.clone(),
+            AgentEvent::Usage {
+                input_tokens,
+                output_tokens,
+                ..
+            } => format!("tokens in {input_tokens} out {output_tokens}"),
+            AgentEvent::Error { message } | AgentEvent::Failed { message } => {
+                format!("error: {message}")
+            }
+        };
+        let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+        one_line.chars().take(100).collect()
+    }
+}
+
+pub trait Agent: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn invocation(&self, ctx: &TaskContext) -> Result<Invocation>;
+    /// Parses one line of the agent's standard output.
+    fn parse_line(&self, _line: &str) -> Option<AgentEvent> {
+        None
+    }
+    /// Why an attempt that exited with `code` failed, if it did, judging by
+    /// the exit code and the events seen.
+    fn failure(&self, code: i32, events: &[AgentEvent]) -> Option<String> {
+        if let Some(AgentEvent::Failed { message }) = events
+            .iter()
+            .find(|e| matches!(e, AgentEvent::Failed { .. }))
+        {
+            return Some(message.clone());
+        }
+        (code != 0).then(|| format!("the agent exited with code {code}"))
+    }
+}

@@ -1,0 +1,138 @@
+//! The command line: parsing, dispatch, and turning errors into one clear
+//! message and a meaningful exit code.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    every task merged into the service branch (or had nothing to change)
+  1    some task failed or conflicted (`cohort report` says which), or an unexpected error
+  2    usage, config or input error (bad flag, bad cohort.toml, bad request document,
+       secrets found in files to commit, diverged branch); nothing was changed
+  130  interrupted (Ctrl-C / SIGTERM); `cohort resume` finishes the run";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cohort",
+    version,
+    about = "Run a backlog of coding tasks with AI agents, each on its own branch and checkout, merged into a service branch.",
+    long_about = "cohort turns a request document into a list of tasks, then runs one agent per task, each on its own \
+                  branch (cohort/task/<run>/<NNN>-<slug>) in its own checkout outside your working tree, and merges \
+                  every finished task into a service branch (default cohort/service). Your own branch is only \
+                  touched by the sync step: local changes are committed and origin is pulled.\n\n\
+                  Typical use:\n  cohort plan requests.md -o plan/     # review plan/tasks.txt and plan/prompt.txt\n  \
+                  cohort run --tasks plan/tasks.txt --prompt plan/prompt.txt -j 4\n  \
+                  cohort status; cohort report; cohort resume",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    /// Run as if cohort was started in REPO (like git -C); relative paths are taken from there.
+    #[arg(short = 'C', global = true, value_name = "REPO")]
+    pub repo: Option<PathBuf>,
+    /// Settings file (default: cohort.toml at the repository root, if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Turn a request document into tasks.txt (one task per line) and prompt.txt (a template with {task}).
+    Plan(commands::plan::Args),
+    /// Run every task: sync, then one agent per task on its own branch, merged into the service branch.
+    Run(commands::run::Args),
+    /// Finish an interrupted or crashed run: merged tasks are kept, unfinished ones are redone.
+    Resume(commands::resume::Args),
+    /// Show where the tasks of a run stand.
+    Status(commands::status::Args),
+    /// Per task: status, branch, merge commit, files changed, duration and exit code.
+    Report(commands::report::Args),
+    /// Show a task's log: the prompt sent and everything the agent printed.
+    Logs(commands::logs::Args),
+}
+
+/// An error the user caused and can fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+fn exit_code_for(err: &anyhow::Error) -> u8 {
+    use crate::git::GitError;
+    for cause in err.chain() {
+        if cause.is::<UsageError>()
+            || cause.is::<crate::config::ConfigError>()
+            || cause.is::<crate::plan::PlanError>()
+        {
+            return 2;
+        }
+        if let Some(g) = cause.downcast_ref::<GitError>() {
+            return match g {
+                GitError::RefMoved { .. } => 1,
+                _ => 2,
+            };
+        }
+    }
+    1
+}
+
+pub fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "__guard") {
+        crate::runtime::guard::main(args[2..].to_vec());
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("COHORT_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(dir) = &cli.repo {
+        if let Err(e) = std::env::set_current_dir(dir) {
+            eprintln!("error: cannot change to {}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Plan(a) => commands::plan::run(a, cli.config.as_deref()).await,
+            Command::Run(a) => commands::run::run(a, cli.config.as_deref()).await,
+            Command::Resume(a) => commands::resume::run(a, cli.config.as_deref()).await,
+            Command::Status(a) => commands::status::run(a),
+            Command::Report(a) => commands::report::run(a),
+            Command::Logs(a) => commands::logs::run(a),
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code_for(&err))
+        }
+    }
+}

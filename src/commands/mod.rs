@@ -1,0 +1,37 @@
+//! One file per command; each drives the library and returns an exit code.
+
+pub mod logs;
+pub mod plan;
+pub mod report;
+pub mod resume;
+pub mod run;
+pub mod status;
+
+use anyhow::Result;
+
+use crate::git::RepoPaths;
+use crate::run::state::{RunRow, State, TaskRow};
+
+/// Opens the state DB of the repository around the current directory.
+pub(crate) fn open_state() -> Result<(RepoPaths, State)> {
+    let paths = RepoPaths::discover(&std::env::current_dir()?)?;
+    let db = crate::run::state_path(&paths);
+    if !db.exists() {
+        return Err(crate::cli::usage(format!(
+            "no cohort runs in {} yet; start one with `cohort run`",
+            paths.workdir.display()
+        )));
+    }
+    let state = State::open(&db)?;
+    Ok((paths, state))
+}
+
+/// The named run, or the newest one.
+pub(crate) fn load_run(state: &State, run: Option<&str>) -> Result<(RunRow, Vec<TaskRow>)> {
+    let row = state.run(run)?.ok_or_else(|| match run {
+        Some(id) => crate::cli::usage(format!("no run {id}; `cohort status` shows the newest run")),
+        None => crate::cli::usage("no cohort runs yet; start one with `cohort run`"),
+    })?;
+    let tasks = state.tasks(&row.id)?;
+    Ok((row, tasks))
+}

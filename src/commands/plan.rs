@@ -1,0 +1,135 @@
+//! `cohort plan INPUT [-o DIR]`
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::cli::usage;
+use crate::config::Config;
+use crate::plan::{self, Plan};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The request document (Markdown or plain text).
+    pub input: PathBuf,
+    /// Write DIR/tasks.txt and DIR/prompt.txt (without it, the plan is printed and nothing is written).
+    #[arg(short, long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Which planner turns the document into tasks.
+    #[arg(long, value_enum)]
+    pub planner: Option<PlannerKind>,
+    /// Replace tasks.txt and prompt.txt if DIR already has them.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlannerKind {
+    /// The embedded rule-based planner; needs no model.
+    Rules,
+}
+
+/// Plans a document with the configured planner.
+pub async fn make_plan(
+    input: &Path,
+    planner: Option<PlannerKind>,
+    config: &Config,
+) -> Result<Plan> {
+    let kind = match (planner, config.planner.backend.as_deref()) {
+        (Some(k), _) => k,
+        (None, None | Some("rules")) => PlannerKind::Rules,
+        (None, Some(other)) => {
+            return Err(usage(format!(
+                "[planner] backend = {other:?} is not available; use \"rules\""
+            )));
+        }
+    };
+    let doc = plan::read_document(input)?;
+    match kind {
+        PlannerKind::Rules => Ok(plan::rules::plan(&doc, &input.display().to_string())?),
+    }
+}
+
+pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
+    let root = crate::git::RepoPaths::discover(&std::env::current_dir()?)
+        .ok()
+        .map(|p| p.workdir);
+    let config = Config::load(config_path, root.as_deref())?;
+    let plan = make_plan(&args.input, args.planner, &config).await?;
+    match &args.out {
+        None => {
+            let mut out = std::io::stdout().lock();
+            for t in &plan.tasks {
+                writeln!(out, "{t}")?;
+            }
+            eprintln!(
+                "{} tasks (pass -o DIR to write tasks.txt and prompt.txt)",
+                plan.tasks.len()
+            );
+        }
+        Some(dir) => {
+            write_plan(dir, &plan, args.force)?;
+            eprintln!(
+                "wrote {} tasks to {} and the template to {}",
+                plan.tasks.len(),
+                dir.join("tasks.txt").display(),
+                dir.join("prompt.txt").display()
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Writes both files through temporary files and renames, so a failure
+/// never leaves half a plan behind.
+pub fn write_plan(dir: &Path, plan: &Plan, force: bool) -> Result<()> {
+    plan.validate()?;
+    let tasks_path = dir.join("tasks.txt");
+    let prompt_path = dir.join("prompt.txt");
+    if !force {
+        for p in [&tasks_path, &prompt_path] {
+            if p.exists() {
+                return Err(usage(format!(
+                    "{} already exists; pass --force to replace it",
+                    p.display()
+                )));
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let write = |content: &str| -> Result<tempfile::NamedTempFile> {
+        let mut f = tempfile::NamedTempFile::new_in(dir)?;
+        f.write_all(content.as_bytes())?;
+        f.as_file().sync_all()?;
+        Ok(f)
+    };
+    let tasks = write(&(plan.tasks.join("\n") + "\n"))?;
+    let prompt = write(&plan.template)?;
+    tasks.persist(&tasks_path)?;
+    prompt.persist(&prompt_path)?;
+    Ok(())
+}
+
+/// Reads a task list (one task per line; blank lines skipped) and a template.
+pub fn read_plan_files(tasks: &Path, prompt: &Path) -> Result<Plan> {
+    let text = plan::read_document(tasks)?;
+    let template = std::fs::read_to_string(prompt)
+        .with_context(|| format!("cannot read {}", prompt.display()))?;
+    let plan = Plan {
+        tasks: text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        template,
+    };
+    plan.validate().map_err(|e| match e {
+        plan::PlanError::NoTasks { .. } => plan::PlanError::NoTasks {
+            path: tasks.display().to_string(),
+        },
+        other => other,
+    })?;
+    Ok(plan)
+}

@@ -1,0 +1,259 @@
+//! `cohort run [INPUT | --tasks F --prompt F] …`
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{command::CommandAgent, Agent};
+use crate::cli::usage;
+use crate::config::{parse_duration, Config, ConflictPolicy};
+use crate::git::RepoPaths;
+use crate::run::{self, state::State, Engine, RunOptions, SyncSettings};
+use crate::runtime::{host::HostRuntime, Runtime};
+use crate::secret::Secret;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A request document to plan and run in one go.
+    #[arg(conflicts_with_all = ["tasks", "prompt"])]
+    pub input: Option<PathBuf>,
+    /// A task list, one task per line (as written by `cohort plan`).
+    #[arg(long, value_name = "FILE", requires = "prompt")]
+    pub tasks: Option<PathBuf>,
+    /// A prompt template containing {task}.
+    #[arg(long, value_name = "FILE", requires = "tasks")]
+    pub prompt: Option<PathBuf>,
+    #[command(flatten)]
+    pub planner: PlannerFlags,
+    #[command(flatten)]
+    pub engine: EngineFlags,
+    /// Skip the sync step (snapshot commit of local changes and pull from origin).
+    #[arg(long)]
+    pub no_sync: bool,
+    /// Let the secret scan pass this file (path relative to the repository root); repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub allow_file: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlannerFlags {
+    /// Planner for INPUT.
+    #[arg(long, value_enum)]
+    pub planner: Option<super::plan::PlannerKind>,
+}
+
+/// Flags shared by `run` and `resume`.
+#[derive(clap::Args, Debug, Default)]
+pub struct EngineFlags {
+    /// How many tasks run at once.
+    #[arg(short = 'j', long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// The branch finished tasks are merged into.
+    #[arg(long, value_name = "BRANCH")]
+    pub service_branch: Option<String>,
+    /// What to do when a task's merge conflicts.
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub on_conflict: Option<ConflictPolicy>,
+    /// Stop an agent (and everything it started) after this long, e.g. 30m.
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
+    /// Which agent runs each task.
+    #[arg(long, value_enum)]
+    pub agent: Option<AgentKind>,
+    /// The command agent's program and arguments, split like a shell would but never run through one;
+    /// {prompt_file} and {task} are filled in.
+    #[arg(long, value_name = "'PROG ARGS…'")]
+    pub agent_command: Option<String>,
+    /// Where agents run.
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentKind {
+    /// Any program, from --agent-command or [agent] command.
+    Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// Run the agent directly on this machine, in its checkout.
+    Host,
+}
+
+/// The API key, from the environment. It is only handed on, never printed.
+pub fn api_key() -> Option<Secret> {
+    std::env::var("OPENAI_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(Secret::new)
+}
+
+/// Builds the engine from flags over config over stored options (resume).
+pub fn build_engine(
+    paths: RepoPaths,
+    config: &Config,
+    flags: &EngineFlags,
+    stored: &serde_json::Value,
+) -> Result<Engine> {
+    let jobs = flags
+        .jobs
+        .or(config.run.jobs)
+        .or(stored["jobs"].as_u64().map(|j| j as usize))
+        .unwrap_or(4);
+    if jobs == 0 || jobs > 256 {
+        return Err(usage(format!(
+            "-j {jobs}: the number of parallel tasks must be between 1 and 256"
+        )));
+    }
+    let on_conflict = flags
+        .on_conflict
+        .or(config.run.on_conflict)
+        .or(match stored["on_conflict"].as_str() {
+            Some("keep") => Some(ConflictPolicy::Keep),
+            _ => None,
+        })
+        .unwrap_or(ConflictPolicy::Retry);
+    let timeout = match (&flags.timeout, &config.run.timeout) {
+        (Some(t), _) => Some(parse_duration("--timeout", t)?),
+        (None, Some(t)) => Some(parse_duration("[run] timeout", t)?),
+        _ => stored["timeout_secs"]
+            .as_u64()
+            .map(std::time::Duration::from_secs),
+    };
+    let service_branch = flags
+        .service_branch
+        .clone()
+        .or(config.run.service_branch.clone())
+        .unwrap_or_else(|| "cohort/service".into());
+
+    let stored_command: Option<Vec<String>> =
+        serde_json::from_value(stored["agent_command"].clone()).ok();
+    let kind = flags
+        .agent
+        .map(|_| "command")
+        .or(config.agent.kind.as_deref())
+        .or(stored["agent"].as_str());
+    let agent: Arc<dyn Agent> = match (&flags.agent_command, &config.agent.command, &stored_command)
+    {
+        (Some(line), _, _) => {
+            Arc::new(CommandAgent::parse(line).map_err(|e| usage(e.to_string()))?)
+        }
+        (None, Some(argv), _) => {
+            Arc::new(CommandAgent::new(argv.clone()).map_err(|e| usage(e.to_string()))?)
+        }
+        (None, None, Some(argv)) => Arc::new(CommandAgent::new(argv.clone())?),
+        (None, None, None) => {
+            return Err(usage(match kind {
+                Some("command") => "--agent command needs --agent-command 'PROGRAM ARGS…' (or [agent] command in cohort.toml)".to_string(),
+                other => format!(
+                    "agent {:?} is not available in this build; use --agent command --agent-command 'PROGRAM ARGS…'",
+                    other.unwrap_or("codex")
+                ),
+            }));
+        }
+    };
+    if let Some(other) = config.run.runtime.as_deref().filter(|r| *r != "host") {
+        return Err(usage(format!(
+            "[run] runtime = {other:?} is not available; use \"host\""
+        )));
+    }
+    let runtime: Arc<dyn Runtime> = match flags.runtime.unwrap_or(RuntimeKind::Host) {
+        RuntimeKind::Host => Arc::new(HostRuntime::new()?),
+    };
+    let state = State::open(&run::state_path(&paths))?;
+    Ok(Engine {
+        paths,
+        state: Mutex::new(state),
+        agent,
+        runtime,
+        opts: RunOptions {
+            jobs,
+            service_branch,
+            on_conflict,
+            timeout,
+        },
+        cancel: CancellationToken::new(),
+    })
+}
+
+/// The options saved with a run so `resume` can rebuild its engine.
+pub fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value {
+    let argv: Option<Vec<String>> = flags
+        .agent_command
+        .as_deref()
+        .and_then(shlex::split)
+        .or_else(|| config.agent.command.clone());
+    serde_json::json!({ "agent_command": argv })
+}
+
+/// Ctrl-C or SIGTERM stops the agents and saves state; a second Ctrl-C exits at once.
+pub fn handle_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        let mut times = 0;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            times += 1;
+            if times > 1 {
+                eprintln!("cohort: interrupted again, exiting now");
+                std::process::exit(130);
+            }
+            eprintln!("cohort: interrupted; stopping agents and saving state (`cohort resume` continues the run)");
+            cancel.cancel();
+        }
+    });
+}
+
+pub fn print_summary(summary: &run::Summary) {
+    let count = |s: run::state::TaskStatus| summary.tasks.iter().filter(|t| t.status == s).count();
+    use run::state::TaskStatus::*;
+    eprintln!(
+        "run {}: {} merged, {} unchanged, {} failed, {} conflict, {} not finished",
+        summary.run_id,
+        count(Merged),
+        count(Unchanged),
+        count(Failed),
+        count(Conflict),
+        run::unfinished(&summary.tasks)
+    );
+    if summary.exit_code() != 0 {
+        eprintln!("see `cohort report {}` for details", summary.run_id);
+    }
+}
+
+pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
+    let paths = RepoPaths::discover(&std::env::current_dir()?)?;
+    let config = Config::load(config_path, Some(&paths.workdir))?;
+    let plan = match (&args.input, &args.tasks, &args.prompt) {
+        (Some(input), _, _) => super::plan::make_plan(input, args.planner.planner, &config).await?,
+        (None, Some(t), Some(p)) => super::plan::read_plan_files(t, p)?,
+        _ => {
+            return Err(usage(
+                "give a request document, or --tasks FILE and --prompt FILE",
+            ))
+        }
+    };
+    let mut stored = stored_options(&args.engine, &config);
+    let engine = Arc::new(build_engine(paths, &config, &args.engine, &stored)?);
+    stored["agent"] = engine.agent.name().into();
+    handle_signals(engine.cancel.clone());
+    let sync = (!args.no_sync && config.run.sync != Some(false)).then(|| SyncSettings {
+        key: api_key(),
+        allow_files: args.allow_file.clone(),
+    });
+    let summary = run::start(engine, &plan, sync, stored).await?;
+    print_summary(&summary);
+    Ok(summary.exit_code())
+}

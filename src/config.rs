@@ -1,0 +1,122 @@
+//! `cohort.toml`: optional settings at the repository root (or `--config`).
+//! Flags override it. Unknown keys are an error, so a typo is never ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value in {what}: {message}")]
+    Value { what: String, message: String },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunSection,
+    #[serde(default)]
+    pub planner: PlannerSection,
+    #[serde(default)]
+    pub agent: AgentSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictPolicy {
+    /// Run the task once more from the new service tip.
+    Retry,
+    /// Mark the task `conflict` and keep its branch.
+    Keep,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub jobs: Option<usize>,
+    pub service_branch: Option<String>,
+    pub on_conflict: Option<ConflictPolicy>,
+    /// A duration such as `30m` or `90s`.
+    pub timeout: Option<String>,
+    pub runtime: Option<String>,
+    pub sync: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerSection {
+    pub backend: Option<String>,
+    pub model: Option<String>,
+    pub base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub kind: Option<String>,
+    pub model: Option<String>,
+    pub base_url: Option<String>,
+    pub codex_path: Option<PathBuf>,
+    /// The command agent's argv; `{prompt_file}` and `{task}` are filled in.
+    pub command: Option<Vec<String>>,
+}
+
+impl Config {
+    /// Loads `explicit` (which must exist) or else `<repo>/cohort.toml` if
+    /// present, or defaults.
+    pub fn load(explicit: Option<&Path>, repo_root: Option<&Path>) -> Result<Config, ConfigError> {
+        let path = match (explicit, repo_root) {
+            (Some(p), _) => p.to_path_buf(),
+            (None, Some(root)) if root.join("cohort.toml").is_file() => root.join("cohort.toml"),
+            _ => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Parses a duration like `90s`, `30m`, `1h 30m`.
+pub fn parse_duration(what: &str, s: &str) -> Result<std::time::Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| ConfigError::Value {
+        what: what.into(),
+        message: format!("{s:?} is not a duration ({e}); write e.g. 90s, 30m or 1h"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[run]\njobs = 3\njbos = 4\n").unwrap();
+        let e = Config::load(Some(&p), None).unwrap_err().to_string();
+        assert!(e.contains("jbos"), "{e}");
+        std::fs::write(
+            &p,
+            "[run]\njobs = 3\non_conflict = \"keep\"\n[agent]\ncommand = [\"a\", \"{task}\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p), None).unwrap();
+        assert_eq!(c.run.jobs, Some(3));
+        assert_eq!(c.run.on_conflict, Some(ConflictPolicy::Keep));
+        assert!(parse_duration("--timeout", "soon").is_err());
+        assert_eq!(parse_duration("--timeout", "2m").unwrap().as_secs(), 120);
+    }
+}

@@ -1,0 +1,165 @@
+//! The secret scan that runs before cohort commits the user's files.
+//!
+//! People have pushed `.env` files and keys by accident with tools like this
+//! one; a snapshot commit that might later be pushed must not carry them.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::LazyLock;
+
+use regex::bytes::Regex;
+
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub path: String,
+    pub what: &'static str,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Findings(pub Vec<Finding>);
+
+impl fmt::Display for Findings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "refusing to commit files that look like they hold secrets (nothing was changed):"
+        )?;
+        for x in &self.0 {
+            writeln!(f, "  {}: {}", x.path, x.what)?;
+        }
+        write!(
+            f,
+            "remove them, add them to .gitignore, or pass --allow-file PATH (relative to the repository root) \
+             for a file you are sure about"
+        )
+    }
+}
+
+/// Token shapes of common providers, plus private-key blocks.
+static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
+    [
+        (
+            r"-----BEGIN ([A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----",
+            "a private key block",
+        ),
+        (
+            r"\bsk-(proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+            "an OpenAI-style API key (sk-...)",
+        ),
+        (r"\bAKIA[0-9A-Z]{16}\b", "an AWS access key id"),
+        (r"\bgh[pousr]_[A-Za-z0-9]{36,}", "a GitHub token"),
+        (r"\bgithub_pat_[A-Za-z0-9_]{22,}", "a GitHub token"),
+        (r"\bglpat-[A-Za-z0-9_-]{20,}", "a GitLab token"),
+        (r"\bxox[abposr]-[A-Za-z0-9-]{10,}", "a Slack token"),
+        (r"\bAIza[0-9A-Za-z_-]{35}", "a Google API key"),
+        (r"\b[rs]k_live_[0-9A-Za-z]{24,}", "a Stripe live key"),
+        (r"\bsk-ant-[A-Za-z0-9_-]{20,}", "an Anthropic API key"),
+    ]
+    .into_iter()
+    .map(|(re, what)| (Regex::new(re).expect("valid pattern"), what))
+    .collect()
+});
+
+/// Only the start of very large files is scanned.
+const SCAN_LIMIT: usize = 8 * 1024 * 1024;
+
+/// True for `.env`-style files, which hold secrets by convention; example
+/// and template variants are meant to be committed.
+pub fn is_env_file(name: &str) -> bool {
+    let templated = [".example", ".sample", ".template", ".dist", ".defaults"]
+        .iter()
+        .any(|s| name.ends_with(s));
+    !templated && (name == ".env" || name == ".envrc" || name.starts_with(".env."))
+}
+
+/// Scans the files at `paths` (relative to `workdir`) for secrets, skipping
+/// the ones in `allowed` (relative to the repository root).
+pub fn scan<'a>(
+    workdir: &Path,
+    paths: impl IntoIterator<Item = &'a str>,
+    key: Option<&Secret>,
+    allowed: &[String],
+) -> Findings {
+    let allowed: Vec<&str> = allowed.iter().map(|a| a.trim_start_matches("./")).collect();
+    let key = key.filter(|k| k.expose().len() >= 8);
+    let mut out = Vec::new();
+    for path in paths {
+        if allowed.contains(&path) {
+            continue;
+        }
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if is_env_file(name) {
+            out.push(Finding {
+                path: path.into(),
+                what: "a .env-style file that is not ignored",
+            });
+            continue;
+        }
+        let Ok(mut bytes) = std::fs::read(workdir.join(path)) else {
+            continue;
+        };
+        bytes.truncate(SCAN_LIMIT);
+        if let Some(k) = key {
+            if memfind(&bytes, k.expose().as_bytes()) {
+                out.push(Finding {
+                    path: path.into(),
+                    what: "the configured API key",
+                });
+                continue;
+            }
+        }
+        if let Some((_, what)) = PATTERNS.iter().find(|(re, _)| re.is_match(&bytes)) {
+            out.push(Finding {
+                path: path.into(),
+                what,
+            });
+        }
+    }
+    Findings(out)
+}
+
+fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_keys_tokens_and_env_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = |name: &str, body: &str| std::fs::write(dir.path().join(name), body).unwrap();
+        w("id", "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n");
+        w(
+            "conf.py",
+            "TOKEN = 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'\n",
+        );
+        w("notes.txt", "my key is test-key-1234567890 ok\n");
+        w("clean.rs", "fn main() { let sk = 1; }\n");
+        w(".env", "A=1\n");
+        w(".env.example", "A=\n");
+        w("aws.txt", "AKIAABCDEFGHIJKLMNOP\n");
+        let key = Secret::new("test-key-1234567890");
+        let all = [
+            "id",
+            "conf.py",
+            "notes.txt",
+            "clean.rs",
+            ".env",
+            ".env.example",
+            "aws.txt",
+        ];
+        let f = scan(dir.path(), all, Some(&key), &[]);
+        let hits: Vec<&str> = f.0.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(hits, ["id", "conf.py", "notes.txt", ".env", "aws.txt"]);
+        assert!(
+            !f.to_string().contains("test-key-1234567890"),
+            "the message must not repeat the key"
+        );
+        let f = scan(dir.path(), all, Some(&key), &["./.env".into(), "id".into()]);
+        assert_eq!(f.0.len(), 3);
+    }
+}

@@ -1,0 +1,227 @@
+//! "Everything in the working tree, as a tree object": the `git add -A`
+//! step, done in-process. Used for the user's snapshot commit and for
+//! committing what an agent did in its checkout.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use gix::bstr::{BString, ByteSlice};
+use gix::objs::tree::EntryKind;
+use gix::status::index_worktree::Item as WorktreeItem;
+use gix::status::plumbing::index_as_worktree::{Change, EntryStatus};
+use gix::status::{tree_index::TrackRenames, Item, UntrackedFiles};
+
+use super::Oid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub path: BString,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The tree holding the working tree's content (ignored files excluded).
+    pub tree: Oid,
+    /// Paths whose content differs from `base`, sorted.
+    pub changed: Vec<Changed>,
+}
+
+impl Snapshot {
+    /// Paths whose new content comes from the working tree (what a secret
+    /// scan must look at).
+    pub fn written_paths(&self) -> impl Iterator<Item = &BString> {
+        self.changed
+            .iter()
+            .filter(|c| c.kind != ChangeKind::Deleted)
+            .map(|c| &c.path)
+    }
+}
+
+/// Builds the tree of the working tree of `repo`, starting from the tree
+/// `base` (the HEAD tree), applying staged changes and then every worktree
+/// change: modified, deleted, and untracked files that are not ignored.
+/// Writes blobs and trees, moves no ref and leaves the index alone.
+pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
+    let workdir = repo
+        .workdir()
+        .context("the repository has no working tree")?
+        .to_path_buf();
+    let items: Vec<Item> = repo
+        .status(gix::progress::Discard)?
+        .head_tree(base)
+        .untracked_files(UntrackedFiles::Files)
+        .index_worktree_rewrites(None)
+        .index_worktree_submodules(None)
+        .tree_index_track_renames(TrackRenames::Disabled)
+        .into_iter(None)?
+        .collect::<Result<_, _>>()
+        .context("cannot compute the status of the working tree")?;
+
+    let mut editor = repo.edit_tree(base)?;
+    // Staged changes first; the working tree wins where both touch a path.
+    for item in &items {
+        if let Item::TreeIndex(change) = item {
+            use gix::diff::index::ChangeRef;
+            match change {
+                ChangeRef::Addition {
+                    location,
+                    entry_mode,
+                    id,
+                    ..
+                }
+                | ChangeRef::Modification {
+                    location,
+                    entry_mode,
+                    id,
+                    ..
+                } => {
+                    if let Some(mode) = entry_mode.to_tree_entry_mode() {
+                        editor.upsert(location.as_ref(), mode.kind(), id.as_ref())?;
+                    }
+                }
+                ChangeRef::Deletion { location, .. } => {
+                    editor.remove(location.as_ref())?;
+                }
+                ChangeRef::Rewrite {
+                    source_location,
+                    location,
+                    entry_mode,
+                    id,
+                    ..
+                } => {
+                    editor.remove(source_location.as_ref())?;
+                    if let Some(mode) = entry_mode.to_tree_entry_mode() {
+                        editor.upsert(location.as_ref(), mode.kind(), id.as_ref())?;
+                    }
+                }
+            }
+        }
+    }
+    for item in &items {
+        let Item::IndexWorktree(item) = item else {
+            continue;
+        };
+        match item {
+            WorktreeItem::Modification {
+                rela_path, status, ..
+            } => match status {
+                EntryStatus::Change(Change::Removed) => {
+                    editor.remove(rela_path.as_bstr())?;
+                }
+                EntryStatus::Change(Change::Modification { .. } | Change::Type { .. })
+                | EntryStatus::Conflict { .. }
+                | EntryStatus::IntentToAdd => {
+                    add_from_disk(repo, &mut editor, &workdir, rela_path.as_bstr())?;
+                }
+                EntryStatus::Change(Change::SubmoduleModification(_))
+                | EntryStatus::NeedsUpdate(_) => {}
+            },
+            WorktreeItem::DirectoryContents { entry, .. } => {
+                if entry.status == gix::dir::entry::Status::Untracked {
+                    add_from_disk(repo, &mut editor, &workdir, entry.rela_path.as_bstr())?;
+                }
+            }
+            WorktreeItem::Rewrite { .. } => unreachable!("rewrite tracking is disabled"),
+        }
+    }
+    let tree = editor.write()?.detach();
+    let changed = diff_paths(repo, base, tree)?;
+    Ok(Snapshot { tree, changed })
+}
+
+/// Reads one file (or symlink) from disk into a blob and records it in the
+/// tree; a path that is gone, or is a directory (a nested repository), is
+/// removed or skipped.
+fn add_from_disk(
+    repo: &gix::Repository,
+    editor: &mut gix::object::tree::Editor<'_>,
+    workdir: &Path,
+    rela: &gix::bstr::BStr,
+) -> Result<()> {
+    let path = workdir.join(super::rela_path(rela));
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            editor.remove(rela)?;
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let (kind, bytes) = if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(&path)?;
+        (
+            EntryKind::Link,
+            std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()).to_vec(),
+        )
+    } else if meta.is_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let exec = meta.permissions().mode() & 0o111 != 0;
+        let kind = if exec {
+            EntryKind::BlobExecutable
+        } else {
+            EntryKind::Blob
+        };
+        (
+            kind,
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        )
+    } else {
+        return Ok(());
+    };
+    let id = repo.write_blob(&bytes)?.detach();
+    editor.upsert(rela, kind, id)?;
+    Ok(())
+}
+
+/// The paths that differ between two trees, with what happened to them.
+pub fn diff_paths(repo: &gix::Repository, from: Oid, to: Oid) -> Result<Vec<Changed>> {
+    if from == to {
+        return Ok(Vec::new());
+    }
+    let old = super::checkout::flatten(repo, from)?;
+    let new = super::checkout::flatten(repo, to)?;
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let ord = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => a.path.cmp(&b.path),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match ord {
+            std::cmp::Ordering::Less => {
+                out.push(Changed {
+                    path: old[i].path.clone(),
+                    kind: ChangeKind::Deleted,
+                });
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(Changed {
+                    path: new[j].path.clone(),
+                    kind: ChangeKind::Added,
+                });
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                if old[i].id != new[j].id || old[i].kind != new[j].kind {
+                    out.push(Changed {
+                        path: new[j].path.clone(),
+                        kind: ChangeKind::Modified,
+                    });
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    Ok(out)
+}

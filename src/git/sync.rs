@@ -1,0 +1,210 @@
+//! The sync step on the user's repository: snapshot commit of local
+//! changes, pull from origin, and the service branch.
+//!
+//! Everything is computed first (objects may be written, which is
+//! harmless); refs and files move only once every check has passed, so a
+//! refusal touches nothing.
+
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result};
+use gix::bstr::ByteSlice;
+use gix::remote::Direction;
+
+use super::checkout::{self, Untracked};
+use super::merge::merge_trees_of;
+use super::{is_ancestor, refs, scan, short, snapshot, tree_of, write_commit, GitError, Oid};
+use crate::secret::Secret;
+
+pub struct SyncOptions<'a> {
+    pub run_id: &'a str,
+    /// The configured API key, so the scan can refuse a file that holds it.
+    pub key: Option<&'a Secret>,
+    pub allow_files: &'a [String],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    NoRemote,
+    NoUpstream,
+    UpToDate,
+    FastForwarded { to: Oid },
+    Merged { commit: Oid },
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncReport {
+    pub branch: String,
+    /// The snapshot commit, when there were local changes.
+    pub snapshot: Option<Oid>,
+    pub snapshot_files: usize,
+    pub upstream: Upstream,
+    /// The branch tip after the sync.
+    pub head: Oid,
+}
+
+/// The checked-out branch: its full ref name and tip.
+pub fn current_branch(repo: &gix::Repository) -> Result<(String, Oid)> {
+    let head = repo.head().context("cannot read HEAD")?;
+    if head.is_detached() {
+        return Err(GitError::Detached.into());
+    }
+    let name = head
+        .referent_name()
+        .ok_or(GitError::Detached)?
+        .as_bstr()
+        .to_string();
+    let id = head.id().ok_or(GitError::Unborn)?.detach();
+    Ok((name, id))
+}
+
+pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport> {
+    let (branch, head) = current_branch(repo)?;
+    let head_tree = tree_of(repo, head)?;
+    let workdir = repo.workdir().ok_or(GitError::Bare)?.to_path_buf();
+
+    let snap = snapshot::snapshot(repo, head_tree)?;
+    let written: Vec<String> = snap
+        .written_paths()
+        .map(|p| p.to_str_lossy().into_owned())
+        .collect();
+    let findings = scan::scan(
+        &workdir,
+        written.iter().map(String::as_str),
+        opts.key,
+        opts.allow_files,
+    );
+    if !findings.0.is_empty() {
+        return Err(GitError::Secrets(findings).into());
+    }
+    let (local, snapshot_commit) = if snap.tree != head_tree {
+        let msg = format!("cohort: snapshot before run {}\n", opts.run_id);
+        let c = write_commit(repo, snap.tree, &[head], &msg)?;
+        (c, Some(c))
+    } else {
+        (head, None)
+    };
+
+    let (upstream, target) = pull_target(repo, &branch, local)?;
+    if target != head {
+        refs::cas(repo, &branch, Some(head), target, "cohort: sync")?;
+    }
+    if target != head || snapshot_commit.is_some() {
+        // The files already hold the snapshot; write what the pull brought
+        // and refresh the index so `git status` is clean.
+        checkout::move_to(repo, tree_of(repo, target)?, Untracked::Keep)?;
+    }
+    Ok(SyncReport {
+        branch,
+        snapshot: snapshot_commit,
+        snapshot_files: snap.changed.len(),
+        upstream,
+        head: target,
+    })
+}
+
+/// Fetches the branch's upstream on `origin` and works out where the branch
+/// should end up: `local`, the upstream (fast-forward), or a clean merge.
+fn pull_target(repo: &gix::Repository, branch: &str, local: Oid) -> Result<(Upstream, Oid)> {
+    let Ok(remote) = repo.find_remote("origin") else {
+        return Ok((Upstream::NoRemote, local));
+    };
+    let full: &gix::refs::FullNameRef = branch.try_into()?;
+    let short_name = full.shorten();
+    let on_origin = repo
+        .branch_remote_name(short_name, Direction::Fetch)
+        .is_some_and(|n| n.as_bstr() == "origin");
+    let tracking = match repo.branch_remote_tracking_ref_name(full, Direction::Fetch) {
+        Some(Ok(name)) if on_origin => name.as_bstr().to_string(),
+        _ => return Ok((Upstream::NoUpstream, local)),
+    };
+    let interrupt = AtomicBool::new(false);
+    remote
+        .connect(Direction::Fetch)
+        .and_then(|c| c.prepare_fetch(gix::progress::Discard, Default::default()))
+        .and_then(|p| p.receive(gix::progress::Discard, &interrupt))
+        .with_context(|| {
+            format!("cannot fetch from origin for {short_name}; pass --no-sync to skip the pull")
+        })?;
+    let Some(theirs) = refs::read(repo, &tracking)? else {
+        return Ok((Upstream::NoUpstream, local));
+    };
+    if is_ancestor(repo, theirs, local)? {
+        return Ok((Upstream::UpToDate, local));
+    }
+    if is_ancestor(repo, local, theirs)? {
+        return Ok((Upstream::FastForwarded { to: theirs }, theirs));
+    }
+    match merge_trees_of(repo, local, theirs)? {
+        Ok(tree) => {
+            let msg = format!(
+                "Merge {} into {short_name}\n",
+                tracking.trim_start_matches("refs/remotes/")
+            );
+            let commit = write_commit(repo, tree, &[local, theirs], &msg)?;
+            Ok((Upstream::Merged { commit }, commit))
+        }
+        Err(paths) => Err(GitError::Diverged {
+            branch: short_name.to_string(),
+            upstream: tracking.trim_start_matches("refs/remotes/").to_string(),
+            paths: paths.join(", "),
+        }
+        .into()),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Service {
+    Created,
+    UpToDate,
+    FastForwarded,
+    Merged,
+}
+
+/// Makes sure the service branch exists and contains `head`: created from
+/// it when missing, otherwise `head` is merged in (fast-forward if possible).
+pub fn ensure_service_branch(
+    repo: &gix::Repository,
+    service: &str,
+    head: Oid,
+) -> Result<(Service, Oid)> {
+    let name = format!("refs/heads/{service}");
+    gix::refs::FullName::try_from(name.as_str())
+        .map_err(|_| anyhow::anyhow!("--service-branch {service:?} is not a valid branch name"))?;
+    let Some(tip) = refs::read(repo, &name)? else {
+        refs::cas(repo, &name, None, head, "cohort: create service branch")?;
+        return Ok((Service::Created, head));
+    };
+    if is_ancestor(repo, head, tip)? {
+        return Ok((Service::UpToDate, tip));
+    }
+    if is_ancestor(repo, tip, head)? {
+        refs::cas(
+            repo,
+            &name,
+            Some(tip),
+            head,
+            "cohort: fast-forward service branch",
+        )?;
+        return Ok((Service::FastForwarded, head));
+    }
+    match merge_trees_of(repo, tip, head)? {
+        Ok(tree) => {
+            let msg = format!("cohort: merge {} into {service}\n", short(head));
+            let commit = write_commit(repo, tree, &[tip, head], &msg)?;
+            refs::cas(
+                repo,
+                &name,
+                Some(tip),
+                commit,
+                "cohort: merge HEAD into service branch",
+            )?;
+            Ok((Service::Merged, commit))
+        }
+        Err(paths) => Err(GitError::ServiceConflict {
+            service: service.into(),
+            paths: paths.join(", "),
+        }
+        .into()),
+    }
+}

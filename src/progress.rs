@@ -1,0 +1,134 @@
+//! Progress output: live bars on a terminal, timestamped lines otherwise
+//! (under systemd those lines go to the journal).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Progress {
+    bars: Option<Bars>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    tasks: Mutex<HashMap<usize, ProgressBar>>,
+}
+
+fn stamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn clip(s: &str, n: usize) -> String {
+    let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() > n {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    } else {
+        s
+    }
+}
+
+impl Progress {
+    /// Bars when stderr is a terminal, plain lines otherwise.
+    pub fn new(total: usize) -> Progress {
+        if !std::io::stderr().is_terminal() {
+            return Progress { bars: None };
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let overall = multi.add(ProgressBar::new(total as u64));
+        overall.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} tasks done {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        overall.enable_steady_tick(Duration::from_millis(250));
+        Progress {
+            bars: Some(Bars {
+                multi,
+                overall,
+                tasks: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A line that is not about one task.
+    pub fn note(&self, msg: &str) {
+        match &self.bars {
+            Some(b) => b.multi.suspend(|| eprintln!("{msg}")),
+            None => eprintln!("{} {msg}", stamp()),
+        }
+    }
+
+    pub fn task_started(&self, idx: usize, task: &str, attempt: u32) {
+        let again = if attempt > 1 {
+            format!(" (attempt {attempt})")
+        } else {
+            String::new()
+        };
+        match &self.bars {
+            Some(b) => {
+                let bar = b
+                    .multi
+                    .insert_before(&b.overall, ProgressBar::new_spinner());
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {prefix} {msg}")
+                        .expect("valid template"),
+                );
+                bar.set_prefix(format!("task {idx:03}{again}"));
+                bar.set_message(clip(task, 60));
+                bar.enable_steady_tick(Duration::from_millis(200));
+                b.tasks.lock().unwrap().insert(idx, bar);
+            }
+            None => eprintln!(
+                "{} task {idx:03} started{again}: {}",
+                stamp(),
+                clip(task, 100)
+            ),
+        }
+    }
+
+    /// The agent's last action, shown on the task's line.
+    pub fn task_action(&self, idx: usize, action: &str) {
+        if let Some(b) = &self.bars {
+            if let Some(bar) = b.tasks.lock().unwrap().get(&idx) {
+                bar.set_message(clip(action, 70));
+            }
+        }
+    }
+
+    pub fn task_finished(&self, idx: usize, status: &str, detail: &str) {
+        let line = if detail.is_empty() {
+            status.to_string()
+        } else {
+            format!("{status}: {}", clip(detail, 120))
+        };
+        match &self.bars {
+            Some(b) => {
+                if let Some(bar) = b.tasks.lock().unwrap().remove(&idx) {
+                    bar.finish_and_clear();
+                    b.multi.remove(&bar);
+                }
+                b.multi.suspend(|| eprintln!("task {idx:03} {line}"));
+            }
+            None => eprintln!("{} task {idx:03} {line}", stamp()),
+        }
+    }
+
+    /// One more task reached a final state.
+    pub fn advance(&self) {
+        if let Some(b) = &self.bars {
+            b.overall.inc(1);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bars {
+            b.overall.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The run: sync and service branch, then every task through
+//! checkout → agent → commit → merge, N at a time.
+
+pub mod state;
+mod task;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+use crate::config::ConflictPolicy;
+use crate::git::{self, names, pool::Pool, sync, RepoPaths};
+use crate::plan::Plan;
+use crate::progress::Progress;
+use crate::runtime::Runtime;
+use crate::secret::Secret;
+use state::{State, TaskRow};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub jobs: usize,
+    pub service_branch: String,
+    pub on_conflict: ConflictPolicy,
+    pub timeout: Option<Duration>,
+}
+
+/// The outside systems and settings a run works with.
+pub struct Engine {
+    pub paths: RepoPaths,
+    pub state: Mutex<State>,
+    pub agent: Arc<dyn Agent>,
+    pub runtime: Arc<dyn Runtime>,
+    pub opts: RunOptions,
+    pub cancel: CancellationToken,
+}
+
+/// Settings of the sync step (absent with `--no-sync`).
+pub struct SyncSettings {
+    pub key: Option<Secret>,
+    pub allow_files: Vec<String>,
+}
+
+/// Files of one run, in the git dir: plan copy, prompts, logs, checkouts.
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn new(paths: &RepoPaths, run_id: &str) -> RunDir {
+        RunDir(paths.cohort_dir().join("runs").join(run_id))
+    }
+    pub fn log(&self, idx: usize) -> PathBuf {
+        self.0.join("logs").join(format!("{idx:03}.log"))
+    }
+    fn sub(&self, name: &str) -> Result<PathBuf> {
+        let p = self.0.join(name);
+        std::fs::create_dir_all(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        Ok(p)
+    }
+}
+
+pub fn state_path(paths: &RepoPaths) -> PathBuf {
+    paths.cohort_dir().join("state.db")
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub run_id: String,
+    pub tasks: Vec<TaskRow>,
+    pub interrupted: bool,
+}
+
+impl Summary {
+    /// 0 when every task merged (or had nothing to merge), 1 when any
+    /// failed or conflicted, 130 when the run was interrupted.
+    pub fn exit_code(&self) -> u8 {
+        if self.interrupted {
+            130
+        } else if self.tasks.iter().all(|t| t.status.is_success()) {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a background step panicked")?
+}
+
+/// Starts a new run of `plan`: sync, service branch, then the tasks.
+/// `extra` is saved with the run's options (what `resume` needs to rebuild
+/// the agent).
+pub async fn start(
+    engine: Arc<Engine>,
+    plan: &Plan,
+    sync_settings: Option<SyncSettings>,
+    extra: serde_json::Value,
+) -> Result<Summary> {
+    let run_id = names::new_run_id();
+    let progress = Progress::new(0);
+    let paths = engine.paths.clone();
+    let service = engine.opts.service_branch.clone();
+    let id = run_id.clone();
+    let notes = blocking(move || {
+        let repo = paths.open()?;
+        let mut notes = Vec::new();
+        let head = match sync_settings {
+            Some(s) => {
+                let opts = sync::SyncOptions {
+                    run_id: &id,
+                    key: s.key.as_ref(),
+                    allow_files: &s.allow_files,
+                };
+                let report = sync::sync(&repo, &opts)?;
+                notes.push(describe_sync(&report));
+                report.head
+            }
+            None => sync::current_branch(&repo)?.1,
+        };
+        let (how, tip) = sync::ensure_service_branch(&repo, &service, head)?;
+        notes.push(
+            format!("service branch {service}: {how:?} at {}", git::short(tip)).to_lowercase(),
+        );
+        Ok((notes, tip))
+    })
+    .await?;
+    let (notes, base) = notes;
+    for n in &notes {
+        progress.note(n);
+    }
+    progress.finish();
+
+    let tasks: Vec<(String, String)> = plan
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), names::task_branch(&run_id, i + 1, t)))
+        .collect();
+    let mut options = serde_json::json!({
+        "jobs": engine.opts.jobs,
+        "on_conflict": format!("{:?}", engine.opts.on_conflict).to_lowercase(),
+        "timeout_secs": engine.opts.timeout.map(|d| d.as_secs()),
+        "agent": engine.agent.name(),
+        "runtime": engine.runtime.name(),
+    });
+    if let (Some(o), serde_json::Value::Object(x)) = (options.as_object_mut(), extra) {
+        o.extend(x);
+    }
+    {
+        let st = engine.state.lock().unwrap();
+        st.create_run(
+            &run_id,
+            &engine.opts.service_branch,
+            &plan.template,
+            &options.to_string(),
+            &tasks,
+        )?;
+        st.set_run_base(&run_id, &base.to_string())?;
+    }
+    let dir = RunDir::new(&engine.paths, &run_id);
+    std::fs::create_dir_all(&dir.0)?;
+    std::fs::write(dir.0.join("tasks.txt"), plan.tasks.join("\n") + "\n")?;
+    std::fs::write(dir.0.join("prompt.txt"), &plan.template)?;
+    eprintln!(
+        "run {run_id}: {} tasks, {} at a time",
+        plan.tasks.len(),
+        engine.opts.jobs
+    );
+    execute(engine, &run_id).await
+}
+
+fn describe_sync(r: &sync::SyncReport) -> String {
+    let branch = r.branch.trim_start_matches("refs/heads/");
+    let snap = match r.snapshot {
+        Some(c) => format!(
+            "committed {} local change(s) as {}",
+            r.snapshot_files,
+            git::short(c)
+        ),
+        None => "no local changes".into(),
+    };
+    let pull = match &r.upstream {
+        sync::Upstream::NoRemote => "no remote 'origin', not pulling".to_string(),
+        sync::Upstream::NoUpstream => format!("{branch} has no upstream on origin, not pulling"),
+        sync::Upstream::UpToDate => "up to date with origin".into(),
+        sync::Upstream::FastForwarded { to } => {
+            format!("fast-forwarded to origin at {}", git::short(*to))
+        }
+        sync::Upstream::Merged { commit } => format!("merged origin as {}", git::short(*commit)),
+    };
+    format!("sync {branch}: {snap}; {pull}")
+}
+
+/// Runs (or finishes) every task of `run_id` that is not done yet.
+pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
+    let dir = RunDir::new(&engine.paths, run_id);
+    std::fs::create_dir_all(&dir.0)?;
+    let _lock = lock_run(&dir)?;
+    let (run, rows) = {
+        let st = engine.state.lock().unwrap();
+        let run = st
+            .run(Some(run_id))?
+            .with_context(|| format!("no run {run_id}"))?;
+        (run, st.tasks(run_id)?)
+    };
+    let progress = Arc::new(Progress::new(rows.len()));
+    let pool = Arc::new(Pool::new(
+        &engine.paths.common_dir,
+        run_id,
+        dir.0.join("checkouts"),
+    ));
+    let shared = Arc::new(task::Shared {
+        run_id: run_id.to_string(),
+        template: run.template.clone(),
+        dir,
+        pool: pool.clone(),
+        progress: progress.clone(),
+        jobs: tokio::sync::Semaphore::new(engine.opts.jobs.max(1)),
+        merge_lock: tokio::sync::Mutex::new(()),
+    });
+    let mut set = tokio::task::JoinSet::new();
+    for row in rows {
+        if row.status.is_done() {
+            progress.advance();
+            continue;
+        }
+        set.spawn(task::run_task(engine.clone(), shared.clone(), row));
+    }
+    while let Some(res) = set.join_next().await {
+        res.context("a task panicked")?;
+    }
+    progress.finish();
+    blocking(move || pool.remove_all()).await?;
+
+    let interrupted = engine.cancel.is_cancelled();
+    let tasks = engine.state.lock().unwrap().tasks(run_id)?;
+    let status = if interrupted {
+        "interrupted"
+    } else if tasks.iter().all(|t| t.status.is_success()) {
+        "done"
+    } else {
+        "done-with-failures"
+    };
+    engine.state.lock().unwrap().finish_run(run_id, status)?;
+    Ok(Summary {
+        run_id: run_id.to_string(),
+        tasks,
+        interrupted,
+    })
+}
+
+/// One process per run at a time: a second `resume` of a run that is still
+/// going would fight over its checkouts.
+fn lock_run(dir: &RunDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.0.join("lock"))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "run {} is being worked on by another cohort process",
+            dir.0.display()
+        )
+    })
+}
+
+/// Unfinished tasks of a run, for `resume` to report.
+pub fn unfinished(tasks: &[TaskRow]) -> usize {
+    tasks.iter().filter(|t| !t.status.is_done()).count()
+}

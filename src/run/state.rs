@@ -1,0 +1,377 @@
+//! The state DB: runs, tasks, attempts and events, in SQLite (WAL) under
+//! the repository's git dir.
+//!
+//! Every state change is its own committed write, made before the next step
+//! starts, so a `kill -9` at any moment loses at most the step in flight.
+//! Secrets never reach this file: nothing here takes a `Secret`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT NOT NULL,
+    service_branch TEXT NOT NULL,
+    base_commit TEXT,
+    template TEXT NOT NULL,
+    options TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    base_commit TEXT,
+    task_commit TEXT,
+    merge_commit TEXT,
+    files_changed TEXT,
+    exit_code INTEGER,
+    reason TEXT,
+    started_at TEXT,
+    ended_at TEXT,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    base_commit TEXT,
+    tip_commit TEXT,
+    exit_code INTEGER,
+    reason TEXT,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    PRIMARY KEY (run_id, idx, n)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+";
+
+/// Where a task stands. `Committed` means its work is on the task branch
+/// but not yet merged: a resume merges it without running the agent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Pending,
+    Running,
+    Committed,
+    Merged,
+    Unchanged,
+    Failed,
+    Conflict,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Running => "running",
+            TaskStatus::Committed => "committed",
+            TaskStatus::Merged => "merged",
+            TaskStatus::Unchanged => "unchanged",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Conflict => "conflict",
+        }
+    }
+
+    pub fn parse(s: &str) -> TaskStatus {
+        match s {
+            "running" => TaskStatus::Running,
+            "committed" => TaskStatus::Committed,
+            "merged" => TaskStatus::Merged,
+            "unchanged" => TaskStatus::Unchanged,
+            "failed" => TaskStatus::Failed,
+            "conflict" => TaskStatus::Conflict,
+            _ => TaskStatus::Pending,
+        }
+    }
+
+    /// Final states: a resume leaves these alone.
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Merged | TaskStatus::Unchanged | TaskStatus::Failed | TaskStatus::Conflict
+        )
+    }
+
+    pub fn is_success(self) -> bool {
+        matches!(self, TaskStatus::Merged | TaskStatus::Unchanged)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub status: String,
+    pub service_branch: String,
+    pub base_commit: Option<String>,
+    #[serde(skip)]
+    pub template: String,
+    #[serde(skip)]
+    pub options: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRow {
+    pub index: usize,
+    pub text: String,
+    pub branch: String,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub base_commit: Option<String>,
+    pub task_commit: Option<String>,
+    pub merge_commit: Option<String>,
+    pub files_changed: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+}
+
+/// What ended an attempt, as recorded.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptEnd {
+    pub status: &'static str,
+    pub tip_commit: Option<String>,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+}
+
+pub struct State {
+    conn: Connection,
+}
+
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+impl State {
+    pub fn open(path: &Path) -> Result<State> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open state DB {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(State { conn })
+    }
+
+    pub fn create_run(
+        &self,
+        id: &str,
+        service_branch: &str,
+        template: &str,
+        options: &str,
+        tasks: &[(String, String)],
+    ) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO runs (id, created_at, status, service_branch, template, options) VALUES (?1, ?2, 'running', ?3, ?4, ?5)",
+            params![id, now(), service_branch, template, options],
+        )?;
+        for (i, (text, branch)) in tasks.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO tasks (run_id, idx, text, branch, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+                params![id, i + 1, text, branch],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_run_base(&self, id: &str, base: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE runs SET base_commit = ?2 WHERE id = ?1",
+            params![id, base],
+        )?;
+        Ok(())
+    }
+
+    pub fn finish_run(&self, id: &str, status: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1",
+            params![id, status, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn run(&self, id: Option<&str>) -> Result<Option<RunRow>> {
+        let sql = "SELECT id, created_at, finished_at, status, service_branch, base_commit, template, options FROM runs";
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok(RunRow {
+                id: r.get(0)?,
+                created_at: r.get(1)?,
+                finished_at: r.get(2)?,
+                status: r.get(3)?,
+                service_branch: r.get(4)?,
+                base_commit: r.get(5)?,
+                template: r.get(6)?,
+                options: r.get(7)?,
+            })
+        };
+        Ok(match id {
+            Some(id) => self
+                .conn
+                .query_row(&format!("{sql} WHERE id = ?1"), [id], map)
+                .optional()?,
+            None => self
+                .conn
+                .query_row(
+                    &format!("{sql} ORDER BY created_at DESC, id DESC LIMIT 1"),
+                    [],
+                    map,
+                )
+                .optional()?,
+        })
+    }
+
+    pub fn tasks(&self, run_id: &str) -> Result<Vec<TaskRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT idx, text, branch, status, attempts, base_commit, task_commit, merge_commit, files_changed, \
+             exit_code, reason, started_at, ended_at FROM tasks WHERE run_id = ?1 ORDER BY idx",
+        )?;
+        let rows = stmt.query_map([run_id], |r| {
+            let files: Option<String> = r.get(8)?;
+            Ok(TaskRow {
+                index: r.get::<_, i64>(0)? as usize,
+                text: r.get(1)?,
+                branch: r.get(2)?,
+                status: TaskStatus::parse(&r.get::<_, String>(3)?),
+                attempts: r.get(4)?,
+                base_commit: r.get(5)?,
+                task_commit: r.get(6)?,
+                merge_commit: r.get(7)?,
+                files_changed: files
+                    .and_then(|f| serde_json::from_str(&f).ok())
+                    .unwrap_or_default(),
+                exit_code: r.get(9)?,
+                reason: r.get(10)?,
+                started_at: r.get(11)?,
+                ended_at: r.get(12)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Starts attempt `n` of a task and marks the task running.
+    pub fn start_attempt(&self, run_id: &str, idx: usize, n: u32, base: &str) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        let at = now();
+        tx.execute(
+            "INSERT OR REPLACE INTO attempts (run_id, idx, n, status, base_commit, started_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
+            params![run_id, idx, n, base, at],
+        )?;
+        tx.execute(
+            "UPDATE tasks SET status = 'running', attempts = ?3, base_commit = ?4, started_at = COALESCE(started_at, ?5), \
+             task_commit = NULL, reason = NULL, exit_code = NULL WHERE run_id = ?1 AND idx = ?2",
+            params![run_id, idx, n, base, at],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn end_attempt(&self, run_id: &str, idx: usize, n: u32, end: &AttemptEnd) -> Result<()> {
+        self.conn.execute(
+            "UPDATE attempts SET status = ?4, tip_commit = ?5, exit_code = ?6, reason = ?7, ended_at = ?8 \
+             WHERE run_id = ?1 AND idx = ?2 AND n = ?3",
+            params![run_id, idx, n, end.status, end.tip_commit, end.exit_code, end.reason, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Records the task's commit on its branch (status `committed`), before
+    /// the merge is attempted.
+    pub fn set_committed(
+        &self,
+        run_id: &str,
+        idx: usize,
+        commit: &str,
+        files: &[String],
+        exit_code: Option<i32>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE tasks SET status = 'committed', task_commit = ?3, files_changed = ?4, exit_code = ?5 WHERE run_id = ?1 AND idx = ?2",
+            params![run_id, idx, commit, serde_json::to_string(files)?, exit_code],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a task's final (or reset) status.
+    pub fn set_status(
+        &self,
+        run_id: &str,
+        idx: usize,
+        status: TaskStatus,
+        merge: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let ended = status.is_done().then(now);
+        self.conn.execute(
+            "UPDATE tasks SET status = ?3, merge_commit = COALESCE(?4, merge_commit), reason = ?5, ended_at = ?6 \
+             WHERE run_id = ?1 AND idx = ?2",
+            params![run_id, idx, status.as_str(), merge, reason, ended],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_failure(
+        &self,
+        run_id: &str,
+        idx: usize,
+        commit: Option<&str>,
+        files: &[String],
+        exit_code: Option<i32>,
+        reason: &str,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE tasks SET status = 'failed', task_commit = ?3, files_changed = ?4, exit_code = ?5, reason = ?6, ended_at = ?7 \
+             WHERE run_id = ?1 AND idx = ?2",
+            params![run_id, idx, commit, serde_json::to_string(files)?, exit_code, reason, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn event(
+        &self,
+        run_id: &str,
+        idx: usize,
+        attempt: u32,
+        kind: &str,
+        data: &str,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO events (run_id, idx, attempt, at, kind, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![run_id, idx, attempt, now(), kind, data],
+        )?;
+        Ok(())
+    }
+
+    pub fn event_count(&self, run_id: &str) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE run_id = ?1",
+            [run_id],
+            |r| r.get(0),
+        )?)
+    }
+}

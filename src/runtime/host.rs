@@ -1,0 +1,142 @@
+//! Running the agent as a process on the host, in its checkout.
+
+use std::process::Stdio;
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use super::{Exit, Output, Runtime, Spawn};
+
+pub struct HostRuntime {
+    /// The cohort binary, started as `__guard` around each agent.
+    guard: std::path::PathBuf,
+}
+
+impl HostRuntime {
+    pub fn new() -> Result<HostRuntime> {
+        let guard = std::env::current_exe()
+            .context("cannot find the cohort binary to start the agent guard")?;
+        Ok(HostRuntime { guard })
+    }
+}
+
+fn kill_group(pgid: u32) {
+    // ESRCH (nothing left in the group) is the normal case.
+    let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+}
+
+fn forward<R: AsyncRead + Unpin + Send + 'static>(
+    reader: R,
+    tx: UnboundedSender<Output>,
+    wrap: fn(String) -> Output,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(wrap(line));
+        }
+    })
+}
+
+#[async_trait::async_trait]
+impl Runtime for HostRuntime {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+
+    async fn run(
+        &self,
+        spawn: Spawn,
+        output: UnboundedSender<Output>,
+        cancel: CancellationToken,
+    ) -> Result<Exit> {
+        let inv = &spawn.invocation;
+        let mut cmd = Command::new(&self.guard);
+        cmd.arg("__guard").arg(&inv.program).args(&inv.args);
+        cmd.current_dir(&spawn.workdir);
+        cmd.envs(inv.env.iter().map(|(k, v)| (k, v)));
+        for (k, v) in &inv.secret_env {
+            cmd.env(k, v.expose());
+        }
+        cmd.stdin(if inv.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.process_group(0);
+        let parent = std::process::id() as i32;
+        unsafe {
+            cmd.pre_exec(move || {
+                // SIGTERM to the guard when cohort dies; it then kills the group.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(125); // cohort died before the prctl took effect
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "cannot start the agent {:?} in {}",
+                inv.program,
+                spawn.workdir.display()
+            )
+        })?;
+        let pgid = child
+            .id()
+            .context("the agent exited before it could be watched")?;
+        let out = forward(child.stdout.take().unwrap(), output.clone(), Output::Stdout);
+        let err = forward(child.stderr.take().unwrap(), output, Output::Stderr);
+        if let (Some(mut stdin), Some(data)) = (child.stdin.take(), inv.stdin.clone()) {
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&data).await;
+                let _ = stdin.shutdown().await;
+            });
+        }
+
+        let deadline = async {
+            match spawn.timeout {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let exit = tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                use std::os::unix::process::ExitStatusExt;
+                match (status.code(), status.signal()) {
+                    (Some(c), _) => Exit::Code(c),
+                    (None, Some(s)) => Exit::Signal(s),
+                    _ => Exit::Code(-1),
+                }
+            }
+            _ = deadline => {
+                kill_group(pgid);
+                let _ = child.wait().await;
+                Exit::TimedOut(spawn.timeout.unwrap_or_default())
+            }
+            _ = cancel.cancelled() => {
+                kill_group(pgid);
+                let _ = child.wait().await;
+                Exit::Cancelled
+            }
+        };
+        // Whatever the agent left running in its group goes too.
+        kill_group(pgid);
+        // A process that escaped the group may hold the pipes open: don't wait forever.
+        let drain = async {
+            let _ = out.await;
+            let _ = err.await;
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+        Ok(exit)
+    }
+}

@@ -1,0 +1,61 @@
+//! Where an agent runs. The host runtime starts it as a process (under a
+//! guard that takes its whole process tree down with it); the podman
+//! runtime (containers issue) runs it inside a container.
+
+pub mod guard;
+pub mod host;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Invocation;
+
+#[derive(Debug, Clone)]
+pub struct Spawn {
+    pub invocation: Invocation,
+    /// The working directory (the task checkout).
+    pub workdir: PathBuf,
+    pub timeout: Option<Duration>,
+}
+
+/// How an agent process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    TimedOut(Duration),
+    /// Stopped because cohort is shutting down (Ctrl-C, SIGTERM).
+    Cancelled,
+}
+
+impl Exit {
+    pub fn code(self) -> Option<i32> {
+        match self {
+            Exit::Code(c) => Some(c),
+            Exit::Signal(s) => Some(128 + s),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Output {
+    Stdout(String),
+    Stderr(String),
+}
+
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Runs the invocation to its end, sending its output line by line.
+    async fn run(
+        &self,
+        spawn: Spawn,
+        output: UnboundedSender<Output>,
+        cancel: CancellationToken,
+    ) -> Result<Exit>;
+}
