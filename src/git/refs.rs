@@ -71,7 +71,7 @@ pub fn set_head_symbolic(repo: &gix::Repository, branch_ref: &str) -> Result<()>
     let edit = RefEdit {
         change: Change::Update {
             log: LogChange {
-                mode: RefLog::Only,
+                mode: RefLog::AndReference,
                 force_create_reflog: false,
                 message: "cohort: checkout".into(),
             },

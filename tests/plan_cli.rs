@@ -1,0 +1,109 @@
+//! `cohort plan` and the plan inputs of `cohort run`, through the binary.
+
+mod support;
+use support::*;
+
+#[test]
+fn plan_writes_tasks_and_template() {
+    let s = Scratch::new();
+    let req = s.request(
+        "req.md",
+        "# Web\n- [ ] add login\n- [x] old\n1. fix footer\n   on mobile\n",
+    );
+    let out_dir = s.tmp.path().join("plan");
+    let out = s.run(&[
+        "plan",
+        req.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let tasks = std::fs::read_to_string(out_dir.join("tasks.txt")).unwrap();
+    assert_eq!(tasks, "Web: add login\nWeb: fix footer on mobile\n");
+    assert!(std::fs::read_to_string(out_dir.join("prompt.txt"))
+        .unwrap()
+        .contains("{task}"));
+    // A second plan does not clobber an edited plan without --force.
+    let out = s.run(&[
+        "plan",
+        req.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("--force"));
+    // Without -o nothing is written; the tasks go to stdout.
+    let out = s.run(&["plan", req.to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Web: add login\nWeb: fix footer on mobile\n"
+    );
+}
+
+#[test]
+fn bad_inputs_exit_2_and_write_nothing() {
+    let s = Scratch::new();
+    let out_dir = s.tmp.path().join("plan");
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("empty.md", b"  \n\n", "empty"),
+        ("binary.bin", b"\x7fELF\x00\x01\x02garbage", "binary"),
+        ("done.md", b"- [x] all done\n- [X] this too\n", "no tasks"),
+        ("heading.md", b"# Just a title\n", "no tasks"),
+    ];
+    for (name, body, msg) in cases {
+        let p = s.tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        let out = s.run(&["plan", p.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]);
+        assert_eq!(code(&out), 2, "{name}: {}", text(&out));
+        assert!(text(&out).contains(msg), "{name}: {}", text(&out));
+        assert!(!out_dir.exists(), "{name}: no partial plan may be written");
+    }
+    let missing = s.run(&["plan", "/nonexistent/req.md"]);
+    assert_eq!(code(&missing), 2, "{}", text(&missing));
+}
+
+#[test]
+fn run_refuses_template_without_placeholder() {
+    let s = Scratch::new();
+    let tasks = s.request("tasks.txt", "one\ntwo\n");
+    let prompt = s.request("prompt.txt", "Do the thing.\n");
+    let out = s.run(&[
+        "run",
+        "--tasks",
+        tasks.to_str().unwrap(),
+        "--prompt",
+        prompt.to_str().unwrap(),
+        "--agent",
+        "command",
+        "--agent-command",
+        &agent("write.sh"),
+    ]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("{task}"), "{}", text(&out));
+    assert!(
+        s.git(&["branch", "--list", "cohort/*"]).is_empty(),
+        "nothing may be created"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_with_help() {
+    let s = Scratch::new();
+    let out = s.run(&["run"]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    let out = s.run(&["run", "--bogus-flag"]);
+    assert_eq!(code(&out), 2);
+    std::fs::write(s.work.join("cohort.toml"), "[run]\njosb = 2\n").unwrap();
+    let req = s.request("r.md", "- a\n");
+    let out = s.run(&[
+        "run",
+        req.to_str().unwrap(),
+        "--agent-command",
+        &agent("write.sh"),
+    ]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("josb"), "{}", text(&out));
+    let help = s.run(&["run", "--help"]);
+    assert_eq!(code(&help), 0);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--on-conflict"));
+}
