@@ -1,0 +1,212 @@
+//! The sync step on the user's own repository.
+
+mod support;
+use support::*;
+
+fn run_write(s: &Scratch, extra: &[&str]) -> std::process::Output {
+    let req = s.request("req.md", "- write one file\n");
+    let mut args = vec!["run", req.to_str().unwrap(), "--agent-command"];
+    let a = agent("write.sh");
+    args.push(&a);
+    args.extend(extra);
+    s.run(&args)
+}
+
+#[test]
+fn dirty_tree_is_snapshotted_honouring_gitignore() {
+    let s = Scratch::new();
+    s.write("README.md", "# changed\n");
+    s.write("new/dir/file.txt", "untracked\n");
+    s.write("build.log", "ignored\n");
+    s.write("target/out.bin", "ignored too\n");
+    std::fs::remove_file(s.work.join(".gitignore")).unwrap();
+    s.write(".gitignore", "*.log\ntarget/\n"); // same content: not a change
+    s.git(&["rm", "-q", "--cached", "README.md"]); // staged deletion, file still on disk
+    let before = s.git(&["rev-parse", "HEAD"]);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let subject = s.git(&["log", "-1", "--format=%s", "main"]);
+    assert!(
+        subject.starts_with("cohort: snapshot before run "),
+        "{subject}"
+    );
+    assert_eq!(s.git(&["rev-parse", "main^"]), before);
+    let files = s.git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(
+        files.contains("new/dir/file.txt") && files.contains("README.md"),
+        "{files}"
+    );
+    assert!(
+        !files.contains("build.log") && !files.contains("target/"),
+        "{files}"
+    );
+    assert_eq!(s.git(&["show", "main:README.md"]), "# changed\n");
+    // The working tree is clean and the ignored files are untouched.
+    assert_eq!(s.git(&["status", "--porcelain"]), "");
+    assert_eq!(s.read("build.log").unwrap(), "ignored\n");
+    // Deleted files are committed as deletions.
+    std::fs::remove_file(s.work.join("new/dir/file.txt")).unwrap();
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(!s
+        .git(&["ls-tree", "-r", "--name-only", "main"])
+        .contains("new/dir/file.txt"));
+}
+
+#[test]
+fn no_remote_is_reported_and_the_run_goes_on() {
+    let s = Scratch::local_only();
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(text(&out).contains("no remote 'origin'"), "{}", text(&out));
+}
+
+#[test]
+fn fast_forwards_from_origin_and_updates_files() {
+    let s = Scratch::new();
+    let other = s.other_clone();
+    std::fs::write(other.join("upstream.txt"), "from origin\n").unwrap();
+    git_in(&other, &["add", "."]);
+    git_in(&other, &["commit", "-q", "-m", "upstream change"]);
+    git_in(&other, &["push", "-q", "origin", "main"]);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        s.git(&["rev-parse", "main"]),
+        s.git(&["rev-parse", "origin/main"])
+    );
+    assert_eq!(s.read("upstream.txt").unwrap(), "from origin\n");
+    assert_eq!(s.git(&["status", "--porcelain"]), "");
+    // The service branch starts from the pulled commit.
+    assert!(s
+        .git(&["ls-tree", "--name-only", "cohort/service"])
+        .contains("upstream.txt"));
+}
+
+#[test]
+fn diverged_clean_merge_and_conflicting_divergence() {
+    let s = Scratch::new();
+    let other = s.other_clone();
+    std::fs::write(other.join("theirs.txt"), "theirs\n").unwrap();
+    git_in(&other, &["add", "."]);
+    git_in(&other, &["commit", "-q", "-m", "their change"]);
+    git_in(&other, &["push", "-q", "origin", "main"]);
+    s.write("ours.txt", "ours\n"); // local, uncommitted: goes into the snapshot
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        s.git(&["log", "-1", "--format=%p", "main"])
+            .split_whitespace()
+            .count(),
+        2,
+        "a merge commit"
+    );
+    assert_eq!(s.read("theirs.txt").unwrap(), "theirs\n");
+    assert_eq!(s.read("ours.txt").unwrap(), "ours\n");
+
+    // Now both change README.md differently: refuse and touch nothing.
+    std::fs::write(other.join("README.md"), "their readme\n").unwrap();
+    git_in(&other, &["pull", "-q", "--no-rebase", "origin", "main"]);
+    git_in(&other, &["commit", "-q", "-am", "their readme"]);
+    git_in(&other, &["push", "-q", "origin", "main"]);
+    s.write("README.md", "our readme\n");
+    let head = s.git(&["rev-parse", "HEAD"]);
+    let service = s.git(&["rev-parse", "cohort/service"]);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        text(&out).contains("diverged") && text(&out).contains("README.md"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(s.git(&["rev-parse", "HEAD"]), head, "HEAD must not move");
+    assert_eq!(s.git(&["rev-parse", "cohort/service"]), service);
+    assert_eq!(
+        s.read("README.md").unwrap(),
+        "our readme\n",
+        "the local change is untouched"
+    );
+    assert_eq!(s.git(&["status", "--porcelain"]).trim(), "M README.md");
+}
+
+#[test]
+fn secrets_are_refused_unless_allowed() {
+    let s = Scratch::new();
+    s.write(".env", "OPENAI_API_KEY=whatever\n");
+    s.write("src/config.py", "KEY = 'test-secret-key-9f8e7d6c5b4a'\n");
+    let head = s.git(&["rev-parse", "HEAD"]);
+    let req = s.request("req.md", "- a task\n");
+    let out = s
+        .cohort()
+        .env("OPENAI_API_KEY", "test-secret-key-9f8e7d6c5b4a")
+        .args([
+            "run",
+            req.to_str().unwrap(),
+            "--agent-command",
+            &agent("write.sh"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains(".env") && t.contains("src/config.py") && t.contains("--allow-file"),
+        "{t}"
+    );
+    assert!(
+        !t.contains("test-secret-key-9f8e7d6c5b4a"),
+        "the key must not be echoed"
+    );
+    assert_eq!(s.git(&["rev-parse", "HEAD"]), head);
+    assert!(s.git(&["branch", "--list", "cohort/*"]).is_empty());
+
+    // Allowing both files lets the snapshot through.
+    let out = s
+        .cohort()
+        .env("OPENAI_API_KEY", "test-secret-key-9f8e7d6c5b4a")
+        .args([
+            "run",
+            req.to_str().unwrap(),
+            "--agent-command",
+            &agent("write.sh"),
+        ])
+        .args(["--allow-file", ".env", "--allow-file", "src/config.py"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // The key never reached the state DB or logs.
+    let cohort_dir = s.work.join(".git/cohort");
+    for entry in walk(&cohort_dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("test-secret-key-9f8e7d6c5b4a"),
+            "{}",
+            entry.display()
+        );
+    }
+}
+
+#[test]
+fn no_sync_leaves_the_users_branch_alone() {
+    let s = Scratch::new();
+    s.write("README.md", "# dirty\n");
+    let head = s.git(&["rev-parse", "HEAD"]);
+    let out = run_write(&s, &["--no-sync"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(s.git(&["rev-parse", "HEAD"]), head);
+    assert_eq!(s.read("README.md").unwrap(), "# dirty\n");
+    assert_eq!(s.merged_tasks("cohort/service").len(), 1);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
