@@ -1,0 +1,23 @@
+//! A client for podman's libpod REST API over its unix socket (hyper 1, no podman binary).
+//!
+//! Self-contained on purpose: it depends only on external crates, so the rest of the crate
+//! can evolve around it. The `Runtime` trait implementation lives elsewhere and uses this.
+//!
+//! Why hyper directly rather than the `podman-api` crate: we need the exit code of `wait`
+//! (podman-api drops it), per-exec environment (the API key's only route into a container),
+//! the upgraded bidirectional stream of `exec start` for interactive shells, streaming uploads
+//! for `images/load`, and the exact libpod v4 create spec; a dozen small typed calls over
+//! hyper are less code than working around a generated client.
+
+mod client;
+mod error;
+mod stream;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{socket_candidates, Podman, API_PREFIX};
+pub use error::{PodmanError, Result};
+pub use stream::{demux, ExecSession, Frame, StreamKind};
+pub use types::*;

@@ -1,0 +1,177 @@
+//! Against a real disposable podman service (no mocks): build the image with cohort-oci,
+//! load it over the REST API, run git inside a container with a repo mounted at /workspace.
+//! Needs podman + runc: `fixtures/podman-service.sh install`.
+
+#[path = "../../../tests/support/podman.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::*;
+use cohort_oci::{BlobStore, BuildSpec, ImageSettings};
+
+const TAG: &str = "localhost/cohort-test:latest";
+
+fn build_image(dir: &Path, store: &str) -> (cohort_oci::BuiltImage, PathBuf) {
+    let store = BlobStore::open(dir.join(store)).unwrap();
+    let spec = BuildSpec {
+        settings: ImageSettings {
+            source_commit: Some("abc123".into()),
+            ..Default::default()
+        },
+        source_date_epoch: 1_700_000_000,
+        compression: 1,
+        ..Default::default()
+    };
+    let image = cohort_oci::build(&spec, &store).unwrap();
+    let archive = dir.join(format!("{}.tar", image.image_id()));
+    cohort_oci::write_oci_archive(&store, &image, TAG, &archive, spec.source_date_epoch).unwrap();
+    (image, archive)
+}
+
+fn host_git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "safe.directory=*", "-C"])
+        .arg(repo)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_loads_and_git_runs_inside_without_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (image, archive) = build_image(tmp.path(), "s1");
+    let (again, _) = build_image(tmp.path(), "s2");
+    assert_eq!(
+        image.manifest_digest, again.manifest_digest,
+        "two builds, one digest"
+    );
+
+    let service = support::PodmanService::start();
+    let podman = Podman::connect_to(service.socket())
+        .await
+        .expect(&service.log());
+    assert!(podman.version().version.starts_with('4') || podman.version().version.starts_with('5'));
+
+    let names = podman.load_image(&archive).await.unwrap();
+    assert!(names.iter().any(|n| n.contains("cohort-test")), "{names:?}");
+    assert!(podman.image_exists(TAG).await.unwrap());
+    let info = podman.image_inspect(TAG).await.unwrap();
+    assert_eq!(
+        info.id,
+        image.image_id(),
+        "podman's image ID is our config digest"
+    );
+    assert_eq!(
+        info.labels
+            .unwrap_or_default()
+            .get(cohort_oci::LABEL_REVISION)
+            .map(String::as_str),
+        Some("abc123")
+    );
+
+    // A scratch repository on the host, mounted at /workspace.
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    host_git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("a.txt"), "hello\n").unwrap();
+
+    let mut labels = BTreeMap::new();
+    labels.insert("cohort.test".to_string(), "git".to_string());
+    let spec = ContainerSpec {
+        image: TAG.into(),
+        // Rootful `userns=auto` maps the container user to an unprivileged host range; `U`
+        // hands the checkout to it (rootless `keep-id` needs no such thing).
+        mounts: vec![BindMount {
+            options: if podman.rootless() {
+                vec![]
+            } else {
+                vec!["U".into()]
+            },
+            ..BindMount::new(repo.display().to_string(), "/workspace")
+        }],
+        network: NetworkMode::None,
+        memory_bytes: Some(512 << 20),
+        pids_limit: Some(256),
+        labels,
+        ..Default::default()
+    };
+    let id = podman.create_container(&spec).await.unwrap();
+    podman.start_container(&id).await.unwrap();
+
+    let git = |args: &[&str]| {
+        let mut s = ExecSpec::new(["git"].iter().chain(args.iter()).copied());
+        // Identity only through the exec's environment, the way the API key travels.
+        s.env = vec![
+            "GIT_AUTHOR_NAME=Agent".into(),
+            "GIT_AUTHOR_EMAIL=a@x".into(),
+            "GIT_COMMITTER_NAME=Agent".into(),
+            "GIT_COMMITTER_EMAIL=a@x".into(),
+        ];
+        s
+    };
+    let whoami = podman
+        .exec(&id, &ExecSpec::new(["id", "-u"]))
+        .await
+        .unwrap();
+    eprintln!("uid in container: {}", whoami.stdout_str());
+    let st = podman
+        .exec(&id, &git(&["status", "--porcelain"]))
+        .await
+        .unwrap();
+    assert_eq!(st.exit_code, 0, "{}", st.stderr_str());
+    assert_eq!(st.stdout_str(), "?? a.txt\n");
+    let add = podman.exec(&id, &git(&["add", "a.txt"])).await.unwrap();
+    assert_eq!(add.exit_code, 0, "{}", add.stderr_str());
+    let commit = podman
+        .exec(&id, &git(&["commit", "-q", "-m", "from the container"]))
+        .await
+        .unwrap();
+    assert_eq!(commit.exit_code, 0, "{}", commit.stderr_str());
+    assert_eq!(
+        host_git(&repo, &["log", "--format=%an %s"]),
+        "Agent from the container\n"
+    );
+
+    // A failing command's exit code and stderr come through.
+    let fail = podman
+        .exec(
+            &id,
+            &ExecSpec::new(["sh", "-c", "echo out; echo oops >&2; exit 3"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (fail.exit_code, fail.stdout_str(), fail.stderr_str()),
+        (3, "out\n".into(), "oops\n".into())
+    );
+    // No network: loopback only.
+    let net = podman
+        .exec(&id, &ExecSpec::new(["ls", "/sys/class/net"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        net.stdout_str().split_whitespace().collect::<Vec<_>>(),
+        vec!["lo"]
+    );
+
+    let listed = podman
+        .list_containers(&[("cohort.test", "git")])
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![id.as_str()]
+    );
+    podman.remove_container(&id, true).await.unwrap();
+    assert!(!podman.container_exists(&id).await.unwrap());
+}

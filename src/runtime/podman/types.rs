@@ -1,0 +1,353 @@
+//! Request and response shapes of the libpod v4 API (only the fields cohort uses).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /version`, as much as we check.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VersionInfo {
+    #[serde(rename = "Version", default)]
+    pub version: String,
+    #[serde(rename = "ApiVersion", default)]
+    pub api_version: String,
+    #[serde(rename = "MinAPIVersion", default)]
+    pub min_api_version: String,
+}
+
+/// Container network mode (`[container] network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// The engine's default private network (bridge when rootful, slirp4netns when rootless).
+    #[default]
+    Private,
+    /// No network at all: only loopback.
+    None,
+    /// Share the host's network namespace.
+    Host,
+}
+
+/// User-namespace mode. `for_engine` picks cohort's default: `keep-id` rootless (the
+/// container user is the invoking user, so checkout files stay theirs), `auto` rootful
+/// (each container gets its own unprivileged range).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsernsMode {
+    KeepId,
+    Auto,
+    Host,
+}
+
+impl UsernsMode {
+    pub fn for_engine(rootless: bool) -> Self {
+        if rootless {
+            UsernsMode::KeepId
+        } else {
+            UsernsMode::Auto
+        }
+    }
+}
+
+/// A bind mount from the host into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: String,
+    pub destination: String,
+    pub read_only: bool,
+    /// Extra podman mount options (e.g. `U` to chown to the container user, `z` for SELinux).
+    pub options: Vec<String>,
+}
+
+impl BindMount {
+    pub fn new(source: impl Into<String>, destination: impl Into<String>) -> Self {
+        BindMount {
+            source: source.into(),
+            destination: destination.into(),
+            read_only: false,
+            options: Vec::new(),
+        }
+    }
+}
+
+/// What cohort asks of a new container. Never put secrets here: the create spec is stored
+/// by podman and shown by `podman inspect`. Secrets go per exec in [`ExecSpec::env`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContainerSpec {
+    pub name: Option<String>,
+    pub image: String,
+    /// Host directory mounted at `/workspace`.
+    pub workspace: Option<String>,
+    pub mounts: Vec<BindMount>,
+    /// `None`: decided by the engine being rootless or not.
+    pub userns: Option<UsernsMode>,
+    pub network: NetworkMode,
+    pub memory_bytes: Option<i64>,
+    pub pids_limit: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+    /// Main process; default keeps the container alive (`sleep infinity`) so execs can run in it.
+    pub command: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub terminal: bool,
+    pub stdin: bool,
+    pub hostname: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Namespace {
+    pub nsmode: &'static str,
+}
+
+#[derive(Serialize)]
+pub(crate) struct SpecMount {
+    pub destination: String,
+    #[serde(rename = "type")]
+    pub typ: &'static str,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+#[derive(Serialize, Default)]
+pub(crate) struct Limit {
+    pub limit: i64,
+}
+
+#[derive(Serialize, Default)]
+pub(crate) struct ResourceLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Limit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<Limit>,
+}
+
+/// The libpod `SpecGenerator` JSON (subset).
+#[derive(Serialize)]
+pub(crate) struct CreateBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub image: String,
+    pub command: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub mounts: Vec<SpecMount>,
+    pub userns: Namespace,
+    pub netns: Namespace,
+    pub resource_limits: ResourceLimits,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub terminal: bool,
+    pub stdin: bool,
+    pub no_new_privileges: bool,
+}
+
+impl ContainerSpec {
+    pub(crate) fn to_body(&self, rootless: bool) -> CreateBody {
+        let mut mounts = Vec::new();
+        let ws = self
+            .workspace
+            .iter()
+            .map(|w| BindMount::new(w.clone(), "/workspace"));
+        for m in ws.chain(self.mounts.iter().cloned()) {
+            let mut options = vec![
+                "rbind".to_string(),
+                if m.read_only { "ro" } else { "rw" }.to_string(),
+            ];
+            options.extend(m.options.iter().cloned());
+            mounts.push(SpecMount {
+                destination: m.destination,
+                typ: "bind",
+                source: m.source,
+                options,
+            });
+        }
+        let userns = match self
+            .userns
+            .clone()
+            .unwrap_or_else(|| UsernsMode::for_engine(rootless))
+        {
+            UsernsMode::KeepId => "keep-id",
+            UsernsMode::Auto => "auto",
+            UsernsMode::Host => "host",
+        };
+        let netns = match self.network {
+            NetworkMode::Private => "private",
+            NetworkMode::None => "none",
+            NetworkMode::Host => "host",
+        };
+        CreateBody {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            command: self
+                .command
+                .clone()
+                .unwrap_or_else(|| vec!["sleep".into(), "infinity".into()]),
+            labels: self.labels.clone(),
+            mounts,
+            userns: Namespace { nsmode: userns },
+            netns: Namespace { nsmode: netns },
+            resource_limits: ResourceLimits {
+                memory: self.memory_bytes.map(|limit| Limit { limit }),
+                pids: self.pids_limit.map(|limit| Limit { limit }),
+            },
+            work_dir: self.workdir.clone(),
+            user: self.user.clone(),
+            hostname: self.hostname.clone(),
+            terminal: self.terminal,
+            stdin: self.stdin,
+            no_new_privileges: true,
+        }
+    }
+}
+
+/// One command run inside a running container.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    pub cmd: Vec<String>,
+    /// `KEY=VALUE`; the only way a secret (the API key) reaches the agent.
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub tty: bool,
+    pub stdin: bool,
+}
+
+impl ExecSpec {
+    pub fn new<S: Into<String>>(cmd: impl IntoIterator<Item = S>) -> Self {
+        ExecSpec {
+            cmd: cmd.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Env values are never printed: they may hold the API key.
+impl fmt::Debug for ExecSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<&str> = self
+            .env
+            .iter()
+            .map(|e| e.split('=').next().unwrap_or(""))
+            .collect();
+        f.debug_struct("ExecSpec")
+            .field("cmd", &self.cmd)
+            .field("env_keys", &keys)
+            .field("workdir", &self.workdir)
+            .field("user", &self.user)
+            .field("tty", &self.tty)
+            .field("stdin", &self.stdin)
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ExecCreateBody<'a> {
+    pub attach_stdin: bool,
+    pub attach_stdout: bool,
+    pub attach_stderr: bool,
+    pub cmd: &'a [String],
+    pub env: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    pub tty: bool,
+}
+
+/// What a finished exec produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i64,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ExecInspect {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    #[serde(rename = "Running", default)]
+    pub running: bool,
+    #[serde(rename = "ExitCode", default)]
+    pub exit_code: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ContainerState {
+    #[serde(rename = "Status", default)]
+    pub status: String,
+    #[serde(rename = "Running", default)]
+    pub running: bool,
+    #[serde(rename = "ExitCode", default)]
+    pub exit_code: i64,
+    #[serde(rename = "OOMKilled", default)]
+    pub oom_killed: bool,
+    #[serde(rename = "Error", default)]
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ContainerConfigInfo {
+    #[serde(rename = "Labels", default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// `GET /libpod/containers/{id}/json` (subset).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ContainerInspect {
+    #[serde(rename = "Id", default)]
+    pub id: String,
+    #[serde(rename = "Name", default)]
+    pub name: String,
+    #[serde(rename = "ImageName", default)]
+    pub image_name: String,
+    #[serde(rename = "State", default)]
+    pub state: ContainerState,
+    #[serde(rename = "Config", default)]
+    pub config: ContainerConfigInfo,
+}
+
+/// One row of `GET /libpod/containers/json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ContainerSummary {
+    #[serde(rename = "Id", default)]
+    pub id: String,
+    #[serde(rename = "Names", default)]
+    pub names: Vec<String>,
+    #[serde(rename = "Image", default)]
+    pub image: String,
+    #[serde(rename = "State", default)]
+    pub state: String,
+    #[serde(rename = "Labels", default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(rename = "ExitCode", default)]
+    pub exit_code: i64,
+}
+
+/// `GET /libpod/images/{name}/json` (subset).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ImageInspect {
+    #[serde(rename = "Id", default)]
+    pub id: String,
+    #[serde(rename = "Digest", default)]
+    pub digest: String,
+    #[serde(rename = "RepoTags", default)]
+    pub repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Labels", default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(rename = "Size", default)]
+    pub size: i64,
+}
