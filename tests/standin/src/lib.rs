@@ -134,19 +134,25 @@ pub struct Standin {
 }
 
 impl Standin {
+    /// Binds, then serves from a new thread with its own runtime, so it
+    /// works from sync tests and from inside another tokio runtime alike.
     pub fn start(opts: Options) -> std::io::Result<Standin> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let state = Arc::new(State::new(opts)?);
-        let listener = rt.block_on(bind(&state.opts))?;
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, opts.port))?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let state = Arc::new(State::new(opts)?);
         let records = state.records.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("cohort-standin".into())
             .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the stand-in");
                 rt.block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).expect("register the listener");
                     tokio::select! {
                         _ = serve(listener, state) => {}
                         _ = stopped => {}
