@@ -132,3 +132,29 @@ fn unknown_model_is_404_when_models_are_listed() {
     assert_eq!(status, 200);
     assert!(list.contains("\"id\":\"gpt-5-nano\""));
 }
+
+#[test]
+fn chat_streams_when_asked() {
+    let s = Standin::start(Options::default()).unwrap();
+    let mut body = user("- one\n- two");
+    body["stream"] = json!(true);
+    let (status, head, text) = send(&s, "POST", "/v1/chat/completions", &body);
+    assert_eq!(status, 200);
+    assert!(head.contains("text/event-stream"));
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let content: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    let plan: Value = serde_json::from_str(&content).unwrap();
+    assert_eq!(plan["tasks"], json!(["one", "two"]));
+}
