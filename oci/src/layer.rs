@@ -47,13 +47,12 @@ enum Kind {
 
 #[derive(Debug, Clone)]
 enum Source {
-    /// A host file; `stamp` (dev, ino, mtime ns, size) only feeds the reuse fingerprint.
+    /// A host file; dev, ino and mtime feed the reuse fingerprint and hard-link detection.
     Host {
         path: PathBuf,
         dev: u64,
         ino: u64,
         mtime_ns: i128,
-        nlink: u64,
     },
     Bytes(Vec<u8>),
 }
@@ -382,7 +381,7 @@ impl LayerBuilder {
             .operating_system(255)
             .write(blob, Compression::new(opts.compression));
         let mut tar = tar::Builder::new(HashingWriter::new(gz));
-        let links = self.hardlink_leaders();
+        let links = self.hardlink_leaders()?;
         for (key, e) in &self.entries {
             let mut h = tar::Header::new_gnu();
             h.set_mtime(opts.mtime);
@@ -432,32 +431,57 @@ impl LayerBuilder {
         })
     }
 
-    /// Host hard links (same dev+inode) become tar hard links to the first path in sort order,
-    /// so git's many hard-linked helpers are stored once. Returns follower → leader.
-    fn hardlink_leaders(&self) -> HashMap<&str, &str> {
-        let mut first: HashMap<(u64, u64), &str> = HashMap::new();
-        let mut out = HashMap::new();
+    /// Host files stored once: hard links (same dev+inode), and separate files with identical
+    /// content (Debian ships `/usr/bin/git` and `/usr/lib/git-core/git` as two 3.7 MB copies),
+    /// become tar hard links to the first path in sort order. Returns follower → leader.
+    fn hardlink_leaders(&self) -> Result<HashMap<&str, &str>> {
+        // Only files sharing a size with another are read and hashed.
+        let mut by_size: HashMap<u64, Vec<(&str, &Path, (u64, u64))>> = HashMap::new();
         for (k, e) in &self.entries {
             if let Kind::File {
-                source: Source::Host {
-                    dev, ino, nlink, ..
-                },
-                ..
+                source: Source::Host { path, dev, ino, .. },
+                size,
             } = &e.kind
             {
-                if *nlink > 1 {
-                    match first.get(&(*dev, *ino)) {
-                        Some(leader) => {
-                            out.insert(k.as_str(), *leader);
-                        }
-                        None => {
-                            first.insert((*dev, *ino), k.as_str());
-                        }
-                    }
+                if *size > 0 {
+                    by_size.entry(*size).or_default().push((
+                        k.as_str(),
+                        path.as_path(),
+                        (*dev, *ino),
+                    ));
                 }
             }
         }
-        out
+        let mut first: HashMap<Vec<u8>, &str> = HashMap::new();
+        let mut out = HashMap::new();
+        let mut group: Vec<_> = by_size
+            .into_values()
+            .filter(|g| g.len() > 1)
+            .flatten()
+            .collect();
+        group.sort_by(|a, b| a.0.cmp(b.0));
+        let mut inode_key: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+        for (k, path, inode) in group {
+            let key = match inode_key.get(&inode) {
+                Some(key) => key.clone(),
+                None => {
+                    let mut h = Sha256::new();
+                    io::copy(&mut File::open(path).at(path)?, &mut h).at(path)?;
+                    let key = h.finalize().to_vec();
+                    inode_key.insert(inode, key.clone());
+                    key
+                }
+            };
+            match first.get(&key) {
+                Some(leader) => {
+                    out.insert(k, *leader);
+                }
+                None => {
+                    first.insert(key, k);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -469,7 +493,6 @@ fn file_entry(path: &Path, meta: &fs::Metadata) -> Entry {
         dev: meta.dev(),
         ino: meta.ino(),
         mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
-        nlink: meta.nlink(),
     };
     Entry {
         kind: Kind::File {

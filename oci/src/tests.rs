@@ -233,3 +233,47 @@ fn bad_image_paths_are_rejected() {
         Err(Error::BadImagePath(_))
     ));
 }
+
+#[test]
+fn identical_files_are_stored_once_as_hard_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    fs::write(&a, vec![7u8; 10_000]).unwrap();
+    fs::write(&b, vec![7u8; 10_000]).unwrap();
+    let mut l = LayerBuilder::new();
+    l.host_file(&b, "/z/second").unwrap();
+    l.host_file(&a, "/a/first").unwrap();
+    let store = BlobStore::open(tmp.path().join("s")).unwrap();
+    let layer = l
+        .write(
+            &store,
+            &LayerOptions {
+                mtime: 0,
+                compression: 1,
+            },
+        )
+        .unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(
+        fs::File::open(store.path(&layer.digest)).unwrap(),
+    ));
+    let entries: Vec<(String, tar::EntryType, u64)> = ar
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().to_string_lossy().into_owned(),
+                e.header().entry_type(),
+                e.size(),
+            )
+        })
+        .filter(|(_, t, _)| !t.is_dir())
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            ("a/first".into(), tar::EntryType::Regular, 10_000),
+            ("z/second".into(), tar::EntryType::Link, 0)
+        ]
+    );
+}
