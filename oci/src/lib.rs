@@ -50,7 +50,7 @@ pub fn default_programs() -> Vec<PathBuf> {
         "echo", "env", "head", "tail", "wc", "sort", "uniq", "tr", "cut", "date", "dirname",
         "basename", "pwd", "sleep", "test", "true", "false", "mktemp", "readlink", "realpath",
         "tee", "id", "uname", "stat", "printf", "expr", "seq", "grep", "sed", "find", "xargs",
-        "diff", "git",
+        "diff", "stty", "tty", "git",
     ];
     let mut out: Vec<PathBuf> = BIN
         .iter()

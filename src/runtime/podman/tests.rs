@@ -164,6 +164,74 @@ async fn image_loads_and_git_runs_inside_without_network() {
         vec!["lo"]
     );
 
+    // stdin is streamed to the process and half-closed; the exit code comes from exec inspect.
+    let exec_id = podman
+        .exec_create(
+            &id,
+            &ExecSpec {
+                stdin: true,
+                ..ExecSpec::new(["sh", "-c", "tr a-z A-Z; exit 5"])
+            },
+        )
+        .await
+        .unwrap();
+    let mut session = podman.exec_start(&exec_id, false).await.unwrap();
+    session.write_stdin(b"hello\n").await.unwrap();
+    session.close_stdin().await.unwrap();
+    let (out, _) = session.collect().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "HELLO\n");
+    assert_eq!(podman.exec_exit_code(&exec_id).await.unwrap(), 5);
+
+    // A TTY exec: raw stream, a real pty, and resize reaches it.
+    let exec_id = podman
+        .exec_create(
+            &id,
+            &ExecSpec {
+                stdin: true,
+                tty: true,
+                ..ExecSpec::new(["sh", "-c", "read x; stty size; tty"])
+            },
+        )
+        .await
+        .unwrap();
+    let mut session = podman.exec_start(&exec_id, true).await.unwrap();
+    podman.exec_resize(&exec_id, 30, 100).await.unwrap();
+    session.write_stdin(b"go\n").await.unwrap();
+    let mut screen = Vec::new();
+    while let Some(f) = session.next_frame().await.unwrap() {
+        screen.extend(f.data);
+    }
+    let screen = String::from_utf8_lossy(&screen);
+    assert!(
+        screen.contains("30 100") && screen.contains("/dev/pts/"),
+        "{screen:?}"
+    );
+    assert_eq!(podman.exec_exit_code(&exec_id).await.unwrap(), 0);
+
+    // The main process's exit code, through wait + inspect, and its logs.
+    let spec2 = ContainerSpec {
+        image: TAG.into(),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo hi; echo err >&2; exit 7".into(),
+        ]),
+        network: NetworkMode::None,
+        ..Default::default()
+    };
+    let id2 = podman.create_container(&spec2).await.unwrap();
+    podman.start_container(&id2).await.unwrap();
+    assert_eq!(podman.wait_container(&id2).await.unwrap(), 7);
+    let (out, err) = podman.logs(&id2).await.unwrap();
+    assert_eq!(
+        (
+            String::from_utf8_lossy(&out).as_ref(),
+            String::from_utf8_lossy(&err).as_ref()
+        ),
+        ("hi\n", "err\n")
+    );
+    podman.remove_container(&id2, false).await.unwrap();
+
     let listed = podman
         .list_containers(&[("cohort.test", "git")])
         .await
@@ -172,6 +240,89 @@ async fn image_loads_and_git_runs_inside_without_network() {
         listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
         vec![id.as_str()]
     );
+    // Stop: `sleep` as PID 1 ignores SIGTERM, so podman kills it after the timeout.
+    podman.stop_container(&id, 1).await.unwrap();
+    let state = podman.inspect_container(&id).await.unwrap().state;
+    assert!(!state.running, "{state:?}");
+    assert_eq!(state.exit_code, 137, "{state:?}");
     podman.remove_container(&id, true).await.unwrap();
     assert!(!podman.container_exists(&id).await.unwrap());
+    let gone = podman.inspect_container(&id).await.unwrap_err();
+    assert!(gone.is_not_found(), "{gone}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_on_an_exported_base_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(tmp.path().join("s")).unwrap();
+    let base_spec = BuildSpec {
+        programs: ["/bin/sh", "/usr/bin/cat", "/usr/bin/grep"]
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+        source_date_epoch: 1,
+        ..Default::default()
+    };
+    let base = cohort_oci::build(&base_spec, &store).unwrap();
+    let base_archive = tmp.path().join("base.tar");
+    cohort_oci::write_oci_archive(&store, &base, "localhost/base:1", &base_archive, 1).unwrap();
+
+    let service = support::PodmanService::start();
+    let podman = Podman::connect_to(service.socket()).await.unwrap();
+    podman.load_image(&base_archive).await.unwrap();
+    let exported = tmp.path().join("exported.tar");
+    podman
+        .export_image("localhost/base:1", &exported)
+        .await
+        .unwrap();
+
+    let marker = tmp.path().join("marker");
+    std::fs::write(&marker, "on top\n").unwrap();
+    let spec = BuildSpec {
+        programs: Vec::new(),
+        base: Some(exported),
+        files: vec![(marker, "/opt/marker".into())],
+        settings: ImageSettings {
+            user: "agent".into(),
+            uid: 2000,
+            gid: 2000,
+            ..Default::default()
+        },
+        source_date_epoch: 1,
+        ..Default::default()
+    };
+    let store2 = BlobStore::open(tmp.path().join("s2")).unwrap();
+    let derived = cohort_oci::build(&spec, &store2).unwrap();
+    assert_eq!(
+        derived.layers[..base.layers.len()]
+            .iter()
+            .map(|l| &l.diff_id)
+            .collect::<Vec<_>>(),
+        base.layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()
+    );
+    let archive = tmp.path().join("derived.tar");
+    cohort_oci::write_oci_archive(&store2, &derived, "localhost/derived:1", &archive, 1).unwrap();
+    podman.load_image(&archive).await.unwrap();
+
+    let c = ContainerSpec {
+        image: "localhost/derived:1".into(),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /opt/marker; grep -c -e ^cohort: -e ^agent: /etc/passwd".into(),
+        ]),
+        network: NetworkMode::None,
+        ..Default::default()
+    };
+    let id = podman.create_container(&c).await.unwrap();
+    podman.start_container(&id).await.unwrap();
+    assert_eq!(podman.wait_container(&id).await.unwrap(), 0);
+    let (out, err) = podman.logs(&id).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "on top\n2\n",
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    podman.remove_container(&id, true).await.unwrap();
 }
