@@ -110,7 +110,21 @@ impl Drop for PodmanService {
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
-        // The overlay driver may keep its home mounted; unmount what is under our dir.
+        // conmon stays behind after exec sessions (`--exit-delay 300`) and later runs a cleanup
+        // that would re-mount this storage: end the processes that name our directory.
+        let dir_str = self.dir.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() && String::from_utf8_lossy(&cmdline).contains(&dir_str) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+        // The overlay driver keeps its home mounted; unmount what is under our dir.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut ours: Vec<&str> = mounts
             .lines()
