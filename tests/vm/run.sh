@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Boot the Debian 13 test VM once and run one scenario in it.
+#
+#   tests/vm/run.sh --scenario DIR [--bin PATH]... [--file SRC[:NAME]]... \
+#                   [--tpm-state DIR] [--no-tpm] [--out DIR] [--timeout SECS]
+#
+# A scenario is a directory with a `scenario.sh` (run as root by a systemd unit in the VM,
+# from the scenario drive mounted at /scenario, with /scenario/bin on PATH). `--bin`
+# copies executables to /scenario/bin, `--file` copies inputs to /scenario/in/NAME.
+# Whatever the scenario writes under /scenario/out comes back to `--out DIR` (plus
+# console.log and the guest's journal). The exit code is the scenario's.
+#
+# The TPM is a swtpm whose state directory is the machine's TPM identity: pass the same
+# `--tpm-state` to boot "the same machine" again, another one (or none: a fresh one) for a
+# different machine. The root image is used read-only (qemu snapshot), so every boot
+# starts from the same clean system.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VM_CACHE="${VM_CACHE:-/work/vm-cache}"
+SCENARIO="" OUT="" TPM_STATE="" TIMEOUT="${VM_TIMEOUT:-600}" USE_TPM=1 MEM="${VM_MEM:-2048}"
+BINS=() FILES=()
+
+die() { echo "[vm] FAIL: $*" >&2; exit 1; }
+log() { echo "[vm] $*" >&2; }
+
+while (($#)); do
+  case "$1" in
+    --scenario) SCENARIO="$2"; shift 2 ;;
+    --bin) BINS+=("$2"); shift 2 ;;
+    --file) FILES+=("$2"); shift 2 ;;
+    --tpm-state) TPM_STATE="$2"; shift 2 ;;
+    --no-tpm) USE_TPM=0; shift ;;
+    --out) OUT="$2"; shift 2 ;;
+    --timeout) TIMEOUT="$2"; shift 2 ;;
+    *) die "unknown argument $1" ;;
+  esac
+done
+[[ -n "$SCENARIO" && -f "$SCENARIO/scenario.sh" ]] || die "--scenario DIR with a scenario.sh is required"
+
+IMAGE_DIR="$("$HERE/build-image.sh" | tail -1)"
+[[ -f "$IMAGE_DIR/rootfs.img" ]] || die "no image in $IMAGE_DIR"
+
+mkdir -p "$VM_CACHE"
+WORK="$(mktemp -d "$VM_CACHE/run.XXXXXX")"
+SWTPM_PID=""
+cleanup() {
+  [[ -n "$SWTPM_PID" ]] && kill "$SWTPM_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+OUT="${OUT:-$VM_CACHE/out-$(basename "$SCENARIO")}"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+# --- the scenario drive: scenario dir + binaries + inputs, as an ext4 image -----------
+STAGE="$WORK/stage"
+mkdir -p "$STAGE/bin" "$STAGE/in" "$STAGE/out"
+cp -r "$SCENARIO"/. "$STAGE/"
+for b in "${BINS[@]}"; do
+  [[ -x "$b" ]] || die "--bin $b is not an executable"
+  cp "$b" "$STAGE/bin/"
+done
+for f in "${FILES[@]}"; do
+  src="${f%%:*}" name="${f#*:}"
+  [[ "$f" == *:* ]] || name="$(basename "$src")"
+  [[ -f "$src" ]] || die "--file $src does not exist"
+  cp "$src" "$STAGE/in/$name"
+done
+size_mb=$(( $(du -sm "$STAGE" | cut -f1) * 2 + 64 ))
+mkfs.ext4 -q -L scenario -d "$STAGE" "$WORK/scenario.img" "${size_mb}M"
+
+# --- the TPM ------------------------------------------------------------------------
+TPM_ARGS=()
+if ((USE_TPM)); then
+  TPM_STATE="${TPM_STATE:-$WORK/tpm}"
+  mkdir -p "$TPM_STATE"
+  # The socket lives in the run dir: a state dir can be reused by later boots.
+  swtpm socket --tpm2 --tpmstate dir="$TPM_STATE" \
+    --ctrl type=unixio,path="$WORK/swtpm.sock" \
+    --pid file="$WORK/swtpm.pid" --log file="$WORK/swtpm.log" --daemon
+  SWTPM_PID="$(cat "$WORK/swtpm.pid")"
+  TPM_ARGS=(-chardev socket,id=chrtpm,path="$WORK/swtpm.sock"
+    -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
+  log "swtpm state: $TPM_STATE"
+fi
+
+# --- boot -----
+# UEFI (OVMF) rather than SeaBIOS: systemd 257's Varlink Encrypt has no `withKey` and picks
+# the key itself; it only uses the TPM when it was booted through EFI firmware that saw the
+# TPM (efi_has_tpm2()). qemu still loads our kernel+initrd directly (fw_cfg), no bootloader.
+cp /usr/share/OVMF/OVMF_VARS_4M.fd "$WORK/vars.fd"
+FW_ARGS=(-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd
+  -drive if=pflash,format=raw,file="$WORK/vars.fd")
+# -----------------------------------------------------------------------------
+log "booting (timeout ${TIMEOUT}s), console: $OUT/console.log"
+t0=$(date +%s)
+set +e
+timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
+  -machine q35 -accel tcg,thread=multi -cpu max -m "$MEM" -smp 2 "${FW_ARGS[@]}" \
+  -display none -monitor none -serial file:"$OUT/console.log" -no-reboot \
+  -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
+  -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 panic=-1 net.ifnames=0" \
+  -drive file="$IMAGE_DIR/rootfs.img",format=raw,if=virtio,snapshot=on \
+  -drive file="$WORK/scenario.img",format=raw,if=virtio \
+  -nic none "${TPM_ARGS[@]}"
+qrc=$?
+set -e
+secs=$(($(date +%s) - t0))
+log "VM exited (qemu rc=$qrc) after ${secs}s"
+((qrc == 124 || qrc == 137)) && {
+  tail -30 "$OUT/console.log" >&2 || true
+  die "timed out after ${TIMEOUT}s"
+}
+
+# --- results --------------------------------------------------------------------------
+debugfs -R "rdump /out $WORK" "$WORK/scenario.img" >/dev/null 2>&1 || true
+cp -r "$WORK/out"/. "$OUT/" 2>/dev/null || true
+marker="$(grep -a 'COHORT-VM: RESULT' "$OUT/console.log" | tail -1 || true)"
+[[ -n "$marker" ]] || { tail -30 "$OUT/console.log" >&2; die "no result marker on the console"; }
+[[ -f "$OUT/rc" ]] || die "scenario left no rc on its drive ($marker)"
+rc="$(cat "$OUT/rc")"
+log "scenario rc=$rc, boot+scenario ${secs}s; results in $OUT"
+echo "vm_seconds=$secs" >"$OUT/timing"
+exit "$rc"
