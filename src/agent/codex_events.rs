@@ -346,11 +346,11 @@ impl RunSummary {
                 self.usage.add(usage);
                 self.turns_completed += 1;
             }
-            CodexEvent::TurnFailed { message } | CodexEvent::Error { message } => {
-                // codex prints the same message as `error` and then `turn.failed`.
-                if self.errors.last() != Some(message) {
-                    self.errors.push(message.clone());
-                }
+            // codex prints the same message as `error` and then `turn.failed`.
+            CodexEvent::TurnFailed { message } | CodexEvent::Error { message }
+                if self.errors.last() != Some(message) =>
+            {
+                self.errors.push(message.clone());
             }
             CodexEvent::Item {
                 phase: Phase::Completed,
