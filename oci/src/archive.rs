@@ -144,7 +144,7 @@ pub fn import_base(path: &Path, store: &BlobStore) -> Result<BaseImage> {
     let index: ImageIndex = serde_json::from_slice(&index)?;
     let manifest = resolve_manifest(store, &index, 0)?;
     let config: ImageConfiguration =
-        serde_json::from_slice(&store.read(&manifest.config().digest().to_string())?)?;
+        serde_json::from_slice(&store.read(manifest.config().digest().as_ref())?)?;
     let diff_ids = config.rootfs().diff_ids();
     if diff_ids.len() != manifest.layers().len() {
         return Err(Error::Base(
@@ -165,7 +165,7 @@ pub fn import_base(path: &Path, store: &BlobStore) -> Result<BaseImage> {
         .as_ref()
         .and_then(|c| c.env().clone())
         .unwrap_or_default();
-    let raw: Value = serde_json::from_slice(&store.read(&manifest.config().digest().to_string())?)?;
+    let raw: Value = serde_json::from_slice(&store.read(manifest.config().digest().as_ref())?)?;
     base.history = raw["history"].as_array().cloned().unwrap_or_default();
     read_accounts(store, &mut base)?;
     Ok(base)
@@ -187,7 +187,7 @@ fn resolve_manifest(store: &BlobStore, index: &ImageIndex, depth: u32) -> Result
         })
         .or_else(|| index.manifests().first())
         .ok_or_else(|| Error::Base("index lists no manifest".into()))?;
-    let bytes = store.read(&pick.digest().to_string())?;
+    let bytes = store.read(pick.digest().as_ref())?;
     if *pick.media_type() == MediaType::ImageIndex {
         let nested: ImageIndex = serde_json::from_slice(&bytes)?;
         return resolve_manifest(store, &nested, depth + 1);

@@ -436,7 +436,8 @@ impl LayerBuilder {
     /// become tar hard links to the first path in sort order. Returns follower → leader.
     fn hardlink_leaders(&self) -> Result<HashMap<&str, &str>> {
         // Only files sharing a size with another are read and hashed.
-        let mut by_size: HashMap<u64, Vec<(&str, &Path, (u64, u64))>> = HashMap::new();
+        type Candidate<'a> = (&'a str, &'a Path, (u64, u64));
+        let mut by_size: HashMap<u64, Vec<Candidate>> = HashMap::new();
         for (k, e) in &self.entries {
             if let Kind::File {
                 source: Source::Host { path, dev, ino, .. },

@@ -138,7 +138,7 @@ fn two_builds_same_digest_and_valid_archive() {
     }
     let manifest: ImageManifest = serde_json::from_slice(blob(&b.manifest_digest)).unwrap();
     let config: ImageConfiguration =
-        serde_json::from_slice(blob(&manifest.config().digest().to_string())).unwrap();
+        serde_json::from_slice(blob(manifest.config().digest().as_ref())).unwrap();
     assert_eq!(manifest.layers().len(), config.rootfs().diff_ids().len());
     let c = config.config().as_ref().unwrap();
     assert_eq!(c.working_dir().as_deref(), Some("/workspace"));
@@ -155,7 +155,7 @@ fn two_builds_same_digest_and_valid_archive() {
     // diff_ids really are the digests of the uncompressed layers.
     for (l, diff_id) in manifest.layers().iter().zip(config.rootfs().diff_ids()) {
         let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(&blob(&l.digest().to_string())[..])
+        flate2::read::GzDecoder::new(&blob(l.digest().as_ref())[..])
             .read_to_end(&mut raw)
             .unwrap();
         assert_eq!(&sha256_digest(&raw), diff_id);

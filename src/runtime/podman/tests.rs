@@ -59,7 +59,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
     let service = support::PodmanService::start();
     let podman = Podman::connect_to(service.socket())
         .await
-        .expect(&service.log());
+        .unwrap_or_else(|e| panic!("{e}: {}", service.log()));
     assert!(podman.version().version.starts_with('4') || podman.version().version.starts_with('5'));
 
     let names = podman.load_image(&archive).await.unwrap();
