@@ -83,6 +83,12 @@ impl LlmPlanner {
                 "no model is configured; set [planner] model or pass --model".into(),
             ));
         }
+        if self.base_url.is_none() && self.key.as_ref().is_none_or(Secret::is_empty) {
+            return Err(PlanError::Model(
+                "no API key for OpenAI: set OPENAI_API_KEY, or point --base-url at a local server"
+                    .into(),
+            ));
+        }
         match tokio::time::timeout(self.total_timeout, self.plan_all(document)).await {
             Ok(result) => result,
             Err(_) => Err(PlanError::Model(format!(
@@ -99,12 +105,23 @@ impl LlmPlanner {
     }
 
     fn client(&self) -> Result<Client<OpenAIConfig>, PlanError> {
-        let http = reqwest::Client::builder()
+        let base = self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
-            .timeout(self.request_timeout)
+            .timeout(self.request_timeout);
+        // A proxy from the environment must not capture a local server.
+        let host = reqwest::Url::parse(base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string));
+        if matches!(
+            host.as_deref(),
+            Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
+        ) {
+            builder = builder.no_proxy();
+        }
+        let http = builder
             .build()
             .map_err(|e| PlanError::Model(format!("cannot set up the HTTP client: {e}")))?;
-        let base = self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
         // Explicit key and base, so nothing is silently taken from the environment.
         let key = self.key.as_ref().map(Secret::expose).unwrap_or("");
         let config = OpenAIConfig::new()
@@ -706,6 +723,16 @@ mod tests {
         let m = merge(vec![a, b]);
         assert_eq!(m.tasks, vec!["Fix  it", "Add x", "Add y"]);
         assert_eq!(m.template, "one {task}");
+    }
+
+    #[tokio::test]
+    async fn openai_without_a_key_fails_before_any_request() {
+        let e = LlmPlanner::new("gpt-5-nano")
+            .plan(DOC)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("OPENAI_API_KEY"), "{e}");
     }
 
     #[test]
