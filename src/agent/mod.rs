@@ -1,6 +1,8 @@
 //! What runs for a task: an agent turns a task into a program invocation and
 //! reads that program's output. Where it runs is the runtime's business.
 
+pub mod codex;
+pub mod codex_events;
 pub mod command;
 
 use std::path::PathBuf;

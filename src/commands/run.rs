@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::codex::{find_codex, CodexAgent};
 use crate::agent::{command::CommandAgent, Agent};
 use crate::cli::usage;
 use crate::config::{parse_duration, Config, ConflictPolicy};
@@ -69,10 +70,18 @@ pub struct EngineFlags {
     /// Where agents run.
     #[arg(long, value_enum)]
     pub runtime: Option<RuntimeKind>,
+    /// The model the codex agent uses.
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// An OpenAI-compatible endpoint for the codex agent (e.g. http://127.0.0.1:8080/v1).
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AgentKind {
+    /// The Codex CLI (`codex exec`), with the key from OPENAI_API_KEY.
+    Codex,
     /// Any program, from --agent-command or [agent] command.
     Command,
 }
@@ -131,29 +140,30 @@ pub fn build_engine(
 
     let stored_command: Option<Vec<String>> =
         serde_json::from_value(stored["agent_command"].clone()).ok();
-    let kind = flags
-        .agent
-        .map(|_| "command")
-        .or(config.agent.kind.as_deref())
-        .or(stored["agent"].as_str());
-    let agent: Arc<dyn Agent> = match (&flags.agent_command, &config.agent.command, &stored_command)
-    {
-        (Some(line), _, _) => {
-            Arc::new(CommandAgent::parse(line).map_err(|e| usage(e.to_string()))?)
-        }
-        (None, Some(argv), _) => {
-            Arc::new(CommandAgent::new(argv.clone()).map_err(|e| usage(e.to_string()))?)
-        }
-        (None, None, Some(argv)) => Arc::new(CommandAgent::new(argv.clone())?),
-        (None, None, None) => {
-            return Err(usage(match kind {
-                Some("command") => "--agent command needs --agent-command 'PROGRAM ARGS…' (or [agent] command in cohort.toml)".to_string(),
-                other => format!(
-                    "agent {:?} is not available in this build; use --agent command --agent-command 'PROGRAM ARGS…'",
-                    other.unwrap_or("codex")
-                ),
-            }));
-        }
+    let kind = match flags.agent {
+        Some(AgentKind::Codex) => "codex",
+        Some(AgentKind::Command) => "command",
+        None if flags.agent_command.is_some() => "command",
+        None => config
+            .agent
+            .kind
+            .as_deref()
+            .or(stored["agent"].as_str())
+            .unwrap_or("codex"),
+    };
+    let agent: Arc<dyn Agent> = match kind {
+        "codex" => Arc::new(codex_agent(config, flags, stored)?),
+        "command" => match (&flags.agent_command, &config.agent.command, &stored_command) {
+            (Some(line), _, _) => Arc::new(CommandAgent::parse(line).map_err(|e| usage(e.to_string()))?),
+            (None, Some(argv), _) => Arc::new(CommandAgent::new(argv.clone()).map_err(|e| usage(e.to_string()))?),
+            (None, None, Some(argv)) => Arc::new(CommandAgent::new(argv.clone())?),
+            (None, None, None) => {
+                return Err(usage(
+                    "--agent command needs --agent-command 'PROGRAM ARGS…' (or [agent] command in cohort.toml)",
+                ))
+            }
+        },
+        other => return Err(usage(format!("[agent] kind = {other:?} is unknown; use \"codex\" or \"command\""))),
     };
     if let Some(other) = config.run.runtime.as_deref().filter(|r| *r != "host") {
         return Err(usage(format!(
@@ -179,6 +189,43 @@ pub fn build_engine(
     })
 }
 
+fn codex_agent(
+    config: &Config,
+    flags: &EngineFlags,
+    stored: &serde_json::Value,
+) -> Result<CodexAgent> {
+    let model = flags
+        .model
+        .clone()
+        .or(config.agent.model.clone())
+        .or(stored["model"].as_str().map(String::from))
+        .unwrap_or_else(|| DEFAULT_CODEX_MODEL.into());
+    if model.trim().is_empty() {
+        return Err(usage(
+            "the codex model name is empty; pass --model or set [agent] model",
+        ));
+    }
+    let base_url = flags
+        .base_url
+        .clone()
+        .or(config.agent.base_url.clone())
+        .or(stored["base_url"].as_str().map(String::from));
+    let key = api_key().ok_or_else(|| {
+        usage("the codex agent needs an API key: set OPENAI_API_KEY (or use --agent command)")
+    })?;
+    let codex = find_codex(config.agent.codex_path.as_deref()).map_err(|e| usage(e.to_string()))?;
+    Ok(CodexAgent {
+        codex,
+        model,
+        base_url,
+        key,
+        sandbox: "workspace-write",
+    })
+}
+
+/// The codex agent's model when none is configured.
+pub const DEFAULT_CODEX_MODEL: &str = "gpt-5-codex";
+
 /// The options saved with a run so `resume` can rebuild its engine.
 pub fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value {
     let argv: Option<Vec<String>> = flags
@@ -186,7 +233,11 @@ pub fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value
         .as_deref()
         .and_then(shlex::split)
         .or_else(|| config.agent.command.clone());
-    serde_json::json!({ "agent_command": argv })
+    serde_json::json!({
+        "agent_command": argv,
+        "model": flags.model.clone().or(config.agent.model.clone()),
+        "base_url": flags.base_url.clone().or(config.agent.base_url.clone()),
+    })
 }
 
 /// Ctrl-C or SIGTERM stops the agents and saves state; a second Ctrl-C exits at once.
