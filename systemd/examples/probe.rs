@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use cohort_systemd::creds::{Credentials, CredsError, EncryptRequest, EncryptedCredential, Scope};
 use cohort_systemd::manager::{Bus, Systemd, UnitsError};
-use cohort_systemd::notify::{Notifier, NotifyState, watchdog_interval};
+use cohort_systemd::notify::{watchdog_interval, Notifier, NotifyState};
 use cohort_systemd::unit::UnitFile;
 
 type Res = Result<(), String>;
@@ -84,14 +84,26 @@ fn expect<T>(a: &HashMap<String, String>, r: Result<T, CredsError>) -> Result<Op
 async fn encrypt(a: &HashMap<String, String>) -> Res {
     let creds = Credentials::new();
     let name = a.get("name").map(String::as_str);
-    let secret = a.get("secret").cloned().unwrap_or_else(|| "sk-probe-secret".into());
+    let secret = a
+        .get("secret")
+        .cloned()
+        .unwrap_or_else(|| "sk-probe-secret".into());
     let sc = scope(a);
     let t = std::time::Instant::now();
-    let Some(cred) = expect(a, creds.encrypt_require_tpm2(name, sc, secret.as_bytes()).await)? else {
+    let Some(cred) = expect(
+        a,
+        creds
+            .encrypt_require_tpm2(name, sc, secret.as_bytes())
+            .await,
+    )?
+    else {
         return Ok(());
     };
     println!("encrypt_ms={}", t.elapsed().as_millis());
-    println!("binding={}", cred.binding().map(|b| b.to_string()).unwrap_or_default());
+    println!(
+        "binding={}",
+        cred.binding().map(|b| b.to_string()).unwrap_or_default()
+    );
     // Explicit key choice: 257 has no withKey; show what the crate reports.
     let explicit = EncryptRequest {
         name,
@@ -126,7 +138,10 @@ async fn decrypt(a: &HashMap<String, String>) -> Res {
     let path = a.get("in").ok_or("--in FILE")?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let cred = EncryptedCredential::from_base64(&text).map_err(|e| e.to_string())?;
-    println!("binding={}", cred.binding().map(|b| b.to_string()).unwrap_or_default());
+    println!(
+        "binding={}",
+        cred.binding().map(|b| b.to_string()).unwrap_or_default()
+    );
     let r = Credentials::new()
         .decrypt(&cred, a.get("name").map(String::as_str), scope(a))
         .await;
@@ -149,7 +164,8 @@ async fn unit(a: &HashMap<String, String>) -> Res {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut u = UnitFile::new();
     u.header_comment("written by cohort-systemd's probe (VM test)");
-    u.section("Unit").text("Description", "cohort probe 100% test unit");
+    u.section("Unit")
+        .text("Description", "cohort probe 100% test unit");
     let svc = u.section("Service");
     if a.contains_key("notify") {
         svc.raw("Type", "notify")
@@ -163,7 +179,11 @@ async fn unit(a: &HashMap<String, String>) -> Res {
             .exec("ExecStart", &["/bin/sleep", "infinity"]);
     }
     svc.env("PROBE_VALUE", "a b $c %d");
-    let wanted_by = if bus == Bus::User { "default.target" } else { "multi-user.target" };
+    let wanted_by = if bus == Bus::User {
+        "default.target"
+    } else {
+        "multi-user.target"
+    };
     u.section("Install").raw("WantedBy", wanted_by);
     let text = u.render().map_err(|e| e.to_string())?;
     let dir = match bus {
@@ -175,7 +195,10 @@ async fn unit(a: &HashMap<String, String>) -> Res {
 
     let t = std::time::Instant::now();
     let sd = Systemd::connect(bus).await.map_err(|e| e.to_string())?;
-    println!("manager_version={}", sd.version().await.map_err(|e| e.to_string())?);
+    println!(
+        "manager_version={}",
+        sd.version().await.map_err(|e| e.to_string())?
+    );
     sd.reload().await.map_err(|e| e.to_string())?;
     let changes = sd.enable(&[&name]).await.map_err(|e| e.to_string())?;
     println!("enable_changes={}", changes.len());
@@ -194,9 +217,12 @@ async fn unit(a: &HashMap<String, String>) -> Res {
                 return Err(format!("{name} is not active: {state:?}"));
             }
         }
-        Err(UnitsError::JobFailed { result, active_state, service_result, .. })
-            if a.contains_key("fail") =>
-        {
+        Err(UnitsError::JobFailed {
+            result,
+            active_state,
+            service_result,
+            ..
+        }) if a.contains_key("fail") => {
             println!("job_result={result} active_state={active_state} result={service_result}");
         }
         Err(e) => return Err(e.to_string()),
@@ -205,10 +231,19 @@ async fn unit(a: &HashMap<String, String>) -> Res {
 }
 
 async fn linger(a: &HashMap<String, String>) -> Res {
-    let uid: u32 = a.get("uid").and_then(|u| u.parse().ok()).ok_or("--uid UID")?;
-    let before = cohort_systemd::logind::linger_enabled(uid).await.map_err(|e| e.to_string())?;
-    cohort_systemd::logind::set_linger(uid, true).await.map_err(|e| e.to_string())?;
-    let after = cohort_systemd::logind::linger_enabled(uid).await.map_err(|e| e.to_string())?;
+    let uid: u32 = a
+        .get("uid")
+        .and_then(|u| u.parse().ok())
+        .ok_or("--uid UID")?;
+    let before = cohort_systemd::logind::linger_enabled(uid)
+        .await
+        .map_err(|e| e.to_string())?;
+    cohort_systemd::logind::set_linger(uid, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let after = cohort_systemd::logind::linger_enabled(uid)
+        .await
+        .map_err(|e| e.to_string())?;
     println!("linger_before={before} linger_after={after}");
     if !after {
         return Err("linger still off".into());
@@ -223,8 +258,11 @@ async fn notify_main() -> Res {
     n.status("starting").map_err(|e| e.to_string())?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let wd = watchdog_interval().ok_or("no watchdog (WATCHDOG_USEC) for this process")?;
-    n.notify(&[NotifyState::Ready, NotifyState::Status(format!("ready, watchdog {wd:?}"))])
-        .map_err(|e| e.to_string())?;
+    n.notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(format!("ready, watchdog {wd:?}")),
+    ])
+    .map_err(|e| e.to_string())?;
     loop {
         tokio::time::sleep(wd / 2).await;
         n.watchdog().map_err(|e| e.to_string())?;

@@ -9,8 +9,13 @@
 //! - 256 added the Varlink service with `Encrypt`/`Decrypt` (system scope only);
 //! - 257 added `scope: "user"` (credentials bound to a UID), which is what lets an
 //!   unprivileged caller encrypt/decrypt its own secrets without polkit;
-//! - 258 added the typed errors (`KeyBelongsToOtherTPM`, ...) and the `withKey` enum in the
-//!   IDL. Before that a failed unseal comes back as a generic `io.systemd.System` errno.
+//! - later releases added `withKey` and typed errors (`KeyBelongsToOtherTPM`, ...).
+//!   257 (Debian 13) has neither, as its introspection shows: `withKey` is rejected with
+//!   `InvalidParameter`, and a failed unseal comes back as a generic errno error.
+//!
+//! 257 therefore picks the key itself (`auto`): host key + TPM2 when the firmware reported
+//! a TPM2 (an EFI boot with a TPM), else the host key alone. [`Credentials::encrypt_require_tpm2`]
+//! checks that choice from the credential's header rather than trusting it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -49,8 +54,8 @@ pub enum WithKey {
 }
 
 impl WithKey {
-    /// The spelling on the wire. systemd accepts the `--with-key=` spellings; 258+ also
-    /// accepts `_` for `+`/`-` (its IDL enum cannot contain `+`).
+    /// The spelling on the wire (the `--with-key=` spelling; releases with `withKey` also
+    /// accept `_` for `+`/`-`, as their IDL enum cannot contain `+`).
     pub fn as_wire(self) -> &'static str {
         match self {
             WithKey::Auto => "auto",
@@ -229,10 +234,7 @@ pub enum CredsError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "{socket} does not implement {method} ({error}); this systemd is too old: \
-         cohort needs systemd >= {needs}"
-    )]
+    #[error("{socket} does not support {method} ({error}): {needs}")]
     Unsupported {
         socket: PathBuf,
         method: String,
@@ -379,8 +381,9 @@ impl Credentials {
                     socket: self.socket.clone(),
                     method: "io.systemd.Credentials.Encrypt with withKey".into(),
                     error: "InvalidParameter withKey".into(),
-                    needs: "a newer release than 257 for an explicit key choice; \
-                            leave the key choice to systemd (auto) instead",
+                    needs: "systemd 257 cannot choose the key over Varlink (no withKey); \
+                            leave the choice to systemd (auto) and check the binding, \
+                            see Credentials::encrypt_require_tpm2",
                 });
             }
             r => r?,
@@ -493,7 +496,8 @@ impl Credentials {
                     socket: self.socket.clone(),
                     method: method.to_string(),
                     error: format!("{owned}"),
-                    needs: "256 (257 for user scope)",
+                    needs: "this systemd is too old: cohort needs systemd >= 256 \
+                            (>= 257 for user-scope credentials)",
                 },
                 V::InvalidParameter { parameter } => {
                     CredsError::InvalidParameter(parameter.to_string())

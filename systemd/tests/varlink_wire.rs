@@ -4,10 +4,12 @@
 
 use std::path::PathBuf;
 
-use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cohort_systemd::{Credentials, CredsError, EncryptRequest, EncryptedCredential, KeyBinding, Scope, WithKey};
-use serde_json::{Value, json};
+use base64::Engine as _;
+use cohort_systemd::{
+    Credentials, CredsError, EncryptRequest, EncryptedCredential, KeyBinding, Scope, WithKey,
+};
+use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
@@ -91,7 +93,15 @@ async fn require_tpm2_refuses_a_host_only_credential() {
         .encrypt_require_tpm2(Some("k"), Scope::User, b"x")
         .await
         .unwrap_err();
-    assert!(matches!(err, CredsError::TpmNotUsed { binding: KeyBinding::Host }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            CredsError::TpmNotUsed {
+                binding: KeyBinding::Host
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -124,7 +134,9 @@ async fn foreign_tpm_is_not_this_machine_in_both_dialects() {
     // systemd >= 258 names the error...
     let e = decrypt_error(json!({"error": "io.systemd.Credentials.KeyBelongsToOtherTPM"})).await;
     assert!(matches!(e, CredsError::NotThisMachine { .. }), "{e:?}");
-    assert!(e.to_string().contains("cannot be decrypted on this machine"));
+    assert!(e
+        .to_string()
+        .contains("cannot be decrypted on this machine"));
     // ...257 sends the errno.
     let e = decrypt_error(json!({"error": "io.systemd.System",
         "parameters": {"errno": libc::EREMOTE, "errnoName": "EREMOTE"}}))
@@ -135,7 +147,10 @@ async fn foreign_tpm_is_not_this_machine_in_both_dialects() {
 #[tokio::test]
 async fn other_errors_are_typed() {
     let e = decrypt_error(json!({"error": "io.systemd.Credentials.NameMismatch"})).await;
-    assert!(matches!(e, CredsError::NameMismatch(ref n) if n == "k"), "{e:?}");
+    assert!(
+        matches!(e, CredsError::NameMismatch(ref n) if n == "k"),
+        "{e:?}"
+    );
     let e = decrypt_error(json!({"error": "io.systemd.Credentials.BadScope"})).await;
     assert!(matches!(e, CredsError::BadScope), "{e:?}");
     let e = decrypt_error(json!({"error": "org.varlink.service.MethodNotFound",
@@ -146,7 +161,10 @@ async fn other_errors_are_typed() {
     let e = decrypt_error(json!({"error": "org.varlink.service.InvalidParameter",
         "parameters": {"parameter": "scope"}}))
     .await;
-    assert!(matches!(e, CredsError::InvalidParameter(ref p) if p == "scope"), "{e:?}");
+    assert!(
+        matches!(e, CredsError::InvalidParameter(ref p) if p == "scope"),
+        "{e:?}"
+    );
     let e = decrypt_error(json!({"error": "io.systemd.Something", "parameters": {"x": 1}})).await;
     assert!(matches!(e, CredsError::Service { .. }), "{e:?}");
 }
@@ -173,4 +191,21 @@ fn credential_files_are_checked() {
     let c = EncryptedCredential::from_base64(&wrapped).unwrap();
     assert_eq!(c.as_base64(), b);
     assert!(c.binding().unwrap().uses_tpm2());
+}
+
+#[tokio::test]
+async fn an_explicit_key_choice_on_257_is_reported_as_unsupported() {
+    // systemd 257 has no withKey in Encrypt and answers InvalidParameter.
+    let (_d, path, _req) = serve_once(json!({"error": "org.varlink.service.InvalidParameter",
+        "parameters": {"parameter": "withKey"}}))
+    .await;
+    let r = EncryptRequest {
+        name: None,
+        scope: Scope::System,
+        with_key: Some(WithKey::Tpm2),
+        not_after_usec: None,
+    };
+    let e = Credentials::at(&path).encrypt(&r, b"x").await.unwrap_err();
+    assert!(matches!(e, CredsError::Unsupported { .. }), "{e:?}");
+    assert!(e.to_string().contains("257"), "{e}");
 }

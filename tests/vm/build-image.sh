@@ -97,6 +97,7 @@ mmdebstrap --variant=apt --mode=root --format=directory \
   --customize-hook="copy-in $HERE/guest/cohort-scenario-runner /usr/local/sbin/" \
   --customize-hook='chmod 0755 "$1/usr/local/sbin/cohort-scenario-runner"' \
   --customize-hook='chroot "$1" systemctl enable cohort-scenario.service' \
+  --customize-hook='chroot "$1" systemctl mask serial-getty@ttyS0.service getty@tty1.service' \
   --customize-hook='chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer systemd-timesyncd.service' \
   --customize-hook='rm -rf "$1/var/cache/apt/archives/"*.deb "$1/usr/share/doc" "$1/usr/share/man" "$1/usr/share/locale"' \
   "$SUITE" "$ROOT" >&2

@@ -57,6 +57,8 @@ mkdir -p "$OUT"
 STAGE="$WORK/stage"
 mkdir -p "$STAGE/bin" "$STAGE/in" "$STAGE/out"
 cp -r "$SCENARIO"/. "$STAGE/"
+mkdir -p "$STAGE/.harness"
+cp "$HERE/inner.sh" "$STAGE/.harness/inner.sh"
 for b in "${BINS[@]}"; do
   [[ -x "$b" ]] || die "--bin $b is not an executable"
   cp "$b" "$STAGE/bin/"

@@ -18,8 +18,10 @@ probe encrypt --scope system --name cohort-test --secret s3cret-system --out "$O
 step "lingering for alice via logind"
 probe linger --uid 1000
 # logind starts user@1000 for a lingering user; wait for its bus.
-for _ in $(seq 60); do [[ -S /run/user/1000/bus ]] && break; sleep 1; done
-[[ -S /run/user/1000/bus ]] || { echo "alice's user bus never appeared"; exit 1; }
+t0=$SECONDS
+for _ in $(seq 180); do [[ -S /run/user/1000/bus ]] && break; sleep 1; done
+[[ -S /run/user/1000/bus ]] || { echo "alice's user bus never appeared"; systemctl status user@1000.service --no-pager; exit 1; }
+echo "alice's user manager is up after $((SECONDS - t0))s"
 
 step "user scope credential, TPM required (alice, unprivileged)"
 cp /scenario/bin/probe /usr/local/bin/probe
