@@ -105,7 +105,7 @@ fn cohort_run(template: &Path, work: &Path, tasks: usize) -> (Duration, u64) {
         prompt.to_str().unwrap(),
         "--no-sync",
         "-j",
-        "2",
+        "1", // the git CLI baseline is sequential too
         "--agent-command",
         // The near-no-op agent: one small file, so every task commits and merges.
         "sh -c 'echo \"$COHORT_TASK\" > bench-$COHORT_TASK_ID.txt'",

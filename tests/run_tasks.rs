@@ -151,17 +151,23 @@ fn reused_checkouts_start_clean_for_each_task() {
     assert_eq!(code(&out), 0, "{}", text(&out));
     let third = s.git(&["ls-tree", "-r", "--name-only", "cohort/service"]);
     assert_eq!(third.lines().filter(|l| l.starts_with("task-")).count(), 3);
-    let diff = s.git(&[
-        "diff",
-        "--name-only",
-        "cohort/service^2^",
-        "cohort/service^2",
-    ]);
-    assert_eq!(
-        diff.trim(),
-        "task-003.txt",
-        "task 3 committed only its own file"
-    );
+    for b in s
+        .git(&[
+            "branch",
+            "--list",
+            "cohort/task/*",
+            "--format=%(refname:short)",
+        ])
+        .lines()
+    {
+        let id = &b[b.rfind('/').unwrap() + 1..][..3];
+        let diff = s.git(&["diff", "--name-only", &format!("{b}^"), b]);
+        assert_eq!(
+            diff.trim(),
+            format!("task-{id}.txt"),
+            "each task committed only its own file"
+        );
+    }
 }
 
 #[test]

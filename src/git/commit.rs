@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 
-use super::pool::Checkout;
+use super::checkout;
+use super::pool::{Checkout, CLEAN_MARK};
 use super::{refs, snapshot, tree_of, write_commit, Oid};
 
 #[derive(Debug, Clone)]
@@ -42,6 +43,15 @@ pub fn commit_all(
     } else {
         tip
     };
+    // The checkout now holds exactly the snapshot's tree: record that in
+    // its index and mark it clean, so the next task moves it by a tree diff.
+    let old = repo.index().ok();
+    checkout::write_index(
+        &repo,
+        repo.index_from_tree(&snap.tree)?,
+        old.as_ref().map(|i| &***i),
+    )?;
+    std::fs::write(checkout.admin.join(CLEAN_MARK), snap.tree.to_string())?;
     let files_changed = snapshot::diff_paths(&repo, tree_of(&repo, base)?, tree_of(&repo, tip)?)?
         .into_iter()
         .map(|c| super::rela_path(c.path.as_ref()).display().to_string())

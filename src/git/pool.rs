@@ -13,6 +13,11 @@ use anyhow::{Context, Result};
 
 use super::{checkout, refs, Oid};
 
+/// A file in a checkout's private git dir naming the tree its files and
+/// index hold exactly; written after cohort commits, removed before an
+/// agent runs. Without it, a checkout is compared with its index first.
+pub const CLEAN_MARK: &str = "cohort-clean";
+
 #[derive(Debug, Clone)]
 pub struct Checkout {
     pub slot: usize,
@@ -43,7 +48,13 @@ impl Checkout {
         let repo = self.open()?;
         refs::set_head_symbolic(&repo, branch_ref)?;
         let tree = super::tree_of(&repo, base)?;
-        checkout::move_to(&repo, tree, checkout::Untracked::Remove)
+        // Trust the clean mark once: from here on the agent may change anything.
+        let mark = self.admin.join(CLEAN_MARK);
+        let known = std::fs::read_to_string(&mark)
+            .ok()
+            .and_then(|s| s.trim().parse::<Oid>().ok());
+        let _ = std::fs::remove_file(&mark);
+        checkout::move_to(&repo, tree, checkout::Untracked::Remove, known)
             .with_context(|| format!("cannot update checkout {}", self.path.display()))
     }
 }
@@ -122,10 +133,7 @@ impl Pool {
     /// Removes every checkout this pool made (and any left from an earlier
     /// process of the same run).
     pub fn remove_all(&self) -> Result<()> {
-        if self.root.exists() {
-            std::fs::remove_dir_all(&self.root)
-                .with_context(|| format!("cannot remove {}", self.root.display()))?;
-        }
+        checkout::remove_tree(&self.root)?;
         let worktrees = self.common_dir.join("worktrees");
         if let Ok(rd) = std::fs::read_dir(&worktrees) {
             for entry in rd.flatten() {

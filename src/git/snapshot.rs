@@ -181,47 +181,54 @@ fn add_from_disk(
     Ok(())
 }
 
-/// The paths that differ between two trees, with what happened to them.
+/// The paths (files, not directories) that differ between two trees, with
+/// what happened to them, sorted. A tree diff: unchanged subtrees are
+/// skipped by hash, so this is cheap when little changed.
 pub fn diff_paths(repo: &gix::Repository, from: Oid, to: Oid) -> Result<Vec<Changed>> {
+    use gix::object::tree::diff::ChangeDetached as C;
     if from == to {
         return Ok(Vec::new());
     }
-    let old = super::checkout::flatten(repo, from)?;
-    let new = super::checkout::flatten(repo, to)?;
+    let (old, new) = (repo.find_tree(from)?, repo.find_tree(to)?);
+    let changes = repo.diff_tree_to_tree(&old, &new, gix::diff::Options::default())?;
     let mut out = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        let ord = match (old.get(i), new.get(j)) {
-            (Some(a), Some(b)) => a.path.cmp(&b.path),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            _ => std::cmp::Ordering::Greater,
-        };
-        match ord {
-            std::cmp::Ordering::Less => {
-                out.push(Changed {
-                    path: old[i].path.clone(),
-                    kind: ChangeKind::Deleted,
-                });
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                out.push(Changed {
-                    path: new[j].path.clone(),
-                    kind: ChangeKind::Added,
-                });
-                j += 1;
-            }
-            std::cmp::Ordering::Equal => {
-                if old[i].id != new[j].id || old[i].kind != new[j].kind {
-                    out.push(Changed {
-                        path: new[j].path.clone(),
+    for c in changes {
+        let path = c.location().to_owned();
+        let now_tree = c.entry_mode().is_tree();
+        match &c {
+            C::Addition { .. } | C::Rewrite { .. } if !now_tree => out.push(Changed {
+                path,
+                kind: ChangeKind::Added,
+            }),
+            C::Deletion { .. } if !now_tree => out.push(Changed {
+                path,
+                kind: ChangeKind::Deleted,
+            }),
+            C::Modification {
+                previous_entry_mode,
+                ..
+            } => {
+                let was_tree = previous_entry_mode.is_tree();
+                match (was_tree, now_tree) {
+                    (false, false) => out.push(Changed {
+                        path,
                         kind: ChangeKind::Modified,
-                    });
+                    }),
+                    (false, true) => out.push(Changed {
+                        path,
+                        kind: ChangeKind::Deleted,
+                    }),
+                    (true, false) => out.push(Changed {
+                        path,
+                        kind: ChangeKind::Added,
+                    }),
+                    (true, true) => {}
                 }
-                i += 1;
-                j += 1;
             }
+            _ => {}
         }
     }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.dedup_by(|a, b| a.path == b.path);
     Ok(out)
 }

@@ -92,7 +92,12 @@ pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport
     if target != head || snapshot_commit.is_some() {
         // The files already hold the snapshot; write what the pull brought
         // and refresh the index so `git status` is clean.
-        checkout::move_to(repo, tree_of(repo, target)?, Untracked::Keep)?;
+        checkout::move_to(
+            repo,
+            tree_of(repo, target)?,
+            Untracked::Keep,
+            Some(snap.tree),
+        )?;
     }
     Ok(SyncReport {
         branch,

@@ -222,16 +222,30 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         dir,
         pool: pool.clone(),
         progress: progress.clone(),
-        jobs: tokio::sync::Semaphore::new(engine.opts.jobs.max(1)),
         merge_lock: tokio::sync::Mutex::new(()),
     });
-    let mut set = tokio::task::JoinSet::new();
+    // N workers take tasks in document order from one queue.
+    let mut queue = std::collections::VecDeque::new();
     for row in rows {
         if row.status.is_done() {
             progress.advance();
-            continue;
+        } else {
+            queue.push_back(row);
         }
-        set.spawn(task::run_task(engine.clone(), shared.clone(), row));
+    }
+    let workers = engine.opts.jobs.max(1).min(queue.len());
+    let queue = Arc::new(Mutex::new(queue));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (engine, shared, queue) = (engine.clone(), shared.clone(), queue.clone());
+        set.spawn(async move {
+            loop {
+                let Some(row) = queue.lock().unwrap().pop_front() else {
+                    break;
+                };
+                task::run_task(engine.clone(), shared.clone(), row).await;
+            }
+        });
     }
     while let Some(res) = set.join_next().await {
         res.context("a task panicked")?;

@@ -22,7 +22,6 @@ pub(super) struct Shared {
     pub dir: RunDir,
     pub pool: Arc<Pool>,
     pub progress: Arc<Progress>,
-    pub jobs: tokio::sync::Semaphore,
     /// Merges are serialised in-process; the ref CAS guards against others.
     pub merge_lock: tokio::sync::Mutex<()>,
 }
@@ -34,9 +33,6 @@ enum AttemptResult {
 
 pub(super) async fn run_task(e: Arc<Engine>, s: Arc<Shared>, row: TaskRow) {
     let idx = row.index;
-    let Ok(_permit) = s.jobs.acquire().await else {
-        return;
-    };
     if e.cancel.is_cancelled() {
         return; // stays pending; `resume` picks it up
     }
