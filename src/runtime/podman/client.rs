@@ -351,7 +351,7 @@ impl Podman {
     /// afterwards (the authoritative value, whatever the wait endpoint's body says).
     pub async fn wait_container(&self, id: &str) -> Result<i64> {
         let path = format!(
-            "{API_PREFIX}/containers/{}/wait?condition=stopped&condition=exited",
+            "{API_PREFIX}/containers/{}/wait?condition=stopped&condition=exited&interval=10ms",
             enc(id)
         );
         self.call(Method::POST, &path, empty(), None).await?;
