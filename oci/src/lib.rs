@@ -95,7 +95,7 @@ pub struct BuildSpec {
     pub base: Option<PathBuf>,
     /// SOURCE_DATE_EPOCH: every mtime and the `created` time.
     pub source_date_epoch: u64,
-    /// gzip level for new layers.
+    /// gzip level for new layers (default 1).
     pub compression: u32,
     /// Library search path; `LibraryResolver::system()` by default.
     pub resolver: LibraryResolver,
@@ -111,7 +111,9 @@ impl Default for BuildSpec {
             settings: ImageSettings::default(),
             base: None,
             source_date_epoch: source_date_epoch_from_env().unwrap_or(0),
-            compression: 6,
+            // Fast gzip: images go to a local engine that unpacks them at once, so build time
+            // matters more than archive size (codex: 7 s at level 1 against 38 s at 6, +20% size).
+            compression: 1,
             resolver: LibraryResolver::system(),
         }
     }
