@@ -2,13 +2,12 @@
 //! unix socket costs microseconds, and it keeps upgraded (hijacked) exec streams independent.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame as BodyFrame, Incoming};
-use hyper::header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -17,13 +16,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use super::error::{io_err, PodmanError, Result};
-use super::stream::ExecSession;
 use super::types::*;
 
 /// Every libpod call is made against this API version (the oldest we support).
 pub const API_PREFIX: &str = "/v4.0.0/libpod";
 
-type Body = BoxBody<Bytes, std::io::Error>;
+pub(super) type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Where to look for the socket, in order: `CONTAINER_HOST=unix://PATH` alone when set,
 /// else `$XDG_RUNTIME_DIR/podman/podman.sock`, then the rootful `/run/podman/podman.sock`.
@@ -63,25 +61,25 @@ struct ApiErrorBody {
 }
 
 #[derive(Deserialize)]
-struct IdBody {
+pub(super) struct IdBody {
     #[serde(rename = "Id")]
-    id: String,
+    pub(super) id: String,
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     Full::new(Bytes::new())
         .map_err(|never| match never {})
         .boxed()
 }
 
-fn json_body(v: &impl serde::Serialize) -> Result<Body> {
+pub(super) fn json_body(v: &impl serde::Serialize) -> Result<Body> {
     Ok(Full::new(Bytes::from(serde_json::to_vec(v)?))
         .map_err(|never| match never {})
         .boxed())
 }
 
 /// Percent-encode a query value or path segment (RFC 3986 unreserved kept).
-fn enc(s: &str) -> String {
+pub(super) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -170,7 +168,7 @@ impl Podman {
 
     // ---- transport ----
 
-    async fn open(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>> {
+    pub(super) async fn open(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -205,7 +203,7 @@ impl Podman {
     }
 
     /// Turn a non-success status into [`PodmanError::Api`] with podman's own message.
-    async fn check(
+    pub(super) async fn check(
         &self,
         method: Method,
         path: &str,
@@ -232,7 +230,7 @@ impl Podman {
         })
     }
 
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -244,7 +242,7 @@ impl Podman {
         Ok(res.into_body().collect().await?.to_bytes())
     }
 
-    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+    pub(super) async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         Ok(serde_json::from_slice(
             &self.call(Method::GET, path, empty(), None).await?,
         )?)
@@ -347,6 +345,12 @@ impl Podman {
             .await
     }
 
+    /// The full inspect document, for what [`ContainerInspect`] does not carry.
+    pub async fn inspect_container_raw(&self, id: &str) -> Result<serde_json::Value> {
+        self.get_json(&format!("{API_PREFIX}/containers/{}/json", enc(id)))
+            .await
+    }
+
     /// Wait until the container stops and return its exit code, read by inspecting it
     /// afterwards (the authoritative value, whatever the wait endpoint's body says).
     pub async fn wait_container(&self, id: &str) -> Result<i64> {
@@ -414,106 +418,6 @@ impl Podman {
             enc(&filters.to_string())
         );
         self.get_json(&path).await
-    }
-
-    // ---- exec ----
-
-    /// Create an exec session in a running container; returns its ID.
-    pub async fn exec_create(&self, id: &str, spec: &ExecSpec) -> Result<String> {
-        let path = format!("{API_PREFIX}/containers/{}/exec", enc(id));
-        let body = json_body(&ExecCreateBody {
-            attach_stdin: spec.stdin,
-            attach_stdout: true,
-            attach_stderr: true,
-            cmd: &spec.cmd,
-            env: &spec.env,
-            working_dir: spec.workdir.as_deref(),
-            user: spec.user.as_deref(),
-            tty: spec.tty,
-        })?;
-        let bytes = self
-            .call(Method::POST, &path, body, Some("application/json"))
-            .await?;
-        Ok(serde_json::from_slice::<IdBody>(&bytes)?.id)
-    }
-
-    /// Start an exec session attached: podman answers `101` and hands over the connection,
-    /// which carries the process's output (framed unless `tty`) and, if attached, its stdin.
-    pub async fn exec_start(&self, exec_id: &str, tty: bool) -> Result<ExecSession> {
-        let path = format!("{API_PREFIX}/exec/{}/start", enc(exec_id));
-        let mut sender = self.open().await?;
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(&path)
-            .header(HOST, "d")
-            .header(CONTENT_TYPE, "application/json")
-            .header(CONNECTION, "Upgrade")
-            .header(UPGRADE, "tcp")
-            .body(json_body(
-                &serde_json::json!({ "Detach": false, "Tty": tty }),
-            )?)?;
-        let res = sender.send_request(req).await?;
-        let res = self.check(Method::POST, &path, res).await?;
-        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Err(PodmanError::Protocol(format!(
-                "exec start answered {} instead of 101",
-                res.status()
-            )));
-        }
-        let upgraded = hyper::upgrade::on(res).await?;
-        Ok(ExecSession {
-            io: TokioIo::new(upgraded),
-            tty,
-            exec_id: exec_id.to_owned(),
-        })
-    }
-
-    pub async fn exec_inspect(&self, exec_id: &str) -> Result<ExecInspect> {
-        self.get_json(&format!("{API_PREFIX}/exec/{}/json", enc(exec_id)))
-            .await
-    }
-
-    /// Resize an exec's TTY.
-    pub async fn exec_resize(&self, exec_id: &str, height: u16, width: u16) -> Result<()> {
-        let path = format!(
-            "{API_PREFIX}/exec/{}/resize?h={height}&w={width}",
-            enc(exec_id)
-        );
-        self.call(Method::POST, &path, empty(), None)
-            .await
-            .map(|_| ())
-    }
-
-    /// The exit code of a finished exec. The output stream can close a moment before podman
-    /// records the exit, so poll briefly while it still reports running.
-    pub async fn exec_exit_code(&self, exec_id: &str) -> Result<i64> {
-        for _ in 0..500 {
-            let info = self.exec_inspect(exec_id).await?;
-            if !info.running {
-                return Ok(info.exit_code);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err(PodmanError::Protocol(format!(
-            "exec {exec_id} still running after its output closed"
-        )))
-    }
-
-    /// Run a command to completion in a running container and collect its output.
-    /// stdin, if attached, is closed right away.
-    pub async fn exec(&self, id: &str, spec: &ExecSpec) -> Result<ExecOutput> {
-        let exec_id = self.exec_create(id, spec).await?;
-        let mut session = self.exec_start(&exec_id, spec.tty).await?;
-        if spec.stdin {
-            session.close_stdin().await?;
-        }
-        let (stdout, stderr) = session.collect().await?;
-        let exit_code = self.exec_exit_code(&exec_id).await?;
-        Ok(ExecOutput {
-            exit_code,
-            stdout,
-            stderr,
-        })
     }
 }
 

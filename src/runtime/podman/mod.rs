@@ -11,6 +11,7 @@
 
 mod client;
 mod error;
+mod exec;
 mod stream;
 mod types;
 

@@ -164,6 +164,29 @@ async fn image_loads_and_git_runs_inside_without_network() {
         vec!["lo"]
     );
 
+    // A secret passed as exec environment reaches the process and is not in the container's spec.
+    let mut secret = ExecSpec::new(["sh", "-c", "printf %s \"$COHORT_TEST_KEY\""]);
+    secret.env = vec!["COHORT_TEST_KEY=sk-test-0123456789".into()];
+    let exec_id = podman.exec_create(&id, &secret).await.unwrap();
+    let (out, _) = podman
+        .exec_start(&exec_id, false)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "sk-test-0123456789");
+    let raw = podman.inspect_container_raw(&id).await.unwrap().to_string();
+    assert!(raw.contains("cohort.test") && !raw.contains("sk-test-0123456789"));
+    let exec_raw: serde_json::Value = podman
+        .get_json(&format!("{API_PREFIX}/exec/{exec_id}/json"))
+        .await
+        .unwrap();
+    assert!(
+        !exec_raw.to_string().contains("sk-test-0123456789"),
+        "{exec_raw}"
+    );
+
     // stdin is streamed to the process and half-closed; the exit code comes from exec inspect.
     let exec_id = podman
         .exec_create(
