@@ -478,6 +478,13 @@ mod tests {
         };
         let v = serde_json::to_value(spec.to_body(true)).unwrap();
         assert_eq!(v["userns"]["nsmode"], "keep-id");
+        assert!(v["userns"].get("value").is_none());
+        let mapped = ContainerSpec {
+            image_user: Some((1000, 1000)),
+            ..spec.clone()
+        };
+        let v = serde_json::to_value(mapped.to_body(true)).unwrap();
+        assert_eq!(v["userns"]["value"], "uid=1000,gid=1000");
         assert_eq!(v["netns"]["nsmode"], "none");
         assert_eq!(v["mounts"][0]["destination"], "/workspace");
         assert_eq!(v["resource_limits"]["pids"]["limit"], 256);

@@ -349,3 +349,60 @@ async fn builds_on_an_exported_base_image() {
     );
     podman.remove_container(&id, true).await.unwrap();
 }
+
+/// The developer's path: a rootless service, `keep-id` mapping the host user onto the
+/// image's user, so files written in /workspace belong to the host user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootless_keep_id_owns_the_checkout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, archive) = build_image(tmp.path(), "s");
+    let service = support::PodmanService::start_rootless(support::ROOTLESS_USER);
+    let (uid, _) = support::user_ids(support::ROOTLESS_USER).unwrap();
+    let podman = Podman::connect_to(service.socket())
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", service.log()));
+    assert!(podman.rootless());
+    podman.load_image(&archive).await.unwrap();
+
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    host_git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("a.txt"), "hello\n").unwrap();
+    let chown = Command::new("chown")
+        .arg("-R")
+        .arg(support::ROOTLESS_USER)
+        .arg(tmp.path())
+        .status();
+    assert!(chown.unwrap().success());
+
+    let spec = ContainerSpec {
+        image: TAG.into(),
+        workspace: Some(repo.display().to_string()),
+        image_user: Some((1000, 1000)),
+        network: NetworkMode::None,
+        ..Default::default()
+    };
+    let id = podman.create_container(&spec).await.unwrap();
+    podman.start_container(&id).await.unwrap();
+    let mut commit = ExecSpec::new([
+        "sh",
+        "-c",
+        "git add -A && git commit -qm rootless && echo new > b.txt",
+    ]);
+    commit.env = vec![
+        "GIT_AUTHOR_NAME=R".into(),
+        "GIT_AUTHOR_EMAIL=r@x".into(),
+        "GIT_COMMITTER_NAME=R".into(),
+        "GIT_COMMITTER_EMAIL=r@x".into(),
+    ];
+    let out = podman.exec(&id, &commit).await.unwrap();
+    assert_eq!(out.exit_code, 0, "{}", out.stderr_str());
+    assert_eq!(host_git(&repo, &["log", "--format=%an %s"]), "R rootless\n");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(repo.join("b.txt")).unwrap().uid(),
+        uid,
+        "written as the host user"
+    );
+    podman.remove_container(&id, true).await.unwrap();
+}

@@ -34,15 +34,19 @@ pub enum NetworkMode {
 /// (each container gets its own unprivileged range).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsernsMode {
-    KeepId,
+    /// The invoking host user appears in the container as `uid:gid` (podman >= 4.3's
+    /// `keep-id:uid=,gid=`), or as itself when `None`. Mapping it onto the image's user matters:
+    /// the image's `User` wins over plain keep-id, and would then own nothing in the checkout.
+    KeepId(Option<(u32, u32)>),
     Auto,
     Host,
 }
 
 impl UsernsMode {
-    pub fn for_engine(rootless: bool) -> Self {
+    /// `image_user` is the image's numeric user (cohort-oci's `ImageSettings` uid/gid).
+    pub fn for_engine(rootless: bool, image_user: Option<(u32, u32)>) -> Self {
         if rootless {
-            UsernsMode::KeepId
+            UsernsMode::KeepId(image_user)
         } else {
             UsernsMode::Auto
         }
@@ -79,8 +83,10 @@ pub struct ContainerSpec {
     /// Host directory mounted at `/workspace`.
     pub workspace: Option<String>,
     pub mounts: Vec<BindMount>,
-    /// `None`: decided by the engine being rootless or not.
+    /// `None`: decided by the engine being rootless or not (see [`UsernsMode::for_engine`]).
     pub userns: Option<UsernsMode>,
+    /// The image's numeric `uid:gid`; rootless keep-id maps the host user onto it.
+    pub image_user: Option<(u32, u32)>,
     pub network: NetworkMode,
     pub memory_bytes: Option<i64>,
     pub pids_limit: Option<i64>,
@@ -97,6 +103,8 @@ pub struct ContainerSpec {
 #[derive(Serialize)]
 pub(crate) struct Namespace {
     pub nsmode: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value: String,
 }
 
 #[derive(Serialize)]
@@ -164,14 +172,16 @@ impl ContainerSpec {
                 options,
             });
         }
+        let ns = |nsmode, value: String| Namespace { nsmode, value };
         let userns = match self
             .userns
             .clone()
-            .unwrap_or_else(|| UsernsMode::for_engine(rootless))
+            .unwrap_or_else(|| UsernsMode::for_engine(rootless, self.image_user))
         {
-            UsernsMode::KeepId => "keep-id",
-            UsernsMode::Auto => "auto",
-            UsernsMode::Host => "host",
+            UsernsMode::KeepId(Some((uid, gid))) => ns("keep-id", format!("uid={uid},gid={gid}")),
+            UsernsMode::KeepId(None) => ns("keep-id", String::new()),
+            UsernsMode::Auto => ns("auto", String::new()),
+            UsernsMode::Host => ns("host", String::new()),
         };
         let netns = match self.network {
             NetworkMode::Private => "private",
@@ -187,8 +197,11 @@ impl ContainerSpec {
                 .unwrap_or_else(|| vec!["sleep".into(), "infinity".into()]),
             labels: self.labels.clone(),
             mounts,
-            userns: Namespace { nsmode: userns },
-            netns: Namespace { nsmode: netns },
+            userns,
+            netns: Namespace {
+                nsmode: netns,
+                value: String::new(),
+            },
             resource_limits: ResourceLimits {
                 memory: self.memory_bytes.map(|limit| Limit { limit }),
                 pids: self.pids_limit.map(|limit| Limit { limit }),
