@@ -277,3 +277,17 @@ fn identical_files_are_stored_once_as_hard_links() {
         ]
     );
 }
+
+#[test]
+fn default_programs_resolve_on_this_host() {
+    let programs = default_programs();
+    assert!(programs.iter().any(|p| p.ends_with("git")), "{programs:?}");
+    let layer = programs_layer(&programs, &LibraryResolver::system()).unwrap();
+    let paths: Vec<String> = layer.paths().collect();
+    // git's https transport pulls in libcurl: proof the closure follows helpers, not just git.
+    assert!(paths.iter().any(|p| p.contains("libcurl")), "{paths:?}");
+    assert!(paths
+        .iter()
+        .any(|p| p.starts_with("/usr/share/git-core/templates")));
+    assert!(!paths.iter().any(|p| p.ends_with("/git-daemon")));
+}

@@ -263,6 +263,20 @@ async fn image_loads_and_git_runs_inside_without_network() {
         listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
         vec![id.as_str()]
     );
+    // Kill: the signal's exit code (128 + 9) comes back through wait.
+    let id3 = podman
+        .create_container(&ContainerSpec {
+            image: TAG.into(),
+            network: NetworkMode::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    podman.start_container(&id3).await.unwrap();
+    podman.kill_container(&id3, "SIGKILL").await.unwrap();
+    assert_eq!(podman.wait_container(&id3).await.unwrap(), 137);
+    podman.remove_container(&id3, false).await.unwrap();
+
     // Stop: `sleep` as PID 1 ignores SIGTERM, so podman kills it after the timeout.
     podman.stop_container(&id, 1).await.unwrap();
     let state = podman.inspect_container(&id).await.unwrap().state;
