@@ -89,6 +89,11 @@ async fn encrypt(a: &HashMap<String, String>) -> Res {
         .cloned()
         .unwrap_or_else(|| "sk-probe-secret".into());
     let sc = scope(a);
+    let info = creds.check().await.map_err(|e| e.to_string())?;
+    println!(
+        "service_user_scope={} service_with_key={}",
+        info.user_scope, info.with_key
+    );
     let t = std::time::Instant::now();
     let Some(cred) = expect(
         a,

@@ -221,6 +221,15 @@ pub struct EncryptRequest<'a> {
     pub not_after_usec: Option<u64>,
 }
 
+/// What the running systemd's credentials service supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `scope: "user"` (systemd >= 257): unprivileged callers can encrypt for themselves.
+    pub user_scope: bool,
+    /// An explicit key choice (`withKey`), absent in 257.
+    pub with_key: bool,
+}
+
 /// Errors, typed so the CLI can say what to do about each.
 #[derive(Debug, thiserror::Error)]
 pub enum CredsError {
@@ -357,6 +366,35 @@ impl Credentials {
         Self {
             socket: socket.as_ref().to_path_buf(),
         }
+    }
+
+    /// Ask the service what it supports (for `cohort doctor`): fails with
+    /// [`CredsError::ServiceUnavailable`] or [`CredsError::Unsupported`] when systemd is
+    /// too old, else reports the optional features this systemd has.
+    pub async fn check(&self) -> Result<ServiceInfo, CredsError> {
+        #[derive(Debug, Serialize)]
+        struct P {
+            interface: &'static str,
+        }
+        #[derive(Debug, Deserialize)]
+        struct R {
+            description: String,
+        }
+        let r: R = self
+            .call(
+                "org.varlink.service.GetInterfaceDescription",
+                P {
+                    interface: "io.systemd.Credentials",
+                },
+                None,
+            )
+            .await?;
+        // The IDL text lists the method parameters; look for the optional ones by name.
+        let has = |field: &str| r.description.contains(&format!("{field}: ?"));
+        Ok(ServiceInfo {
+            user_scope: has("scope"),
+            with_key: has("withKey"),
+        })
     }
 
     /// Seal `secret`. The result is what belongs in a credential file.

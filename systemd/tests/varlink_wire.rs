@@ -209,3 +209,22 @@ async fn an_explicit_key_choice_on_257_is_reported_as_unsupported() {
     assert!(matches!(e, CredsError::Unsupported { .. }), "{e:?}");
     assert!(e.to_string().contains("257"), "{e}");
 }
+
+#[tokio::test]
+async fn check_reads_the_interface_description() {
+    // An excerpt of what systemd 257 answers (its IDL has scope but no withKey).
+    let idl = "interface io.systemd.Credentials\nmethod Encrypt(\n\tname: ?string,\n\tdata: ?string,\n\tscope: ?string,\n\tuid: ?int\n) -> (blob: string)\n";
+    let (_d, path, req) = serve_once(json!({"parameters": {"description": idl}})).await;
+    let info = Credentials::at(&path).check().await.unwrap();
+    assert!(info.user_scope);
+    assert!(!info.with_key);
+    let req = req.await.unwrap();
+    assert_eq!(req["method"], "org.varlink.service.GetInterfaceDescription");
+    assert_eq!(req["parameters"]["interface"], "io.systemd.Credentials");
+
+    let (_d, path, _req) = serve_once(json!({"error": "org.varlink.service.InterfaceNotFound",
+        "parameters": {"interface": "io.systemd.Credentials"}}))
+    .await;
+    let e = Credentials::at(&path).check().await.unwrap_err();
+    assert!(matches!(e, CredsError::Unsupported { .. }), "{e:?}");
+}

@@ -18,7 +18,7 @@ IMG_SIZE="${VM_IMG_SIZE:-4G}"
 # lingering, podman 5 and its helpers for later scenarios, the TPM tools for
 # diagnosis, and a kernel+initrd we can boot directly.
 PACKAGES=(
-  systemd systemd-sysv dbus libpam-systemd systemd-container
+  systemd systemd-sysv dbus dbus-user-session libpam-systemd systemd-container
   podman crun nftables passt uidmap netavark aardvark-dns catatonit
   git ca-certificates tpm2-tools
   linux-image-amd64 initramfs-tools
