@@ -511,7 +511,9 @@ impl Credentials {
                 socket: self.socket.clone(),
                 detail: format!("{method} replied without parameters"),
             }),
-            Err(err) => Err(map_service_error(err, name)),
+            Err(err) => Err(self
+                .map_varlink_service(err, method)
+                .unwrap_or_else(|err| map_service_error(err, name))),
         }
     }
 
@@ -551,6 +553,40 @@ impl Credentials {
             },
             other => self.protocol(other),
         }
+    }
+}
+
+impl Credentials {
+    /// `org.varlink.service.*` errors that reach us as plain error replies (zlink only
+    /// recognises them itself when their parameters match its types exactly; systemd sends
+    /// e.g. `PermissionDenied` with `{}` parameters).
+    fn map_varlink_service(&self, err: WireError, method: &str) -> Result<CredsError, WireError> {
+        let param = |k: &str| {
+            err.parameters
+                .as_ref()
+                .and_then(|p| p.get(k))
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        Ok(match err.error.as_str() {
+            "org.varlink.service.PermissionDenied" => CredsError::PermissionDenied {
+                error: err.error.clone(),
+            },
+            "org.varlink.service.InvalidParameter" => {
+                CredsError::InvalidParameter(param("parameter"))
+            }
+            "org.varlink.service.MethodNotFound"
+            | "org.varlink.service.InterfaceNotFound"
+            | "org.varlink.service.MethodNotImplemented" => CredsError::Unsupported {
+                socket: self.socket.clone(),
+                method: method.to_string(),
+                error: err.error.clone(),
+                needs: "this systemd is too old: cohort needs systemd >= 256 \
+                        (>= 257 for user-scope credentials)",
+            },
+            _ => return Err(err),
+        })
     }
 }
 

@@ -228,3 +228,12 @@ async fn check_reads_the_interface_description() {
     let e = Credentials::at(&path).check().await.unwrap_err();
     assert!(matches!(e, CredsError::Unsupported { .. }), "{e:?}");
 }
+
+#[tokio::test]
+async fn permission_denied_with_empty_parameters_is_typed() {
+    // What systemd 257 answers an unprivileged caller asking for the system scope.
+    let e =
+        decrypt_error(json!({"error": "org.varlink.service.PermissionDenied", "parameters": {}}))
+            .await;
+    assert!(matches!(e, CredsError::PermissionDenied { .. }), "{e:?}");
+}
