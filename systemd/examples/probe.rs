@@ -178,7 +178,9 @@ async fn unit(a: &HashMap<String, String>) -> Res {
             .raw("WatchdogSec", "10s")
             .raw("NotifyAccess", "main");
     } else if a.contains_key("fail") {
-        svc.raw("Type", "exec").exec("ExecStart", &["/bin/false"]);
+        // oneshot: the start job itself waits for the exit and fails deterministically.
+        svc.raw("Type", "oneshot")
+            .exec("ExecStart", &["/bin/false"]);
     } else {
         svc.raw("Type", "exec")
             .exec("ExecStart", &["/bin/sleep", "infinity"]);

@@ -46,6 +46,13 @@ pub enum UnitsError {
         sub_state: String,
         service_result: String,
     },
+    #[error("{unit}: started, but failed right away (ActiveState={active_state}, SubState={sub_state}, Result={service_result})")]
+    FailedAfterStart {
+        unit: String,
+        active_state: String,
+        sub_state: String,
+        service_result: String,
+    },
     #[error("{unit}: no JobRemoved for the {verb} job within {timeout:?}")]
     Timeout {
         unit: String,
@@ -275,6 +282,16 @@ impl Systemd {
                 unit: unit.to_string(),
                 verb: verb.name(),
                 result,
+                active_state: state.active_state,
+                sub_state: state.sub_state,
+                service_result: state.result,
+            });
+        }
+        // A start job is "done" once the process is spawned (Type=exec/simple); a program
+        // that dies at once leaves the unit failed although the job succeeded.
+        if !matches!(verb, Verb::Stop) && state.active_state == "failed" {
+            return Err(UnitsError::FailedAfterStart {
+                unit: unit.to_string(),
                 active_state: state.active_state,
                 sub_state: state.sub_state,
                 service_result: state.result,
