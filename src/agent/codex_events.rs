@@ -121,10 +121,7 @@ pub enum EventError {
 }
 
 fn text(v: &Value, key: &str) -> String {
-    v.get(key)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
+    v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
 /// Parses one stdout line. Blank lines give `Ok(None)`.
@@ -151,10 +148,7 @@ pub fn parse_line(line: &str) -> Result<Option<CodexEvent>, EventError> {
                 .unwrap_or_default(),
         },
         "turn.failed" => CodexEvent::TurnFailed {
-            message: v
-                .get("error")
-                .map(|e| text(e, "message"))
-                .unwrap_or_default(),
+            message: v.get("error").map(|e| text(e, "message")).unwrap_or_default(),
         },
         "error" => CodexEvent::Error {
             message: text(&v, "message"),
@@ -181,12 +175,8 @@ pub fn parse_line(line: &str) -> Result<Option<CodexEvent>, EventError> {
 
 fn parse_item(v: &Value) -> Item {
     match v.get("type").and_then(Value::as_str).unwrap_or_default() {
-        "agent_message" => Item::AgentMessage {
-            text: text(v, "text"),
-        },
-        "reasoning" => Item::Reasoning {
-            text: text(v, "text"),
-        },
+        "agent_message" => Item::AgentMessage { text: text(v, "text") },
+        "reasoning" => Item::Reasoning { text: text(v, "text") },
         "command_execution" => Item::CommandExecution {
             command: text(v, "command"),
             aggregated_output: text(v, "aggregated_output"),
@@ -219,10 +209,7 @@ impl CodexEvent {
     /// True for the events that fail an attempt (`turn.failed`, top-level
     /// `error`). Error *items* are warnings and do not count.
     pub fn is_failure(&self) -> bool {
-        matches!(
-            self,
-            CodexEvent::TurnFailed { .. } | CodexEvent::Error { .. }
-        )
+        matches!(self, CodexEvent::TurnFailed { .. } | CodexEvent::Error { .. })
     }
 
     /// A short single-line description for a progress line, or None for
@@ -235,20 +222,14 @@ impl CodexEvent {
             CodexEvent::TurnFailed { message } => format!("failed: {message}"),
             CodexEvent::Error { message } => format!("error: {message}"),
             CodexEvent::Item {
-                phase: Phase::Updated,
-                ..
+                phase: Phase::Updated, ..
             }
             | CodexEvent::Other { .. } => return None,
             CodexEvent::Item { phase, item, .. } => match (phase, item) {
                 (Phase::Started, Item::CommandExecution { command, .. }) => {
                     format!("running {}", display_command(command))
                 }
-                (
-                    _,
-                    Item::CommandExecution {
-                        command, exit_code, ..
-                    },
-                ) => match exit_code {
+                (_, Item::CommandExecution { command, exit_code, .. }) => match exit_code {
                     Some(0) | None => format!("ran {}", display_command(command)),
                     Some(code) => format!("ran {} (exit {code})", display_command(command)),
                 },
@@ -274,8 +255,7 @@ pub fn display_command(command: &str) -> String {
         .unwrap_or(command)
         .trim();
     let unquoted = if inner.len() >= 2
-        && ((inner.starts_with('\'') && inner.ends_with('\''))
-            || (inner.starts_with('"') && inner.ends_with('"')))
+        && ((inner.starts_with('\'') && inner.ends_with('\'')) || (inner.starts_with('"') && inner.ends_with('"')))
     {
         &inner[1..inner.len() - 1]
     } else {
@@ -295,11 +275,7 @@ fn file_list(changes: &[FileChange]) -> String {
 
 /// First line only, at most `max` characters, with an ellipsis when cut.
 pub fn one_line(s: &str, max: usize) -> String {
-    let first = s
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim();
+    let first = s.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
     let multi = s.trim().lines().count() > 1;
     let mut out: String = first.chars().take(max).collect();
     if multi || first.chars().count() > max {
@@ -429,9 +405,7 @@ fn toml_string(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\u{:04X}", c as u32))
-            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\u{:04X}", c as u32)),
             c => out.push(c),
         }
     }
@@ -462,11 +436,7 @@ mod tests {
         assert!(matches!(events[0], CodexEvent::ThreadStarted { .. }));
         assert!(s.thread_id.as_deref().is_some_and(|t| t.len() > 10));
         assert_eq!(s.commands.len(), 1);
-        assert!(
-            s.commands[0].command.starts_with("printf '%s"),
-            "{:?}",
-            s.commands
-        );
+        assert!(s.commands[0].command.starts_with("printf '%s"), "{:?}", s.commands);
         assert_eq!(s.commands[0].exit_code, Some(0));
         assert!(s
             .final_message
@@ -498,14 +468,8 @@ mod tests {
         assert!(s.files_changed[1].ends_with("/repo/notes.md"));
         assert!(s.commands.is_empty());
         let actions: Vec<String> = events.iter().filter_map(CodexEvent::last_action).collect();
-        assert!(
-            actions.contains(&"editing README, notes.md".to_string()),
-            "{actions:?}"
-        );
-        assert!(
-            actions.contains(&"edited README, notes.md".to_string()),
-            "{actions:?}"
-        );
+        assert!(actions.contains(&"editing README, notes.md".to_string()), "{actions:?}");
+        assert!(actions.contains(&"edited README, notes.md".to_string()), "{actions:?}");
     }
 
     #[test]
@@ -529,10 +493,7 @@ mod tests {
                 include_str!("../../fixtures/codex/malformed.jsonl"),
                 "stream closed before response.completed",
             ),
-            (
-                include_str!("../../fixtures/codex/rate-limited.jsonl"),
-                "429",
-            ),
+            (include_str!("../../fixtures/codex/rate-limited.jsonl"), "429"),
         ] {
             let (events, s) = run(capture);
             assert!(events.iter().any(CodexEvent::is_failure));
@@ -546,17 +507,9 @@ mod tests {
     #[test]
     fn odd_lines() {
         assert_eq!(parse_line("  ").unwrap(), None);
-        assert!(matches!(
-            parse_line("Reading prompt"),
-            Err(EventError::NotJson(_))
-        ));
-        assert!(matches!(
-            parse_line("{\"x\":1}"),
-            Err(EventError::NoType(_))
-        ));
-        let e = parse_line(
-            r#"{"type":"item.completed","item":{"id":"i","type":"todo_list","items":[]}}"#,
-        );
+        assert!(matches!(parse_line("Reading prompt"), Err(EventError::NotJson(_))));
+        assert!(matches!(parse_line("{\"x\":1}"), Err(EventError::NoType(_))));
+        let e = parse_line(r#"{"type":"item.completed","item":{"id":"i","type":"todo_list","items":[]}}"#);
         let e = e.unwrap().unwrap();
         assert_eq!(
             e,

@@ -21,9 +21,9 @@ use std::time::Duration;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    CreateChatCompletionRequestArgs, FinishReason, ResponseFormat, ResponseFormatJsonSchema,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestUserMessage, CreateChatCompletionRequestArgs, FinishReason, ResponseFormat,
+    ResponseFormatJsonSchema,
 };
 use async_openai::Client;
 
@@ -85,8 +85,7 @@ impl LlmPlanner {
         }
         if self.base_url.is_none() && self.key.as_ref().is_none_or(Secret::is_empty) {
             return Err(PlanError::Model(
-                "no API key for OpenAI: set OPENAI_API_KEY, or point --base-url at a local server"
-                    .into(),
+                "no API key for OpenAI: set OPENAI_API_KEY, or point --base-url at a local server".into(),
             ));
         }
         match tokio::time::timeout(self.total_timeout, self.plan_all(document)).await {
@@ -113,10 +112,7 @@ impl LlmPlanner {
         let host = reqwest::Url::parse(base)
             .ok()
             .and_then(|u| u.host_str().map(str::to_string));
-        if matches!(
-            host.as_deref(),
-            Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
-        ) {
+        if matches!(host.as_deref(), Some("127.0.0.1" | "localhost" | "[::1]" | "::1")) {
             builder = builder.no_proxy();
         }
         let http = builder
@@ -187,9 +183,7 @@ impl LlmPlanner {
                     problem = p;
                     if attempt == 0 {
                         messages.push(ChatCompletionRequestAssistantMessage::from(answer).into());
-                        messages.push(
-                            ChatCompletionRequestUserMessage::from(feedback(&problem)).into(),
-                        );
+                        messages.push(ChatCompletionRequestUserMessage::from(feedback(&problem)).into());
                     }
                 }
             }
@@ -220,11 +214,7 @@ impl LlmPlanner {
         let request = args
             .build()
             .map_err(|e| Ask::Fatal(PlanError::Model(format!("cannot build the request: {e}"))))?;
-        let response = client
-            .chat()
-            .create(request)
-            .await
-            .map_err(|e| self.classify(e))?;
+        let response = client.chat().create(request).await.map_err(|e| self.classify(e))?;
         let Some(choice) = response.choices.into_iter().next() else {
             return Err(Ask::Bad("the answer had no choices".into()));
         };
@@ -245,9 +235,7 @@ impl LlmPlanner {
         let at = self.endpoint();
         let msg = match e {
             OpenAIError::JSONDeserialize(err, _) => {
-                return Ask::Bad(format!(
-                    "the server's answer is not a valid chat completion: {err}"
-                ))
+                return Ask::Bad(format!("the server's answer is not a valid chat completion: {err}"))
             }
             OpenAIError::ApiError(r) => {
                 let status = r.status_code.as_u16();
@@ -390,11 +378,7 @@ pub fn merge(plans: Vec<Plan>) -> Plan {
             template = p.template;
         }
         for t in p.tasks {
-            let key = t
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .to_lowercase();
+            let key = t.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
             if seen.insert(key.trim_end_matches('.').to_string()) {
                 tasks.push(t);
             }
@@ -418,11 +402,7 @@ pub fn chunks(doc: &str, max: usize) -> Vec<String> {
         if para.len() <= max {
             units.push(para.to_string());
         } else {
-            units.extend(
-                para.lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .map(str::to_string),
-            );
+            units.extend(para.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
         }
     }
     let mut out: Vec<String> = Vec::new();
@@ -465,7 +445,8 @@ mod tests {
         Standin::start(opts).expect("start the stand-in")
     }
 
-    const DOC: &str = "# Backlog\nShip the first version.\n\n- [ ] Add a README\n- [x] Set up CI\n- Fix the login bug\n";
+    const DOC: &str =
+        "# Backlog\nShip the first version.\n\n- [ ] Add a README\n- [x] Set up CI\n- Fix the login bug\n";
 
     #[tokio::test]
     async fn good_answer_with_structured_output_and_bearer_key_only() {
@@ -480,17 +461,11 @@ mod tests {
         let body = &r[0]["body"];
         assert_eq!(body["model"], "gpt-5-nano");
         assert_eq!(body["response_format"]["type"], "json_schema");
-        assert_eq!(
-            body["response_format"]["json_schema"]["schema"],
-            plan_schema()
-        );
+        assert_eq!(body["response_format"]["json_schema"]["schema"], plan_schema());
         assert_eq!(body["messages"][1]["content"], DOC.trim_end());
         // The key is in the bearer header and nowhere else.
         let mut rest = r[0].clone();
-        rest["headers"]
-            .as_object_mut()
-            .unwrap()
-            .remove("authorization");
+        rest["headers"].as_object_mut().unwrap().remove("authorization");
         assert!(!rest.to_string().contains(KEY));
     }
 
@@ -515,10 +490,7 @@ mod tests {
         let t = Instant::now();
         let plan = planner(&s).plan(DOC).await.unwrap();
         assert_eq!(plan.tasks.len(), 2);
-        assert!(
-            t.elapsed() >= Duration::from_secs(1),
-            "Retry-After not honoured"
-        );
+        assert!(t.elapsed() >= Duration::from_secs(1), "Retry-After not honoured");
         let statuses: Vec<Value> = s.records().iter().map(|r| r["status"].clone()).collect();
         assert_eq!(statuses, vec![429, 200]);
     }
@@ -580,10 +552,7 @@ mod tests {
         assert!(plan.template.contains("{task}"));
         let r = s.records();
         assert_eq!(r.len(), 2);
-        let feedback = r[1]["body"]["messages"][3]["content"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let feedback = r[1]["body"]["messages"][3]["content"].as_str().unwrap().to_string();
         assert!(feedback.contains("placeholder"), "{feedback}");
     }
 
@@ -595,10 +564,7 @@ mod tests {
         });
         let e = planner(&s).plan(DOC).await.unwrap_err();
         assert!(matches!(e, PlanError::Model(_)));
-        assert!(
-            e.to_string().contains("still invalid after one retry"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("still invalid after one retry"), "{e}");
         assert!(e.to_string().contains("{task}"), "{e}");
         assert_eq!(s.records().len(), 2);
     }
@@ -631,10 +597,7 @@ mod tests {
         let mut p = planner(&s);
         p.model = "gpt-nope".into();
         let e = p.plan(DOC).await.unwrap_err().to_string();
-        assert!(
-            e.contains("HTTP 404") && e.contains("check the model name"),
-            "{e}"
-        );
+        assert!(e.contains("HTTP 404") && e.contains("check the model name"), "{e}");
         let closed = s.addr();
         drop(s);
         p.base_url = Some(format!("http://{closed}/v1"));
@@ -661,16 +624,9 @@ mod tests {
         let plan = p.plan(&doc).await.unwrap();
         assert_eq!(plan.tasks, expected);
         let r = s.records();
-        assert!(
-            r.len() >= 3,
-            "expected several chunks, got {} requests",
-            r.len()
-        );
+        assert!(r.len() >= 3, "expected several chunks, got {} requests", r.len());
         let system = r[1]["body"]["messages"][0]["content"].as_str().unwrap();
-        assert!(
-            system.contains(&format!("part 2 of {}", r.len())),
-            "{system}"
-        );
+        assert!(system.contains(&format!("part 2 of {}", r.len())), "{system}");
     }
 
     #[test]
@@ -727,11 +683,7 @@ mod tests {
 
     #[tokio::test]
     async fn openai_without_a_key_fails_before_any_request() {
-        let e = LlmPlanner::new("gpt-5-nano")
-            .plan(DOC)
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = LlmPlanner::new("gpt-5-nano").plan(DOC).await.unwrap_err().to_string();
         assert!(e.contains("OPENAI_API_KEY"), "{e}");
     }
 

@@ -16,18 +16,12 @@ use serde_json::{json, Value};
 use crate::modes::{Chosen, Mode};
 use crate::{content_texts, error_response, json_response, Outcome};
 
-pub const TEMPLATE: &str =
-    "You are working in a git repository.\nTask: {task}\nMake the change and keep it small.";
+pub const TEMPLATE: &str = "You are working in a git repository.\nTask: {task}\nMake the change and keep it small.";
 pub const INVALID_TEMPLATE: &str = "You are working in a git repository. Do the task.";
 
 pub fn texts(body: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    for m in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
         if let Some(c) = m.get("content") {
             content_texts(c, &mut out);
         }
@@ -36,12 +30,7 @@ pub fn texts(body: &Value) -> Vec<String> {
 }
 
 fn document(body: &Value) -> String {
-    for m in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
         if m.get("role").and_then(Value::as_str) == Some("user") {
             let mut parts = Vec::new();
             if let Some(c) = m.get("content") {
@@ -102,11 +91,7 @@ fn list_item(l: &str) -> Option<&str> {
 }
 
 pub async fn answer(body: &Value, chosen: Chosen) -> Outcome {
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("").to_string();
     if chosen.mode == Mode::Fail {
         let r = error_response(
             StatusCode::BAD_REQUEST,
@@ -142,10 +127,7 @@ pub async fn answer(body: &Value, chosen: Chosen) -> Outcome {
     let completion_tokens = (content.len() / 4) as u64;
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens});
-    let id = format!(
-        "chatcmpl-standin-{}",
-        crate::modes::fnv1a(doc.as_bytes()) as u32
-    );
+    let id = format!("chatcmpl-standin-{}", crate::modes::fnv1a(doc.as_bytes()) as u32);
 
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         let delay = if chosen.mode == Mode::Slow {
@@ -159,11 +141,7 @@ pub async fn answer(body: &Value, chosen: Chosen) -> Outcome {
             Bytes::from(format!("data: {v}\n\n"))
         };
         let events = vec![
-            chunk(
-                json!({"role": "assistant", "content": ""}),
-                Value::Null,
-                Value::Null,
-            ),
+            chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null),
             chunk(json!({"content": content}), Value::Null, Value::Null),
             chunk(json!({}), json!("stop"), usage.clone()),
             Bytes::from("data: [DONE]\n\n"),
@@ -194,7 +172,8 @@ mod tests {
 
     #[test]
     fn tasks_prefer_list_items() {
-        let doc = "# Backlog\nSome intro.\n- [ ] Add a README\n- [x] Done already\n2. Fix the bug\n```\n- not this\n```\n";
+        let doc =
+            "# Backlog\nSome intro.\n- [ ] Add a README\n- [x] Done already\n2. Fix the bug\n```\n- not this\n```\n";
         assert_eq!(tasks_from(doc), vec!["Add a README", "Fix the bug"]);
         assert_eq!(
             tasks_from("first\n\nsecond STANDIN:fail\nthird"),

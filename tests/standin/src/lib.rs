@@ -80,10 +80,7 @@ impl State {
     pub fn new(opts: Options) -> std::io::Result<State> {
         let file = match &opts.record {
             Some(p) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
+                std::fs::OpenOptions::new().create(true).append(true).open(p)?,
             )),
             None => None,
         };
@@ -151,8 +148,7 @@ impl Standin {
                     .build()
                     .expect("a runtime for the stand-in");
                 rt.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).expect("register the listener");
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("register the listener");
                     tokio::select! {
                         _ = serve(listener, state) => {}
                         _ = stopped => {}
@@ -297,13 +293,8 @@ async fn route(st: &State, method: &str, path: &str, body: Option<&Value>) -> Ou
     }
     if let Some(models) = &st.opts.models {
         if !models.iter().any(|m| m == model) {
-            let msg =
-                format!("The model `{model}` does not exist or you do not have access to it.");
-            return plain(error_response(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                &msg,
-            ));
+            let msg = format!("The model `{model}` does not exist or you do not have access to it.");
+            return plain(error_response(StatusCode::NOT_FOUND, "model_not_found", &msg));
         }
     }
     let chat = path.ends_with("/chat/completions");
@@ -320,10 +311,8 @@ async fn route(st: &State, method: &str, path: &str, body: Option<&Value>) -> Ou
                 "rate_limit_exceeded",
                 "Rate limit reached (scripted)",
             );
-            r.headers_mut().insert(
-                "retry-after",
-                st.opts.retry_after.to_string().parse().unwrap(),
-            );
+            r.headers_mut()
+                .insert("retry-after", st.opts.retry_after.to_string().parse().unwrap());
             return Outcome {
                 response: r,
                 mode: chosen.mode.name(),
@@ -372,11 +361,7 @@ fn plain(response: Response<Body>) -> Outcome {
     }
 }
 
-pub fn raw_response(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
+pub fn raw_response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)

@@ -64,9 +64,7 @@ fn parse_args() -> Result<Cli, String> {
             "--times" => o.times = Some(num(val()?)?),
             "--delay-ms" => o.delay = Duration::from_millis(num(val()?)?),
             "--retry-after" => o.retry_after = num(val()?)?,
-            "--models" => {
-                o.models = Some(val()?.split(',').map(|s| s.trim().to_string()).collect())
-            }
+            "--models" => o.models = Some(val()?.split(',').map(|s| s.trim().to_string()).collect()),
             "--watch-stdin" => cli.watch_stdin = true,
             "--max-seconds" => cli.max_seconds = Some(num(val()?)?),
             "-h" | "--help" => return Err(USAGE.to_string()),
@@ -84,8 +82,7 @@ fn fail(msg: String) -> ! {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = parse_args().unwrap_or_else(|e| fail(e));
-    let state = State::new(cli.opts.clone())
-        .unwrap_or_else(|e| fail(format!("cannot open the record file: {e}")));
+    let state = State::new(cli.opts.clone()).unwrap_or_else(|e| fail(format!("cannot open the record file: {e}")));
     let listener = bind(&cli.opts)
         .await
         .unwrap_or_else(|e| fail(format!("cannot bind: {e}")));

@@ -172,10 +172,7 @@ mod tests {
     #[test]
     fn markers_parse_and_count() {
         assert_eq!(find_marker("x STANDIN:fail y"), Some((Mode::Fail, None)));
-        assert_eq!(
-            find_marker("STANDIN:429=2."),
-            Some((Mode::RateLimit, Some(2)))
-        );
+        assert_eq!(find_marker("STANDIN:429=2."), Some((Mode::RateLimit, Some(2))));
         assert_eq!(find_marker("STANDIN-CMD: echo"), None);
         let s = Selector::new(Mode::Normal, None, Duration::from_millis(5));
         let t = vec!["doc STANDIN:invalid-plan=1".to_string()];

@@ -45,12 +45,7 @@ pub fn texts(body: &Value) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(items) = body.get("input").and_then(Value::as_array) {
         for item in items {
-            if item
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("message")
-                == "message"
-            {
+            if item.get("type").and_then(Value::as_str).unwrap_or("message") == "message" {
                 if let Some(c) = item.get("content") {
                     content_texts(c, &mut out);
                 }
@@ -69,17 +64,8 @@ pub fn prompt(body: &Value) -> String {
     if let Some(s) = body.get("input").and_then(Value::as_str) {
         return s.to_string();
     }
-    for item in body
-        .get("input")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let is_msg = item
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("message")
-            == "message";
+    for item in body.get("input").and_then(Value::as_array).into_iter().flatten() {
+        let is_msg = item.get("type").and_then(Value::as_str).unwrap_or("message") == "message";
         if !is_msg || item.get("role").and_then(Value::as_str) != Some("user") {
             continue;
         }
@@ -119,16 +105,8 @@ pub fn edit_command(prompt: &str) -> (String, String) {
     if !cmds.is_empty() {
         return (cmds.join(" && "), "ran the scripted command".to_string());
     }
-    let first = prompt
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("task");
-    let name = format!(
-        "{}-{:08x}.txt",
-        slug(first, 40),
-        fnv1a(prompt.as_bytes()) as u32
-    );
+    let first = prompt.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("task");
+    let name = format!("{}-{:08x}.txt", slug(first, 40), fnv1a(prompt.as_bytes()) as u32);
     let cmd = format!("printf '%s\\n' {} > {}", shell_quote(prompt.trim()), name);
     (cmd, format!("wrote {name}"))
 }
@@ -165,16 +143,9 @@ fn sse(v: &Value) -> Bytes {
 }
 
 pub fn answer(body: &Value, chosen: Chosen) -> Outcome {
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("").to_string();
     let n = body.get("input").map(|v| v.to_string().len()).unwrap_or(0);
-    let id = format!(
-        "resp_standin_{:08x}",
-        fnv1a(format!("{n}{}", body).as_bytes()) as u32
-    );
+    let id = format!("resp_standin_{:08x}", fnv1a(format!("{n}{}", body).as_bytes()) as u32);
     let prompt = prompt(body);
     let (cmd, what) = edit_command(&prompt);
     let outputs: Vec<&Value> = body
@@ -201,7 +172,9 @@ pub fn answer(body: &Value, chosen: Chosen) -> Outcome {
         }
         Mode::Malformed => {
             // Not JSON: a truncated object, then the stream just ends.
-            events.push(Bytes::from("event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"item\":{\n\n"));
+            events.push(Bytes::from(
+                "event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"item\":{\n\n",
+            ));
         }
         _ if outputs.is_empty() => {
             let call_id = format!("{CALL_PREFIX}{:08x}", fnv1a(prompt.as_bytes()) as u32);
@@ -221,7 +194,8 @@ pub fn answer(body: &Value, chosen: Chosen) -> Outcome {
         _ => {
             let text = format!("Done: {what}.");
             let msg_id = format!("msg_{id}");
-            let empty = json!({"type": "message", "id": msg_id, "role": "assistant", "status": "in_progress", "content": []});
+            let empty =
+                json!({"type": "message", "id": msg_id, "role": "assistant", "status": "in_progress", "content": []});
             events.push(sse(
                 &json!({"type": "response.output_item.added", "output_index": 0, "item": empty}),
             ));
@@ -287,13 +261,10 @@ mod tests {
     fn edit_command_is_derived_from_the_prompt() {
         let (cmd, what) = edit_command("Task: Add a README\nBe brief, it's fine.");
         assert!(what.starts_with("wrote task-add-a-readme-"), "{what}");
-        assert!(cmd.starts_with(
-            "printf '%s\\n' 'Task: Add a README\nBe brief, it'\\''s fine.' > task-add-a-readme-"
-        ));
+        assert!(cmd.starts_with("printf '%s\\n' 'Task: Add a README\nBe brief, it'\\''s fine.' > task-add-a-readme-"));
         let (cmd, _) = edit_command("do it\nSTANDIN-CMD: echo hi > a.txt\n");
         assert_eq!(cmd, "echo hi > a.txt");
-        let (cmd, _) =
-            edit_command("do it\nSTANDIN-SCRIPT:\ncat > a <<'EOF'\nx\nEOF\nSTANDIN-END\nignored");
+        let (cmd, _) = edit_command("do it\nSTANDIN-SCRIPT:\ncat > a <<'EOF'\nx\nEOF\nSTANDIN-END\nignored");
         assert_eq!(cmd, "cat > a <<'EOF'\nx\nEOF");
     }
 

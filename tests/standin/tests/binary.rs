@@ -72,10 +72,7 @@ fn reports_its_port_records_requests_and_exits_with_stdin() {
             assert!(status.success());
             break;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "did not exit on stdin EOF"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "did not exit on stdin EOF");
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_dir_all(&dir);

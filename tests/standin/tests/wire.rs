@@ -32,25 +32,16 @@ fn user(text: &str) -> Value {
 #[test]
 fn chat_plans_from_list_items_and_records_the_request() {
     let s = Standin::start(Options::default()).unwrap();
-    let (status, _, body) = send(
-        &s,
-        "POST",
-        "/v1/chat/completions",
-        &user("# T\n- one\n- two\n"),
-    );
+    let (status, _, body) = send(&s, "POST", "/v1/chat/completions", &user("# T\n- one\n- two\n"));
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
-    let plan: Value =
-        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    let plan: Value = serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
     assert_eq!(plan["tasks"], json!(["one", "two"]));
     assert!(plan["template"].as_str().unwrap().contains("{task}"));
     let r = s.records();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0]["headers"]["authorization"], "Bearer sk-test-wire");
-    assert_eq!(
-        r[0]["body"]["messages"][1]["content"],
-        "# T\n- one\n- two\n"
-    );
+    assert_eq!(r[0]["body"]["messages"][1]["content"], "# T\n- one\n- two\n");
 }
 
 #[test]
@@ -109,8 +100,7 @@ fn responses_stream_a_tool_call_then_a_final_message() {
     let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
     assert!(args["cmd"].as_str().unwrap().contains("task-add-x-"));
 
-    let output =
-        json!({"type": "function_call_output", "call_id": call["call_id"], "output": "ok"});
+    let output = json!({"type": "function_call_output", "call_id": call["call_id"], "output": "ok"});
     let second = json!({"model": "m", "stream": true, "input": [msg("Task: add x"), call, output]});
     let (_, _, body) = send(&s, "POST", "/v1/responses", &second);
     assert!(body.contains("\"type\":\"output_text\""), "{body}");
@@ -141,19 +131,12 @@ fn chat_streams_when_asked() {
     let (status, head, text) = send(&s, "POST", "/v1/chat/completions", &body);
     assert_eq!(status, 200);
     assert!(head.contains("text/event-stream"));
-    let data: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     assert_eq!(data.last(), Some(&"[DONE]"));
     let content: String = data[..data.len() - 1]
         .iter()
         .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(String::from))
         .collect();
     let plan: Value = serde_json::from_str(&content).unwrap();
     assert_eq!(plan["tasks"], json!(["one", "two"]));
