@@ -79,19 +79,12 @@ fn cohort_run(template: &Path, work: &Path, tasks: usize) -> (Duration, u64) {
     let _ = std::fs::remove_dir_all(work);
     git(
         template.parent().unwrap(),
-        &[
-            "clone",
-            "-q",
-            template.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
+        &["clone", "-q", template.to_str().unwrap(), work.to_str().unwrap()],
     );
     let list = work.parent().unwrap().join(format!("tasks-{tasks}.txt"));
     std::fs::write(
         &list,
-        (1..=tasks)
-            .map(|i| format!("bench task {i}\n"))
-            .collect::<String>(),
+        (1..=tasks).map(|i| format!("bench task {i}\n")).collect::<String>(),
     )
     .unwrap();
     let prompt = work.parent().unwrap().join("prompt.txt");
@@ -124,12 +117,7 @@ fn git_cli_run(template: &Path, work: &Path, tasks: usize) -> Duration {
     let _ = std::fs::remove_dir_all(work);
     git(
         template.parent().unwrap(),
-        &[
-            "clone",
-            "-q",
-            template.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
+        &["clone", "-q", template.to_str().unwrap(), work.to_str().unwrap()],
     );
     git(work, &["branch", "service"]);
     let wt = work.parent().unwrap().join("git-wt");
@@ -139,21 +127,9 @@ fn git_cli_run(template: &Path, work: &Path, tasks: usize) -> Duration {
         let branch = format!("task-{i}");
         git(
             work,
-            &[
-                "worktree",
-                "add",
-                "-q",
-                "-b",
-                &branch,
-                wt.to_str().unwrap(),
-                &base,
-            ],
+            &["worktree", "add", "-q", "-b", &branch, wt.to_str().unwrap(), &base],
         );
-        std::fs::write(
-            wt.join(format!("bench-{i}.txt")),
-            format!("bench task {i}\n"),
-        )
-        .unwrap();
+        std::fs::write(wt.join(format!("bench-{i}.txt")), format!("bench task {i}\n")).unwrap();
         git(&wt, &["add", "-A"]);
         git(&wt, &["commit", "-q", "-m", &format!("task {i}")]);
         let old = git(work, &["rev-parse", "service"]);
@@ -172,10 +148,7 @@ fn git_cli_run(template: &Path, work: &Path, tasks: usize) -> Duration {
             ],
         );
         git(work, &["update-ref", "refs/heads/service", &commit, &old]);
-        git(
-            work,
-            &["worktree", "remove", "--force", wt.to_str().unwrap()],
-        );
+        git(work, &["worktree", "remove", "--force", wt.to_str().unwrap()]);
     }
     start.elapsed()
 }

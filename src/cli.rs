@@ -73,6 +73,7 @@ fn exit_code_for(err: &anyhow::Error) -> u8 {
         if cause.is::<UsageError>()
             || cause.is::<crate::config::ConfigError>()
             || cause.is::<crate::plan::PlanError>()
+            || cause.is::<crate::models::ModelError>()
         {
             return 2;
         }
@@ -108,10 +109,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -124,7 +122,7 @@ pub fn main() -> ExitCode {
             Command::Run(a) => commands::run::run(a, cli.config.as_deref()).await,
             Command::Resume(a) => commands::resume::run(a, cli.config.as_deref()).await,
             Command::Status(a) => commands::status::run(a),
-            Command::Report(a) => commands::report::run(a),
+            Command::Report(a) => commands::report::run(a, cli.config.as_deref()),
             Command::Logs(a) => commands::logs::run(a),
         }
     });
@@ -134,5 +132,14 @@ pub fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(exit_code_for(&err))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

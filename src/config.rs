@@ -8,10 +8,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value in {what}: {message}")]
@@ -67,6 +64,28 @@ pub struct AgentSection {
     pub codex_path: Option<PathBuf>,
     /// The command agent's argv; `{prompt_file}` and `{task}` are filled in.
     pub command: Option<Vec<String>>,
+    /// The model's price, for the cost estimate in `cohort report`.
+    pub price: Option<Price>,
+}
+
+/// US dollars per million tokens.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    /// Cached input tokens; the input price when absent.
+    pub cached_input: Option<f64>,
+}
+
+impl Price {
+    pub fn cost(&self, input: u64, cached_input: u64, output: u64) -> f64 {
+        let cached = cached_input.min(input);
+        let m = 1_000_000.0;
+        (input - cached) as f64 * self.input / m
+            + cached as f64 * self.cached_input.unwrap_or(self.input) / m
+            + output as f64 * self.output / m
+    }
 }
 
 impl Config {

@@ -10,6 +10,7 @@ pub mod cli;
 mod commands;
 pub mod config;
 pub mod git;
+pub mod models;
 pub mod plan;
 pub mod progress;
 pub mod run;

@@ -40,11 +40,9 @@ impl Progress {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let overall = multi.add(ProgressBar::new(total as u64));
         overall.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} tasks done {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} tasks done {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         overall.enable_steady_tick(Duration::from_millis(250));
         Progress {
@@ -72,23 +70,14 @@ impl Progress {
         };
         match &self.bars {
             Some(b) => {
-                let bar = b
-                    .multi
-                    .insert_before(&b.overall, ProgressBar::new_spinner());
-                bar.set_style(
-                    ProgressStyle::with_template("{spinner} {prefix} {msg}")
-                        .expect("valid template"),
-                );
+                let bar = b.multi.insert_before(&b.overall, ProgressBar::new_spinner());
+                bar.set_style(ProgressStyle::with_template("{spinner} {prefix} {msg}").expect("valid template"));
                 bar.set_prefix(format!("task {idx:03}{again}"));
                 bar.set_message(clip(task, 60));
                 bar.enable_steady_tick(Duration::from_millis(200));
                 b.tasks.lock().unwrap().insert(idx, bar);
             }
-            None => eprintln!(
-                "{} task {idx:03} started{again}: {}",
-                stamp(),
-                clip(task, 100)
-            ),
+            None => eprintln!("{} task {idx:03} started{again}: {}", stamp(), clip(task, 100)),
         }
     }
 

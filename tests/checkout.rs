@@ -28,17 +28,10 @@ fn commit_shape(s: &Scratch, branch: &str, files: &[(&str, &str)]) -> git::Oid {
 }
 
 fn assert_matches(checkout: &std::path::Path, files: &[(&str, &str)]) {
-    let status = git_in(
-        checkout,
-        &["status", "--porcelain", "--untracked-files=all"],
-    );
+    let status = git_in(checkout, &["status", "--porcelain", "--untracked-files=all"]);
     assert_eq!(status, "", "checkout differs from its commit");
     for (p, c) in files {
-        assert_eq!(
-            std::fs::read_to_string(checkout.join(p)).unwrap(),
-            *c,
-            "{p}"
-        );
+        assert_eq!(std::fs::read_to_string(checkout.join(p)).unwrap(), *c, "{p}");
     }
 }
 
@@ -77,14 +70,8 @@ fn checkouts_move_between_trees_by_both_paths() {
     refs::cas(&repo, "refs/heads/t", Some(a), b, "test").unwrap();
     let stats = co.prepare("refs/heads/t", b).unwrap();
     assert_matches(&co.path, &b_files);
-    assert!(
-        stats.written <= 4,
-        "only changed files are written: {stats:?}"
-    );
-    assert!(
-        !co.path.join("dir/sub").exists(),
-        "emptied directories are removed"
-    );
+    assert!(stats.written <= 4, "only changed files are written: {stats:?}");
+    assert!(!co.path.join("dir/sub").exists(), "emptied directories are removed");
 
     // Repair path: dirty the disk as a crashed agent would, no clean mark.
     std::fs::write(co.path.join("a.txt"), "scribbled\n").unwrap();

@@ -25,9 +25,7 @@ fn start_slow(s: &Scratch, pids: &std::path::Path, n: usize) -> std::process::Ch
 fn assert_finished_once(s: &Scratch, n: usize) {
     let mut merged = s.merged_tasks("cohort/service");
     merged.sort();
-    let mut want: Vec<String> = (1..=n)
-        .map(|i| format!("{i:03}: task number {i}"))
-        .collect();
+    let mut want: Vec<String> = (1..=n).map(|i| format!("{i:03}: task number {i}")).collect();
     want.sort();
     assert_eq!(merged, want, "every task merged exactly once");
     s.fsck();
@@ -49,14 +47,8 @@ fn kill_9_at_several_points_then_resume() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // No agent outlives cohort.
-        for pid in std::fs::read_to_string(&pids)
-            .unwrap_or_default()
-            .split_whitespace()
-        {
-            assert!(
-                gone(pid),
-                "agent {pid} outlived cohort (killed after {delay_ms} ms)"
-            );
+        for pid in std::fs::read_to_string(&pids).unwrap_or_default().split_whitespace() {
+            assert!(gone(pid), "agent {pid} outlived cohort (killed after {delay_ms} ms)");
         }
         let status = s.run(&["status", "--json"]);
         if code(&status) == 2 {
@@ -70,12 +62,7 @@ fn kill_9_at_several_points_then_resume() {
             .args(["resume"])
             .output()
             .unwrap();
-        assert_eq!(
-            code(&out),
-            0,
-            "resume after kill at {delay_ms} ms: {}",
-            text(&out)
-        );
+        assert_eq!(code(&out), 0, "resume after kill at {delay_ms} ms: {}", text(&out));
         assert_finished_once(&s, 6);
         // A second resume has nothing left to do.
         let again = s.run(&["resume"]);
@@ -93,10 +80,7 @@ fn ctrl_c_stops_agents_saves_state_and_exits_130() {
     nix_kill(child.id(), libc_sigint());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
-    for pid in std::fs::read_to_string(&pids)
-        .unwrap_or_default()
-        .split_whitespace()
-    {
+    for pid in std::fs::read_to_string(&pids).unwrap_or_default().split_whitespace() {
         assert!(gone(pid), "agent {pid} outlived the interrupt");
     }
     let report = s.status_json();

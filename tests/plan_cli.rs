@@ -11,12 +11,7 @@ fn plan_writes_tasks_and_template() {
         "# Web\n- [ ] add login\n- [x] old\n1. fix footer\n   on mobile\n",
     );
     let out_dir = s.tmp.path().join("plan");
-    let out = s.run(&[
-        "plan",
-        req.to_str().unwrap(),
-        "-o",
-        out_dir.to_str().unwrap(),
-    ]);
+    let out = s.run(&["plan", req.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     let tasks = std::fs::read_to_string(out_dir.join("tasks.txt")).unwrap();
     assert_eq!(tasks, "Web: add login\nWeb: fix footer on mobile\n");
@@ -24,12 +19,7 @@ fn plan_writes_tasks_and_template() {
         .unwrap()
         .contains("{task}"));
     // A second plan does not clobber an edited plan without --force.
-    let out = s.run(&[
-        "plan",
-        req.to_str().unwrap(),
-        "-o",
-        out_dir.to_str().unwrap(),
-    ]);
+    let out = s.run(&["plan", req.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]);
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(text(&out).contains("--force"));
     // Without -o nothing is written; the tasks go to stdout.
@@ -95,12 +85,7 @@ fn usage_errors_exit_2_with_help() {
     assert_eq!(code(&out), 2);
     std::fs::write(s.work.join("cohort.toml"), "[run]\njosb = 2\n").unwrap();
     let req = s.request("r.md", "- a\n");
-    let out = s.run(&[
-        "run",
-        req.to_str().unwrap(),
-        "--agent-command",
-        &agent("write.sh"),
-    ]);
+    let out = s.run(&["run", req.to_str().unwrap(), "--agent-command", &agent("write.sh")]);
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(text(&out).contains("josb"), "{}", text(&out));
     let help = s.run(&["run", "--help"]);

@@ -24,17 +24,12 @@ fn thirty_two_tasks_sixteen_at_a_time_merge_exactly_once() {
     assert_eq!(code(&out), 0, "{}", text(&out));
     let mut merged = s.merged_tasks("cohort/service");
     merged.sort();
-    let mut want: Vec<String> = (1..=32)
-        .map(|i| format!("{i:03}: task number {i}"))
-        .collect();
+    let mut want: Vec<String> = (1..=32).map(|i| format!("{i:03}: task number {i}")).collect();
     want.sort();
     assert_eq!(merged, want);
     let files = s.git(&["ls-tree", "--name-only", "cohort/service"]);
     for i in 1..=32 {
-        assert!(
-            files.contains(&format!("task-{i:03}.txt")),
-            "task {i} missing"
-        );
+        assert!(files.contains(&format!("task-{i:03}.txt")), "task {i} missing");
     }
     // Trailers tie commits to run and task.
     let body = s.git(&["log", "-1", "--format=%B", "cohort/service^2"]);
@@ -46,10 +41,7 @@ fn thirty_two_tasks_sixteen_at_a_time_merge_exactly_once() {
     // The pool is gone and the user's branch untouched.
     assert_eq!(s.git(&["worktree", "list"]).lines().count(), 1);
     assert!(!s.work.join("task-001.txt").exists());
-    assert_eq!(
-        s.git(&["rev-parse", "main"]),
-        s.git(&["rev-parse", "origin/main"])
-    );
+    assert_eq!(s.git(&["rev-parse", "main"]), s.git(&["rev-parse", "origin/main"]));
 }
 
 #[test]
@@ -63,9 +55,7 @@ fn failing_agent_keeps_its_work_on_the_branch_and_exits_1() {
     assert_eq!(t["exit_code"], 3);
     assert!(t["reason"].as_str().unwrap().contains("code 3"), "{t}");
     let branch = t["branch"].as_str().unwrap();
-    assert!(s
-        .git(&["ls-tree", "--name-only", branch])
-        .contains("partial-001.txt"));
+    assert!(s.git(&["ls-tree", "--name-only", branch]).contains("partial-001.txt"));
     assert!(s.merged_tasks("cohort/service").is_empty());
     let log = s.run(&["logs", "1"]);
     assert!(String::from_utf8_lossy(&log.stdout).contains("something went wrong"));
@@ -107,14 +97,8 @@ fn self_committing_agent_keeps_its_commits() {
     assert_eq!(code(&out), 0, "{}", text(&out));
     let log = s.git(&["log", "--format=%an %s", "cohort/service^2"]);
     let lines: Vec<&str> = log.lines().collect();
-    assert!(
-        lines[0].starts_with("Test task 001: commit on your own"),
-        "{log}"
-    );
-    assert!(
-        lines[1].starts_with("agent agent: own commit for 001"),
-        "{log}"
-    );
+    assert!(lines[0].starts_with("Test task 001: commit on your own"), "{log}");
+    assert!(lines[1].starts_with("agent agent: own commit for 001"), "{log}");
     let files = s.git(&["ls-tree", "--name-only", "cohort/service"]);
     assert!(
         files.contains("agent-commit.txt") && files.contains("agent-uncommitted.txt"),
@@ -132,10 +116,7 @@ fn agent_that_deletes_everything_and_one_that_changes_nothing() {
 
     let out = run_with(&s, "- delete everything\n", "delete-all.sh", &[]);
     assert_eq!(code(&out), 0, "{}", text(&out));
-    assert_eq!(
-        s.git(&["ls-tree", "-r", "--name-only", "cohort/service"]),
-        ""
-    );
+    assert_eq!(s.git(&["ls-tree", "-r", "--name-only", "cohort/service"]), "");
     // The user's files are all still there.
     assert!(s.work.join("README.md").exists());
     // The next run's checkout, made from the emptied service branch, still works.
@@ -152,12 +133,7 @@ fn reused_checkouts_start_clean_for_each_task() {
     let third = s.git(&["ls-tree", "-r", "--name-only", "cohort/service"]);
     assert_eq!(third.lines().filter(|l| l.starts_with("task-")).count(), 3);
     for b in s
-        .git(&[
-            "branch",
-            "--list",
-            "cohort/task/*",
-            "--format=%(refname:short)",
-        ])
+        .git(&["branch", "--list", "cohort/task/*", "--format=%(refname:short)"])
         .lines()
     {
         let id = &b[b.rfind('/').unwrap() + 1..][..3];
@@ -199,9 +175,7 @@ fn conflicts_keep_policy_marks_and_keeps_branch() {
     assert!(loser["reason"].as_str().unwrap().contains("shared.txt"));
     // The conflicting branch is kept with its work.
     let branch = loser["branch"].as_str().unwrap();
-    assert!(s
-        .git(&["show", &format!("{branch}:shared.txt")])
-        .contains("attempt 1"));
+    assert!(s.git(&["show", &format!("{branch}:shared.txt")]).contains("attempt 1"));
     s.fsck();
 }
 
@@ -222,9 +196,7 @@ fn conflicts_retry_policy_reruns_from_the_new_tip() {
     assert_eq!(sorted, [1, 2], "{report}");
     assert_eq!(s.merged_tasks("cohort/service").len(), 2);
     // The retried task's final content is on the service branch.
-    assert!(s
-        .git(&["show", "cohort/service:shared.txt"])
-        .contains("attempt 2"));
+    assert!(s.git(&["show", "cohort/service:shared.txt"]).contains("attempt 2"));
     // The retry's prompt told the agent about the conflict.
     let retried = report["tasks"]
         .as_array()
@@ -233,9 +205,7 @@ fn conflicts_retry_policy_reruns_from_the_new_tip() {
         .find(|t| t["attempts"] == 2)
         .unwrap();
     let log = s.run(&["logs", &retried["index"].to_string()]);
-    assert!(
-        String::from_utf8_lossy(&log.stdout).contains("conflicted with changes merged meanwhile")
-    );
+    assert!(String::from_utf8_lossy(&log.stdout).contains("conflicted with changes merged meanwhile"));
 }
 
 #[test]
@@ -259,12 +229,7 @@ fn hostile_task_names_are_never_run_through_a_shell() {
         assert_eq!(content.trim_end(), t.as_str());
     }
     for b in s
-        .git(&[
-            "branch",
-            "--list",
-            "cohort/task/*",
-            "--format=%(refname:short)",
-        ])
+        .git(&["branch", "--list", "cohort/task/*", "--format=%(refname:short)"])
         .lines()
     {
         assert!(b.is_ascii() && !b.contains(' '), "{b}");

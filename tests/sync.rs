@@ -26,20 +26,14 @@ fn dirty_tree_is_snapshotted_honouring_gitignore() {
     let out = run_write(&s, &[]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     let subject = s.git(&["log", "-1", "--format=%s", "main"]);
-    assert!(
-        subject.starts_with("cohort: snapshot before run "),
-        "{subject}"
-    );
+    assert!(subject.starts_with("cohort: snapshot before run "), "{subject}");
     assert_eq!(s.git(&["rev-parse", "main^"]), before);
     let files = s.git(&["ls-tree", "-r", "--name-only", "main"]);
     assert!(
         files.contains("new/dir/file.txt") && files.contains("README.md"),
         "{files}"
     );
-    assert!(
-        !files.contains("build.log") && !files.contains("target/"),
-        "{files}"
-    );
+    assert!(!files.contains("build.log") && !files.contains("target/"), "{files}");
     assert_eq!(s.git(&["show", "main:README.md"]), "# changed\n");
     // The working tree is clean and the ignored files are untouched.
     assert_eq!(s.git(&["status", "--porcelain"]), "");
@@ -71,10 +65,7 @@ fn fast_forwards_from_origin_and_updates_files() {
     git_in(&other, &["push", "-q", "origin", "main"]);
     let out = run_write(&s, &[]);
     assert_eq!(code(&out), 0, "{}", text(&out));
-    assert_eq!(
-        s.git(&["rev-parse", "main"]),
-        s.git(&["rev-parse", "origin/main"])
-    );
+    assert_eq!(s.git(&["rev-parse", "main"]), s.git(&["rev-parse", "origin/main"]));
     assert_eq!(s.read("upstream.txt").unwrap(), "from origin\n");
     assert_eq!(s.git(&["status", "--porcelain"]), "");
     // The service branch starts from the pulled commit.
@@ -95,9 +86,7 @@ fn diverged_clean_merge_and_conflicting_divergence() {
     let out = run_write(&s, &[]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert_eq!(
-        s.git(&["log", "-1", "--format=%p", "main"])
-            .split_whitespace()
-            .count(),
+        s.git(&["log", "-1", "--format=%p", "main"]).split_whitespace().count(),
         2,
         "a merge commit"
     );
@@ -139,12 +128,7 @@ fn secrets_are_refused_unless_allowed() {
     let out = s
         .cohort()
         .env("OPENAI_API_KEY", "test-secret-key-9f8e7d6c5b4a")
-        .args([
-            "run",
-            req.to_str().unwrap(),
-            "--agent-command",
-            &agent("write.sh"),
-        ])
+        .args(["run", req.to_str().unwrap(), "--agent-command", &agent("write.sh")])
         .output()
         .unwrap();
     assert_eq!(code(&out), 2, "{}", text(&out));
@@ -164,12 +148,7 @@ fn secrets_are_refused_unless_allowed() {
     let out = s
         .cohort()
         .env("OPENAI_API_KEY", "test-secret-key-9f8e7d6c5b4a")
-        .args([
-            "run",
-            req.to_str().unwrap(),
-            "--agent-command",
-            &agent("write.sh"),
-        ])
+        .args(["run", req.to_str().unwrap(), "--agent-command", &agent("write.sh")])
         .args(["--allow-file", ".env", "--allow-file", "src/config.py"])
         .output()
         .unwrap();

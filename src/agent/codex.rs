@@ -27,11 +27,7 @@ pub struct CodexAgent {
 /// project-local install made by fixtures/install-codex.sh.
 pub fn find_codex(configured: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = configured {
-        anyhow::ensure!(
-            p.is_file(),
-            "[agent] codex_path {} does not exist",
-            p.display()
-        );
+        anyhow::ensure!(p.is_file(), "[agent] codex_path {} does not exist", p.display());
         return Ok(p.to_path_buf());
     }
     if let Some(paths) = std::env::var_os("PATH") {
@@ -48,15 +44,24 @@ pub fn find_codex(configured: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
+#[async_trait::async_trait]
 impl Agent for CodexAgent {
     fn name(&self) -> &'static str {
         "codex"
     }
 
+    fn describe(&self) -> String {
+        let base = self.base_url.as_deref().unwrap_or(events::OPENAI_BASE_URL);
+        format!("codex at {}, model {} via {base}", self.codex.display(), self.model)
+    }
+
+    async fn preflight(&self) -> Result<()> {
+        Ok(crate::models::check_model(&self.model, self.base_url.as_deref(), &self.key).await?)
+    }
+
     fn invocation(&self, ctx: &TaskContext) -> Result<Invocation> {
         let home = ctx.scratch.join("codex-home");
-        std::fs::create_dir_all(&home)
-            .with_context(|| format!("cannot create {}", home.display()))?;
+        std::fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
         let config = events::render_config(&self.model, self.base_url.as_deref(), KEY_ENV);
         std::fs::write(home.join("config.toml"), config)?;
         let last = ctx.scratch.join("last-message.txt");
@@ -97,9 +102,7 @@ impl Agent for CodexAgent {
                 item,
                 ..
             } => match item {
-                Item::CommandExecution {
-                    command, exit_code, ..
-                } => AgentEvent::Command {
+                Item::CommandExecution { command, exit_code, .. } => AgentEvent::Command {
                     command: events::display_command(&command),
                     exit_code: exit_code.map(|c| c as i32),
                 },

@@ -28,6 +28,7 @@ impl CommandAgent {
     }
 }
 
+#[async_trait::async_trait]
 impl Agent for CommandAgent {
     fn name(&self) -> &'static str {
         "command"
@@ -35,10 +36,7 @@ impl Agent for CommandAgent {
 
     fn invocation(&self, ctx: &TaskContext) -> Result<Invocation> {
         let prompt_file = ctx.prompt_file.display().to_string();
-        let fill = |a: &String| {
-            a.replace("{prompt_file}", &prompt_file)
-                .replace("{task}", &ctx.task)
-        };
+        let fill = |a: &String| a.replace("{prompt_file}", &prompt_file).replace("{task}", &ctx.task);
         Ok(Invocation {
             program: fill(&self.argv[0]),
             args: self.argv[1..].iter().map(fill).collect(),
@@ -76,12 +74,7 @@ mod tests {
         assert_eq!(inv.program, "prog");
         assert_eq!(
             inv.args,
-            [
-                "--task",
-                "say \"hi\"; rm -rf / $(x)",
-                "--file=/tmp/p.txt",
-                "a b"
-            ]
+            ["--task", "say \"hi\"; rm -rf / $(x)", "--file=/tmp/p.txt", "a b"]
         );
         assert!(inv.env.contains(&("COHORT_TASK_ID".into(), "007".into())));
         assert!(CommandAgent::parse("'unbalanced").is_err());

@@ -92,8 +92,17 @@ impl AgentEvent {
     }
 }
 
+#[async_trait::async_trait]
 pub trait Agent: Send + Sync {
     fn name(&self) -> &'static str;
+    /// What runs, for logs (e.g. the model and endpoint).
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
+    /// Checks made once before the first task, to fail fast.
+    async fn preflight(&self) -> Result<()> {
+        Ok(())
+    }
     fn invocation(&self, ctx: &TaskContext) -> Result<Invocation>;
     /// Parses one line of the agent's standard output.
     fn parse_line(&self, _line: &str) -> Option<AgentEvent> {
@@ -102,10 +111,7 @@ pub trait Agent: Send + Sync {
     /// Why an attempt that exited with `code` failed, if it did, judging by
     /// the exit code and the events seen.
     fn failure(&self, code: i32, events: &[AgentEvent]) -> Option<String> {
-        if let Some(AgentEvent::Failed { message }) = events
-            .iter()
-            .find(|e| matches!(e, AgentEvent::Failed { .. }))
-        {
+        if let Some(AgentEvent::Failed { message }) = events.iter().find(|e| matches!(e, AgentEvent::Failed { .. })) {
             return Some(message.clone());
         }
         (code != 0).then(|| format!("the agent exited with code {code}"))

@@ -16,9 +16,15 @@ pub struct Args {
     /// Write DIR/tasks.txt and DIR/prompt.txt (without it, the plan is printed and nothing is written).
     #[arg(short, long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Which planner turns the document into tasks.
+    /// Which planner turns the document into tasks (default: [planner] backend, else rules).
     #[arg(long, value_enum)]
     pub planner: Option<PlannerKind>,
+    /// The planner's model (default: [planner] model, else gpt-5-nano).
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// The planner's OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 for ollama.
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
     /// Replace tasks.txt and prompt.txt if DIR already has them.
     #[arg(long)]
     pub force: bool,
@@ -28,26 +34,47 @@ pub struct Args {
 pub enum PlannerKind {
     /// The embedded rule-based planner; needs no model.
     Rules,
+    /// A light model through any OpenAI-compatible Chat Completions endpoint (key: OPENAI_API_KEY).
+    Llm,
+}
+
+/// The planner flags of `run INPUT` (on `plan` they are --model and --base-url).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct PlannerFlags {
+    /// Which planner turns the document into tasks (default: [planner] backend, else rules).
+    #[arg(long, value_enum)]
+    pub planner: Option<PlannerKind>,
+    /// The planner's model (default: [planner] model, else gpt-5-nano).
+    #[arg(long = "planner-model", value_name = "MODEL")]
+    pub planner_model: Option<String>,
+    /// The planner's OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 for ollama.
+    #[arg(long = "planner-base-url", value_name = "URL")]
+    pub planner_base_url: Option<String>,
 }
 
 /// Plans a document with the configured planner.
-pub async fn make_plan(
-    input: &Path,
-    planner: Option<PlannerKind>,
-    config: &Config,
-) -> Result<Plan> {
-    let kind = match (planner, config.planner.backend.as_deref()) {
+pub async fn make_plan(input: &Path, flags: &PlannerFlags, config: &Config) -> Result<Plan> {
+    let kind = match (flags.planner, config.planner.backend.as_deref()) {
         (Some(k), _) => k,
         (None, None | Some("rules")) => PlannerKind::Rules,
+        (None, Some("llm")) => PlannerKind::Llm,
         (None, Some(other)) => {
             return Err(usage(format!(
-                "[planner] backend = {other:?} is not available; use \"rules\""
+                "[planner] backend = {other:?} is unknown; use \"rules\" or \"llm\""
             )));
         }
     };
     let doc = plan::read_document(input)?;
     match kind {
         PlannerKind::Rules => Ok(plan::rules::plan(&doc, &input.display().to_string())?),
+        PlannerKind::Llm => {
+            let model = flags.planner_model.clone().or(config.planner.model.clone());
+            let mut planner = plan::llm::LlmPlanner::new(model.unwrap_or_else(|| plan::llm::DEFAULT_MODEL.into()));
+            planner.base_url = flags.planner_base_url.clone().or(config.planner.base_url.clone());
+            planner.key = super::run::api_key();
+            eprintln!("planning with model {}", planner.model);
+            Ok(planner.plan(&doc).await?)
+        }
     }
 }
 
@@ -56,7 +83,12 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
         .ok()
         .map(|p| p.workdir);
     let config = Config::load(config_path, root.as_deref())?;
-    let plan = make_plan(&args.input, args.planner, &config).await?;
+    let flags = PlannerFlags {
+        planner: args.planner,
+        planner_model: args.model.clone(),
+        planner_base_url: args.base_url.clone(),
+    };
+    let plan = make_plan(&args.input, &flags, &config).await?;
     match &args.out {
         None => {
             let mut out = std::io::stdout().lock();
@@ -114,8 +146,7 @@ pub fn write_plan(dir: &Path, plan: &Plan, force: bool) -> Result<()> {
 /// Reads a task list (one task per line; blank lines skipped) and a template.
 pub fn read_plan_files(tasks: &Path, prompt: &Path) -> Result<Plan> {
     let text = plan::read_document(tasks)?;
-    let template = std::fs::read_to_string(prompt)
-        .with_context(|| format!("cannot read {}", prompt.display()))?;
+    let template = std::fs::read_to_string(prompt).with_context(|| format!("cannot read {}", prompt.display()))?;
     let plan = Plan {
         tasks: text
             .lines()

@@ -17,9 +17,14 @@ fn duration(start: Option<&str>, end: Option<&str>) -> Option<f64> {
     Some(e.duration_since(s).ok()?.as_secs_f64())
 }
 
-pub fn run(args: Args) -> Result<u8> {
-    let (_, state) = super::open_state()?;
+pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
+    let (paths, state) = super::open_state()?;
     let (row, tasks) = super::load_run(&state, args.run.as_deref())?;
+    let totals = state.agent_totals(&row.id)?;
+    let price = crate::config::Config::load(config_path, Some(&paths.workdir))?
+        .agent
+        .price;
+    let cost = |t: &crate::run::state::AgentTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let code = crate::run::Summary {
         run_id: row.id.clone(),
         tasks: tasks.clone(),
@@ -32,29 +37,23 @@ pub fn run(args: Args) -> Result<u8> {
             "tasks": tasks.iter().map(|t| {
                 let mut v = serde_json::to_value(t).unwrap_or_default();
                 v["duration_secs"] = duration(t.started_at.as_deref(), t.ended_at.as_deref()).into();
+                let a = totals.get(&t.index).cloned().unwrap_or_default();
+                v["thread_id"] = a.thread_id.clone().into();
+                v["tokens"] = serde_json::json!({"input": a.input, "cached_input": a.cached_input, "output": a.output});
+                v["cost_usd"] = cost(&a).into();
                 v
             }).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(code);
     }
-    println!(
-        "run {} ({}), service branch {}",
-        row.id, row.status, row.service_branch
-    );
+    println!("run {} ({}), service branch {}", row.id, row.status, row.service_branch);
     for t in &tasks {
         let secs = duration(t.started_at.as_deref(), t.ended_at.as_deref())
             .map(|d| format!("{d:.1}s"))
             .unwrap_or_else(|| "-".into());
-        let merge = t
-            .merge_commit
-            .as_deref()
-            .map(|c| &c[..10.min(c.len())])
-            .unwrap_or("-");
-        let exit = t
-            .exit_code
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "-".into());
+        let merge = t.merge_commit.as_deref().map(|c| &c[..10.min(c.len())]).unwrap_or("-");
+        let exit = t.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
         println!("{:03} {:<9} {}", t.index, t.status.as_str(), t.text);
         println!(
             "    branch {}  merge {merge}  files {}  time {secs}  exit {exit}  attempts {}",
@@ -62,9 +61,31 @@ pub fn run(args: Args) -> Result<u8> {
             t.files_changed.len(),
             t.attempts
         );
+        if let Some(a) = totals.get(&t.index).filter(|a| a.input + a.output > 0) {
+            let c = cost(a).map(|c| format!("  ~${c:.4}")).unwrap_or_default();
+            println!(
+                "    tokens in {} (cached {}) out {}{c}",
+                a.input, a.cached_input, a.output
+            );
+        }
         if let Some(r) = &t.reason {
             println!("    reason: {r}");
         }
+    }
+    let mut all = crate::run::state::AgentTotals::default();
+    for a in totals.values() {
+        all.input += a.input;
+        all.cached_input += a.cached_input;
+        all.output += a.output;
+    }
+    if all.input + all.output > 0 {
+        let c = cost(&all)
+            .map(|c| format!(", estimated cost ${c:.4}"))
+            .unwrap_or_else(|| ", set [agent.price] input/output (USD per million tokens) for a cost estimate".into());
+        println!(
+            "total tokens: in {} (cached {}) out {}{c}",
+            all.input, all.cached_input, all.output
+        );
     }
     Ok(code)
 }

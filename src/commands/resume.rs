@@ -38,6 +38,7 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     // The service branch is part of the run, not a setting to change midway.
     flags.service_branch = Some(row.service_branch.clone());
     let engine = Arc::new(build_engine(paths, &config, &flags, &stored)?);
+    engine.agent.preflight().await?;
     handle_signals(engine.cancel.clone());
     eprintln!("resuming run {}: {left} unfinished task(s)", row.id);
     let summary = run::execute(engine, &row.id).await?;

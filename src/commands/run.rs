@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "tasks")]
     pub prompt: Option<PathBuf>,
     #[command(flatten)]
-    pub planner: PlannerFlags,
+    pub planner: super::plan::PlannerFlags,
     #[command(flatten)]
     pub engine: EngineFlags,
     /// Skip the sync step (snapshot commit of local changes and pull from origin).
@@ -36,13 +36,6 @@ pub struct Args {
     /// Let the secret scan pass this file (path relative to the repository root); repeatable.
     #[arg(long, value_name = "PATH")]
     pub allow_file: Vec<String>,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct PlannerFlags {
-    /// Planner for INPUT.
-    #[arg(long, value_enum)]
-    pub planner: Option<super::plan::PlannerKind>,
 }
 
 /// Flags shared by `run` and `resume`.
@@ -128,9 +121,7 @@ pub fn build_engine(
     let timeout = match (&flags.timeout, &config.run.timeout) {
         (Some(t), _) => Some(parse_duration("--timeout", t)?),
         (None, Some(t)) => Some(parse_duration("[run] timeout", t)?),
-        _ => stored["timeout_secs"]
-            .as_u64()
-            .map(std::time::Duration::from_secs),
+        _ => stored["timeout_secs"].as_u64().map(std::time::Duration::from_secs),
     };
     let service_branch = flags
         .service_branch
@@ -138,8 +129,7 @@ pub fn build_engine(
         .or(config.run.service_branch.clone())
         .unwrap_or_else(|| "cohort/service".into());
 
-    let stored_command: Option<Vec<String>> =
-        serde_json::from_value(stored["agent_command"].clone()).ok();
+    let stored_command: Option<Vec<String>> = serde_json::from_value(stored["agent_command"].clone()).ok();
     let kind = match flags.agent {
         Some(AgentKind::Codex) => "codex",
         Some(AgentKind::Command) => "command",
@@ -163,7 +153,11 @@ pub fn build_engine(
                 ))
             }
         },
-        other => return Err(usage(format!("[agent] kind = {other:?} is unknown; use \"codex\" or \"command\""))),
+        other => {
+            return Err(usage(format!(
+                "[agent] kind = {other:?} is unknown; use \"codex\" or \"command\""
+            )))
+        }
     };
     if let Some(other) = config.run.runtime.as_deref().filter(|r| *r != "host") {
         return Err(usage(format!(
@@ -189,11 +183,7 @@ pub fn build_engine(
     })
 }
 
-fn codex_agent(
-    config: &Config,
-    flags: &EngineFlags,
-    stored: &serde_json::Value,
-) -> Result<CodexAgent> {
+fn codex_agent(config: &Config, flags: &EngineFlags, stored: &serde_json::Value) -> Result<CodexAgent> {
     let model = flags
         .model
         .clone()
@@ -210,9 +200,8 @@ fn codex_agent(
         .clone()
         .or(config.agent.base_url.clone())
         .or(stored["base_url"].as_str().map(String::from));
-    let key = api_key().ok_or_else(|| {
-        usage("the codex agent needs an API key: set OPENAI_API_KEY (or use --agent command)")
-    })?;
+    let key = api_key()
+        .ok_or_else(|| usage("the codex agent needs an API key: set OPENAI_API_KEY (or use --agent command)"))?;
     let codex = find_codex(config.agent.codex_path.as_deref()).map_err(|e| usage(e.to_string()))?;
     Ok(CodexAgent {
         codex,
@@ -244,10 +233,7 @@ pub fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value
 pub fn handle_signals(cancel: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
             return;
         };
         let mut times = 0;
@@ -288,13 +274,9 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     let paths = RepoPaths::discover(&std::env::current_dir()?)?;
     let config = Config::load(config_path, Some(&paths.workdir))?;
     let plan = match (&args.input, &args.tasks, &args.prompt) {
-        (Some(input), _, _) => super::plan::make_plan(input, args.planner.planner, &config).await?,
+        (Some(input), _, _) => super::plan::make_plan(input, &args.planner, &config).await?,
         (None, Some(t), Some(p)) => super::plan::read_plan_files(t, p)?,
-        _ => {
-            return Err(usage(
-                "give a request document, or --tasks FILE and --prompt FILE",
-            ))
-        }
+        _ => return Err(usage("give a request document, or --tasks FILE and --prompt FILE")),
     };
     let mut stored = stored_options(&args.engine, &config);
     let engine = Arc::new(build_engine(paths, &config, &args.engine, &stored)?);

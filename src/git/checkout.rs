@@ -68,12 +68,7 @@ pub struct MoveStats {
 ///
 /// `known` is a tree the working tree and index are known to hold exactly
 /// (cohort just committed it); then only the tree diff is applied.
-pub fn move_to(
-    repo: &gix::Repository,
-    target: Oid,
-    untracked: Untracked,
-    known: Option<Oid>,
-) -> Result<MoveStats> {
+pub fn move_to(repo: &gix::Repository, target: Oid, untracked: Untracked, known: Option<Oid>) -> Result<MoveStats> {
     let workdir = repo
         .workdir()
         .context("the checkout has no working tree")?
@@ -102,10 +97,7 @@ pub fn move_to(
             }
         }
         _ => {
-            let current = old_index
-                .as_ref()
-                .map(|i| entries_of(i))
-                .unwrap_or_default();
+            let current = old_index.as_ref().map(|i| entries_of(i)).unwrap_or_default();
             let (dirty, strays) = if has_index {
                 worktree_status(repo, untracked)?
             } else {
@@ -162,10 +154,7 @@ pub fn move_to(
 
 /// Paths whose content on disk differs from the index, and (with
 /// `Untracked::Remove`) untracked ones, directories collapsed.
-fn worktree_status(
-    repo: &gix::Repository,
-    untracked: Untracked,
-) -> Result<(HashSet<BString>, Vec<BString>)> {
+fn worktree_status(repo: &gix::Repository, untracked: Untracked) -> Result<(HashSet<BString>, Vec<BString>)> {
     let mode = match untracked {
         Untracked::Keep => UntrackedFiles::None,
         Untracked::Remove => UntrackedFiles::Collapsed,
@@ -180,9 +169,7 @@ fn worktree_status(
     let mut strays = Vec::new();
     for item in iter {
         match item.context("cannot compute the status of a checkout")? {
-            WorktreeItem::Modification {
-                rela_path, status, ..
-            } => {
+            WorktreeItem::Modification { rela_path, status, .. } => {
                 if !matches!(status, EntryStatus::NeedsUpdate(_)) {
                     dirty.insert(rela_path);
                 }
@@ -201,11 +188,7 @@ fn worktree_status(
 /// Writes `index` (built from a tree) as the repository's index, with stat
 /// data: carried over from `old` where the entry is unchanged, read from
 /// disk otherwise, so the next status need not hash unchanged files.
-pub fn write_index(
-    repo: &gix::Repository,
-    mut index: gix::index::File,
-    old: Option<&gix::index::File>,
-) -> Result<()> {
+pub fn write_index(repo: &gix::Repository, mut index: gix::index::File, old: Option<&gix::index::File>) -> Result<()> {
     let workdir = repo
         .workdir()
         .context("the checkout has no working tree")?
@@ -220,9 +203,7 @@ pub fn write_index(
             entry.stat = o.stat;
             continue;
         }
-        if let Ok(meta) =
-            gix::index::fs::Metadata::from_path_no_follow(&workdir.join(super::rela_path(path)))
-        {
+        if let Ok(meta) = gix::index::fs::Metadata::from_path_no_follow(&workdir.join(super::rela_path(path))) {
             if let Ok(stat) = gix::index::entry::Stat::from_fs(&meta) {
                 entry.stat = stat;
             }
@@ -247,13 +228,9 @@ fn write_entries(repo: &gix::Repository, workdir: &Path, entries: &[FlatEntry]) 
         ensure_dir(workdir, &workdir.join(d))?;
     }
     if entries.len() < PARALLEL_FROM {
-        return entries
-            .iter()
-            .try_for_each(|e| write_entry(repo, workdir, e));
+        return entries.iter().try_for_each(|e| write_entry(repo, workdir, e));
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, 8);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
     let shared = repo.clone().into_sync();
     let chunk = entries.len().div_ceil(threads);
     std::thread::scope(|scope| {
@@ -279,9 +256,7 @@ fn write_entry(repo: &gix::Repository, workdir: &Path, entry: &FlatEntry) -> Res
     let path = workdir.join(super::rela_path(entry.path.as_bstr()));
     match std::fs::symlink_metadata(&path) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path)?,
-        Ok(m) if m.file_type().is_symlink() || entry.kind == EntryKind::Link => {
-            std::fs::remove_file(&path)?
-        }
+        Ok(m) if m.file_type().is_symlink() || entry.kind == EntryKind::Link => std::fs::remove_file(&path)?,
         _ => {}
     }
     let write_err = || format!("cannot write {}", path.display());
@@ -304,8 +279,7 @@ fn write_entry(repo: &gix::Repository, workdir: &Path, entry: &FlatEntry) -> Res
             };
             let meta = std::fs::metadata(&path)?;
             if meta.permissions().mode() & 0o777 != mode {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                    .with_context(write_err)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).with_context(write_err)?;
             }
         }
     }
@@ -359,9 +333,7 @@ pub fn remove_tree(root: &Path) -> Result<()> {
         Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
         Err(_) => return Ok(()),
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, 8);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
     let chunk = entries.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         for part in entries.chunks(chunk) {

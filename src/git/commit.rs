@@ -23,17 +23,11 @@ impl TaskCommit {
 /// Commits every change in `checkout` (tracked, deleted and untracked files,
 /// honouring .gitignore) on top of the task branch. Commits the agent made
 /// itself are kept: the branch tip, wherever the agent moved it, is the parent.
-pub fn commit_all(
-    checkout: &Checkout,
-    branch_ref: &str,
-    base: Oid,
-    message: &str,
-) -> Result<TaskCommit> {
+pub fn commit_all(checkout: &Checkout, branch_ref: &str, base: Oid, message: &str) -> Result<TaskCommit> {
     let repo = checkout.open()?;
     // The agent may have switched branches; the task branch is what counts.
     refs::set_head_symbolic(&repo, branch_ref)?;
-    let tip = refs::read(&repo, branch_ref)?
-        .with_context(|| format!("task branch {branch_ref} is missing"))?;
+    let tip = refs::read(&repo, branch_ref)?.with_context(|| format!("task branch {branch_ref} is missing"))?;
     let tip_tree = tree_of(&repo, tip)?;
     let snap = snapshot::snapshot(&repo, tip_tree)?;
     let tip = if snap.tree != tip_tree {
@@ -46,11 +40,7 @@ pub fn commit_all(
     // The checkout now holds exactly the snapshot's tree: record that in
     // its index and mark it clean, so the next task moves it by a tree diff.
     let old = repo.index().ok();
-    checkout::write_index(
-        &repo,
-        repo.index_from_tree(&snap.tree)?,
-        old.as_ref().map(|i| &***i),
-    )?;
+    checkout::write_index(&repo, repo.index_from_tree(&snap.tree)?, old.as_ref().map(|i| &***i))?;
     std::fs::write(checkout.admin.join(CLEAN_MARK), snap.tree.to_string())?;
     let files_changed = snapshot::diff_paths(&repo, tree_of(&repo, base)?, tree_of(&repo, tip)?)?
         .into_iter()

@@ -18,11 +18,7 @@ pub enum MergeOutcome {
 
 /// The result of merging two commits in memory (objects are written, no ref
 /// moves): a tree, or the conflicting paths.
-pub fn merge_trees_of(
-    repo: &gix::Repository,
-    ours: Oid,
-    theirs: Oid,
-) -> Result<Result<Oid, Vec<String>>> {
+pub fn merge_trees_of(repo: &gix::Repository, ours: Oid, theirs: Oid) -> Result<Result<Oid, Vec<String>>> {
     let options = repo.tree_merge_options()?;
     let labels = gix::merge::blob::builtin_driver::text::Labels {
         ancestor: Some("base".into()),
@@ -49,12 +45,7 @@ pub fn merge_trees_of(
 /// Merges `theirs` into the branch `target_ref` with a merge commit whose
 /// first parent is the branch's tip. If another writer moves the ref in the
 /// meantime, the merge is redone on the new tip: no concurrent merge is lost.
-pub fn merge_into(
-    repo: &gix::Repository,
-    target_ref: &str,
-    theirs: Oid,
-    message: &str,
-) -> Result<MergeOutcome> {
+pub fn merge_into(repo: &gix::Repository, target_ref: &str, theirs: Oid, message: &str) -> Result<MergeOutcome> {
     const ATTEMPTS: usize = 20;
     for _ in 0..ATTEMPTS {
         let Some(ours) = refs::read(repo, target_ref)? else {
@@ -76,14 +67,7 @@ pub fn merge_into(
             message.lines().next().unwrap_or("merge"),
         ) {
             Ok(()) => return Ok(MergeOutcome::Merged { commit }),
-            Err(e)
-                if matches!(
-                    e.downcast_ref::<GitError>(),
-                    Some(GitError::RefMoved { .. })
-                ) =>
-            {
-                continue
-            }
+            Err(e) if matches!(e.downcast_ref::<GitError>(), Some(GitError::RefMoved { .. })) => continue,
             Err(e) => return Err(e),
         }
     }

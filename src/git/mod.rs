@@ -27,9 +27,7 @@ pub enum GitError {
     NotARepo { path: PathBuf },
     #[error("the repository has no commits yet; make a first commit, then run cohort")]
     Unborn,
-    #[error(
-        "HEAD is detached; check out a branch first (cohort commits the branch's local changes)"
-    )]
+    #[error("HEAD is detached; check out a branch first (cohort commits the branch's local changes)")]
     Detached,
     #[error("the repository has no working tree (it is bare); cohort needs a checkout to run in")]
     Bare,
@@ -92,8 +90,7 @@ fn canonical(p: &Path) -> Result<PathBuf> {
 
 /// Opens a repository with settings suited to many short operations.
 pub fn open(path: &Path) -> Result<gix::Repository> {
-    let mut repo = gix::open(path)
-        .with_context(|| format!("cannot open git repository at {}", path.display()))?;
+    let mut repo = gix::open(path).with_context(|| format!("cannot open git repository at {}", path.display()))?;
     // Tree diffs and merges read the same objects repeatedly.
     repo.object_cache_size_if_unset(4 * 1024 * 1024);
     Ok(repo)
@@ -112,12 +109,7 @@ pub fn signature(repo: &gix::Repository) -> gix::actor::Signature {
 }
 
 /// Writes a commit object (no ref is moved) and returns its id.
-pub fn write_commit(
-    repo: &gix::Repository,
-    tree: Oid,
-    parents: &[Oid],
-    message: &str,
-) -> Result<Oid> {
+pub fn write_commit(repo: &gix::Repository, tree: Oid, parents: &[Oid], message: &str) -> Result<Oid> {
     let sig = signature(repo);
     let commit = gix::objs::Commit {
         tree,

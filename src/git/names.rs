@@ -68,10 +68,7 @@ mod tests {
         assert!(long.len() <= 44 && !long.ends_with('-'));
         for s in ["x..y", "x.lock", "-x-", "@{x}", "a b"] {
             let name = format!("refs/heads/{}", task_branch("20261125-000000-abcd", 1, s));
-            assert!(
-                gix::refs::FullName::try_from(name.as_str()).is_ok(),
-                "{name}"
-            );
+            assert!(gix::refs::FullName::try_from(name.as_str()).is_ok(), "{name}");
         }
     }
 

@@ -108,23 +108,16 @@ impl Pool {
             .common_dir
             .join("worktrees")
             .join(format!("{}{slot}", self.name_prefix));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        std::fs::create_dir_all(&admin)
-            .with_context(|| format!("cannot create {}", admin.display()))?;
+        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        std::fs::create_dir_all(&admin).with_context(|| format!("cannot create {}", admin.display()))?;
         // The linked-worktree layout git itself uses, so the agent's own git
         // commands work in the checkout.
         write_if_changed(&admin.join("commondir"), "../..\n")?;
-        write_if_changed(
-            &admin.join("gitdir"),
-            &format!("{}\n", path.join(".git").display()),
-        )?;
+        write_if_changed(&admin.join("gitdir"), &format!("{}\n", path.join(".git").display()))?;
         if !admin.join("HEAD").exists() {
             // Placeholder until `prepare` points it at a task branch.
             let repo = super::open(&self.common_dir)?;
-            let head = repo
-                .head_id()
-                .context("the repository has no HEAD commit")?;
+            let head = repo.head_id().context("the repository has no HEAD commit")?;
             std::fs::write(admin.join("HEAD"), format!("{}\n", head.detach()))?;
         }
         Ok(Checkout { slot, path, admin })
@@ -137,11 +130,7 @@ impl Pool {
         let worktrees = self.common_dir.join("worktrees");
         if let Ok(rd) = std::fs::read_dir(&worktrees) {
             for entry in rd.flatten() {
-                if entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(&self.name_prefix)
-                {
+                if entry.file_name().to_string_lossy().starts_with(&self.name_prefix) {
                     std::fs::remove_dir_all(entry.path())?;
                 }
             }
@@ -154,8 +143,7 @@ impl Pool {
 
 fn write_if_changed(path: &Path, content: &str) -> Result<()> {
     if std::fs::read_to_string(path).ok().as_deref() != Some(content) {
-        std::fs::write(path, content)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }

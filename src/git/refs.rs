@@ -20,13 +20,7 @@ pub fn read(repo: &gix::Repository, name: &str) -> Result<Option<Oid>> {
 /// Moves `name` to `new` only if it currently points at `expected`
 /// (`None`: only if it does not exist yet). A concurrent writer makes this
 /// fail with [`GitError::RefMoved`] instead of being overwritten.
-pub fn cas(
-    repo: &gix::Repository,
-    name: &str,
-    expected: Option<Oid>,
-    new: Oid,
-    reason: &str,
-) -> Result<()> {
+pub fn cas(repo: &gix::Repository, name: &str, expected: Option<Oid>, new: Oid, reason: &str) -> Result<()> {
     let previous = match expected {
         Some(old) => PreviousValue::MustExistAndMatch(Target::Object(old)),
         None => PreviousValue::MustNotExist,
@@ -41,9 +35,7 @@ pub fn cas(
             expected: previous,
             new: Target::Object(new),
         },
-        name: name
-            .try_into()
-            .with_context(|| format!("invalid ref name {name}"))?,
+        name: name.try_into().with_context(|| format!("invalid ref name {name}"))?,
         deref: false,
     };
     match repo.edit_reference(edit) {
@@ -54,9 +46,7 @@ pub fn cas(
             if now != expected {
                 Err(GitError::RefMoved {
                     name: name.to_string(),
-                    expected: expected
-                        .map(super::short)
-                        .unwrap_or_else(|| "no ref".into()),
+                    expected: expected.map(super::short).unwrap_or_else(|| "no ref".into()),
                 }
                 .into())
             } else {

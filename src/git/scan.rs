@@ -133,10 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = |name: &str, body: &str| std::fs::write(dir.path().join(name), body).unwrap();
         w("id", "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n");
-        w(
-            "conf.py",
-            "TOKEN = 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'\n",
-        );
+        w("conf.py", "TOKEN = 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'\n");
         w("notes.txt", "my key is test-key-1234567890 ok\n");
         w("clean.rs", "fn main() { let sk = 1; }\n");
         w(".env", "A=1\n");

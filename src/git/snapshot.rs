@@ -110,9 +110,7 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
             continue;
         };
         match item {
-            WorktreeItem::Modification {
-                rela_path, status, ..
-            } => match status {
+            WorktreeItem::Modification { rela_path, status, .. } => match status {
                 EntryStatus::Change(Change::Removed) => {
                     editor.remove(rela_path.as_bstr())?;
                 }
@@ -121,8 +119,7 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
                 | EntryStatus::IntentToAdd => {
                     add_from_disk(repo, &mut editor, &workdir, rela_path.as_bstr())?;
                 }
-                EntryStatus::Change(Change::SubmoduleModification(_))
-                | EntryStatus::NeedsUpdate(_) => {}
+                EntryStatus::Change(Change::SubmoduleModification(_)) | EntryStatus::NeedsUpdate(_) => {}
             },
             WorktreeItem::DirectoryContents { entry, .. } => {
                 if entry.status == gix::dir::entry::Status::Untracked {
@@ -205,8 +202,7 @@ pub fn diff_paths(repo: &gix::Repository, from: Oid, to: Oid) -> Result<Vec<Chan
                 kind: ChangeKind::Deleted,
             }),
             C::Modification {
-                previous_entry_mode,
-                ..
+                previous_entry_mode, ..
             } => {
                 let was_tree = previous_entry_mode.is_tree();
                 match (was_tree, now_tree) {

@@ -49,11 +49,7 @@ pub fn current_branch(repo: &gix::Repository) -> Result<(String, Oid)> {
     if head.is_detached() {
         return Err(GitError::Detached.into());
     }
-    let name = head
-        .referent_name()
-        .ok_or(GitError::Detached)?
-        .as_bstr()
-        .to_string();
+    let name = head.referent_name().ok_or(GitError::Detached)?.as_bstr().to_string();
     let id = head.id().ok_or(GitError::Unborn)?.detach();
     Ok((name, id))
 }
@@ -64,16 +60,8 @@ pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport
     let workdir = repo.workdir().ok_or(GitError::Bare)?.to_path_buf();
 
     let snap = snapshot::snapshot(repo, head_tree)?;
-    let written: Vec<String> = snap
-        .written_paths()
-        .map(|p| p.to_str_lossy().into_owned())
-        .collect();
-    let findings = scan::scan(
-        &workdir,
-        written.iter().map(String::as_str),
-        opts.key,
-        opts.allow_files,
-    );
+    let written: Vec<String> = snap.written_paths().map(|p| p.to_str_lossy().into_owned()).collect();
+    let findings = scan::scan(&workdir, written.iter().map(String::as_str), opts.key, opts.allow_files);
     if !findings.0.is_empty() {
         return Err(GitError::Secrets(findings).into());
     }
@@ -92,12 +80,7 @@ pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport
     if target != head || snapshot_commit.is_some() {
         // The files already hold the snapshot; write what the pull brought
         // and refresh the index so `git status` is clean.
-        checkout::move_to(
-            repo,
-            tree_of(repo, target)?,
-            Untracked::Keep,
-            Some(snap.tree),
-        )?;
+        checkout::move_to(repo, tree_of(repo, target)?, Untracked::Keep, Some(snap.tree))?;
     }
     Ok(SyncReport {
         branch,
@@ -128,9 +111,7 @@ fn pull_target(repo: &gix::Repository, branch: &str, local: Oid) -> Result<(Upst
         .connect(Direction::Fetch)
         .and_then(|c| c.prepare_fetch(gix::progress::Discard, Default::default()))
         .and_then(|p| p.receive(gix::progress::Discard, &interrupt))
-        .with_context(|| {
-            format!("cannot fetch from origin for {short_name}; pass --no-sync to skip the pull")
-        })?;
+        .with_context(|| format!("cannot fetch from origin for {short_name}; pass --no-sync to skip the pull"))?;
     let Some(theirs) = refs::read(repo, &tracking)? else {
         return Ok((Upstream::NoUpstream, local));
     };
@@ -168,11 +149,7 @@ pub enum Service {
 
 /// Makes sure the service branch exists and contains `head`: created from
 /// it when missing, otherwise `head` is merged in (fast-forward if possible).
-pub fn ensure_service_branch(
-    repo: &gix::Repository,
-    service: &str,
-    head: Oid,
-) -> Result<(Service, Oid)> {
+pub fn ensure_service_branch(repo: &gix::Repository, service: &str, head: Oid) -> Result<(Service, Oid)> {
     let name = format!("refs/heads/{service}");
     gix::refs::FullName::try_from(name.as_str())
         .map_err(|_| anyhow::anyhow!("--service-branch {service:?} is not a valid branch name"))?;
@@ -184,26 +161,14 @@ pub fn ensure_service_branch(
         return Ok((Service::UpToDate, tip));
     }
     if is_ancestor(repo, tip, head)? {
-        refs::cas(
-            repo,
-            &name,
-            Some(tip),
-            head,
-            "cohort: fast-forward service branch",
-        )?;
+        refs::cas(repo, &name, Some(tip), head, "cohort: fast-forward service branch")?;
         return Ok((Service::FastForwarded, head));
     }
     match merge_trees_of(repo, tip, head)? {
         Ok(tree) => {
             let msg = format!("cohort: merge {} into {service}\n", short(head));
             let commit = write_commit(repo, tree, &[tip, head], &msg)?;
-            refs::cas(
-                repo,
-                &name,
-                Some(tip),
-                commit,
-                "cohort: merge HEAD into service branch",
-            )?;
+            refs::cas(repo, &name, Some(tip), commit, "cohort: merge HEAD into service branch")?;
             Ok((Service::Merged, commit))
         }
         Err(paths) => Err(GitError::ServiceConflict {

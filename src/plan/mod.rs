@@ -4,6 +4,7 @@
 //! (`rules`, no model needed) and the model-backed one (`llm`). Both return a
 //! value; writing the plan files is the caller's job, done atomically.
 
+pub mod llm;
 pub mod rules;
 
 use std::path::Path;
@@ -26,19 +27,14 @@ pub enum PlanError {
     Binary { path: String },
     #[error("{path}: no tasks found (every item is checked off, or there is no text)")]
     NoTasks { path: String },
-    #[error(
-        "the prompt template has no `{{task}}` placeholder; add it where the task text should go"
-    )]
+    #[error("the prompt template has no `{{task}}` placeholder; add it where the task text should go")]
     NoPlaceholder,
     #[error("task {index} spans several lines; a task must be a single line")]
     MultiLine { index: usize },
     #[error("task {index} is empty")]
     EmptyTask { index: usize },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("the model planner failed: {0}")]
     Model(String),
 }
@@ -47,9 +43,7 @@ impl Plan {
     /// Checks the invariants every planner's output must meet.
     pub fn validate(&self) -> Result<(), PlanError> {
         if self.tasks.is_empty() {
-            return Err(PlanError::NoTasks {
-                path: "plan".into(),
-            });
+            return Err(PlanError::NoTasks { path: "plan".into() });
         }
         for (i, t) in self.tasks.iter().enumerate() {
             if t.trim().is_empty() {

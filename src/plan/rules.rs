@@ -36,11 +36,7 @@ fn list_marker(line: &str) -> Option<&str> {
         return Some(&line[2..]);
     }
     let digits = b.iter().take_while(|c| c.is_ascii_digit()).count();
-    if (1..=9).contains(&digits)
-        && b.len() > digits + 1
-        && matches!(b[digits], b'.' | b')')
-        && b[digits + 1] == b' '
-    {
+    if (1..=9).contains(&digits) && b.len() > digits + 1 && matches!(b[digits], b'.' | b')') && b[digits + 1] == b' ' {
         return Some(&line[digits + 2..]);
     }
     None
@@ -70,10 +66,7 @@ fn heading(line: &str) -> Option<&str> {
 
 fn is_rule(t: &str) -> bool {
     let c: Vec<char> = t.chars().filter(|c| !c.is_whitespace()).collect();
-    c.len() >= 3
-        && (c.iter().all(|&x| x == '-')
-            || c.iter().all(|&x| x == '*')
-            || c.iter().all(|&x| x == '_'))
+    c.len() >= 3 && (c.iter().all(|&x| x == '-') || c.iter().all(|&x| x == '*') || c.iter().all(|&x| x == '_'))
 }
 
 fn collapse(s: &str) -> String {
@@ -252,8 +245,7 @@ mod tests {
 
     #[test]
     fn headings_give_context_and_continuations_fold() {
-        let doc =
-            "# Backend\n\nIntro text that is not a task.\n\n- add caching\n  to the API layer\n\
+        let doc = "# Backend\n\nIntro text that is not a task.\n\n- add caching\n  to the API layer\n\
                    lazy continuation\n\n## Frontend ##\n- dark   mode\n";
         assert_eq!(
             tasks(doc),
@@ -269,10 +261,7 @@ mod tests {
         let doc = "Fix the login bug\nthat happens on Safari.\n\nWrite docs for the API.\n\n\nfix the login bug that happens on safari.\n";
         assert_eq!(
             tasks(doc),
-            [
-                "Fix the login bug that happens on Safari.",
-                "Write docs for the API."
-            ]
+            ["Fix the login bug that happens on Safari.", "Write docs for the API."]
         );
     }
 

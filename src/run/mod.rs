@@ -86,9 +86,7 @@ impl Summary {
     }
 }
 
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .context("a background step panicked")?
@@ -103,6 +101,7 @@ pub async fn start(
     sync_settings: Option<SyncSettings>,
     extra: serde_json::Value,
 ) -> Result<Summary> {
+    engine.agent.preflight().await?;
     let run_id = names::new_run_id();
     let progress = Progress::new(0);
     let paths = engine.paths.clone();
@@ -125,9 +124,7 @@ pub async fn start(
             None => sync::current_branch(&repo)?.1,
         };
         let (how, tip) = sync::ensure_service_branch(&repo, &service, head)?;
-        notes.push(
-            format!("service branch {service}: {how:?} at {}", git::short(tip)).to_lowercase(),
-        );
+        notes.push(format!("service branch {service}: {how:?} at {}", git::short(tip)).to_lowercase());
         Ok((notes, tip))
     })
     .await?;
@@ -179,11 +176,7 @@ pub async fn start(
 fn describe_sync(r: &sync::SyncReport) -> String {
     let branch = r.branch.trim_start_matches("refs/heads/");
     let snap = match r.snapshot {
-        Some(c) => format!(
-            "committed {} local change(s) as {}",
-            r.snapshot_files,
-            git::short(c)
-        ),
+        Some(c) => format!("committed {} local change(s) as {}", r.snapshot_files, git::short(c)),
         None => "no local changes".into(),
     };
     let pull = match &r.upstream {
@@ -205,17 +198,11 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     let _lock = lock_run(&dir)?;
     let (run, rows) = {
         let st = engine.state.lock().unwrap();
-        let run = st
-            .run(Some(run_id))?
-            .with_context(|| format!("no run {run_id}"))?;
+        let run = st.run(Some(run_id))?.with_context(|| format!("no run {run_id}"))?;
         (run, st.tasks(run_id)?)
     };
     let progress = Arc::new(Progress::new(rows.len()));
-    let pool = Arc::new(Pool::new(
-        &engine.paths.common_dir,
-        run_id,
-        dir.0.join("checkouts"),
-    ));
+    let pool = Arc::new(Pool::new(&engine.paths.common_dir, run_id, dir.0.join("checkouts")));
     let shared = Arc::new(task::Shared {
         run_id: run_id.to_string(),
         template: run.template.clone(),
@@ -278,12 +265,8 @@ fn lock_run(dir: &RunDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
         .truncate(false)
         .write(true)
         .open(dir.0.join("lock"))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        anyhow::anyhow!(
-            "run {} is being worked on by another cohort process",
-            dir.0.display()
-        )
-    })
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| anyhow::anyhow!("run {} is being worked on by another cohort process", dir.0.display()))
 }
 
 /// Unfinished tasks of a run, for `resume` to report.

@@ -159,6 +159,15 @@ pub struct State {
     conn: Connection,
 }
 
+/// What the agent of one task reported in total.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentTotals {
+    pub thread_id: Option<String>,
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
 pub fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
@@ -168,8 +177,7 @@ impl State {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let conn = Connection::open(path)
-            .with_context(|| format!("cannot open state DB {}", path.display()))?;
+        let conn = Connection::open(path).with_context(|| format!("cannot open state DB {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -201,10 +209,8 @@ impl State {
     }
 
     pub fn set_run_base(&self, id: &str, base: &str) -> Result<()> {
-        self.conn.execute(
-            "UPDATE runs SET base_commit = ?2 WHERE id = ?1",
-            params![id, base],
-        )?;
+        self.conn
+            .execute("UPDATE runs SET base_commit = ?2 WHERE id = ?1", params![id, base])?;
         Ok(())
     }
 
@@ -217,7 +223,8 @@ impl State {
     }
 
     pub fn run(&self, id: Option<&str>) -> Result<Option<RunRow>> {
-        let sql = "SELECT id, created_at, finished_at, status, service_branch, base_commit, template, options FROM runs";
+        let sql =
+            "SELECT id, created_at, finished_at, status, service_branch, base_commit, template, options FROM runs";
         let map = |r: &rusqlite::Row<'_>| {
             Ok(RunRow {
                 id: r.get(0)?,
@@ -237,11 +244,7 @@ impl State {
                 .optional()?,
             None => self
                 .conn
-                .query_row(
-                    &format!("{sql} ORDER BY created_at DESC, id DESC LIMIT 1"),
-                    [],
-                    map,
-                )
+                .query_row(&format!("{sql} ORDER BY created_at DESC, id DESC LIMIT 1"), [], map)
                 .optional()?,
         })
     }
@@ -262,9 +265,7 @@ impl State {
                 base_commit: r.get(5)?,
                 task_commit: r.get(6)?,
                 merge_commit: r.get(7)?,
-                files_changed: files
-                    .and_then(|f| serde_json::from_str(&f).ok())
-                    .unwrap_or_default(),
+                files_changed: files.and_then(|f| serde_json::from_str(&f).ok()).unwrap_or_default(),
                 exit_code: r.get(9)?,
                 reason: r.get(10)?,
                 started_at: r.get(11)?,
@@ -295,7 +296,16 @@ impl State {
         self.conn.execute(
             "UPDATE attempts SET status = ?4, tip_commit = ?5, exit_code = ?6, reason = ?7, ended_at = ?8 \
              WHERE run_id = ?1 AND idx = ?2 AND n = ?3",
-            params![run_id, idx, n, end.status, end.tip_commit, end.exit_code, end.reason, now()],
+            params![
+                run_id,
+                idx,
+                n,
+                end.status,
+                end.tip_commit,
+                end.exit_code,
+                end.reason,
+                now()
+            ],
         )?;
         Ok(())
     }
@@ -352,14 +362,7 @@ impl State {
         Ok(())
     }
 
-    pub fn event(
-        &self,
-        run_id: &str,
-        idx: usize,
-        attempt: u32,
-        kind: &str,
-        data: &str,
-    ) -> Result<()> {
+    pub fn event(&self, run_id: &str, idx: usize, attempt: u32, kind: &str, data: &str) -> Result<()> {
         self.conn.execute(
             "INSERT INTO events (run_id, idx, attempt, at, kind, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![run_id, idx, attempt, now(), kind, data],
@@ -367,11 +370,33 @@ impl State {
         Ok(())
     }
 
+    /// Per task: the agent's thread id and summed token usage, from events.
+    pub fn agent_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, AgentTotals>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT idx, data FROM events WHERE run_id = ?1 AND kind = 'agent' ORDER BY id")?;
+        let mut out = std::collections::BTreeMap::<usize, AgentTotals>::new();
+        let rows = stmt.query_map([run_id], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (idx, data) = row?;
+            let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+            let t = out.entry(idx).or_default();
+            match v["kind"].as_str() {
+                Some("thread") => t.thread_id = v["id"].as_str().map(String::from),
+                Some("usage") => {
+                    t.input += v["input_tokens"].as_u64().unwrap_or(0);
+                    t.cached_input += v["cached_input_tokens"].as_u64().unwrap_or(0);
+                    t.output += v["output_tokens"].as_u64().unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
     pub fn event_count(&self, run_id: &str) -> Result<i64> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM events WHERE run_id = ?1",
-            [run_id],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM events WHERE run_id = ?1", [run_id], |r| r.get(0))?)
     }
 }

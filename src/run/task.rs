@@ -58,11 +58,7 @@ async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
     let idx = row.index;
     // Resume after a crash between commit and merge: merge, don't re-run.
     if row.status == TaskStatus::Committed {
-        if let Some(tip) = row
-            .task_commit
-            .as_deref()
-            .and_then(|c| c.parse::<Oid>().ok())
-        {
+        if let Some(tip) = row.task_commit.as_deref().and_then(|c| c.parse::<Oid>().ok()) {
             match merge_task(e, s, row, tip).await? {
                 AttemptResult::Finished => return Ok(()),
                 AttemptResult::Conflict(paths) => {
@@ -84,19 +80,10 @@ async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
                     reason: Some(paths.join(", ")),
                     ..Default::default()
                 };
-                e.state
-                    .lock()
-                    .unwrap()
-                    .end_attempt(&s.run_id, idx, attempt, &end)?;
-                if e.opts.on_conflict == ConflictPolicy::Retry
-                    && conflicted.is_none()
-                    && !e.cancel.is_cancelled()
-                {
-                    s.progress.task_finished(
-                        idx,
-                        "conflicted, retrying from the new service tip",
-                        &paths.join(", "),
-                    );
+                e.state.lock().unwrap().end_attempt(&s.run_id, idx, attempt, &end)?;
+                if e.opts.on_conflict == ConflictPolicy::Retry && conflicted.is_none() && !e.cancel.is_cancelled() {
+                    s.progress
+                        .task_finished(idx, "conflicted, retrying from the new service tip", &paths.join(", "));
                     conflicted = Some(paths);
                     attempt += 1;
                     continue;
@@ -109,15 +96,11 @@ async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
 
 fn mark_conflict(e: &Engine, s: &Shared, idx: usize, paths: &[String]) -> Result<()> {
     let reason = format!("conflicts in: {}", paths.join(", "));
-    e.state.lock().unwrap().set_status(
-        &s.run_id,
-        idx,
-        TaskStatus::Conflict,
-        None,
-        Some(&reason),
-    )?;
-    s.progress
-        .task_finished(idx, "conflict (branch kept)", &reason);
+    e.state
+        .lock()
+        .unwrap()
+        .set_status(&s.run_id, idx, TaskStatus::Conflict, None, Some(&reason))?;
+    s.progress.task_finished(idx, "conflict (branch kept)", &reason);
     Ok(())
 }
 
@@ -134,16 +117,10 @@ async fn attempt_once(
 
     // A checkout at the current service tip, on a task branch reset to it.
     let (checkout, base) = {
-        let (paths, pool, branch_ref, run_id) = (
-            e.paths.clone(),
-            s.pool.clone(),
-            branch_ref.clone(),
-            s.run_id.clone(),
-        );
+        let (paths, pool, branch_ref, run_id) = (e.paths.clone(), s.pool.clone(), branch_ref.clone(), s.run_id.clone());
         blocking(move || {
             let repo = paths.open()?;
-            let base = refs::read(&repo, &service_ref)?
-                .with_context(|| format!("{service_ref} is missing"))?;
+            let base = refs::read(&repo, &service_ref)?.with_context(|| format!("{service_ref} is missing"))?;
             match refs::read(&repo, &branch_ref)? {
                 None => refs::cas(&repo, &branch_ref, None, base, "cohort: task branch")?,
                 Some(old) if old != base => {
@@ -184,10 +161,7 @@ async fn attempt_once(
             paths.join(", ")
         ));
     }
-    let prompt_file = s
-        .dir
-        .sub("prompts")?
-        .join(format!("{idx:03}-{attempt}.txt"));
+    let prompt_file = s.dir.sub("prompts")?.join(format!("{idx:03}-{attempt}.txt"));
     std::fs::write(&prompt_file, &prompt)?;
     let scratch = s.dir.sub("scratch")?.join(format!("{idx:03}-{attempt}"));
     std::fs::create_dir_all(&scratch)?;
@@ -209,9 +183,9 @@ async fn attempt_once(
         .open(s.dir.log(idx))?;
     writeln!(
         log,
-        "=== attempt {attempt} at {} (agent {}, runtime {})",
+        "=== attempt {attempt} at {} (agent {}; runtime {})",
         super::state::now(),
-        e.agent.name(),
+        e.agent.describe(),
         e.runtime.name()
     )?;
     writeln!(log, "--- prompt\n{prompt}\n--- output")?;
@@ -237,10 +211,7 @@ async fn attempt_once(
             if let Some(ev) = e.agent.parse_line(t) {
                 s.progress.task_action(idx, &ev.summary());
                 let data = serde_json::to_string(&ev)?;
-                e.state
-                    .lock()
-                    .unwrap()
-                    .event(&s.run_id, idx, attempt, "agent", &data)?;
+                e.state.lock().unwrap().event(&s.run_id, idx, attempt, "agent", &data)?;
                 events.push(ev);
             }
         }
@@ -253,6 +224,9 @@ async fn attempt_once(
             return Err(err);
         }
     };
+    if let Some(AgentEvent::Message { text }) = events.iter().rev().find(|e| matches!(e, AgentEvent::Message { .. })) {
+        writeln!(log, "--- final message\n{text}")?;
+    }
     writeln!(log, "--- exit: {exit:?}")?;
 
     if exit == Exit::Cancelled {
@@ -266,13 +240,7 @@ async fn attempt_once(
                 ..Default::default()
             };
             st.end_attempt(&s.run_id, idx, attempt, &end)?;
-            st.set_status(
-                &s.run_id,
-                idx,
-                TaskStatus::Pending,
-                None,
-                Some("interrupted"),
-            )?;
+            st.set_status(&s.run_id, idx, TaskStatus::Pending, None, Some("interrupted"))?;
         }
         s.progress.task_finished(idx, "interrupted", "");
         return Ok(AttemptResult::Finished);
@@ -298,10 +266,7 @@ async fn attempt_once(
     let failure = match exit {
         Exit::Code(c) => e.agent.failure(c, &events),
         Exit::Signal(sig) => Some(format!("the agent was killed by signal {sig}")),
-        Exit::TimedOut(d) => Some(format!(
-            "the agent timed out after {}",
-            humantime::format_duration(d)
-        )),
+        Exit::TimedOut(d) => Some(format!("the agent timed out after {}", humantime::format_duration(d))),
         Exit::Cancelled => unreachable!(),
     };
     let end = |status, reason: Option<String>| AttemptEnd {
@@ -313,21 +278,9 @@ async fn attempt_once(
     {
         let st = e.state.lock().unwrap();
         if let Some(reason) = failure {
-            st.end_attempt(
-                &s.run_id,
-                idx,
-                attempt,
-                &end("failed", Some(reason.clone())),
-            )?;
+            st.end_attempt(&s.run_id, idx, attempt, &end("failed", Some(reason.clone())))?;
             let commit = (!tc.is_empty()).then_some(tip.as_str());
-            st.set_failure(
-                &s.run_id,
-                idx,
-                commit,
-                &tc.files_changed,
-                exit.code(),
-                &reason,
-            )?;
+            st.set_failure(&s.run_id, idx, commit, &tc.files_changed, exit.code(), &reason)?;
             s.progress.task_finished(idx, "failed", &reason);
             return Ok(AttemptResult::Finished);
         }
@@ -341,8 +294,7 @@ async fn attempt_once(
                 None,
                 Some("the agent changed nothing"),
             )?;
-            s.progress
-                .task_finished(idx, "unchanged", "the agent changed nothing");
+            s.progress.task_finished(idx, "unchanged", "the agent changed nothing");
             return Ok(AttemptResult::Finished);
         }
         st.end_attempt(&s.run_id, idx, attempt, &end("committed", None))?;
@@ -351,34 +303,22 @@ async fn attempt_once(
     merge_task(e, s, row, tc.tip).await
 }
 
-async fn merge_task(
-    e: &Arc<Engine>,
-    s: &Arc<Shared>,
-    row: &TaskRow,
-    tip: Oid,
-) -> Result<AttemptResult> {
+async fn merge_task(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid) -> Result<AttemptResult> {
     let idx = row.index;
     let _merging = s.merge_lock.lock().await;
-    let (paths, service_ref) = (
-        e.paths.clone(),
-        format!("refs/heads/{}", e.opts.service_branch),
-    );
+    let (paths, service_ref) = (e.paths.clone(), format!("refs/heads/{}", e.opts.service_branch));
     let message = format!(
         "Merge task {idx:03}: {}\n\nCohort-Run: {}\nCohort-Task: {idx:03}\n",
         row.text, s.run_id
     );
-    let outcome =
-        blocking(move || merge::merge_into(&paths.open()?, &service_ref, tip, &message)).await?;
+    let outcome = blocking(move || merge::merge_into(&paths.open()?, &service_ref, tip, &message)).await?;
     match outcome {
         merge::MergeOutcome::Merged { commit } => {
             let c = commit.to_string();
-            e.state.lock().unwrap().set_status(
-                &s.run_id,
-                idx,
-                TaskStatus::Merged,
-                Some(&c),
-                None,
-            )?;
+            e.state
+                .lock()
+                .unwrap()
+                .set_status(&s.run_id, idx, TaskStatus::Merged, Some(&c), None)?;
             s.progress
                 .task_finished(idx, "merged", &format!("as {}", git::short(commit)));
             Ok(AttemptResult::Finished)
@@ -388,8 +328,7 @@ async fn merge_task(
                 .lock()
                 .unwrap()
                 .set_status(&s.run_id, idx, TaskStatus::Merged, None, None)?;
-            s.progress
-                .task_finished(idx, "merged", "already in the service branch");
+            s.progress.task_finished(idx, "merged", "already in the service branch");
             Ok(AttemptResult::Finished)
         }
         merge::MergeOutcome::Conflict { paths } => Ok(AttemptResult::Conflict(paths)),

@@ -46,8 +46,6 @@ pub fn main(args: Vec<OsString>) -> ! {
         let _ = killpg(getpgrp(), Signal::SIGKILL);
     });
     let status = child.wait().unwrap_or_else(|_| std::process::exit(125));
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     std::process::exit(code);
 }

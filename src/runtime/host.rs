@@ -19,8 +19,7 @@ pub struct HostRuntime {
 
 impl HostRuntime {
     pub fn new() -> Result<HostRuntime> {
-        let guard = std::env::current_exe()
-            .context("cannot find the cohort binary to start the agent guard")?;
+        let guard = std::env::current_exe().context("cannot find the cohort binary to start the agent guard")?;
         Ok(HostRuntime { guard })
     }
 }
@@ -49,12 +48,7 @@ impl Runtime for HostRuntime {
         "host"
     }
 
-    async fn run(
-        &self,
-        spawn: Spawn,
-        output: UnboundedSender<Output>,
-        cancel: CancellationToken,
-    ) -> Result<Exit> {
+    async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
         let inv = &spawn.invocation;
         let mut cmd = Command::new(&self.guard);
         cmd.arg("__guard").arg(&inv.program).args(&inv.args);
@@ -90,9 +84,7 @@ impl Runtime for HostRuntime {
                 spawn.workdir.display()
             )
         })?;
-        let pgid = child
-            .id()
-            .context("the agent exited before it could be watched")?;
+        let pgid = child.id().context("the agent exited before it could be watched")?;
         let out = forward(child.stdout.take().unwrap(), output.clone(), Output::Stdout);
         let err = forward(child.stderr.take().unwrap(), output, Output::Stderr);
         if let (Some(mut stdin), Some(data)) = (child.stdin.take(), inv.stdin.clone()) {

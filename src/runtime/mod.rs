@@ -52,10 +52,5 @@ pub enum Output {
 pub trait Runtime: Send + Sync {
     fn name(&self) -> &'static str;
     /// Runs the invocation to its end, sending its output line by line.
-    async fn run(
-        &self,
-        spawn: Spawn,
-        output: UnboundedSender<Output>,
-        cancel: CancellationToken,
-    ) -> Result<Exit>;
+    async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit>;
 }

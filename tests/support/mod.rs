@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
 }
 
 pub fn agent(name: &str) -> String {
@@ -48,23 +46,11 @@ impl Scratch {
         let work = tmp.path().join("work");
         git_in(
             tmp.path(),
-            &[
-                "init",
-                "-q",
-                "--bare",
-                "-b",
-                "main",
-                origin.to_str().unwrap(),
-            ],
+            &["init", "-q", "--bare", "-b", "main", origin.to_str().unwrap()],
         );
         git_in(
             tmp.path(),
-            &[
-                "clone",
-                "-q",
-                origin.to_str().unwrap(),
-                work.to_str().unwrap(),
-            ],
+            &["clone", "-q", origin.to_str().unwrap(), work.to_str().unwrap()],
         );
         git_in(&work, &["checkout", "-q", "-b", "main"]);
         git_in(&work, &["config", "user.name", "Test"]);
@@ -104,12 +90,7 @@ impl Scratch {
         if !other.exists() {
             git_in(
                 self.tmp.path(),
-                &[
-                    "clone",
-                    "-q",
-                    self.origin.to_str().unwrap(),
-                    other.to_str().unwrap(),
-                ],
+                &["clone", "-q", self.origin.to_str().unwrap(), other.to_str().unwrap()],
             );
         }
         other
@@ -156,8 +137,7 @@ impl Scratch {
 
     pub fn status_json(&self) -> serde_json::Value {
         let out = self.run(&["report", "--json"]);
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| panic!("report --json: {}", text(&out)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("report --json: {}", text(&out)))
     }
 }
 
@@ -184,14 +164,7 @@ pub fn gone(pid: &str) -> bool {
     for _ in 0..50 {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return true,
-            Ok(stat)
-                if stat
-                    .rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
-            {
-                return true
-            }
+            Ok(stat) if stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) => return true,
             Ok(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
     }
