@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v git >/dev/null || need_apt+=(git)
 command -v cc >/dev/null || need_apt+=(gcc)
+command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -16,6 +17,9 @@ if ! command -v cargo >/dev/null; then
     echo "cargo is missing: install Rust (https://rustup.rs) first" >&2
     exit 2
 fi
+
+echo "== the pinned Codex CLI (npm, project-local)"
+sh fixtures/install-codex.sh
 
 echo "== cargo test (workspace)"
 cargo test --workspace --locked 2>&1
