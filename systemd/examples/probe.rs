@@ -84,10 +84,7 @@ fn expect<T>(a: &HashMap<String, String>, r: Result<T, CredsError>) -> Result<Op
 async fn encrypt(a: &HashMap<String, String>) -> Res {
     let creds = Credentials::new();
     let name = a.get("name").map(String::as_str);
-    let secret = a
-        .get("secret")
-        .cloned()
-        .unwrap_or_else(|| "sk-probe-secret".into());
+    let secret = a.get("secret").cloned().unwrap_or_else(|| "sk-probe-secret".into());
     let sc = scope(a);
     let info = creds.check().await.map_err(|e| e.to_string())?;
     println!(
@@ -95,20 +92,11 @@ async fn encrypt(a: &HashMap<String, String>) -> Res {
         info.user_scope, info.with_key
     );
     let t = std::time::Instant::now();
-    let Some(cred) = expect(
-        a,
-        creds
-            .encrypt_require_tpm2(name, sc, secret.as_bytes())
-            .await,
-    )?
-    else {
+    let Some(cred) = expect(a, creds.encrypt_require_tpm2(name, sc, secret.as_bytes()).await)? else {
         return Ok(());
     };
     println!("encrypt_ms={}", t.elapsed().as_millis());
-    println!(
-        "binding={}",
-        cred.binding().map(|b| b.to_string()).unwrap_or_default()
-    );
+    println!("binding={}", cred.binding().map(|b| b.to_string()).unwrap_or_default());
     // Explicit key choice: 257 has no withKey; show what the crate reports.
     let explicit = EncryptRequest {
         name,
@@ -143,10 +131,7 @@ async fn decrypt(a: &HashMap<String, String>) -> Res {
     let path = a.get("in").ok_or("--in FILE")?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let cred = EncryptedCredential::from_base64(&text).map_err(|e| e.to_string())?;
-    println!(
-        "binding={}",
-        cred.binding().map(|b| b.to_string()).unwrap_or_default()
-    );
+    println!("binding={}", cred.binding().map(|b| b.to_string()).unwrap_or_default());
     let r = Credentials::new()
         .decrypt(&cred, a.get("name").map(String::as_str), scope(a))
         .await;
@@ -169,8 +154,7 @@ async fn unit(a: &HashMap<String, String>) -> Res {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut u = UnitFile::new();
     u.header_comment("written by cohort-systemd's probe (VM test)");
-    u.section("Unit")
-        .text("Description", "cohort probe 100% test unit");
+    u.section("Unit").text("Description", "cohort probe 100% test unit");
     let svc = u.section("Service");
     if a.contains_key("notify") {
         svc.raw("Type", "notify")
@@ -179,11 +163,9 @@ async fn unit(a: &HashMap<String, String>) -> Res {
             .raw("NotifyAccess", "main");
     } else if a.contains_key("fail") {
         // oneshot: the start job itself waits for the exit and fails deterministically.
-        svc.raw("Type", "oneshot")
-            .exec("ExecStart", &["/bin/false"]);
+        svc.raw("Type", "oneshot").exec("ExecStart", &["/bin/false"]);
     } else {
-        svc.raw("Type", "exec")
-            .exec("ExecStart", &["/bin/sleep", "infinity"]);
+        svc.raw("Type", "exec").exec("ExecStart", &["/bin/sleep", "infinity"]);
     }
     svc.env("PROBE_VALUE", "a b $c %d");
     let wanted_by = if bus == Bus::User {
@@ -202,10 +184,7 @@ async fn unit(a: &HashMap<String, String>) -> Res {
 
     let t = std::time::Instant::now();
     let sd = Systemd::connect(bus).await.map_err(|e| e.to_string())?;
-    println!(
-        "manager_version={}",
-        sd.version().await.map_err(|e| e.to_string())?
-    );
+    println!("manager_version={}", sd.version().await.map_err(|e| e.to_string())?);
     sd.reload().await.map_err(|e| e.to_string())?;
     let changes = sd.enable(&[&name]).await.map_err(|e| e.to_string())?;
     println!("enable_changes={}", changes.len());
@@ -238,10 +217,7 @@ async fn unit(a: &HashMap<String, String>) -> Res {
 }
 
 async fn linger(a: &HashMap<String, String>) -> Res {
-    let uid: u32 = a
-        .get("uid")
-        .and_then(|u| u.parse().ok())
-        .ok_or("--uid UID")?;
+    let uid: u32 = a.get("uid").and_then(|u| u.parse().ok()).ok_or("--uid UID")?;
     let before = cohort_systemd::logind::linger_enabled(uid)
         .await
         .map_err(|e| e.to_string())?;

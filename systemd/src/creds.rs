@@ -84,23 +84,11 @@ pub enum KeyBinding {
 
 const KEY_IDS: [([u8; 16], KeyBinding); 9] = [
     (hex16("5a1c6a86df9d4096b1d5a65e0862f19a"), KeyBinding::Host),
-    (
-        hex16("55b9ed1d38594d43a8319d2ebb332ac6"),
-        KeyBinding::HostScoped,
-    ),
+    (hex16("55b9ed1d38594d43a8319d2ebb332ac6"), KeyBinding::HostScoped),
     (hex16("0c7cc07b117645919c4b0bea08bc20fe"), KeyBinding::Tpm2),
-    (
-        hex16("faf7eb9341e3412ca1a436f95a29362f"),
-        KeyBinding::Tpm2WithPublicKey,
-    ),
-    (
-        hex16("93a894094874449090caf2fc93cab553"),
-        KeyBinding::HostTpm2,
-    ),
-    (
-        hex16("ef4ac13679a9480ea7db68897f9f165d"),
-        KeyBinding::HostTpm2Scoped,
-    ),
+    (hex16("faf7eb9341e3412ca1a436f95a29362f"), KeyBinding::Tpm2WithPublicKey),
+    (hex16("93a894094874449090caf2fc93cab553"), KeyBinding::HostTpm2),
+    (hex16("ef4ac13679a9480ea7db68897f9f165d"), KeyBinding::HostTpm2Scoped),
     (
         hex16("af4950a849134eb1a73846304ff30c05"),
         KeyBinding::HostTpm2WithPublicKey,
@@ -141,10 +129,7 @@ impl KeyBinding {
 
     /// True when decryption needs this machine's TPM.
     pub fn uses_tpm2(self) -> bool {
-        !matches!(
-            self,
-            KeyBinding::Host | KeyBinding::HostScoped | KeyBinding::Null
-        )
+        !matches!(self, KeyBinding::Host | KeyBinding::HostScoped | KeyBinding::Null)
     }
 }
 
@@ -158,9 +143,7 @@ impl fmt::Display for KeyBinding {
             KeyBinding::HostTpm2 => "host key + TPM2",
             KeyBinding::HostTpm2Scoped => "host key + TPM2 (user-scoped)",
             KeyBinding::HostTpm2WithPublicKey => "host key + TPM2 with signed PCR policy",
-            KeyBinding::HostTpm2WithPublicKeyScoped => {
-                "host key + TPM2 with signed PCR policy (user-scoped)"
-            }
+            KeyBinding::HostTpm2WithPublicKeyScoped => "host key + TPM2 with signed PCR policy (user-scoped)",
             KeyBinding::Null => "null key (no protection)",
         };
         f.write_str(s)
@@ -398,11 +381,7 @@ impl Credentials {
     }
 
     /// Seal `secret`. The result is what belongs in a credential file.
-    pub async fn encrypt(
-        &self,
-        req: &EncryptRequest<'_>,
-        secret: &[u8],
-    ) -> Result<EncryptedCredential, CredsError> {
+    pub async fn encrypt(&self, req: &EncryptRequest<'_>, secret: &[u8]) -> Result<EncryptedCredential, CredsError> {
         let params = EncryptParams {
             name: req.name,
             data: B64.encode(secret),
@@ -410,10 +389,7 @@ impl Credentials {
             with_key: req.with_key.map(WithKey::as_wire),
             not_after: req.not_after_usec,
         };
-        let reply: EncryptReply = match self
-            .call("io.systemd.Credentials.Encrypt", params, req.name)
-            .await
-        {
+        let reply: EncryptReply = match self.call("io.systemd.Credentials.Encrypt", params, req.name).await {
             Err(CredsError::InvalidParameter(p)) if p == "withKey" => {
                 return Err(CredsError::Unsupported {
                     socket: self.socket.clone(),
@@ -470,37 +446,26 @@ impl Credentials {
             blob: cred.as_base64(),
             scope,
         };
-        let reply: DecryptReply = self
-            .call("io.systemd.Credentials.Decrypt", params, name)
-            .await?;
-        let data = B64
-            .decode(reply.data.as_bytes())
-            .map_err(|e| CredsError::Protocol {
-                socket: self.socket.clone(),
-                detail: format!("Decrypt reply data is not base64: {e}"),
-            })?;
+        let reply: DecryptReply = self.call("io.systemd.Credentials.Decrypt", params, name).await?;
+        let data = B64.decode(reply.data.as_bytes()).map_err(|e| CredsError::Protocol {
+            socket: self.socket.clone(),
+            detail: format!("Decrypt reply data is not base64: {e}"),
+        })?;
         Ok(Secret::new(data))
     }
 
-    async fn call<P, R>(
-        &self,
-        method: &'static str,
-        parameters: P,
-        name: Option<&str>,
-    ) -> Result<R, CredsError>
+    async fn call<P, R>(&self, method: &'static str, parameters: P, name: Option<&str>) -> Result<R, CredsError>
     where
         P: Serialize + fmt::Debug,
         R: for<'de> Deserialize<'de> + fmt::Debug,
     {
-        let mut conn = zlink::tokio::unix::connect(&self.socket)
-            .await
-            .map_err(|e| match e {
-                zlink::Error::Io(source) => CredsError::ServiceUnavailable {
-                    socket: self.socket.clone(),
-                    source,
-                },
-                other => self.protocol(other),
-            })?;
+        let mut conn = zlink::tokio::unix::connect(&self.socket).await.map_err(|e| match e {
+            zlink::Error::Io(source) => CredsError::ServiceUnavailable {
+                socket: self.socket.clone(),
+                source,
+            },
+            other => self.protocol(other),
+        })?;
         let call = zlink::Call::new(Method { method, parameters });
         let (reply, _fds) = conn
             .call_method::<_, R, WireError>(&call, vec![])
@@ -530,18 +495,16 @@ impl Credentials {
         use zlink::varlink_service::Error as V;
         match e {
             zlink::Error::VarlinkService(ref owned) => match &**owned {
-                V::InterfaceNotFound { .. }
-                | V::MethodNotFound { .. }
-                | V::MethodNotImplemented { .. } => CredsError::Unsupported {
-                    socket: self.socket.clone(),
-                    method: method.to_string(),
-                    error: format!("{owned}"),
-                    needs: "this systemd is too old: cohort needs systemd >= 256 \
+                V::InterfaceNotFound { .. } | V::MethodNotFound { .. } | V::MethodNotImplemented { .. } => {
+                    CredsError::Unsupported {
+                        socket: self.socket.clone(),
+                        method: method.to_string(),
+                        error: format!("{owned}"),
+                        needs: "this systemd is too old: cohort needs systemd >= 256 \
                             (>= 257 for user-scope credentials)",
-                },
-                V::InvalidParameter { parameter } => {
-                    CredsError::InvalidParameter(parameter.to_string())
+                    }
                 }
+                V::InvalidParameter { parameter } => CredsError::InvalidParameter(parameter.to_string()),
                 V::PermissionDenied => CredsError::PermissionDenied {
                     error: "org.varlink.service.PermissionDenied".into(),
                 },
@@ -573,9 +536,7 @@ impl Credentials {
             "org.varlink.service.PermissionDenied" => CredsError::PermissionDenied {
                 error: err.error.clone(),
             },
-            "org.varlink.service.InvalidParameter" => {
-                CredsError::InvalidParameter(param("parameter"))
-            }
+            "org.varlink.service.InvalidParameter" => CredsError::InvalidParameter(param("parameter")),
             "org.varlink.service.MethodNotFound"
             | "org.varlink.service.InterfaceNotFound"
             | "org.varlink.service.MethodNotImplemented" => CredsError::Unsupported {
@@ -593,6 +554,7 @@ impl Credentials {
 /// errno values systemd's decrypt path returns, before 258 turned them into named errors.
 mod errno {
     pub const EREMOTE: i64 = libc::EREMOTE as i64;
+    pub const ENOTRECOVERABLE: i64 = libc::ENOTRECOVERABLE as i64;
     pub const EBADMSG: i64 = libc::EBADMSG as i64;
     pub const EMEDIUMTYPE: i64 = libc::EMEDIUMTYPE as i64;
     pub const ESTALE: i64 = libc::ESTALE as i64;
@@ -607,11 +569,7 @@ mod errno {
 }
 
 fn map_service_error(err: WireError, name: Option<&str>) -> CredsError {
-    let params = err
-        .parameters
-        .as_ref()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let params = err.parameters.as_ref().map(|p| p.to_string()).unwrap_or_default();
     let errno = err
         .parameters
         .as_ref()
@@ -619,7 +577,10 @@ fn map_service_error(err: WireError, name: Option<&str>) -> CredsError {
         .and_then(|e| e.as_i64());
     let named = err.error.strip_prefix("io.systemd.Credentials.");
     match (named, errno) {
-        (Some("KeyBelongsToOtherTPM"), _) | (None, Some(errno::EREMOTE)) => {
+        // 257 reports a sealed key that this TPM cannot load (another TPM's, or from before
+        // a TPM clear) as ENOTRECOVERABLE, as seen in tests/vm; later releases as EREMOTE or
+        // by name.
+        (Some("KeyBelongsToOtherTPM"), _) | (None, Some(errno::EREMOTE | errno::ENOTRECOVERABLE)) => {
             CredsError::NotThisMachine {
                 detail: format!("{} {params}", err.error),
             }
@@ -639,19 +600,15 @@ fn map_service_error(err: WireError, name: Option<&str>) -> CredsError {
         (Some("BadScope"), _) | (None, Some(errno::EMEDIUMTYPE)) => CredsError::BadScope,
         (Some("UnexpectedPCRState"), _) => CredsError::UnexpectedPcrState,
         (Some("TPMInDictionaryLockout"), _) | (None, Some(errno::ENOLCK)) => CredsError::TpmLockout,
-        (None, Some(errno::ENOENT | errno::ENXIO | errno::EOPNOTSUPP | errno::EHOSTDOWN)) => {
-            CredsError::NoTpm {
-                detail: format!("{} {params}", err.error),
-            }
-        }
+        (None, Some(errno::ENOENT | errno::ENXIO | errno::EOPNOTSUPP | errno::EHOSTDOWN)) => CredsError::NoTpm {
+            detail: format!("{} {params}", err.error),
+        },
         (None, Some(errno::EPERM | errno::EACCES)) => CredsError::PermissionDenied {
             error: format!("{} {params}", err.error),
         },
-        _ if err.error == "io.systemd.InteractiveAuthenticationRequired" => {
-            CredsError::PermissionDenied {
-                error: err.error.clone(),
-            }
-        }
+        _ if err.error == "io.systemd.InteractiveAuthenticationRequired" => CredsError::PermissionDenied {
+            error: err.error.clone(),
+        },
         _ => CredsError::Service {
             error: err.error,
             parameters: params,

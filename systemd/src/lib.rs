@@ -16,8 +16,7 @@ pub mod secret;
 pub mod unit;
 
 pub use creds::{
-    Credentials, CredsError, EncryptRequest, EncryptedCredential, KeyBinding, Scope, ServiceInfo,
-    WithKey,
+    Credentials, CredsError, EncryptRequest, EncryptedCredential, KeyBinding, Scope, ServiceInfo, WithKey,
 };
 pub use manager::{Bus, Systemd, UnitFileChange, UnitState, UnitsError};
 pub use notify::{Notifier, NotifyError, NotifyState};

@@ -19,9 +19,7 @@ pub async fn linger_enabled(uid: u32) -> Result<bool, UnitsError> {
         .map_err(call_err("login1.Manager proxy"))?;
     let path = match mgr.get_user(uid).await {
         Ok(p) => p,
-        Err(zbus::Error::MethodError(name, _, _))
-            if name.as_str() == "org.freedesktop.login1.NoSuchUser" =>
-        {
+        Err(zbus::Error::MethodError(name, _, _)) if name.as_str() == "org.freedesktop.login1.NoSuchUser" => {
             return Ok(false);
         }
         Err(e) => return Err(call_err(format!("GetUser {uid}"))(e)),
@@ -33,9 +31,7 @@ pub async fn linger_enabled(uid: u32) -> Result<bool, UnitsError> {
         .build()
         .await
         .map_err(call_err("login1.User proxy"))?;
-    user.linger()
-        .await
-        .map_err(call_err(format!("User {uid} Linger")))
+    user.linger().await.map_err(call_err(format!("User {uid} Linger")))
 }
 
 /// Turn lingering on or off for `uid` (`loginctl enable-linger`). Root may do it for

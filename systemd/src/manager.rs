@@ -186,18 +186,12 @@ impl Systemd {
             .build()
             .await
             .map_err(call_err(format!("Unit proxy {unit}")))?;
-        let load_state = u
-            .load_state()
-            .await
-            .map_err(call_err(format!("{unit} LoadState")))?;
+        let load_state = u.load_state().await.map_err(call_err(format!("{unit} LoadState")))?;
         let active_state = u
             .active_state()
             .await
             .map_err(call_err(format!("{unit} ActiveState")))?;
-        let sub_state = u
-            .sub_state()
-            .await
-            .map_err(call_err(format!("{unit} SubState")))?;
+        let sub_state = u.sub_state().await.map_err(call_err(format!("{unit} SubState")))?;
         let result = if unit.ends_with(".service") && load_state == "loaded" {
             let s = ServiceProxy::builder(&self.conn)
                 .path(path)
@@ -206,9 +200,7 @@ impl Systemd {
                 .build()
                 .await
                 .map_err(call_err(format!("Service proxy {unit}")))?;
-            s.result()
-                .await
-                .map_err(call_err(format!("{unit} Result")))?
+            s.result().await.map_err(call_err(format!("{unit} Result")))?
         } else {
             String::new()
         };
@@ -220,12 +212,7 @@ impl Systemd {
         })
     }
 
-    async fn run_job(
-        &self,
-        unit: &str,
-        verb: Verb,
-        timeout: Duration,
-    ) -> Result<UnitState, UnitsError> {
+    async fn run_job(&self, unit: &str, verb: Verb, timeout: Duration) -> Result<UnitState, UnitsError> {
         // Order matters: the match rule for JobRemoved must be in place, and the manager
         // told to emit signals to us (Subscribe), before the job exists.
         let mut removed = self
@@ -233,10 +220,7 @@ impl Systemd {
             .receive_job_removed()
             .await
             .map_err(call_err("AddMatch JobRemoved"))?;
-        self.manager
-            .subscribe()
-            .await
-            .map_err(call_err("Subscribe"))?;
+        self.manager.subscribe().await.map_err(call_err("Subscribe"))?;
 
         let name = unit.to_string();
         let mode = "replace".to_string();
@@ -351,22 +335,15 @@ pub fn user_bus_address() -> String {
 
 pub(crate) async fn connect_bus(bus: Bus) -> Result<zbus::Connection, UnitsError> {
     match bus {
-        Bus::System => zbus::Connection::system()
-            .await
-            .map_err(|source| UnitsError::Connect {
-                bus,
-                address: "unix:path=/run/dbus/system_bus_socket".into(),
-                hint: "Is this a systemd host with D-Bus running?",
-                source,
-            }),
+        Bus::System => zbus::Connection::system().await.map_err(|source| UnitsError::Connect {
+            bus,
+            address: "unix:path=/run/dbus/system_bus_socket".into(),
+            hint: "Is this a systemd host with D-Bus running?",
+            source,
+        }),
         Bus::User => {
             let address = user_bus_address();
-            let result = async {
-                zbus::connection::Builder::address(address.as_str())?
-                    .build()
-                    .await
-            }
-            .await;
+            let result = async { zbus::connection::Builder::address(address.as_str())?.build().await }.await;
             result.map_err(|source| UnitsError::Connect {
                 bus,
                 address,

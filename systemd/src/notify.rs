@@ -183,11 +183,8 @@ mod tests {
         let n = Notifier::connect(path.to_str().unwrap()).unwrap();
         n.ready().unwrap();
         assert_eq!(recv(&server), "READY=1");
-        n.notify(&[
-            NotifyState::Status("serving 3 runs".into()),
-            NotifyState::Watchdog,
-        ])
-        .unwrap();
+        n.notify(&[NotifyState::Status("serving 3 runs".into()), NotifyState::Watchdog])
+            .unwrap();
         assert_eq!(recv(&server), "STATUS=serving 3 runs\nWATCHDOG=1");
     }
 

@@ -98,12 +98,7 @@ impl Section {
 
     /// A command line with systemd's prefix flags, e.g. `-` (ignore failure) or `+`
     /// (full privileges).
-    pub fn exec_with_prefix<S: AsRef<str>>(
-        &mut self,
-        key: &str,
-        prefix: &str,
-        argv: &[S],
-    ) -> &mut Self {
+    pub fn exec_with_prefix<S: AsRef<str>>(&mut self, key: &str, prefix: &str, argv: &[S]) -> &mut Self {
         let argv = argv.iter().map(|a| a.as_ref().to_string()).collect();
         self.push(
             key,
@@ -207,14 +202,10 @@ fn check_key(key: &str) -> Result<(), UnitError> {
 
 fn check_line(key: &str, v: &str) -> Result<(), UnitError> {
     if v.contains(['\n', '\r', '\0']) {
-        return Err(UnitError::Newline {
-            key: key.to_string(),
-        });
+        return Err(UnitError::Newline { key: key.to_string() });
     }
     if v.ends_with('\\') {
-        return Err(UnitError::TrailingBackslash {
-            key: key.to_string(),
-        });
+        return Err(UnitError::TrailingBackslash { key: key.to_string() });
     }
     Ok(())
 }
@@ -253,9 +244,7 @@ fn render_value(key: &str, value: &Value) -> Result<String, UnitError> {
         Value::Raw(r) => r.clone(),
         Value::Exec { prefix, argv } => {
             let Some((prog, args)) = argv.split_first() else {
-                return Err(UnitError::EmptyCommand {
-                    key: key.to_string(),
-                });
+                return Err(UnitError::EmptyCommand { key: key.to_string() });
             };
             // The program is quoted too, with the prefix flags outside the quotes.
             let mut s = format!("{prefix}{}", quote_word(prog, true));
@@ -306,10 +295,7 @@ mod tests {
             .raw("After", "network-online.target");
         u.section("Service")
             .raw("Type", "notify")
-            .exec(
-                "ExecStart",
-                &["/opt/my tools/cohort", "serve", "--price=$5", "a\"b"],
-            )
+            .exec("ExecStart", &["/opt/my tools/cohort", "serve", "--price=$5", "a\"b"])
             .exec_with_prefix("ExecStartPre", "-", &["/bin/true"])
             .env("COHORT_REPO", "/srv/repo with space")
             .list("ReadWritePaths", &["/var/lib/cohort", "/srv/100%"])
@@ -353,10 +339,7 @@ mod tests {
 
         let mut u = UnitFile::new();
         u.section("Unit").raw("Description", "ends with \\");
-        assert!(matches!(
-            u.render(),
-            Err(UnitError::TrailingBackslash { .. })
-        ));
+        assert!(matches!(u.render(), Err(UnitError::TrailingBackslash { .. })));
 
         let mut u = UnitFile::new();
         u.section("Unit").raw("Bad Key", "x");
@@ -378,8 +361,7 @@ mod tests {
     #[test]
     fn exec_newlines_are_escaped_not_refused() {
         let mut u = UnitFile::new();
-        u.section("Service")
-            .exec("ExecStart", &["/bin/echo", "a\nb\\"]);
+        u.section("Service").exec("ExecStart", &["/bin/echo", "a\nb\\"]);
         let t = u.render().unwrap();
         assert!(t.contains("ExecStart=\"/bin/echo\" \"a\\nb\\\\\"\n"), "{t}");
     }
