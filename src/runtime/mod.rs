@@ -4,6 +4,7 @@
 
 pub mod guard;
 pub mod host;
+pub mod podman;
 
 use std::path::PathBuf;
 use std::time::Duration;
