@@ -56,6 +56,10 @@ pub enum Command {
     Report(commands::report::Args),
     /// Show a task's log: the prompt sent and everything the agent printed.
     Logs(commands::logs::Args),
+    /// The agent image: `cohort image build` makes it from scratch and loads it into podman.
+    Image(commands::image::Args),
+    /// Development containers from the image: `container run` makes one, `container enter` re-enters it.
+    Container(commands::container::Args),
 }
 
 /// An error the user caused and can fix (exit code 2).
@@ -124,6 +128,8 @@ pub fn main() -> ExitCode {
             Command::Status(a) => commands::status::run(a),
             Command::Report(a) => commands::report::run(a, cli.config.as_deref()),
             Command::Logs(a) => commands::logs::run(a),
+            Command::Image(a) => commands::image::run(a, cli.config.as_deref()).await,
+            Command::Container(a) => commands::container::run(a, cli.config.as_deref()).await,
         }
     });
     match result {

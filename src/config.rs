@@ -24,6 +24,85 @@ pub struct Config {
     pub planner: PlannerSection,
     #[serde(default)]
     pub agent: AgentSection,
+    #[serde(default)]
+    pub image: ImageSection,
+    #[serde(default)]
+    pub container: ContainerSection,
+}
+
+/// `[image]`: what `cohort image build` puts in the image.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    /// Default `localhost/cohort:latest`.
+    pub tag: Option<String>,
+    /// Globs of repository files to copy into the image (under /opt/cohort/repo), tracked files only.
+    pub include: Option<Vec<String>>,
+    /// Host programs (files or directories) with their shared libraries; default: a shell,
+    /// coreutils basics, git and CA certificates.
+    pub programs: Option<Vec<PathBuf>>,
+    /// An image in podman's storage to build on instead of scratch.
+    pub base: Option<String>,
+}
+
+/// `[container]`: how containers are made (task containers and `cohort container run`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSection {
+    /// `private` (default), `none` or `host`.
+    pub network: Option<crate::runtime::podman::NetworkMode>,
+    /// Commands run with `sh -c` in a new `cohort container run` container before the shell.
+    pub startup: Option<Vec<String>>,
+    /// Extra bind mounts, `HOST:CONTAINER` or `HOST:CONTAINER:ro`.
+    pub mounts: Option<Vec<String>>,
+    /// Memory limit: bytes, or with a suffix `k`, `m`, `g` (e.g. `2g`).
+    pub memory: Option<String>,
+    /// Process limit.
+    pub pids: Option<i64>,
+}
+
+impl ContainerSection {
+    pub fn memory_bytes(&self) -> Result<Option<i64>, ConfigError> {
+        let Some(m) = &self.memory else { return Ok(None) };
+        let t = m.trim().to_ascii_lowercase();
+        let t = t.strip_suffix('b').unwrap_or(&t);
+        let (num, mult) = match t.chars().last() {
+            Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+            Some('m') => (&t[..t.len() - 1], 1 << 20),
+            Some('g') => (&t[..t.len() - 1], 1 << 30),
+            _ => (t, 1),
+        };
+        match num.trim().parse::<i64>() {
+            Ok(n) if n > 0 => Ok(Some(n * mult)),
+            _ => Err(ConfigError::Value {
+                what: "[container] memory".into(),
+                message: format!("{m:?} is not a size; write e.g. 2g or 512m"),
+            }),
+        }
+    }
+
+    /// `[container] mounts` as (host, container, read_only).
+    pub fn bind_mounts(&self) -> Result<Vec<(String, String, bool)>, ConfigError> {
+        let mut out = Vec::new();
+        for m in self.mounts.iter().flatten() {
+            let parts: Vec<&str> = m.split(':').collect();
+            let bad = || ConfigError::Value {
+                what: "[container] mounts".into(),
+                message: format!("{m:?}: write HOST:CONTAINER or HOST:CONTAINER:ro with absolute paths"),
+            };
+            let (src, dst, ro) = match parts.as_slice() {
+                [s, d] => (*s, *d, false),
+                [s, d, "ro"] => (*s, *d, true),
+                [s, d, "rw"] => (*s, *d, false),
+                _ => return Err(bad()),
+            };
+            if !src.starts_with('/') || !dst.starts_with('/') {
+                return Err(bad());
+            }
+            out.push((src.to_string(), dst.to_string(), ro));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -137,5 +216,29 @@ mod tests {
         assert_eq!(c.run.on_conflict, Some(ConflictPolicy::Keep));
         assert!(parse_duration("--timeout", "soon").is_err());
         assert_eq!(parse_duration("--timeout", "2m").unwrap().as_secs(), 120);
+    }
+
+    #[test]
+    fn image_and_container_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[image]\ntag = \"localhost/x:1\"\ninclude = [\"docs/**\"]\nprograms = [\"/bin/sh\"]\n\
+             [container]\nnetwork = \"none\"\nstartup = [\"echo hi\"]\nmounts = [\"/a:/b:ro\"]\nmemory = \"2g\"\npids = 100\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p), None).unwrap();
+        assert_eq!(c.image.tag.as_deref(), Some("localhost/x:1"));
+        assert_eq!(c.container.network, Some(crate::runtime::podman::NetworkMode::None));
+        assert_eq!(c.container.memory_bytes().unwrap(), Some(2 << 30));
+        assert_eq!(
+            c.container.bind_mounts().unwrap(),
+            vec![("/a".into(), "/b".into(), true)]
+        );
+        std::fs::write(&p, "[container]\nnetwork = \"bridge\"\n").unwrap();
+        assert!(Config::load(Some(&p), None).is_err());
+        std::fs::write(&p, "[image]\ntags = \"x\"\n").unwrap();
+        assert!(Config::load(Some(&p), None).unwrap_err().to_string().contains("tags"));
     }
 }

@@ -1,5 +1,7 @@
 //! One file per command; each drives the library and returns an exit code.
 
+pub mod container;
+pub mod image;
 pub mod logs;
 pub mod plan;
 pub mod report;

@@ -83,6 +83,9 @@ pub enum AgentKind {
 pub enum RuntimeKind {
     /// Run the agent directly on this machine, in its checkout.
     Host,
+    /// Run each task's agent in its own container from the cohort image (`cohort image build`),
+    /// through podman's REST socket. The default when a podman socket is found.
+    Podman,
 }
 
 /// The API key, from the environment. It is only handed on, never printed.
@@ -159,13 +162,18 @@ pub fn build_engine(
             )))
         }
     };
-    if let Some(other) = config.run.runtime.as_deref().filter(|r| *r != "host") {
-        return Err(usage(format!(
-            "[run] runtime = {other:?} is not available; use \"host\""
-        )));
-    }
-    let runtime: Arc<dyn Runtime> = match flags.runtime.unwrap_or(RuntimeKind::Host) {
+    let runtime: Arc<dyn Runtime> = match select_runtime(flags, config)? {
         RuntimeKind::Host => Arc::new(HostRuntime::new()?),
+        RuntimeKind::Podman => {
+            let settings = crate::commands::container::podman_settings(config, &paths)?;
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let podman = crate::runtime::podman::Podman::connect().await?;
+                    anyhow::Ok(crate::runtime::podman::PodmanRuntime::new(podman, settings).await?)
+                })
+            })
+            .map(Arc::new)?
+        }
     };
     let state = State::open(&run::state_path(&paths))?;
     Ok(Engine {
@@ -181,6 +189,42 @@ pub fn build_engine(
         },
         cancel: CancellationToken::new(),
     })
+}
+
+/// `--runtime`, else `[run] runtime`, else podman when a podman socket is found (see
+/// `socket_candidates`), else host. The automatic choice is said on stderr.
+fn select_runtime(flags: &EngineFlags, config: &Config) -> Result<RuntimeKind> {
+    if let Some(kind) = flags.runtime {
+        return Ok(kind);
+    }
+    match config.run.runtime.as_deref() {
+        Some("host") => return Ok(RuntimeKind::Host),
+        Some("podman") => return Ok(RuntimeKind::Podman),
+        Some(other) => {
+            return Err(usage(format!(
+                "[run] runtime = {other:?} is unknown; use \"podman\" or \"host\""
+            )))
+        }
+        None => {}
+    }
+    let candidates = crate::runtime::podman::socket_candidates(
+        std::env::var("CONTAINER_HOST").ok().as_deref(),
+        std::env::var("XDG_RUNTIME_DIR").ok().as_deref(),
+    )
+    .map_err(|e| usage(e.to_string()))?;
+    match candidates.iter().find(|p| p.exists()) {
+        Some(sock) => {
+            eprintln!(
+                "cohort: runtime podman (socket {}); agents run in containers (--runtime host runs them here)",
+                sock.display()
+            );
+            Ok(RuntimeKind::Podman)
+        }
+        None => {
+            eprintln!("cohort: runtime host (no podman socket found); agents run directly on this machine");
+            Ok(RuntimeKind::Host)
+        }
+    }
 }
 
 fn codex_agent(config: &Config, flags: &EngineFlags, stored: &serde_json::Value) -> Result<CodexAgent> {

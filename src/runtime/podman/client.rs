@@ -25,10 +25,7 @@ pub(super) type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Where to look for the socket, in order: `CONTAINER_HOST=unix://PATH` alone when set,
 /// else `$XDG_RUNTIME_DIR/podman/podman.sock`, then the rootful `/run/podman/podman.sock`.
-pub fn socket_candidates(
-    container_host: Option<&str>,
-    xdg_runtime_dir: Option<&str>,
-) -> Result<Vec<PathBuf>> {
+pub fn socket_candidates(container_host: Option<&str>, xdg_runtime_dir: Option<&str>) -> Result<Vec<PathBuf>> {
     if let Some(host) = container_host.filter(|h| !h.is_empty()) {
         let path = host
             .strip_prefix("unix://")
@@ -67,9 +64,7 @@ pub(super) struct IdBody {
 }
 
 pub(super) fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
 pub(super) fn json_body(v: &impl serde::Serialize) -> Result<Body> {
@@ -108,9 +103,7 @@ impl Podman {
     pub async fn connect_to(socket: impl Into<PathBuf>) -> Result<Self> {
         let socket = socket.into();
         if !socket.exists() {
-            return Err(PodmanError::NoSocket {
-                tried: vec![socket],
-            });
+            return Err(PodmanError::NoSocket { tried: vec![socket] });
         }
         let mut me = Podman {
             socket,
@@ -126,12 +119,7 @@ impl Podman {
             .unwrap_or("")
             .to_owned();
         me.version = me.get_json("/version").await?;
-        let major = |v: &str| {
-            v.split('.')
-                .next()
-                .and_then(|m| m.parse::<u32>().ok())
-                .unwrap_or(0)
-        };
+        let major = |v: &str| v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0);
         if major(&api) < 4 && major(&me.version.version) < 4 {
             return Err(PodmanError::TooOld {
                 version: format!("{api} (podman {})", me.version.version),
@@ -169,13 +157,12 @@ impl Podman {
     // ---- transport ----
 
     pub(super) async fn open(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| PodmanError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| PodmanError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // Upgrades must be enabled on the connection for exec's hijacked stream.
         tokio::spawn(async move {
@@ -192,10 +179,7 @@ impl Podman {
         content_type: Option<&str>,
     ) -> Result<Response<Incoming>> {
         let mut sender = self.open().await?;
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, "d");
+        let mut req = Request::builder().method(method).uri(path).header(HOST, "d");
         if let Some(ct) = content_type {
             req = req.header(CONTENT_TYPE, ct);
         }
@@ -210,10 +194,7 @@ impl Podman {
         res: Response<Incoming>,
     ) -> Result<Response<Incoming>> {
         let status = res.status();
-        if status.is_success()
-            || status == StatusCode::NOT_MODIFIED
-            || status == StatusCode::SWITCHING_PROTOCOLS
-        {
+        if status.is_success() || status == StatusCode::NOT_MODIFIED || status == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(res);
         }
         let body = res.into_body().collect().await?.to_bytes();
@@ -265,13 +246,10 @@ impl Podman {
         let file = tokio::fs::File::open(archive)
             .await
             .map_err(io_err(format!("opening {}", archive.display())))?;
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map_ok(BodyFrame::data);
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map_ok(BodyFrame::data);
         let body = BodyExt::boxed(StreamBody::new(stream));
         let path = format!("{API_PREFIX}/images/load");
-        let bytes = self
-            .call(Method::POST, &path, body, Some("application/x-tar"))
-            .await?;
+        let bytes = self.call(Method::POST, &path, body, Some("application/x-tar")).await?;
         #[derive(Deserialize)]
         struct Loaded {
             #[serde(rename = "Names", default)]
@@ -281,13 +259,16 @@ impl Podman {
     }
 
     pub async fn image_exists(&self, name: &str) -> Result<bool> {
-        self.exists(&format!("{API_PREFIX}/images/{}/exists", enc(name)))
-            .await
+        self.exists(&format!("{API_PREFIX}/images/{}/exists", enc(name))).await
     }
 
     pub async fn image_inspect(&self, name: &str) -> Result<ImageInspect> {
-        self.get_json(&format!("{API_PREFIX}/images/{}/json", enc(name)))
-            .await
+        self.get_json(&format!("{API_PREFIX}/images/{}/json", enc(name))).await
+    }
+
+    /// The full image inspect document (e.g. `Config.User`).
+    pub async fn image_inspect_raw(&self, name: &str) -> Result<serde_json::Value> {
+        self.get_json(&format!("{API_PREFIX}/images/{}/json", enc(name))).await
     }
 
     /// Export an image as an oci-archive file (the base-image option builds on its layers).
@@ -310,9 +291,7 @@ impl Podman {
 
     pub async fn remove_image(&self, name: &str, force: bool) -> Result<()> {
         let path = format!("{API_PREFIX}/images/{}?force={force}", enc(name));
-        self.call(Method::DELETE, &path, empty(), None)
-            .await
-            .map(|_| ())
+        self.call(Method::DELETE, &path, empty(), None).await.map(|_| ())
     }
 
     // ---- containers ----
@@ -321,18 +300,14 @@ impl Podman {
     pub async fn create_container(&self, spec: &ContainerSpec) -> Result<String> {
         let path = format!("{API_PREFIX}/containers/create");
         let body = json_body(&spec.to_body(self.rootless))?;
-        let bytes = self
-            .call(Method::POST, &path, body, Some("application/json"))
-            .await?;
+        let bytes = self.call(Method::POST, &path, body, Some("application/json")).await?;
         Ok(serde_json::from_slice::<IdBody>(&bytes)?.id)
     }
 
     /// Start (a no-op for a running container).
     pub async fn start_container(&self, id: &str) -> Result<()> {
         let path = format!("{API_PREFIX}/containers/{}/start", enc(id));
-        self.call(Method::POST, &path, empty(), None)
-            .await
-            .map(|_| ())
+        self.call(Method::POST, &path, empty(), None).await.map(|_| ())
     }
 
     pub async fn container_exists(&self, id: &str) -> Result<bool> {
@@ -364,10 +339,7 @@ impl Podman {
 
     /// The container's stdout and stderr so far (non-TTY containers).
     pub async fn logs(&self, id: &str) -> Result<(Vec<u8>, Vec<u8>)> {
-        let path = format!(
-            "{API_PREFIX}/containers/{}/logs?stdout=true&stderr=true",
-            enc(id)
-        );
+        let path = format!("{API_PREFIX}/containers/{}/logs?stdout=true&stderr=true", enc(id));
         let bytes = self.call(Method::GET, &path, empty(), None).await?;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         for f in super::stream::demux(&bytes)? {
@@ -380,32 +352,19 @@ impl Podman {
     }
 
     pub async fn stop_container(&self, id: &str, timeout_secs: u32) -> Result<()> {
-        let path = format!(
-            "{API_PREFIX}/containers/{}/stop?timeout={timeout_secs}",
-            enc(id)
-        );
-        self.call(Method::POST, &path, empty(), None)
-            .await
-            .map(|_| ())
+        let path = format!("{API_PREFIX}/containers/{}/stop?timeout={timeout_secs}", enc(id));
+        self.call(Method::POST, &path, empty(), None).await.map(|_| ())
     }
 
     pub async fn kill_container(&self, id: &str, signal: &str) -> Result<()> {
-        let path = format!(
-            "{API_PREFIX}/containers/{}/kill?signal={}",
-            enc(id),
-            enc(signal)
-        );
-        self.call(Method::POST, &path, empty(), None)
-            .await
-            .map(|_| ())
+        let path = format!("{API_PREFIX}/containers/{}/kill?signal={}", enc(id), enc(signal));
+        self.call(Method::POST, &path, empty(), None).await.map(|_| ())
     }
 
     /// Remove the container (`force` also stops it) and its anonymous volumes.
     pub async fn remove_container(&self, id: &str, force: bool) -> Result<()> {
         let path = format!("{API_PREFIX}/containers/{}?force={force}&v=true", enc(id));
-        self.call(Method::DELETE, &path, empty(), None)
-            .await
-            .map(|_| ())
+        self.call(Method::DELETE, &path, empty(), None).await.map(|_| ())
     }
 
     /// All containers (running or not) carrying every given `key=value` label.
@@ -445,14 +404,9 @@ mod tests {
 
     #[tokio::test]
     async fn missing_socket_says_how_to_start_one() {
-        let err = Podman::connect_to("/nonexistent/podman.sock")
-            .await
-            .unwrap_err();
+        let err = Podman::connect_to("/nonexistent/podman.sock").await.unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("systemctl --user enable --now podman.socket"),
-            "{msg}"
-        );
+        assert!(msg.contains("systemctl --user enable --now podman.socket"), "{msg}");
     }
 
     #[test]
@@ -460,10 +414,7 @@ mod tests {
         let mut s = ExecSpec::new(["codex"]);
         s.env.push("OPENAI_API_KEY=sk-secret".into());
         let d = format!("{s:?}");
-        assert!(
-            d.contains("OPENAI_API_KEY") && !d.contains("sk-secret"),
-            "{d}"
-        );
+        assert!(d.contains("OPENAI_API_KEY") && !d.contains("sk-secret"), "{d}");
     }
 
     #[test]

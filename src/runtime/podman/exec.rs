@@ -25,9 +25,7 @@ impl Podman {
             user: spec.user.as_deref(),
             tty: spec.tty,
         })?;
-        let bytes = self
-            .call(Method::POST, &path, body, Some("application/json"))
-            .await?;
+        let bytes = self.call(Method::POST, &path, body, Some("application/json")).await?;
         Ok(serde_json::from_slice::<IdBody>(&bytes)?.id)
     }
 
@@ -43,9 +41,7 @@ impl Podman {
             .header(CONTENT_TYPE, "application/json")
             .header(CONNECTION, "Upgrade")
             .header(UPGRADE, "tcp")
-            .body(json_body(
-                &serde_json::json!({ "Detach": false, "Tty": tty }),
-            )?)?;
+            .body(json_body(&serde_json::json!({ "Detach": false, "Tty": tty }))?)?;
         let res = sender.send_request(req).await?;
         let res = self.check(Method::POST, &path, res).await?;
         if res.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -63,19 +59,13 @@ impl Podman {
     }
 
     pub async fn exec_inspect(&self, exec_id: &str) -> Result<ExecInspect> {
-        self.get_json(&format!("{API_PREFIX}/exec/{}/json", enc(exec_id)))
-            .await
+        self.get_json(&format!("{API_PREFIX}/exec/{}/json", enc(exec_id))).await
     }
 
     /// Resize an exec's TTY.
     pub async fn exec_resize(&self, exec_id: &str, height: u16, width: u16) -> Result<()> {
-        let path = format!(
-            "{API_PREFIX}/exec/{}/resize?h={height}&w={width}",
-            enc(exec_id)
-        );
-        self.call(Method::POST, &path, empty(), None)
-            .await
-            .map(|_| ())
+        let path = format!("{API_PREFIX}/exec/{}/resize?h={height}&w={width}", enc(exec_id));
+        self.call(Method::POST, &path, empty(), None).await.map(|_| ())
     }
 
     /// The exit code of a finished exec. The output stream can close a moment before podman

@@ -12,6 +12,7 @@
 mod client;
 mod error;
 mod exec;
+pub mod runtime;
 mod stream;
 mod types;
 
@@ -20,5 +21,6 @@ mod tests;
 
 pub use client::{socket_candidates, Podman, API_PREFIX};
 pub use error::{PodmanError, Result};
+pub use runtime::{cleanup_run, PodmanRuntime, PodmanSettings, DEFAULT_IMAGE, WORKSPACE};
 pub use stream::{demux, ExecSession, Frame, StreamKind};
 pub use types::*;

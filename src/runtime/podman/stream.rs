@@ -89,11 +89,7 @@ impl ExecSession {
     pub async fn next_frame(&mut self) -> Result<Option<Frame>> {
         if self.tty {
             let mut buf = vec![0u8; 16 * 1024];
-            let n = self
-                .io
-                .read(&mut buf)
-                .await
-                .map_err(io_err("reading exec output"))?;
+            let n = self.io.read(&mut buf).await.map_err(io_err("reading exec output"))?;
             if n == 0 {
                 return Ok(None);
             }
@@ -130,19 +126,13 @@ impl ExecSession {
     }
 
     pub async fn write_stdin(&mut self, data: &[u8]) -> Result<()> {
-        self.io
-            .write_all(data)
-            .await
-            .map_err(io_err("writing exec stdin"))?;
+        self.io.write_all(data).await.map_err(io_err("writing exec stdin"))?;
         self.io.flush().await.map_err(io_err("writing exec stdin"))
     }
 
     /// Half-close: the process sees end of input, output keeps flowing.
     pub async fn close_stdin(&mut self) -> Result<()> {
-        self.io
-            .shutdown()
-            .await
-            .map_err(io_err("closing exec stdin"))
+        self.io.shutdown().await.map_err(io_err("closing exec stdin"))
     }
 
     /// Read everything until the process closes its output. Engine errors become an error.
@@ -152,11 +142,7 @@ impl ExecSession {
             match f.stream {
                 StreamKind::Stdout => out.extend_from_slice(&f.data),
                 StreamKind::Stderr => err.extend_from_slice(&f.data),
-                StreamKind::System => {
-                    return Err(PodmanError::Protocol(
-                        String::from_utf8_lossy(&f.data).into_owned(),
-                    ))
-                }
+                StreamKind::System => return Err(PodmanError::Protocol(String::from_utf8_lossy(&f.data).into_owned())),
                 StreamKind::Stdin => {}
             }
         }

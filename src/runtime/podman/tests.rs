@@ -51,10 +51,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
     let tmp = tempfile::tempdir().unwrap();
     let (image, archive) = build_image(tmp.path(), "s1");
     let (again, _) = build_image(tmp.path(), "s2");
-    assert_eq!(
-        image.manifest_digest, again.manifest_digest,
-        "two builds, one digest"
-    );
+    assert_eq!(image.manifest_digest, again.manifest_digest, "two builds, one digest");
 
     let service = support::PodmanService::start();
     let podman = Podman::connect_to(service.socket())
@@ -66,11 +63,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
     assert!(names.iter().any(|n| n.contains("cohort-test")), "{names:?}");
     assert!(podman.image_exists(TAG).await.unwrap());
     let info = podman.image_inspect(TAG).await.unwrap();
-    assert_eq!(
-        info.id,
-        image.image_id(),
-        "podman's image ID is our config digest"
-    );
+    assert_eq!(info.id, image.image_id(), "podman's image ID is our config digest");
     assert_eq!(
         info.labels
             .unwrap_or_default()
@@ -92,11 +85,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
         // Rootful `userns=auto` maps the container user to an unprivileged host range; `U`
         // hands the checkout to it (rootless `keep-id` needs no such thing).
         mounts: vec![BindMount {
-            options: if podman.rootless() {
-                vec![]
-            } else {
-                vec!["U".into()]
-            },
+            options: if podman.rootless() { vec![] } else { vec!["U".into()] },
             ..BindMount::new(repo.display().to_string(), "/workspace")
         }],
         network: NetworkMode::None,
@@ -119,15 +108,9 @@ async fn image_loads_and_git_runs_inside_without_network() {
         ];
         s
     };
-    let whoami = podman
-        .exec(&id, &ExecSpec::new(["id", "-u"]))
-        .await
-        .unwrap();
+    let whoami = podman.exec(&id, &ExecSpec::new(["id", "-u"])).await.unwrap();
     eprintln!("uid in container: {}", whoami.stdout_str());
-    let st = podman
-        .exec(&id, &git(&["status", "--porcelain"]))
-        .await
-        .unwrap();
+    let st = podman.exec(&id, &git(&["status", "--porcelain"])).await.unwrap();
     assert_eq!(st.exit_code, 0, "{}", st.stderr_str());
     assert_eq!(st.stdout_str(), "?? a.txt\n");
     let add = podman.exec(&id, &git(&["add", "a.txt"])).await.unwrap();
@@ -144,10 +127,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
 
     // A failing command's exit code and stderr come through.
     let fail = podman
-        .exec(
-            &id,
-            &ExecSpec::new(["sh", "-c", "echo out; echo oops >&2; exit 3"]),
-        )
+        .exec(&id, &ExecSpec::new(["sh", "-c", "echo out; echo oops >&2; exit 3"]))
         .await
         .unwrap();
     assert_eq!(
@@ -159,10 +139,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
         .exec(&id, &ExecSpec::new(["ls", "/sys/class/net"]))
         .await
         .unwrap();
-    assert_eq!(
-        net.stdout_str().split_whitespace().collect::<Vec<_>>(),
-        vec!["lo"]
-    );
+    assert_eq!(net.stdout_str().split_whitespace().collect::<Vec<_>>(), vec!["lo"]);
 
     // A secret passed as exec environment reaches the process and is not in the container's spec.
     let mut secret = ExecSpec::new(["sh", "-c", "printf %s \"$COHORT_TEST_KEY\""]);
@@ -182,10 +159,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
         .get_json(&format!("{API_PREFIX}/exec/{exec_id}/json"))
         .await
         .unwrap();
-    assert!(
-        !exec_raw.to_string().contains("sk-test-0123456789"),
-        "{exec_raw}"
-    );
+    assert!(!exec_raw.to_string().contains("sk-test-0123456789"), "{exec_raw}");
 
     // stdin is streamed to the process and half-closed; the exit code comes from exec inspect.
     let exec_id = podman
@@ -225,20 +199,13 @@ async fn image_loads_and_git_runs_inside_without_network() {
         screen.extend(f.data);
     }
     let screen = String::from_utf8_lossy(&screen);
-    assert!(
-        screen.contains("30 100") && screen.contains("/dev/pts/"),
-        "{screen:?}"
-    );
+    assert!(screen.contains("30 100") && screen.contains("/dev/pts/"), "{screen:?}");
     assert_eq!(podman.exec_exit_code(&exec_id).await.unwrap(), 0);
 
     // The main process's exit code, through wait + inspect, and its logs.
     let spec2 = ContainerSpec {
         image: TAG.into(),
-        command: Some(vec![
-            "sh".into(),
-            "-c".into(),
-            "echo hi; echo err >&2; exit 7".into(),
-        ]),
+        command: Some(vec!["sh".into(), "-c".into(), "echo hi; echo err >&2; exit 7".into()]),
         network: NetworkMode::None,
         ..Default::default()
     };
@@ -255,10 +222,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
     );
     podman.remove_container(&id2, false).await.unwrap();
 
-    let listed = podman
-        .list_containers(&[("cohort.test", "git")])
-        .await
-        .unwrap();
+    let listed = podman.list_containers(&[("cohort.test", "git")]).await.unwrap();
     assert_eq!(
         listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
         vec![id.as_str()]
@@ -308,10 +272,7 @@ async fn builds_on_an_exported_base_image() {
     let podman = Podman::connect_to(service.socket()).await.unwrap();
     podman.load_image(&base_archive).await.unwrap();
     let exported = tmp.path().join("exported.tar");
-    podman
-        .export_image("localhost/base:1", &exported)
-        .await
-        .unwrap();
+    podman.export_image("localhost/base:1", &exported).await.unwrap();
 
     let marker = tmp.path().join("marker");
     std::fs::write(&marker, "on top\n").unwrap();
@@ -398,11 +359,7 @@ async fn rootless_keep_id_owns_the_checkout() {
     };
     let id = podman.create_container(&spec).await.unwrap();
     podman.start_container(&id).await.unwrap();
-    let mut commit = ExecSpec::new([
-        "sh",
-        "-c",
-        "git add -A && git commit -qm rootless && echo new > b.txt",
-    ]);
+    let mut commit = ExecSpec::new(["sh", "-c", "git add -A && git commit -qm rootless && echo new > b.txt"]);
     commit.env = vec![
         "GIT_AUTHOR_NAME=R".into(),
         "GIT_AUTHOR_EMAIL=r@x".into(),

@@ -155,15 +155,9 @@ pub(crate) struct CreateBody {
 impl ContainerSpec {
     pub(crate) fn to_body(&self, rootless: bool) -> CreateBody {
         let mut mounts = Vec::new();
-        let ws = self
-            .workspace
-            .iter()
-            .map(|w| BindMount::new(w.clone(), "/workspace"));
+        let ws = self.workspace.iter().map(|w| BindMount::new(w.clone(), "/workspace"));
         for m in ws.chain(self.mounts.iter().cloned()) {
-            let mut options = vec![
-                "rbind".to_string(),
-                if m.read_only { "ro" } else { "rw" }.to_string(),
-            ];
+            let mut options = vec!["rbind".to_string(), if m.read_only { "ro" } else { "rw" }.to_string()];
             options.extend(m.options.iter().cloned());
             mounts.push(SpecMount {
                 destination: m.destination,
@@ -240,11 +234,7 @@ impl ExecSpec {
 /// Env values are never printed: they may hold the API key.
 impl fmt::Debug for ExecSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let keys: Vec<&str> = self
-            .env
-            .iter()
-            .map(|e| e.split('=').next().unwrap_or(""))
-            .collect();
+        let keys: Vec<&str> = self.env.iter().map(|e| e.split('=').next().unwrap_or("")).collect();
         f.debug_struct("ExecSpec")
             .field("cmd", &self.cmd)
             .field("env_keys", &keys)

@@ -1,0 +1,232 @@
+//! `cohort image build [--tag T] [--copy-system]`: the agent image, from scratch, in-process.
+//!
+//! Layers (cohort-oci): (a) host programs with their shared libraries (`[image] programs`, or
+//! a shell, coreutils basics, git and CA certificates), (b) the codex binary at
+//! `/usr/local/bin/codex` when one is found, (c) this cohort binary at `/usr/local/bin/cohort`,
+//! (d) tracked repository files matching `[image] include` under `/opt/cohort/repo`. Only
+//! files in the index are taken, so ignored and untracked files (a `.env`, build output) never
+//! reach the image. Labelled with HEAD's commit. Reproducible: mtimes are SOURCE_DATE_EPOCH,
+//! or HEAD's commit time when that is unset.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::cli::usage;
+use crate::config::Config;
+use crate::git::RepoPaths;
+use crate::runtime::podman::{Podman, DEFAULT_IMAGE};
+
+/// Where repository files go in the image.
+pub const REPO_DIR: &str = "/opt/cohort/repo";
+/// The rootful socket `--copy-system` loads into.
+pub const SYSTEM_SOCKET: &str = "/run/podman/podman.sock";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Build the agent image from scratch and load it into podman (no podman or buildah binary is run).
+    Build(BuildArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    /// The image name (default: [image] tag, else localhost/cohort:latest).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+    /// Also load the image into root's storage through /run/podman/podman.sock (for a system service).
+    #[arg(long)]
+    pub copy_system: bool,
+    /// Also keep the oci-archive at FILE.
+    #[arg(long, value_name = "FILE")]
+    pub archive: Option<PathBuf>,
+}
+
+pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
+    match args.command {
+        ImageCommand::Build(b) => build(b, config_path).await,
+    }
+}
+
+/// Tracked files (index entries that are regular files) matching any of `globs`.
+/// A glob without `/` also matches a file's name in any directory.
+pub fn tracked_files(paths: &RepoPaths, globs: &[String]) -> Result<Vec<String>> {
+    if globs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let repo = paths.open()?;
+    let index = repo.index_or_empty().context("cannot read the repository index")?;
+    let mode = gix::glob::wildmatch::Mode::NO_MATCH_SLASH_LITERAL;
+    let mut out = Vec::new();
+    for e in index.entries() {
+        if !matches!(
+            e.mode,
+            gix::index::entry::Mode::FILE | gix::index::entry::Mode::FILE_EXECUTABLE
+        ) {
+            continue;
+        }
+        let path = e.path(&index);
+        let name = path.rsplit(|b| *b == b'/').next().unwrap_or(path);
+        let hit = globs.iter().any(|g| {
+            let g = g.trim_start_matches('/');
+            gix::glob::wildmatch(g.as_bytes().into(), path, mode)
+                || (!g.contains('/') && gix::glob::wildmatch(g.as_bytes().into(), name.into(), mode))
+        });
+        if hit {
+            out.push(path.to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn is_elf(p: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
+}
+
+async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
+    let paths = RepoPaths::discover(&std::env::current_dir()?)?;
+    let config = Config::load(config_path, Some(&paths.workdir))?;
+    let tag = args
+        .tag
+        .clone()
+        .or(config.image.tag.clone())
+        .unwrap_or_else(|| DEFAULT_IMAGE.into());
+    if tag.trim().is_empty() || tag.contains(char::is_whitespace) {
+        return Err(usage(format!("--tag {tag:?} is not an image name")));
+    }
+    // Connect first: a missing socket should fail before a build of several seconds.
+    let podman = Podman::connect().await?;
+    let system = if args.copy_system {
+        if !Path::new(SYSTEM_SOCKET).exists() {
+            return Err(usage(format!(
+                "--copy-system: no rootful podman socket at {SYSTEM_SOCKET}; start it with \
+                 `sudo systemctl enable --now podman.socket`"
+            )));
+        }
+        Some(Podman::connect_to(SYSTEM_SOCKET).await?)
+    } else {
+        None
+    };
+
+    let repo = paths.open()?;
+    let head = repo.head_commit().ok();
+    let commit = head.as_ref().map(|c| c.id.to_string());
+    let epoch = cohort_oci::source_date_epoch_from_env()
+        .or_else(|| {
+            head.as_ref()
+                .and_then(|c| c.time().ok())
+                .map(|t| t.seconds.max(0) as u64)
+        })
+        .unwrap_or(0);
+
+    let codex = match crate::agent::codex::find_codex(config.agent.codex_path.as_deref()) {
+        Ok(p) if is_elf(&p) => Some((p, "/usr/local/bin/codex".to_string())),
+        Ok(p) => {
+            eprintln!(
+                "cohort: warning: {} is not a static codex binary (a launcher script?); building without codex",
+                p.display()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("cohort: warning: building without codex: {e}");
+            None
+        }
+    };
+    let cohort = std::env::current_exe().context("cannot find the running cohort binary")?;
+    let files: Vec<(PathBuf, String)> = tracked_files(&paths, config.image.include.as_deref().unwrap_or(&[]))?
+        .into_iter()
+        .map(|rel| (paths.workdir.join(&rel), format!("{REPO_DIR}/{rel}")))
+        .filter(|(host, _)| host.is_file())
+        .collect();
+
+    let work = paths.cohort_dir().join("image");
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&work)
+        .with_context(|| format!("cannot create a temporary directory in {}", work.display()))?;
+    let base = match &config.image.base {
+        Some(name) => {
+            let out = tmp.path().join("base.tar");
+            podman
+                .export_image(name, &out)
+                .await
+                .with_context(|| format!("cannot export [image] base {name}"))?;
+            Some(out)
+        }
+        None => None,
+    };
+    let mut settings = cohort_oci::ImageSettings {
+        source_commit: commit.clone(),
+        ..Default::default()
+    };
+    settings.labels.insert("cohort.image".into(), "agent".into());
+    let spec = cohort_oci::BuildSpec {
+        programs: config
+            .image
+            .programs
+            .clone()
+            .unwrap_or_else(cohort_oci::default_programs),
+        codex,
+        cohort: Some((cohort, "/usr/local/bin/cohort".into())),
+        files,
+        settings,
+        base,
+        source_date_epoch: epoch,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let archive = tmp.path().join("image.tar");
+    let store_dir = work.join("blobs");
+    let (image, spec) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let store = cohort_oci::BlobStore::open(&store_dir)?;
+        let image = cohort_oci::build(&spec, &store)?;
+        cohort_oci::write_oci_archive(&store, &image, &tag, &archive, spec.source_date_epoch)?;
+        Ok((image, (spec, tag, archive)))
+    })
+    .await??;
+    let (spec, tag, archive) = spec;
+    podman
+        .load_image(&archive)
+        .await
+        .with_context(|| format!("cannot load the image into podman ({})", podman.socket().display()))?;
+    if let Some(system) = &system {
+        system
+            .load_image(&archive)
+            .await
+            .with_context(|| format!("cannot load the image through {SYSTEM_SOCKET}"))?;
+    }
+    if let Some(keep) = &args.archive {
+        std::fs::copy(&archive, keep).with_context(|| format!("cannot write {}", keep.display()))?;
+    }
+    eprintln!(
+        "cohort: built {tag} in {:.1}s ({} layers{}{})",
+        started.elapsed().as_secs_f64(),
+        image.layers.len(),
+        if spec.codex.is_some() { ", with codex" } else { "" },
+        if system.is_some() {
+            "; also loaded into root's storage"
+        } else {
+            ""
+        },
+    );
+    println!("{tag}");
+    println!("digest {}", image.manifest_digest);
+    println!("id {}", image.image_id());
+    if let Some(c) = commit {
+        println!("commit {c}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,417 @@
+//! `--runtime podman`: each task attempt runs in its own container made from the cohort image.
+//!
+//! The container: the task checkout at `/workspace`, the repository's common git dir at the
+//! same absolute path as on the host (the checkout's `.git` file, the prompt file, the agent's
+//! scratch dir and the checkout itself all live under it, so every host path an agent is given
+//! resolves inside too), network/memory/pids from `[container]`, labels `cohort.run` and
+//! `cohort.task`, and `sleep infinity` as its main process. The agent is one exec in it; its
+//! environment, including the API key, goes only into that exec, never into the create spec.
+//! Whatever happens the container is removed afterwards.
+//!
+//! Paths: invocation arguments, environment values and the working directory that point into
+//! the checkout are rewritten to `/workspace` (the image's WORKDIR, what an agent and a human
+//! in `cohort container enter` expect). Paths we do not rewrite still work, since the checkout
+//! is also visible at its host path through the git-dir mount. An absolute program path that
+//! is not under a mount (e.g. the host's codex) becomes its file name, found on the image's
+//! PATH, where `cohort image build` put it.
+//!
+//! User namespaces: rootless engines use `keep-id` mapped onto the image user (files written
+//! belong to the invoking user). Rootful engines run the exec as the host owner of the
+//! checkout (uid:gid) in the host user namespace, so files keep their owner and git sees no
+//! "dubious ownership"; `userns=auto` would map the container user to an unprivileged range
+//! that cannot write the checkout without chowning the user's git dir.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use super::{BindMount, ContainerSpec, ExecSpec, NetworkMode, Podman, UsernsMode};
+use crate::runtime::{Exit, Output, Runtime, Spawn};
+
+/// The image tag used when `[image] tag` is not set.
+pub const DEFAULT_IMAGE: &str = "localhost/cohort:latest";
+/// Where the checkout appears inside a container.
+pub const WORKSPACE: &str = "/workspace";
+pub const LABEL_RUN: &str = "cohort.run";
+pub const LABEL_TASK: &str = "cohort.task";
+
+/// Settings for task containers (from `[image]` and `[container]`).
+#[derive(Debug, Clone)]
+pub struct PodmanSettings {
+    pub image: String,
+    pub network: NetworkMode,
+    pub memory_bytes: Option<i64>,
+    pub pids_limit: Option<i64>,
+    /// Extra bind mounts (`[container] mounts`).
+    pub mounts: Vec<BindMount>,
+    /// The repository's common git dir, mounted at its host path.
+    pub common_dir: PathBuf,
+}
+
+pub struct PodmanRuntime {
+    podman: Podman,
+    settings: PodmanSettings,
+    /// The image's numeric user, for rootless keep-id.
+    image_user: Option<(u32, u32)>,
+}
+
+impl PodmanRuntime {
+    /// Checks that the image exists (with a hint to build it) and reads its user.
+    pub async fn new(podman: Podman, settings: PodmanSettings) -> Result<PodmanRuntime> {
+        if !podman.image_exists(&settings.image).await? {
+            anyhow::bail!(
+                "image {} is not in podman's storage ({}); build it with `cohort image build`",
+                settings.image,
+                podman.socket().display()
+            );
+        }
+        let raw: serde_json::Value = podman.image_inspect_raw(&settings.image).await?;
+        let image_user = parse_image_user(raw["Config"]["User"].as_str().unwrap_or(""));
+        Ok(PodmanRuntime {
+            podman,
+            settings,
+            image_user,
+        })
+    }
+
+    pub fn podman(&self) -> &Podman {
+        &self.podman
+    }
+
+    /// Removes every container labelled with this run (left by a crashed or killed cohort).
+    /// Returns how many were removed.
+    pub async fn cleanup_run(&self, run_id: &str) -> Result<usize> {
+        cleanup_run(&self.podman, run_id).await
+    }
+
+    fn container_spec(&self, spawn: &Spawn, labels: BTreeMap<String, String>) -> Result<ContainerSpec> {
+        let checkout = &spawn.workdir;
+        let mut mounts = vec![BindMount::new(
+            self.settings.common_dir.display().to_string(),
+            self.settings.common_dir.display().to_string(),
+        )];
+        if !checkout.starts_with(&self.settings.common_dir) {
+            mounts.push(BindMount::new(
+                checkout.display().to_string(),
+                checkout.display().to_string(),
+            ));
+        }
+        mounts.extend(self.settings.mounts.iter().cloned());
+        let (userns, user) = if self.podman.rootless() {
+            (None, None)
+        } else {
+            let meta = std::fs::metadata(checkout).with_context(|| format!("cannot read {}", checkout.display()))?;
+            (Some(UsernsMode::Host), Some(format!("{}:{}", meta.uid(), meta.gid())))
+        };
+        let name = format!(
+            "cohort-{}-{}-{:08x}",
+            labels.get(LABEL_RUN).map(String::as_str).unwrap_or("run"),
+            labels.get(LABEL_TASK).map(String::as_str).unwrap_or("task"),
+            rand::random::<u32>()
+        );
+        Ok(ContainerSpec {
+            name: Some(sanitize_name(&name)),
+            image: self.settings.image.clone(),
+            workspace: Some(checkout.display().to_string()),
+            mounts,
+            userns,
+            image_user: self.image_user,
+            network: self.settings.network,
+            memory_bytes: self.settings.memory_bytes,
+            pids_limit: self.settings.pids_limit,
+            labels,
+            workdir: Some(WORKSPACE.into()),
+            user,
+            ..Default::default()
+        })
+    }
+
+    fn exec_spec(&self, spawn: &Spawn) -> ExecSpec {
+        let inv = &spawn.invocation;
+        let tr = |s: &str| translate(s, &spawn.workdir);
+        let program = if Path::new(&inv.program).is_absolute() && !self.mounted(Path::new(&inv.program), spawn) {
+            Path::new(&inv.program)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| inv.program.clone())
+        } else {
+            tr(&inv.program)
+        };
+        let mut cmd = vec![program];
+        cmd.extend(inv.args.iter().map(|a| tr(a)));
+        let mut env: Vec<String> = inv.env.iter().map(|(k, v)| format!("{k}={}", tr(v))).collect();
+        env.extend(inv.secret_env.iter().map(|(k, v)| format!("{k}={}", v.expose())));
+        ExecSpec {
+            cmd,
+            env,
+            workdir: Some(WORKSPACE.into()),
+            user: None,
+            tty: false,
+            stdin: inv.stdin.is_some(),
+        }
+    }
+
+    fn mounted(&self, p: &Path, spawn: &Spawn) -> bool {
+        p.starts_with(&self.settings.common_dir)
+            || p.starts_with(&spawn.workdir)
+            || self.settings.mounts.iter().any(|m| p.starts_with(&m.source))
+    }
+
+    async fn run_in(
+        &self,
+        id: &str,
+        spawn: &Spawn,
+        output: UnboundedSender<Output>,
+        cancel: &CancellationToken,
+    ) -> Result<Exit> {
+        self.podman.start_container(id).await?;
+        let exec = self.exec_spec(spawn);
+        let exec_id = self.podman.exec_create(id, &exec).await?;
+        let session = self.podman.exec_start(&exec_id, false).await?;
+        let (mut reader, mut writer) = tokio::io::split(session.into_io());
+        let stdin = spawn.invocation.stdin.clone();
+        let feeding = tokio::spawn(async move {
+            if let Some(data) = stdin {
+                let _ = writer.write_all(&data).await;
+                let _ = writer.flush().await;
+                let _ = writer.shutdown().await;
+            }
+            // Keep the write half alive until the read side is done (dropping it is harmless,
+            // but shutting down without stdin would be a protocol no-op anyway).
+            writer
+        });
+        let pump = pump_output(&mut reader, output);
+        let deadline = async {
+            match spawn.timeout {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let exit = tokio::select! {
+            r = pump => {
+                r?;
+                Exit::Code(self.podman.exec_exit_code(&exec_id).await? as i32)
+            }
+            _ = deadline => {
+                let _ = self.podman.kill_container(id, "SIGKILL").await;
+                Exit::TimedOut(spawn.timeout.unwrap_or_default())
+            }
+            _ = cancel.cancelled() => {
+                let _ = self.podman.kill_container(id, "SIGKILL").await;
+                Exit::Cancelled
+            }
+        };
+        feeding.abort();
+        Ok(exit)
+    }
+}
+
+/// Removes every container labelled `cohort.run=<run_id>`.
+pub async fn cleanup_run(podman: &Podman, run_id: &str) -> Result<usize> {
+    let list = podman.list_containers(&[(LABEL_RUN, run_id)]).await?;
+    for c in &list {
+        podman
+            .remove_container(&c.id, true)
+            .await
+            .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })?;
+    }
+    Ok(list.len())
+}
+
+/// `user`, `uid`, `uid:gid` of an image config; numeric forms only.
+fn parse_image_user(user: &str) -> Option<(u32, u32)> {
+    let mut it = user.splitn(2, ':');
+    let uid = it.next()?.parse().ok()?;
+    let gid = it.next().and_then(|g| g.parse().ok()).unwrap_or(uid);
+    Some((uid, gid))
+}
+
+/// A container name podman accepts: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn sanitize_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Rewrites a path (or `--flag=path`-free value) under `checkout` to `/workspace`.
+fn translate(s: &str, checkout: &Path) -> String {
+    let root = checkout.display().to_string();
+    let root = root.trim_end_matches('/');
+    if s == root {
+        return WORKSPACE.into();
+    }
+    match s.strip_prefix(root) {
+        Some(rest) if rest.starts_with('/') => format!("{WORKSPACE}{rest}"),
+        _ => s.to_owned(),
+    }
+}
+
+/// The run id and task number an invocation belongs to: from `COHORT_RUN_ID`/`COHORT_TASK_ID`
+/// (command agent), else from a path under `…/cohort/runs/<run>/{prompts,scratch}/<NNN>-<attempt>`
+/// (every agent gets such a path: the prompt file or its scratch dir).
+pub fn task_labels(spawn: &Spawn) -> BTreeMap<String, String> {
+    let inv = &spawn.invocation;
+    let env = |k: &str| inv.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let mut run = env("COHORT_RUN_ID");
+    let mut task = env("COHORT_TASK_ID");
+    if run.is_none() || task.is_none() {
+        let candidates = inv.args.iter().chain(inv.env.iter().map(|(_, v)| v));
+        for c in candidates {
+            let parts: Vec<&str> = c.split('/').collect();
+            if let Some(i) = parts.windows(2).position(|w| w == ["cohort", "runs"]) {
+                if let (Some(r), Some(kind), Some(leaf)) = (parts.get(i + 2), parts.get(i + 3), parts.get(i + 4)) {
+                    if *kind == "prompts" || *kind == "scratch" {
+                        run.get_or_insert_with(|| r.to_string());
+                        let num = leaf.split(['-', '.']).next().unwrap_or("");
+                        if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()) {
+                            task.get_or_insert_with(|| num.to_string());
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let mut labels = BTreeMap::new();
+    labels.insert("cohort".to_string(), "task".to_string());
+    labels.insert(LABEL_RUN.to_string(), run.unwrap_or_else(|| "unknown".into()));
+    labels.insert(LABEL_TASK.to_string(), task.unwrap_or_else(|| "unknown".into()));
+    labels
+}
+
+/// Reads the multiplexed exec stream, sending complete lines per stream; a last partial line
+/// is sent at the end. Engine errors (stream 3) become an error.
+async fn pump_output<R: AsyncRead + Unpin>(reader: &mut R, output: UnboundedSender<Output>) -> Result<()> {
+    let mut bufs: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let send = |which: usize, line: &[u8]| {
+        let text = String::from_utf8_lossy(line).into_owned();
+        let _ = output.send(if which == 0 {
+            Output::Stdout(text)
+        } else {
+            Output::Stderr(text)
+        });
+    };
+    loop {
+        let mut header = [0u8; 8];
+        let n = reader
+            .read(&mut header[..1])
+            .await
+            .context("reading the agent's output")?;
+        if n == 0 {
+            break;
+        }
+        reader
+            .read_exact(&mut header[1..])
+            .await
+            .context("reading the agent's output")?;
+        let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        let mut data = vec![0u8; len];
+        reader
+            .read_exact(&mut data)
+            .await
+            .context("reading the agent's output")?;
+        let which = match header[0] {
+            1 => 0,
+            2 => 1,
+            3 => anyhow::bail!("podman: {}", String::from_utf8_lossy(&data).trim()),
+            _ => continue,
+        };
+        let buf = &mut bufs[which];
+        buf.extend_from_slice(&data);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let line = line.strip_suffix(b"\n").unwrap_or(&line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            send(which, line);
+        }
+    }
+    for (which, buf) in bufs.iter().enumerate() {
+        if !buf.is_empty() {
+            send(which, buf);
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Runtime for PodmanRuntime {
+    fn name(&self) -> &'static str {
+        "podman"
+    }
+
+    async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
+        let labels = task_labels(&spawn);
+        let spec = self.container_spec(&spawn, labels)?;
+        let id = self
+            .podman
+            .create_container(&spec)
+            .await
+            .with_context(|| format!("cannot create a container from {}", self.settings.image))?;
+        let result = self.run_in(&id, &spawn, output, &cancel).await;
+        // Always removed, also after an error or a kill; the work stays in the checkout.
+        let removed = self.podman.remove_container(&id, true).await;
+        let exit = result?;
+        if let Err(e) = removed {
+            if !e.is_not_found() {
+                tracing::warn!("cannot remove container {id}: {e}");
+            }
+        }
+        Ok(exit)
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use crate::agent::Invocation;
+
+    #[test]
+    fn paths_into_the_checkout_become_workspace() {
+        let co = Path::new("/r/.git/cohort/runs/x/checkouts/0");
+        assert_eq!(translate("/r/.git/cohort/runs/x/checkouts/0", co), "/workspace");
+        assert_eq!(translate("/r/.git/cohort/runs/x/checkouts/0/a/b", co), "/workspace/a/b");
+        assert_eq!(
+            translate("/r/.git/cohort/runs/x/checkouts/01", co),
+            "/r/.git/cohort/runs/x/checkouts/01"
+        );
+        assert_eq!(translate("-C", co), "-C");
+    }
+
+    #[test]
+    fn labels_from_env_or_paths() {
+        let spawn = |inv: Invocation| Spawn {
+            invocation: inv,
+            workdir: PathBuf::from("/w"),
+            timeout: None,
+        };
+        let l = task_labels(&spawn(Invocation {
+            env: vec![
+                ("COHORT_RUN_ID".into(), "r1".into()),
+                ("COHORT_TASK_ID".into(), "003".into()),
+            ],
+            ..Default::default()
+        }));
+        assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));
+        let l = task_labels(&spawn(Invocation {
+            env: vec![(
+                "CODEX_HOME".into(),
+                "/r/.git/cohort/runs/20250101-x/scratch/007-1/codex-home".into(),
+            )],
+            ..Default::default()
+        }));
+        assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("20250101-x", "007"));
+        assert_eq!(parse_image_user("1000:1001"), Some((1000, 1001)));
+        assert_eq!(parse_image_user("cohort"), None);
+    }
+}
