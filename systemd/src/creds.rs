@@ -600,7 +600,16 @@ fn map_service_error(err: WireError, name: Option<&str>) -> CredsError {
         (Some("BadScope"), _) | (None, Some(errno::EMEDIUMTYPE)) => CredsError::BadScope,
         (Some("UnexpectedPCRState"), _) => CredsError::UnexpectedPcrState,
         (Some("TPMInDictionaryLockout"), _) | (None, Some(errno::ENOLCK)) => CredsError::TpmLockout,
-        (None, Some(errno::ENOENT | errno::ENXIO | errno::EOPNOTSUPP | errno::EHOSTDOWN)) => CredsError::NoTpm {
+        // 257: the host key file is absent, or was made for another machine ID (systemd then
+        // deletes it, as seen in tests/vm): the credential belongs to another machine.
+        (None, Some(errno::ENOENT)) => CredsError::NotThisMachine {
+            detail: format!(
+                "this machine's host key /var/lib/systemd/credential.secret is missing or \
+                 belongs to another machine ID: {} {params}",
+                err.error
+            ),
+        },
+        (None, Some(errno::ENXIO | errno::EOPNOTSUPP | errno::EHOSTDOWN)) => CredsError::NoTpm {
             detail: format!("{} {params}", err.error),
         },
         (None, Some(errno::EPERM | errno::EACCES)) => CredsError::PermissionDenied {

@@ -138,7 +138,10 @@ async fn foreign_tpm_is_not_this_machine_in_both_dialects() {
         "parameters": {"errno": libc::EREMOTE, "errnoName": "EREMOTE"}}))
     .await;
     assert!(matches!(e, CredsError::NotThisMachine { .. }), "{e:?}");
-    // ...and what 257 really sent in tests/vm for another machine's TPM.
+    // ...and what 257 really sent in tests/vm: for another machine's host key (ENOENT)...
+    let e = decrypt_error(json!({"error": "io.systemd.System", "parameters": {"errno": 2}})).await;
+    assert!(matches!(e, CredsError::NotThisMachine { .. }), "{e:?}");
+    // ...and for another machine's TPM (ENOTRECOVERABLE).
     let e = decrypt_error(json!({"error": "io.systemd.System", "parameters": {"errno": 131}})).await;
     assert!(matches!(e, CredsError::NotThisMachine { .. }), "{e:?}");
 }

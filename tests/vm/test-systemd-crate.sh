@@ -35,12 +35,12 @@ boot() { # name, then run.sh args
 }
 
 boot boot1-machineA --scenario "$HERE/scenarios/systemd-crate" --tpm-state "$W/tpmA"
-for f in system.cred user.cred credential.secret; do
+for f in system.cred user.cred credential.secret machine-id; do
   [[ -s "$W/boot1-machineA/$f" ]] || { echo "[test] boot 1 left no $f" >&2; exit 1; }
 done
 echo not-this-machine >"$W/expect-foreign"; echo ok >"$W/expect-same"
 files=(--file "$W/boot1-machineA/system.cred" --file "$W/boot1-machineA/user.cred"
-  --file "$W/boot1-machineA/credential.secret")
+  --file "$W/boot1-machineA/credential.secret" --file "$W/boot1-machineA/machine-id")
 
 boot boot2-machineB --scenario "$HERE/scenarios/systemd-crate-foreign" --tpm-state "$W/tpmB" \
   "${files[@]}" --file "$W/expect-foreign:expect"

@@ -8,6 +8,10 @@ IN=/scenario/in
 expect="$(cat "$IN/expect")"
 as_alice() { runuser -u alice -- env HOME=/home/alice "$@"; }
 
+# What a copied disk carries: machine A's machine ID and host key. Only the TPM differs
+# (or, for the control boot, not even that). systemd-creds reads both per request.
+umount /etc/machine-id 2>/dev/null || true
+cat "$IN/machine-id" >/etc/machine-id
 install -m 0400 "$IN/credential.secret" /var/lib/systemd/credential.secret
 cp /scenario/bin/probe /usr/local/bin/probe
 cp "$IN/user.cred" /tmp/user.cred && chmod 0644 /tmp/user.cred

@@ -48,6 +48,8 @@ probe unit --bus system --name cohort-probe-fail.service --fail
 step "Type=notify unit on alice's user manager (user bus)"
 as_alice probe unit --bus user --name cohort-probe-user.service --notify
 
-step "hand over this machine's host key (a stolen disk image carries it)"
+step "hand over this machine's host key and machine ID (a copied disk carries both)"
 cp /var/lib/systemd/credential.secret "$OUT/credential.secret"
+# The host key embeds the machine ID: systemd discards it on a machine with another one.
+cp /etc/machine-id "$OUT/machine-id"
 echo "ALL OK"
