@@ -8,6 +8,7 @@
 //! - [`notify`]: `sd_notify` readiness, status and watchdog.
 //! - [`unit`]: rendering unit files with correct escaping.
 
+mod credfile;
 pub mod creds;
 pub mod logind;
 pub mod manager;
