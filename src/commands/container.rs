@@ -191,7 +191,7 @@ async fn enter(args: EnterArgs) -> Result<u8> {
 
 /// The shell: bash when the image has it, else sh.
 const SHELL: &[&str] = &[
-    "/bin/sh",
+    "sh",
     "-c",
     "if command -v bash >/dev/null 2>&1; then exec bash; else exec sh; fi",
 ];
@@ -231,6 +231,10 @@ pub async fn shell(podman: &Podman, id: &str) -> Result<u8> {
     });
     let raw = if tty { RawMode::enter().ok() } else { None };
     let code = if tty {
+        // The first size before any input reaches the shell, so its first command sees it.
+        if let Some((rows, cols)) = window_size() {
+            let _ = podman.exec_resize(&exec_id, rows, cols).await;
+        }
         let resize = {
             let podman = podman.clone();
             let exec_id = exec_id.clone();
@@ -239,12 +243,9 @@ pub async fn shell(podman: &Podman, id: &str) -> Result<u8> {
                 else {
                     return;
                 };
-                loop {
+                while winch.recv().await.is_some() {
                     if let Some((rows, cols)) = window_size() {
                         let _ = podman.exec_resize(&exec_id, rows, cols).await;
-                    }
-                    if winch.recv().await.is_none() {
-                        return;
                     }
                 }
             })

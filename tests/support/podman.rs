@@ -69,17 +69,9 @@ impl PodmanService {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         if let Some(u) = &user {
-            let ok = Command::new("chown")
-                .arg("-R")
-                .arg(u)
-                .arg(&dir)
-                .status()
-                .unwrap();
+            let ok = Command::new("chown").arg("-R").arg(u).arg(&dir).status().unwrap();
             assert!(ok.success(), "chown {u} {}", dir.display());
-            let _ = Command::new("chmod")
-                .arg("700")
-                .arg(dir.join("xdg"))
-                .status();
+            let _ = Command::new("chmod").arg("700").arg(dir.join("xdg")).status();
         }
         let socket = dir.join("podman.sock");
         let log = std::fs::File::create(dir.join("service.log")).unwrap();
@@ -99,20 +91,22 @@ impl PodmanService {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run podman ({e}); install it with `fixtures/podman-service.sh install`"
-                )
+                panic!("cannot run podman ({e}); install it with `fixtures/podman-service.sh install`")
             });
         let deadline = Instant::now() + Duration::from_secs(30);
         while !me.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "podman service did not start: {}",
-                me.log()
-            );
+            assert!(Instant::now() < deadline, "podman service did not start: {}", me.log());
             std::thread::sleep(Duration::from_millis(50));
         }
         me
+    }
+
+    /// The podman CLI against this service's storage (for test set-up and inspection; the
+    /// product never runs it). `CONTAINER_HOST` is cleared so it works locally, not remotely.
+    pub fn cli(&self) -> Command {
+        let mut c = self.podman();
+        c.env_remove("CONTAINER_HOST");
+        c
     }
 
     /// `podman` with this service's storage and settings, as its user.
@@ -194,9 +188,7 @@ impl Drop for PodmanService {
             }
         }
         for pid in pids {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
         let _ = self.child.wait();
         // The overlay driver keeps its home mounted; unmount what is under our dir.
