@@ -377,3 +377,132 @@ async fn rootless_keep_id_owns_the_checkout() {
     );
     podman.remove_container(&id, true).await.unwrap();
 }
+
+/// `PodmanRuntime` itself: the secret only in the exec (and out of inspect), stdin streamed,
+/// stdout/stderr lines, the real exit code, timeout and cancel kill the container, and the
+/// container is removed after each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_runs_one_container_per_spawn() {
+    use crate::agent::Invocation;
+    use crate::runtime::{Exit, Output, Runtime, Spawn};
+    use crate::secret::Secret;
+    use tokio_util::sync::CancellationToken;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, archive) = build_image(tmp.path(), "s");
+    let service = support::PodmanService::start();
+    let podman = Podman::connect_to(service.socket()).await.unwrap();
+    podman.load_image(&archive).await.unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    host_git(&repo, &["init", "-q", "-b", "main"]);
+    let checkout = repo.canonicalize().unwrap();
+    let settings = PodmanSettings {
+        image: TAG.into(),
+        network: NetworkMode::None,
+        memory_bytes: Some(512 << 20),
+        pids_limit: Some(128),
+        mounts: Vec::new(),
+        common_dir: checkout.join(".git"),
+    };
+    let rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
+    let spawn = |script: &str, stdin: Option<&str>, timeout: Option<std::time::Duration>| Spawn {
+        invocation: Invocation {
+            program: "/usr/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![
+                ("COHORT_RUN_ID".into(), "rt-test".into()),
+                ("COHORT_TASK_ID".into(), "001".into()),
+                ("WHERE".into(), checkout.join("sub").display().to_string()),
+            ],
+            secret_env: vec![("SECRET_KEY".into(), Secret::new("sk-runtime-0123456789"))],
+            stdin: stdin.map(|s| s.as_bytes().to_vec()),
+        },
+        workdir: checkout.clone(),
+        timeout,
+    };
+    let leftovers = |podman: Podman| async move { podman.list_containers(&[("cohort.run", "rt-test")]).await.unwrap() };
+
+    // Output, stdin, secret, path translation, exit code; inspected from outside while running.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let script = "printf '%s\\n' \"$SECRET_KEY\"; tr a-z A-Z; echo; echo \"$WHERE $(pwd)\"; echo oops >&2; \
+                  echo file > made.txt; sleep 1; exit 3";
+    let running = {
+        let s = spawn(script, Some("hello"), None);
+        let rt = &rt;
+        async move { rt.run(s, tx, CancellationToken::new()).await }
+    };
+    let watch = async {
+        let mut raw = String::new();
+        for _ in 0..100 {
+            for c in leftovers(podman.clone()).await {
+                raw.push_str(&podman.inspect_container_raw(&c.id).await.unwrap().to_string());
+            }
+            if !raw.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        raw
+    };
+    let (exit, raw) = tokio::join!(running, watch);
+    assert_eq!(exit.unwrap(), Exit::Code(3));
+    assert!(raw.contains("cohort.task") && raw.contains("\"001\""), "{raw}");
+    assert!(
+        !raw.contains("sk-runtime-0123456789"),
+        "the secret is in the create spec"
+    );
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    while let Ok(line) = rx.try_recv() {
+        match line {
+            Output::Stdout(l) => out.push(l),
+            Output::Stderr(l) => err.push(l),
+        }
+    }
+    assert_eq!(out, vec!["sk-runtime-0123456789", "HELLO", "/workspace/sub /workspace"]);
+    assert_eq!(err, vec!["oops"]);
+    assert_eq!(std::fs::read_to_string(checkout.join("made.txt")).unwrap(), "file\n");
+    assert!(leftovers(podman.clone()).await.is_empty(), "container not removed");
+
+    // Timeout and cancel: killed, reported, removed.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let t0 = std::time::Instant::now();
+    let exit = rt
+        .run(
+            spawn("sleep 60", None, Some(std::time::Duration::from_secs(1))),
+            tx,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(exit, Exit::TimedOut(_)), "{exit:?}");
+    assert!(t0.elapsed().as_secs() < 30);
+    assert!(leftovers(podman.clone()).await.is_empty());
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        c2.cancel();
+    });
+    let exit = rt.run(spawn("sleep 60", None, None), tx, cancel).await.unwrap();
+    assert_eq!(exit, Exit::Cancelled);
+    assert!(leftovers(podman.clone()).await.is_empty());
+
+    // cleanup_run removes what a crashed run left.
+    let mut labels = BTreeMap::new();
+    labels.insert("cohort.run".to_string(), "rt-test".to_string());
+    let id = podman
+        .create_container(&ContainerSpec {
+            image: TAG.into(),
+            network: NetworkMode::None,
+            labels,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    podman.start_container(&id).await.unwrap();
+    assert_eq!(rt.cleanup_run("rt-test").await.unwrap(), 1);
+    assert!(leftovers(podman.clone()).await.is_empty());
+}
