@@ -506,3 +506,75 @@ async fn runtime_runs_one_container_per_spawn() {
     assert_eq!(rt.cleanup_run("rt-test").await.unwrap(), 1);
     assert!(leftovers(podman.clone()).await.is_empty());
 }
+
+/// The runtime on a rootless engine (a developer's `systemctl --user` socket): keep-id maps
+/// the host user onto the image user, git works in the checkout, files stay the user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_rootless_keep_id() {
+    use crate::agent::Invocation;
+    use crate::runtime::{Exit, Output, Runtime, Spawn};
+    use std::os::unix::fs::MetadataExt;
+    use tokio_util::sync::CancellationToken;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, archive) = build_image(tmp.path(), "s");
+    let service = support::PodmanService::start_rootless(support::ROOTLESS_USER);
+    let (uid, _) = support::user_ids(support::ROOTLESS_USER).unwrap();
+    let podman = Podman::connect_to(service.socket()).await.unwrap();
+    assert!(podman.rootless());
+    podman.load_image(&archive).await.unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    host_git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("a.txt"), "a\n").unwrap();
+    let chown = Command::new("chown")
+        .arg("-R")
+        .arg(support::ROOTLESS_USER)
+        .arg(tmp.path())
+        .status();
+    assert!(chown.unwrap().success());
+    let checkout = repo.canonicalize().unwrap();
+    let settings = PodmanSettings {
+        image: TAG.into(),
+        network: NetworkMode::None,
+        memory_bytes: None,
+        pids_limit: None,
+        mounts: Vec::new(),
+        common_dir: checkout.join(".git"),
+    };
+    let rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
+    let spawn = Spawn {
+        invocation: Invocation {
+            program: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "git status --porcelain && echo new > b.txt && id -u".into(),
+            ],
+            env: vec![("COHORT_RUN_ID".into(), "rootless".into())],
+            ..Default::default()
+        },
+        workdir: checkout.clone(),
+        timeout: None,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();
+    let mut lines = Vec::new();
+    while let Ok(l) = rx.try_recv() {
+        lines.push(match l {
+            Output::Stdout(s) => s,
+            Output::Stderr(s) => format!("err: {s}"),
+        });
+    }
+    assert_eq!(exit, Exit::Code(0), "{lines:?}");
+    assert_eq!(lines, vec!["?? a.txt", "1000"]);
+    assert_eq!(
+        std::fs::metadata(checkout.join("b.txt")).unwrap().uid(),
+        uid,
+        "written as the host user"
+    );
+    assert!(podman
+        .list_containers(&[("cohort.run", "rootless")])
+        .await
+        .unwrap()
+        .is_empty());
+}
