@@ -76,6 +76,8 @@ impl Progress {
                 bar.set_message(clip(task, 60));
                 bar.enable_steady_tick(Duration::from_millis(200));
                 b.tasks.lock().unwrap().insert(idx, bar);
+                b.multi
+                    .suspend(|| eprintln!("{} task {idx:03} started{again}: {}", stamp(), clip(task, 100)));
             }
             None => eprintln!("{} task {idx:03} started{again}: {}", stamp(), clip(task, 100)),
         }
@@ -102,7 +104,7 @@ impl Progress {
                     bar.finish_and_clear();
                     b.multi.remove(&bar);
                 }
-                b.multi.suspend(|| eprintln!("task {idx:03} {line}"));
+                b.multi.suspend(|| eprintln!("{} task {idx:03} {line}", stamp()));
             }
             None => eprintln!("{} task {idx:03} {line}", stamp()),
         }

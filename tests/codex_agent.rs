@@ -128,7 +128,11 @@ fn codex_failures_fail_the_task_with_the_reason() {
     let report = s.status_json();
     let t = &report["tasks"][0];
     assert_eq!(t["status"], "failed");
-    assert!(!t["reason"].as_str().unwrap().is_empty(), "{t}");
+    let reason = t["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("codex exited with code 1: ") && reason.len() > 30,
+        "{t}"
+    );
 }
 
 #[test]

@@ -10,7 +10,14 @@ fn plan(s: &Scratch, standin: &Standin, doc: &str, out: &std::path::Path) -> std
     let req = s.request("req.md", doc);
     s.cohort()
         .env("OPENAI_API_KEY", KEY)
-        .args(["plan", req.to_str().unwrap(), "--planner", "llm", "--model", "gpt-5-nano"])
+        .args([
+            "plan",
+            req.to_str().unwrap(),
+            "--planner",
+            "llm",
+            "--model",
+            "gpt-5-nano",
+        ])
         .args(["--base-url", &standin.base_url(), "-o", out.to_str().unwrap()])
         .output()
         .unwrap()
@@ -25,9 +32,14 @@ fn llm_plan_writes_a_validated_plan() {
     assert_eq!(code(&out), 0, "{}", text(&out));
     let tasks = std::fs::read_to_string(out_dir.join("tasks.txt")).unwrap();
     assert!(tasks.contains("login") && tasks.contains("docs"), "{tasks}");
-    assert!(std::fs::read_to_string(out_dir.join("prompt.txt")).unwrap().contains("{task}"));
+    assert!(std::fs::read_to_string(out_dir.join("prompt.txt"))
+        .unwrap()
+        .contains("{task}"));
     let records = standin.records();
-    let chat = records.iter().find(|r| r["path"] == "/v1/chat/completions").expect("a chat request");
+    let chat = records
+        .iter()
+        .find(|r| r["path"] == "/v1/chat/completions")
+        .expect("a chat request");
     assert_eq!(chat["body"]["model"], "gpt-5-nano");
     assert_eq!(chat["body"]["response_format"]["type"], "json_schema");
     assert_eq!(chat["headers"]["authorization"], format!("Bearer {KEY}"));
@@ -35,7 +47,11 @@ fn llm_plan_writes_a_validated_plan() {
 
 #[test]
 fn an_invalid_plan_twice_exits_2_and_writes_nothing() {
-    let standin = Standin::start(Options { mode: Mode::InvalidPlan, ..Options::default() }).unwrap();
+    let standin = Standin::start(Options {
+        mode: Mode::InvalidPlan,
+        ..Options::default()
+    })
+    .unwrap();
     let s = Scratch::new();
     let out_dir = s.tmp.path().join("plan");
     let out = plan(&s, &standin, "- a task\n", &out_dir);

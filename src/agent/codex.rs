@@ -86,6 +86,23 @@ impl Agent for CodexAgent {
         })
     }
 
+    /// codex prints the reason as an `error` event before `turn.failed`;
+    /// show that rather than a bare exit code.
+    fn failure(&self, code: i32, events: &[AgentEvent]) -> Option<String> {
+        let reason = events.iter().rev().find_map(|e| match e {
+            AgentEvent::Failed { message } => Some(message.clone()),
+            AgentEvent::Error { message } if !message.starts_with("warning:") => Some(message.clone()),
+            _ => None,
+        });
+        match (code, reason) {
+            (0, None) => None,
+            (0, Some(r)) if events.iter().any(|e| matches!(e, AgentEvent::Failed { .. })) => Some(r),
+            (0, Some(_)) => None,
+            (c, Some(r)) => Some(format!("codex exited with code {c}: {r}")),
+            (c, None) => Some(format!("codex exited with code {c}")),
+        }
+    }
+
     fn parse_line(&self, line: &str) -> Option<AgentEvent> {
         let event = events::parse_line(line).ok()??;
         Some(match event {

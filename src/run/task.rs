@@ -116,6 +116,7 @@ async fn attempt_once(
     let service_ref = format!("refs/heads/{}", e.opts.service_branch);
 
     // A checkout at the current service tip, on a task branch reset to it.
+    let t0 = std::time::Instant::now();
     let (checkout, base) = {
         let (paths, pool, branch_ref, run_id) = (e.paths.clone(), s.pool.clone(), branch_ref.clone(), s.run_id.clone());
         blocking(move || {
@@ -152,6 +153,8 @@ async fn attempt_once(
         .lock()
         .unwrap()
         .start_attempt(&s.run_id, idx, attempt, &base.to_string())?;
+    tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "checkout prepared");
+    let t0 = std::time::Instant::now();
 
     let mut prompt = Plan::prompt_for(&s.template, &row.text);
     if let Some(paths) = conflicted {
@@ -249,12 +252,15 @@ async fn attempt_once(
     // Whatever the agent did is committed on the task branch, even when it
     // failed, so no work is lost.
     let message = commit::task_message(&s.run_id, idx, &row.text);
+    tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "agent finished");
+    let t0 = std::time::Instant::now();
     let committed = {
         let (co, br) = (checkout.clone(), branch_ref.clone());
         blocking(move || commit::commit_all(&co, &br, base, &message)).await
     };
     s.pool.release(checkout);
     let tc = committed?;
+    tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "committed");
     let tip = tc.tip.to_string();
     writeln!(
         log,
@@ -311,7 +317,9 @@ async fn merge_task(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid) -
         "Merge task {idx:03}: {}\n\nCohort-Run: {}\nCohort-Task: {idx:03}\n",
         row.text, s.run_id
     );
+    let t0 = std::time::Instant::now();
     let outcome = blocking(move || merge::merge_into(&paths.open()?, &service_ref, tip, &message)).await?;
+    tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "merged");
     match outcome {
         merge::MergeOutcome::Merged { commit } => {
             let c = commit.to_string();
