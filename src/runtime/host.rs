@@ -53,6 +53,14 @@ impl Runtime for HostRuntime {
         let mut cmd = Command::new(&self.guard);
         cmd.arg("__guard").arg(&inv.program).args(&inv.args);
         cmd.current_dir(&spawn.workdir);
+        // A secret reaches the child only under the names the agent chose:
+        // drop inherited variables holding the same value (OPENAI_API_KEY
+        // for codex, which reads its key from its provider's env_key).
+        for (name, value) in std::env::vars_os() {
+            if inv.secret_env.iter().any(|(_, s)| value.as_encoded_bytes() == s.expose().as_bytes()) {
+                cmd.env_remove(name);
+            }
+        }
         cmd.envs(inv.env.iter().map(|(k, v)| (k, v)));
         for (k, v) in &inv.secret_env {
             cmd.env(k, v.expose());
