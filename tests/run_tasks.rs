@@ -235,3 +235,13 @@ fn hostile_task_names_are_never_run_through_a_shell() {
         assert!(b.is_ascii() && !b.contains(' '), "{b}");
     }
 }
+
+#[test]
+fn refuses_to_run_with_the_service_branch_checked_out() {
+    let s = Scratch::new();
+    s.git(&["checkout", "-q", "-b", "cohort/service"]);
+    let req = s.request("req.md", "- a\n");
+    let out = s.run(&["run", req.to_str().unwrap(), "--agent-command", &agent("write.sh")]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("is checked out here"), "{}", text(&out));
+}

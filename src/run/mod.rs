@@ -110,6 +110,13 @@ pub async fn start(
     let notes = blocking(move || {
         let repo = paths.open()?;
         let mut notes = Vec::new();
+        let (branch, _) = sync::current_branch(&repo)?;
+        if branch == format!("refs/heads/{service}") {
+            return Err(crate::cli::usage(format!(
+                "{service} is checked out here; cohort merges into it while it runs, so check out \
+                 your own branch first (or pass --service-branch with another name)"
+            )));
+        }
         let head = match sync_settings {
             Some(s) => {
                 let opts = sync::SyncOptions {
