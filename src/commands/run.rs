@@ -172,6 +172,8 @@ pub fn build_engine(
                     anyhow::Ok(crate::runtime::podman::PodmanRuntime::new(podman, settings).await?)
                 })
             })
+            // Before anything changed (no socket, no image): a setup error, exit 2.
+            .map_err(|e| usage(format!("--runtime podman: {e:#}")))
             .map(Arc::new)?
         }
     };

@@ -65,7 +65,7 @@ impl PodmanRuntime {
     pub async fn new(podman: Podman, settings: PodmanSettings) -> Result<PodmanRuntime> {
         if !podman.image_exists(&settings.image).await? {
             anyhow::bail!(
-                "image {} is not in podman's storage ({}); build it with `cohort image build`",
+                "image {} is not in podman's storage ({}); build it with `cohort image build` (or run agents here with --runtime host)",
                 settings.image,
                 podman.socket().display()
             );
