@@ -324,13 +324,9 @@ fn image_build_run_in_containers_and_dev_container() {
 
 /// The real codex (pinned static binary, `fixtures/install-codex.sh`) inside per-task
 /// containers, against the local OpenAI stand-in (host network to reach it on loopback).
-///
-/// Ignored for now: codex runs and talks to the stand-in from inside the container, but its
-/// `workspace-write` sandbox needs bubblewrap (`bwrap`), which the image does not have, so
-/// its `exec_command` fails and nothing is written. In a container the container is the
-/// sandbox: the codex agent should get `--sandbox danger-full-access` under `--runtime podman`.
+/// In a container the container is the sandbox: codex runs with `--sandbox danger-full-access`
+/// (its own sandbox would need bubblewrap, which the image does not have).
 #[test]
-#[ignore = "codex's own sandbox needs bwrap inside the container; see the doc comment"]
 fn codex_runs_inside_task_containers() {
     use cohort_standin::{Options, Standin};
     let installed = Command::new("sh").arg(fixture("install-codex.sh")).output().unwrap();

@@ -132,6 +132,28 @@ pub fn build_engine(
         .or(config.run.service_branch.clone())
         .unwrap_or_else(|| "cohort/service".into());
 
+    let runtime: Arc<dyn Runtime> = match select_runtime(flags, config, stored)? {
+        RuntimeKind::Host => Arc::new(HostRuntime::new()?),
+        RuntimeKind::Podman => {
+            let settings = crate::commands::container::podman_settings(config, &paths)?;
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let podman = crate::runtime::podman::Podman::connect().await?;
+                    anyhow::Ok(crate::runtime::podman::PodmanRuntime::new(podman, settings).await?)
+                })
+            })
+            // Before anything changed (no socket, no image): a setup error, exit 2.
+            .map_err(|e| usage(format!("--runtime podman: {e:#}")))
+            .map(Arc::new)?
+        }
+    };
+    // In a container, the container is the sandbox (codex's own one needs
+    // bubblewrap, which the image does not have).
+    let sandbox = if runtime.name() == "podman" {
+        "danger-full-access"
+    } else {
+        "workspace-write"
+    };
     let stored_command: Option<Vec<String>> = serde_json::from_value(stored["agent_command"].clone()).ok();
     let kind = match flags.agent {
         Some(AgentKind::Codex) => "codex",
@@ -145,7 +167,7 @@ pub fn build_engine(
             .unwrap_or("codex"),
     };
     let agent: Arc<dyn Agent> = match kind {
-        "codex" => Arc::new(codex_agent(config, flags, stored)?),
+        "codex" => Arc::new(codex_agent(config, flags, stored, sandbox)?),
         "command" => match (&flags.agent_command, &config.agent.command, &stored_command) {
             (Some(line), _, _) => Arc::new(CommandAgent::parse(line).map_err(|e| usage(e.to_string()))?),
             (None, Some(argv), _) => Arc::new(CommandAgent::new(argv.clone()).map_err(|e| usage(e.to_string()))?),
@@ -160,21 +182,6 @@ pub fn build_engine(
             return Err(usage(format!(
                 "[agent] kind = {other:?} is unknown; use \"codex\" or \"command\""
             )))
-        }
-    };
-    let runtime: Arc<dyn Runtime> = match select_runtime(flags, config)? {
-        RuntimeKind::Host => Arc::new(HostRuntime::new()?),
-        RuntimeKind::Podman => {
-            let settings = crate::commands::container::podman_settings(config, &paths)?;
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async {
-                    let podman = crate::runtime::podman::Podman::connect().await?;
-                    anyhow::Ok(crate::runtime::podman::PodmanRuntime::new(podman, settings).await?)
-                })
-            })
-            // Before anything changed (no socket, no image): a setup error, exit 2.
-            .map_err(|e| usage(format!("--runtime podman: {e:#}")))
-            .map(Arc::new)?
         }
     };
     let state = State::open(&run::state_path(&paths))?;
@@ -195,9 +202,17 @@ pub fn build_engine(
 
 /// `--runtime`, else `[run] runtime`, else podman when a podman socket is found (see
 /// `socket_candidates`), else host. The automatic choice is said on stderr.
-fn select_runtime(flags: &EngineFlags, config: &Config) -> Result<RuntimeKind> {
+fn select_runtime(flags: &EngineFlags, config: &Config, stored: &serde_json::Value) -> Result<RuntimeKind> {
     if let Some(kind) = flags.runtime {
         return Ok(kind);
+    }
+    // A resumed run keeps the runtime it started with, unless config says otherwise.
+    if config.run.runtime.is_none() {
+        match stored["runtime"].as_str() {
+            Some("podman") => return Ok(RuntimeKind::Podman),
+            Some("host") => return Ok(RuntimeKind::Host),
+            _ => {}
+        }
     }
     match config.run.runtime.as_deref() {
         Some("host") => return Ok(RuntimeKind::Host),
@@ -229,7 +244,12 @@ fn select_runtime(flags: &EngineFlags, config: &Config) -> Result<RuntimeKind> {
     }
 }
 
-fn codex_agent(config: &Config, flags: &EngineFlags, stored: &serde_json::Value) -> Result<CodexAgent> {
+fn codex_agent(
+    config: &Config,
+    flags: &EngineFlags,
+    stored: &serde_json::Value,
+    sandbox: &'static str,
+) -> Result<CodexAgent> {
     let model = flags
         .model
         .clone()
@@ -254,7 +274,7 @@ fn codex_agent(config: &Config, flags: &EngineFlags, stored: &serde_json::Value)
         model,
         base_url,
         key,
-        sandbox: "workspace-write",
+        sandbox,
     })
 }
 

@@ -203,6 +203,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     let dir = RunDir::new(&engine.paths, run_id);
     std::fs::create_dir_all(&dir.0)?;
     let _lock = lock_run(&dir)?;
+    engine.runtime.cleanup_run(run_id).await?;
     let (run, rows) = {
         let st = engine.state.lock().unwrap();
         let run = st.run(Some(run_id))?.with_context(|| format!("no run {run_id}"))?;
@@ -246,6 +247,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     }
     progress.finish();
     blocking(move || pool.remove_all()).await?;
+    engine.runtime.cleanup_run(run_id).await?;
 
     let interrupted = engine.cancel.is_cancelled();
     let tasks = engine.state.lock().unwrap().tasks(run_id)?;

@@ -57,7 +57,11 @@ impl Runtime for HostRuntime {
         // drop inherited variables holding the same value (OPENAI_API_KEY
         // for codex, which reads its key from its provider's env_key).
         for (name, value) in std::env::vars_os() {
-            if inv.secret_env.iter().any(|(_, s)| value.as_encoded_bytes() == s.expose().as_bytes()) {
+            if inv
+                .secret_env
+                .iter()
+                .any(|(_, s)| value.as_encoded_bytes() == s.expose().as_bytes())
+            {
                 cmd.env_remove(name);
             }
         }

@@ -52,6 +52,11 @@ pub enum Output {
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync {
     fn name(&self) -> &'static str;
+    /// Removes what a run left behind in this runtime (e.g. the containers
+    /// of a crashed process); called when a run (re)starts and ends.
+    async fn cleanup_run(&self, _run_id: &str) -> Result<()> {
+        Ok(())
+    }
     /// Runs the invocation to its end, sending its output line by line.
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit>;
 }

@@ -350,6 +350,14 @@ impl Runtime for PodmanRuntime {
         "podman"
     }
 
+    async fn cleanup_run(&self, run_id: &str) -> Result<()> {
+        let removed = cleanup_run(&self.podman, run_id).await?;
+        if removed > 0 {
+            tracing::info!(run = run_id, removed, "removed leftover task containers");
+        }
+        Ok(())
+    }
+
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
         let labels = task_labels(&spawn);
         let spec = self.container_spec(&spawn, labels)?;
