@@ -21,5 +21,8 @@ fi
 echo "== the pinned Codex CLI (npm, project-local)"
 sh fixtures/install-codex.sh
 
+echo "== podman and runc for the disposable podman services the tests start"
+bash fixtures/podman-service.sh install
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked 2>&1

@@ -106,7 +106,10 @@ impl Scratch {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cohort"));
         c.current_dir(&self.work)
             .env_remove("OPENAI_API_KEY")
-            .env_remove("COHORT_LOG");
+            .env_remove("COHORT_LOG")
+            // The host runtime unless a test points cohort at a podman socket:
+            // a socket on the test machine must not change what these tests run.
+            .env("CONTAINER_HOST", "unix:///nonexistent/cohort-tests/podman.sock");
         c
     }
 
