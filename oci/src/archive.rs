@@ -5,9 +5,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 
 use flate2::read::GzDecoder;
-use oci_spec::image::{
-    DescriptorBuilder, ImageConfiguration, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType,
-};
+use oci_spec::image::{DescriptorBuilder, ImageConfiguration, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType};
 use serde_json::Value;
 
 use crate::blob::BlobStore;
@@ -40,13 +38,7 @@ pub fn index_json(image: &BuiltImage, ref_name: &str) -> Result<Vec<u8>> {
 
 /// Write `image` (all its blobs must be in `store`) as an oci-archive at `out`.
 /// Deterministic: fixed entry order, mtimes and owners, so equal images give equal archives.
-pub fn write_oci_archive(
-    store: &BlobStore,
-    image: &BuiltImage,
-    ref_name: &str,
-    out: &Path,
-    mtime: u64,
-) -> Result<()> {
+pub fn write_oci_archive(store: &BlobStore, image: &BuiltImage, ref_name: &str, out: &Path, mtime: u64) -> Result<()> {
     let tmp = out.with_extension("partial");
     let file = File::create(&tmp).at(&tmp)?;
     let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
@@ -143,8 +135,7 @@ pub fn import_base(path: &Path, store: &BlobStore) -> Result<BaseImage> {
     };
     let index: ImageIndex = serde_json::from_slice(&index)?;
     let manifest = resolve_manifest(store, &index, 0)?;
-    let config: ImageConfiguration =
-        serde_json::from_slice(&store.read(manifest.config().digest().as_ref())?)?;
+    let config: ImageConfiguration = serde_json::from_slice(&store.read(manifest.config().digest().as_ref())?)?;
     let diff_ids = config.rootfs().diff_ids();
     if diff_ids.len() != manifest.layers().len() {
         return Err(Error::Base(
@@ -181,8 +172,7 @@ fn resolve_manifest(store: &BlobStore, index: &ImageIndex, depth: u32) -> Result
         .iter()
         .find(|m| {
             m.platform().as_ref().is_some_and(|p| {
-                *p.architecture() == oci_spec::image::Arch::Amd64
-                    && *p.os() == oci_spec::image::Os::Linux
+                *p.architecture() == oci_spec::image::Arch::Amd64 && *p.os() == oci_spec::image::Os::Linux
             })
         })
         .or_else(|| index.manifests().first())
@@ -205,11 +195,7 @@ fn read_accounts(store: &BlobStore, base: &mut BaseImage) -> Result<()> {
             let mut probe = File::open(&path).at(&path)?;
             probe.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]
         };
-        let reader: Box<dyn Read> = if gz {
-            Box::new(GzDecoder::new(f))
-        } else {
-            Box::new(f)
-        };
+        let reader: Box<dyn Read> = if gz { Box::new(GzDecoder::new(f)) } else { Box::new(f) };
         let mut ar = tar::Archive::new(reader);
         for entry in ar.entries().at(&path)? {
             let mut entry = entry.at(&path)?;

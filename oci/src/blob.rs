@@ -94,11 +94,7 @@ impl BlobStore {
     }
 
     /// Stream a blob from `reader`. When `expected` is given the content must hash to it.
-    pub fn put_reader(
-        &self,
-        reader: &mut dyn Read,
-        expected: Option<&str>,
-    ) -> Result<(String, u64)> {
+    pub fn put_reader(&self, reader: &mut dyn Read, expected: Option<&str>) -> Result<(String, u64)> {
         let mut w = self.writer()?;
         io::copy(reader, &mut w).at(&w.tmp)?;
         w.commit(expected)

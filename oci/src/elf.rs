@@ -43,10 +43,7 @@ pub fn read_deps(path: &Path) -> Result<Option<ElfDeps>> {
     }
 }
 
-fn parse<H: FileHeader<Endian = Endianness>>(
-    data: &[u8],
-    is_64: bool,
-) -> object::Result<Option<ElfDeps>> {
+fn parse<H: FileHeader<Endian = Endianness>>(data: &[u8], is_64: bool) -> object::Result<Option<ElfDeps>> {
     let header = H::parse(data)?;
     let endian = header.endian()?;
     let mut deps = ElfDeps {
@@ -67,9 +64,8 @@ fn parse<H: FileHeader<Endian = Endianness>>(
         let strings = sections.strings(endian, data, link)?;
         for d in dyns {
             let Some(tag) = d.tag32(endian) else { continue };
-            let text = || -> object::Result<String> {
-                Ok(String::from_utf8_lossy(d.string(endian, strings)?).into_owned())
-            };
+            let text =
+                || -> object::Result<String> { Ok(String::from_utf8_lossy(d.string(endian, strings)?).into_owned()) };
             match tag {
                 elf::DT_NEEDED => deps.needed.push(text()?),
                 elf::DT_RUNPATH => deps.runpath.extend(text()?.split(':').map(str::to_owned)),
@@ -114,10 +110,7 @@ impl LibraryResolver {
     /// A resolver with exactly these search directories (used by tests and odd hosts).
     pub fn with_dirs(dirs: Vec<PathBuf>) -> Self {
         let mut seen = BTreeSet::new();
-        let dirs = dirs
-            .into_iter()
-            .filter(|d| seen.insert(d.clone()))
-            .collect();
+        let dirs = dirs.into_iter().filter(|d| seen.insert(d.clone())).collect();
         LibraryResolver { dirs }
     }
 
@@ -160,11 +153,7 @@ impl LibraryResolver {
     fn find(&self, name: &str, needed_by: &Path, deps: &ElfDeps) -> Result<PathBuf> {
         if name.contains('/') {
             let p = PathBuf::from(name);
-            return if p.exists() {
-                Ok(p)
-            } else {
-                Err(Error::Missing(p))
-            };
+            return if p.exists() { Ok(p) } else { Err(Error::Missing(p)) };
         }
         let origin = needed_by.parent().unwrap_or(Path::new("/"));
         let runpath = deps.runpath.iter().map(|r| {
@@ -180,9 +169,7 @@ impl LibraryResolver {
             }
             // A library of another class or machine (e.g. i386 multiarch) is skipped, as ld.so does.
             match read_deps(&candidate) {
-                Ok(Some(d)) if d.is_64 == deps.is_64 && d.machine == deps.machine => {
-                    return Ok(candidate)
-                }
+                Ok(Some(d)) if d.is_64 == deps.is_64 && d.machine == deps.machine => return Ok(candidate),
                 _ => continue,
             }
         }
@@ -254,19 +241,14 @@ mod tests {
     #[test]
     fn bash_closure_has_libc_and_interpreter() {
         let r = LibraryResolver::system();
-        let deps = read_deps(Path::new("/bin/bash"))
-            .unwrap()
-            .expect("bash is ELF");
+        let deps = read_deps(Path::new("/bin/bash")).unwrap().expect("bash is ELF");
         let interp = deps.interpreter.clone().expect("bash is dynamic");
         assert!(deps.needed.iter().any(|n| n.starts_with("libc.so")));
         let set = r.closure(&[PathBuf::from("/bin/bash")]).unwrap();
         assert!(set.contains(Path::new(&interp)), "{set:?}");
         assert!(
-            set.iter().any(|p| p
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("libc.so")),
+            set.iter()
+                .any(|p| p.file_name().unwrap().to_string_lossy().starts_with("libc.so")),
             "{set:?}"
         );
         // bash needs libtinfo on Debian: a transitive-ish check that DT_NEEDED was read.

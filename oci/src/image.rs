@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use oci_spec::image::{
-    ConfigBuilder, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder,
-    ImageManifestBuilder, MediaType, RootFsBuilder,
+    ConfigBuilder, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
+    RootFsBuilder,
 };
 use serde_json::Value;
 
@@ -60,11 +60,7 @@ impl ImageSettings {
     /// then the base image's (if any) for keys neither sets.
     pub fn full_env(&self, base_env: &[String]) -> Vec<String> {
         let mut map: BTreeMap<String, String> = BTreeMap::new();
-        let key = |s: &str| {
-            s.split_once('=')
-                .map(|(k, _)| k.to_owned())
-                .unwrap_or(s.to_owned())
-        };
+        let key = |s: &str| s.split_once('=').map(|(k, _)| k.to_owned()).unwrap_or(s.to_owned());
         map.insert("PATH".into(), format!("PATH={DEFAULT_PATH}"));
         for e in base_env {
             map.insert(key(e), e.clone());
@@ -80,23 +76,14 @@ impl ImageSettings {
     /// The skeleton layer: passwd/group with root and the user, its home, `/tmp`, the workdir.
     /// `base_passwd`/`base_group` are the base image's files when building on top of one, so
     /// its accounts are kept.
-    pub fn skeleton_layer(
-        &self,
-        base_passwd: Option<&str>,
-        base_group: Option<&str>,
-    ) -> Result<LayerBuilder> {
+    pub fn skeleton_layer(&self, base_passwd: Option<&str>, base_group: Option<&str>) -> Result<LayerBuilder> {
         let (u, uid, gid, home) = (&self.user, self.uid, self.gid, self.home());
         let mut passwd = base_passwd
             .map(str::to_owned)
             .unwrap_or_else(|| "root:x:0:0:root:/root:/bin/sh\n".into());
-        let mut group = base_group
-            .map(str::to_owned)
-            .unwrap_or_else(|| "root:x:0:\n".into());
+        let mut group = base_group.map(str::to_owned).unwrap_or_else(|| "root:x:0:\n".into());
         if !passwd.lines().any(|l| l.starts_with(&format!("{u}:"))) {
-            push_line(
-                &mut passwd,
-                &format!("{u}:x:{uid}:{gid}:{u}:{home}:/bin/sh"),
-            );
+            push_line(&mut passwd, &format!("{u}:x:{uid}:{gid}:{u}:{home}:/bin/sh"));
         }
         if !group.lines().any(|l| l.starts_with(&format!("{u}:"))) {
             push_line(&mut group, &format!("{u}:x:{gid}:"));
@@ -189,10 +176,7 @@ pub(crate) fn rfc3339(epoch: u64) -> String {
 }
 
 /// Write the config and manifest blobs; returns the image.
-pub fn write_config_and_manifest(
-    store: &BlobStore,
-    input: &ManifestInput<'_>,
-) -> Result<BuiltImage> {
+pub fn write_config_and_manifest(store: &BlobStore, input: &ManifestInput<'_>) -> Result<BuiltImage> {
     let s = input.settings;
     let created = rfc3339(input.created_epoch);
     let mut labels: BTreeMap<String, String> = s.labels.clone();
@@ -204,11 +188,7 @@ pub fn write_config_and_manifest(
         .working_dir(s.workdir.clone())
         .env(s.full_env(input.base_env))
         .volumes(vec![s.workdir.clone()])
-        .labels(
-            labels
-                .into_iter()
-                .collect::<std::collections::HashMap<_, _>>(),
-        );
+        .labels(labels.into_iter().collect::<std::collections::HashMap<_, _>>());
     if let Some(e) = &s.entrypoint {
         cfg = cfg.entrypoint(e.clone());
     }
@@ -217,13 +197,7 @@ pub fn write_config_and_manifest(
     }
     let rootfs = RootFsBuilder::default()
         .typ("layers")
-        .diff_ids(
-            input
-                .layers
-                .iter()
-                .map(|l| l.diff_id.clone())
-                .collect::<Vec<_>>(),
-        )
+        .diff_ids(input.layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>())
         .build()?;
     let mut history: Vec<Value> = input.base_history.to_vec();
     for _ in input.base_history.len().min(input.layers.len())..input.layers.len() {

@@ -145,15 +145,7 @@ impl LayerBuilder {
     pub fn dir(&mut self, image_path: &str, mode: u32, uid: u32, gid: u32) -> Result<()> {
         let key = image_key(image_path)?;
         let kind = Kind::Dir;
-        self.insert(
-            key,
-            Entry {
-                kind,
-                mode,
-                uid,
-                gid,
-            },
-        );
+        self.insert(key, Entry { kind, mode, uid, gid });
         Ok(())
     }
 
@@ -199,9 +191,7 @@ impl LayerBuilder {
         let key = image_key(image_path)?;
         let meta = fs::metadata(host).map_err(|e| missing_or_io(host, e))?;
         if !meta.is_file() {
-            return Err(Error::Unsupported {
-                path: host.to_owned(),
-            });
+            return Err(Error::Unsupported { path: host.to_owned() });
         }
         self.insert(key, file_entry(host, &meta));
         Ok(())
@@ -297,10 +287,7 @@ impl LayerBuilder {
                 gid: 0,
             };
             self.insert(key, e);
-            let mut children: Vec<_> = fs::read_dir(path)
-                .at(path)?
-                .collect::<Result<_, _>>()
-                .at(path)?;
+            let mut children: Vec<_> = fs::read_dir(path).at(path)?.collect::<Result<_, _>>().at(path)?;
             children.sort_by_key(|c| c.file_name());
             for child in children {
                 let p = child.path();
@@ -311,9 +298,7 @@ impl LayerBuilder {
             self.insert(key, file_entry(path, meta));
         } else {
             // Sockets, fifos and devices have no place in an image built from host programs.
-            return Err(Error::Unsupported {
-                path: path.to_owned(),
-            });
+            return Err(Error::Unsupported { path: path.to_owned() });
         }
         Ok(())
     }
@@ -346,10 +331,7 @@ impl LayerBuilder {
                             ..
                         },
                     size,
-                } => h.update(format!(
-                    "f{}\0{dev} {ino} {mtime_ns} {size}\n",
-                    path.display()
-                )),
+                } => h.update(format!("f{}\0{dev} {ino} {mtime_ns} {size}\n", path.display())),
             }
         }
         hex::encode(h.finalize())
@@ -392,8 +374,7 @@ impl LayerBuilder {
             match &e.kind {
                 Kind::Dir => {
                     h.set_entry_type(tar::EntryType::Directory);
-                    tar.append_data(&mut h, format!("{key}/"), io::empty())
-                        .at(&tmp)?;
+                    tar.append_data(&mut h, format!("{key}/"), io::empty()).at(&tmp)?;
                 }
                 Kind::Symlink(t) => {
                     h.set_entry_type(tar::EntryType::Symlink);
@@ -411,10 +392,7 @@ impl LayerBuilder {
                         Source::Bytes(b) => tar.append_data(&mut h, key, &b[..]).at(&tmp)?,
                         Source::Host { path, .. } => {
                             let f = File::open(path).at(path)?;
-                            let r = ExactReader {
-                                inner: f,
-                                left: *size,
-                            };
+                            let r = ExactReader { inner: f, left: *size };
                             tar.append_data(&mut h, key, r).at(path)?
                         }
                     }
@@ -424,11 +402,7 @@ impl LayerBuilder {
         let (diff_id, _, gz) = tar.into_inner().at(&tmp)?.finish();
         let blob = gz.finish().at(&tmp)?;
         let (digest, size) = blob.commit(None)?;
-        Ok(Layer {
-            digest,
-            diff_id,
-            size,
-        })
+        Ok(Layer { digest, diff_id, size })
     }
 
     /// Host files stored once: hard links (same dev+inode), and separate files with identical
@@ -445,21 +419,16 @@ impl LayerBuilder {
             } = &e.kind
             {
                 if *size > 0 {
-                    by_size.entry(*size).or_default().push((
-                        k.as_str(),
-                        path.as_path(),
-                        (*dev, *ino),
-                    ));
+                    by_size
+                        .entry(*size)
+                        .or_default()
+                        .push((k.as_str(), path.as_path(), (*dev, *ino)));
                 }
             }
         }
         let mut first: HashMap<Vec<u8>, &str> = HashMap::new();
         let mut out = HashMap::new();
-        let mut group: Vec<_> = by_size
-            .into_values()
-            .filter(|g| g.len() > 1)
-            .flatten()
-            .collect();
+        let mut group: Vec<_> = by_size.into_values().filter(|g| g.len() > 1).flatten().collect();
         group.sort_by(|a, b| a.0.cmp(b.0));
         let mut inode_key: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
         for (k, path, inode) in group {

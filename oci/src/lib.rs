@@ -22,10 +22,7 @@ pub use archive::{import_base, index_json, write_oci_archive, BaseImage, REF_NAM
 pub use blob::{sha256_digest, BlobStore};
 pub use elf::{read_deps, ElfDeps, LibraryResolver};
 pub use error::{Error, Result};
-pub use image::{
-    write_config_and_manifest, BuiltImage, ImageSettings, ManifestInput, DEFAULT_PATH,
-    LABEL_REVISION,
-};
+pub use image::{write_config_and_manifest, BuiltImage, ImageSettings, ManifestInput, DEFAULT_PATH, LABEL_REVISION};
 pub use layer::{Layer, LayerBuilder, LayerOptions};
 pub use oci_spec::image::MediaType;
 
@@ -46,11 +43,10 @@ pub const GIT_CORE_EXCLUDED: &[&str] = &[
 /// Only those present on this host are returned.
 pub fn default_programs() -> Vec<PathBuf> {
     const BIN: &[&str] = &[
-        "sh", "bash", "cat", "ls", "cp", "mv", "rm", "mkdir", "rmdir", "ln", "chmod", "touch",
-        "echo", "env", "head", "tail", "wc", "sort", "uniq", "tr", "cut", "date", "dirname",
-        "basename", "pwd", "sleep", "test", "true", "false", "mktemp", "readlink", "realpath",
-        "tee", "id", "uname", "stat", "printf", "expr", "seq", "grep", "sed", "find", "xargs",
-        "diff", "stty", "tty", "git",
+        "sh", "bash", "cat", "ls", "cp", "mv", "rm", "mkdir", "rmdir", "ln", "chmod", "touch", "echo", "env", "head",
+        "tail", "wc", "sort", "uniq", "tr", "cut", "date", "dirname", "basename", "pwd", "sleep", "test", "true",
+        "false", "mktemp", "readlink", "realpath", "tee", "id", "uname", "stat", "printf", "expr", "seq", "grep",
+        "sed", "find", "xargs", "diff", "stty", "tty", "git",
     ];
     let mut out: Vec<PathBuf> = BIN
         .iter()

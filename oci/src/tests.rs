@@ -50,11 +50,7 @@ fn programs_layer_mirrors_symlinks_and_libraries() {
     assert!(paths.iter().any(|p| p.contains("/libc.so")), "{paths:?}");
     assert!(paths.iter().any(|p| p.contains("ld-linux")), "{paths:?}");
     // On merged-/usr hosts /bin is a symlink; it must be kept as one, not turned into a directory.
-    if fs::symlink_metadata("/bin")
-        .unwrap()
-        .file_type()
-        .is_symlink()
-    {
+    if fs::symlink_metadata("/bin").unwrap().file_type().is_symlink() {
         let tmp = tempfile::tempdir().unwrap();
         let store = BlobStore::open(tmp.path()).unwrap();
         let l = layer
@@ -75,16 +71,9 @@ fn programs_layer_mirrors_symlinks_and_libraries() {
             let h = e.header();
             assert_eq!(h.mtime().unwrap(), 0);
             assert_eq!(h.uid().unwrap(), 0);
-            kinds.insert(
-                e.path().unwrap().to_string_lossy().into_owned(),
-                h.entry_type(),
-            );
+            kinds.insert(e.path().unwrap().to_string_lossy().into_owned(), h.entry_type());
         }
-        assert_eq!(
-            kinds.get("bin"),
-            Some(&tar::EntryType::Symlink),
-            "{kinds:?}"
-        );
+        assert_eq!(kinds.get("bin"), Some(&tar::EntryType::Symlink), "{kinds:?}");
         assert_eq!(kinds.get("usr/bin/bash"), Some(&tar::EntryType::Regular));
     }
 }
@@ -99,14 +88,7 @@ fn two_builds_same_digest_and_valid_archive() {
     assert_eq!(a, b);
 
     let out = tmp.path().join("image.tar");
-    write_oci_archive(
-        &store,
-        &b,
-        "localhost/test:latest",
-        &out,
-        spec.source_date_epoch,
-    )
-    .unwrap();
+    write_oci_archive(&store, &b, "localhost/test:latest", &out, spec.source_date_epoch).unwrap();
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut ar = tar::Archive::new(fs::File::open(&out).unwrap());
     for e in ar.entries().unwrap() {
@@ -121,11 +103,7 @@ fn two_builds_same_digest_and_valid_archive() {
     let m = &index.manifests()[0];
     assert_eq!(m.digest().to_string(), b.manifest_digest);
     assert_eq!(
-        m.annotations()
-            .as_ref()
-            .unwrap()
-            .get(REF_NAME)
-            .map(String::as_str),
+        m.annotations().as_ref().unwrap().get(REF_NAME).map(String::as_str),
         Some("localhost/test:latest")
     );
     let blob = |d: &str| &files[&format!("blobs/sha256/{}", d.trim_start_matches("sha256:"))];
@@ -137,21 +115,13 @@ fn two_builds_same_digest_and_valid_archive() {
         assert_eq!(sha256_digest(data), format!("sha256:{}", &name[13..]));
     }
     let manifest: ImageManifest = serde_json::from_slice(blob(&b.manifest_digest)).unwrap();
-    let config: ImageConfiguration =
-        serde_json::from_slice(blob(manifest.config().digest().as_ref())).unwrap();
+    let config: ImageConfiguration = serde_json::from_slice(blob(manifest.config().digest().as_ref())).unwrap();
     assert_eq!(manifest.layers().len(), config.rootfs().diff_ids().len());
     let c = config.config().as_ref().unwrap();
     assert_eq!(c.working_dir().as_deref(), Some("/workspace"));
     assert_eq!(c.user().as_deref(), Some("1000:1000"));
-    assert!(c
-        .volumes()
-        .as_ref()
-        .unwrap()
-        .contains(&"/workspace".to_string()));
-    assert_eq!(
-        c.labels().as_ref().unwrap()[LABEL_REVISION],
-        "0123456789abcdef"
-    );
+    assert!(c.volumes().as_ref().unwrap().contains(&"/workspace".to_string()));
+    assert_eq!(c.labels().as_ref().unwrap()[LABEL_REVISION], "0123456789abcdef");
     // diff_ids really are the digests of the uncompressed layers.
     for (l, diff_id) in manifest.layers().iter().zip(config.rootfs().diff_ids()) {
         let mut raw = Vec::new();
@@ -163,14 +133,7 @@ fn two_builds_same_digest_and_valid_archive() {
 
     // Writing the archive twice gives the same bytes.
     let out2 = tmp.path().join("image2.tar");
-    write_oci_archive(
-        &store,
-        &b,
-        "localhost/test:latest",
-        &out2,
-        spec.source_date_epoch,
-    )
-    .unwrap();
+    write_oci_archive(&store, &b, "localhost/test:latest", &out2, spec.source_date_epoch).unwrap();
     assert_eq!(fs::read(&out).unwrap(), fs::read(&out2).unwrap());
 }
 
@@ -186,10 +149,7 @@ fn changed_input_changes_digest_and_reuses_other_layers() {
     assert_eq!(a.layers, b.layers, "only the config changed");
     fs::write(&spec.files[0].0, "changed\n").unwrap();
     let c = build(&spec, &store).unwrap();
-    assert_eq!(
-        a.layers[..a.layers.len() - 1],
-        c.layers[..c.layers.len() - 1]
-    );
+    assert_eq!(a.layers[..a.layers.len() - 1], c.layers[..c.layers.len() - 1]);
     assert_ne!(a.layers.last(), c.layers.last());
 }
 
@@ -224,14 +184,8 @@ fn builds_on_top_of_a_base_archive() {
 #[test]
 fn bad_image_paths_are_rejected() {
     let mut l = LayerBuilder::new();
-    assert!(matches!(
-        l.bytes("relative", "x", 0o644),
-        Err(Error::BadImagePath(_))
-    ));
-    assert!(matches!(
-        l.bytes("/a/../b", "x", 0o644),
-        Err(Error::BadImagePath(_))
-    ));
+    assert!(matches!(l.bytes("relative", "x", 0o644), Err(Error::BadImagePath(_))));
+    assert!(matches!(l.bytes("/a/../b", "x", 0o644), Err(Error::BadImagePath(_))));
 }
 
 #[test]
@@ -286,8 +240,6 @@ fn default_programs_resolve_on_this_host() {
     let paths: Vec<String> = layer.paths().collect();
     // git's https transport pulls in libcurl: proof the closure follows helpers, not just git.
     assert!(paths.iter().any(|p| p.contains("libcurl")), "{paths:?}");
-    assert!(paths
-        .iter()
-        .any(|p| p.starts_with("/usr/share/git-core/templates")));
+    assert!(paths.iter().any(|p| p.starts_with("/usr/share/git-core/templates")));
     assert!(!paths.iter().any(|p| p.ends_with("/git-daemon")));
 }
