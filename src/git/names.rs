@@ -10,11 +10,6 @@ pub fn new_run_id() -> String {
     format!("{}-{}-{:04x}", &digits[..8], &digits[8..14], suffix)
 }
 
-/// True if `id` has the shape of a run id (so it can be used in paths).
-pub fn is_run_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-}
-
 /// An ASCII slug of a task, safe in ref names and paths: lowercase letters,
 /// digits and single dashes, at most 40 characters.
 pub fn slug(task: &str) -> String {
@@ -46,10 +41,6 @@ pub fn task_branch(run_id: &str, index: usize, task: &str) -> String {
     format!("cohort/task/{run_id}/{index:03}-{}", slug(task))
 }
 
-pub fn task_number(index: usize) -> String {
-    format!("{index:03}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,9 +64,12 @@ mod tests {
     }
 
     #[test]
-    fn run_ids_sort_by_time() {
-        let id = new_run_id();
-        assert!(is_run_id(&id), "{id}");
-        assert_eq!(id.len(), "20261125-153012-7f3a".len());
+    fn run_ids_sort_by_time_and_are_path_safe() {
+        let a = new_run_id();
+        assert_eq!(a.len(), "20261125-153012-7f3a".len());
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{a}");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let b = new_run_id();
+        assert!(a[..15] < b[..15], "{a} then {b}");
     }
 }

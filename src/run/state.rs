@@ -393,10 +393,4 @@ impl State {
         }
         Ok(out)
     }
-
-    pub fn event_count(&self, run_id: &str) -> Result<i64> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM events WHERE run_id = ?1", [run_id], |r| r.get(0))?)
-    }
 }
