@@ -215,6 +215,13 @@ mod tests {
         assert_eq!(c.run.jobs, Some(3));
         assert_eq!(c.run.on_conflict, Some(ConflictPolicy::Keep));
         assert!(parse_duration("--timeout", "soon").is_err());
+        let price = Price {
+            input: 2.0,
+            output: 10.0,
+            cached_input: Some(0.5),
+        };
+        // 1M input of which 0.5M cached, 0.1M output: 1.0 + 0.25 + 1.0 dollars.
+        assert!((price.cost(1_000_000, 500_000, 100_000) - 2.25).abs() < 1e-9);
         assert_eq!(parse_duration("--timeout", "2m").unwrap().as_secs(), 120);
     }
 

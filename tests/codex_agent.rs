@@ -54,19 +54,6 @@ fn run_codex(s: &Scratch, standin: &Standin, doc: &str) -> std::process::Output 
         .unwrap()
 }
 
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p))
-        } else {
-            out.push(p)
-        }
-    }
-    out
-}
-
 #[test]
 fn codex_tasks_merge_and_the_key_goes_only_to_the_api() {
     let standin = Standin::start(Options::default()).unwrap();

@@ -77,7 +77,7 @@ fn ctrl_c_stops_agents_saves_state_and_exits_130() {
     let pids = s.tmp.path().join("pids");
     let child = start_slow(&s, &pids, 4);
     std::thread::sleep(Duration::from_millis(1000));
-    nix_kill(child.id(), libc_sigint());
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
     for pid in std::fs::read_to_string(&pids).unwrap_or_default().split_whitespace() {
@@ -93,17 +93,4 @@ fn ctrl_c_stops_agents_saves_state_and_exits_130() {
         .unwrap();
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert_finished_once(&s, 4);
-}
-
-fn libc_sigint() -> i32 {
-    2
-}
-
-fn nix_kill(pid: u32, sig: i32) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }

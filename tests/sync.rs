@@ -155,7 +155,7 @@ fn secrets_are_refused_unless_allowed() {
     assert_eq!(code(&out), 0, "{}", text(&out));
     // The key never reached the state DB or logs.
     let cohort_dir = s.work.join(".git/cohort");
-    for entry in walk(&cohort_dir) {
+    for entry in files_under(&cohort_dir) {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(
             !String::from_utf8_lossy(&bytes).contains("test-secret-key-9f8e7d6c5b4a"),
@@ -175,17 +175,4 @@ fn no_sync_leaves_the_users_branch_alone() {
     assert_eq!(s.git(&["rev-parse", "HEAD"]), head);
     assert_eq!(s.read("README.md").unwrap(), "# dirty\n");
     assert_eq!(s.merged_tasks("cohort/service").len(), 1);
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
