@@ -75,6 +75,10 @@ pub struct UnitState {
     /// The service's `Result` (`success`, `exit-code`, `watchdog`, ...); empty for
     /// units that are not services.
     pub result: String,
+    /// What the service last said with `STATUS=` (services only).
+    pub status_text: String,
+    /// The main process's exit status (services only; 243 = credentials could not be loaded).
+    pub exec_main_status: i32,
 }
 
 impl UnitState {
@@ -200,15 +204,24 @@ impl Systemd {
                 .build()
                 .await
                 .map_err(call_err(format!("Service proxy {unit}")))?;
-            s.result().await.map_err(call_err(format!("{unit} Result")))?
+            (
+                s.result().await.map_err(call_err(format!("{unit} Result")))?,
+                s.status_text().await.map_err(call_err(format!("{unit} StatusText")))?,
+                s.exec_main_status()
+                    .await
+                    .map_err(call_err(format!("{unit} ExecMainStatus")))?,
+            )
         } else {
-            String::new()
+            (String::new(), String::new(), 0)
         };
+        let (result, status_text, exec_main_status) = result;
         Ok(UnitState {
             load_state,
             active_state,
             sub_state,
             result,
+            status_text,
+            exec_main_status,
         })
     }
 
