@@ -60,6 +60,16 @@ pub enum Command {
     Image(commands::image::Args),
     /// Development containers from the image: `container run` makes one, `container enter` re-enters it.
     Container(commands::container::Args),
+    /// API keys: place them encrypted (TPM2-bound) in systemd's credential store, list, check, remove.
+    Keys(commands::keys::Args),
+    /// The service's main loop (what cohort.service runs): take requests from the inbox, run them.
+    Serve(commands::serve::Args),
+    /// Hand a request document to the running service that serves this repository.
+    Submit(commands::submit::Args),
+    /// cohort.service: install (user or hardened system scope), status, logs, uninstall.
+    Service(commands::service::Args),
+    /// Check this host for what cohort's service needs, and say how to fix each problem.
+    Doctor(commands::doctor::Args),
 }
 
 /// An error the user caused and can fix (exit code 2).
@@ -71,7 +81,7 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
-fn exit_code_for(err: &anyhow::Error) -> u8 {
+pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
     use crate::git::GitError;
     for cause in err.chain() {
         if cause.is::<UsageError>()
@@ -103,15 +113,19 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("COHORT_LOG"))
-        .with_writer(std::io::stderr)
-        .init();
     if let Some(dir) = &cli.repo {
         if let Err(e) = std::env::set_current_dir(dir) {
             eprintln!("error: cannot change to {}: {e}", dir.display());
             return ExitCode::from(2);
         }
+    }
+    match &cli.command {
+        // The service logs to the journal (with fields) and to its state directory.
+        Command::Serve(a) => crate::service::logging::init(commands::serve::resolve_state_dir(a).as_deref()),
+        _ => tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("COHORT_LOG"))
+            .with_writer(std::io::stderr)
+            .init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -130,6 +144,11 @@ pub fn main() -> ExitCode {
             Command::Logs(a) => commands::logs::run(a),
             Command::Image(a) => commands::image::run(a, cli.config.as_deref()).await,
             Command::Container(a) => commands::container::run(a, cli.config.as_deref()).await,
+            Command::Keys(a) => commands::keys::run(a, cli.config.as_deref()).await,
+            Command::Serve(a) => commands::serve::run(a, cli.config.as_deref()).await,
+            Command::Submit(a) => commands::submit::run(a),
+            Command::Service(a) => commands::service::run(a, cli.config.as_deref()).await,
+            Command::Doctor(a) => commands::doctor::run(a, cli.config.as_deref()).await,
         }
     });
     match result {

@@ -143,6 +143,9 @@ pub struct AgentSection {
     pub codex_path: Option<PathBuf>,
     /// The command agent's argv; `{prompt_file}` and `{task}` are filled in.
     pub command: Option<Vec<String>>,
+    /// The API key's name: the credential `cohort.NAME`, the environment variable NAME in
+    /// upper case. Default `openai_api_key`.
+    pub key: Option<String>,
     /// The model's price, for the cost estimate in `cohort report`.
     pub price: Option<Price>,
 }

@@ -1,13 +1,18 @@
 //! One file per command; each drives the library and returns an exit code.
 
 pub mod container;
+pub mod doctor;
 pub mod image;
+pub mod keys;
 pub mod logs;
 pub mod plan;
 pub mod report;
 pub mod resume;
 pub mod run;
+pub mod serve;
+pub mod service;
 pub mod status;
+pub mod submit;
 
 use anyhow::Result;
 

@@ -71,7 +71,7 @@ pub async fn make_plan(input: &Path, flags: &PlannerFlags, config: &Config) -> R
             let model = flags.planner_model.clone().or(config.planner.model.clone());
             let mut planner = plan::llm::LlmPlanner::new(model.unwrap_or_else(|| plan::llm::DEFAULT_MODEL.into()));
             planner.base_url = flags.planner_base_url.clone().or(config.planner.base_url.clone());
-            planner.key = super::run::api_key();
+            planner.key = super::run::api_key(config)?;
             eprintln!("planning with model {}", planner.model);
             Ok(planner.plan(&doc).await?)
         }

@@ -38,8 +38,8 @@ pub struct Args {
     pub allow_file: Vec<String>,
 }
 
-/// Flags shared by `run` and `resume`.
-#[derive(clap::Args, Debug, Default)]
+/// Flags shared by `run`, `resume` and `serve`.
+#[derive(clap::Args, Debug, Default, Clone)]
 pub struct EngineFlags {
     /// How many tasks run at once.
     #[arg(short = 'j', long, value_name = "N")]
@@ -88,12 +88,17 @@ pub enum RuntimeKind {
     Podman,
 }
 
-/// The API key, from the environment. It is only handed on, never printed.
-pub fn api_key() -> Option<Secret> {
-    std::env::var("OPENAI_API_KEY")
-        .ok()
-        .filter(|k| !k.is_empty())
-        .map(Secret::new)
+/// The API key named by `[agent] key`, found in the order of `keys::lookup`. It is only
+/// handed on, never printed. A key that exists but cannot be decrypted is an error.
+pub fn api_key(config: &Config) -> Result<Option<Secret>> {
+    let name = config.agent.key.as_deref().unwrap_or(crate::keys::DEFAULT_KEY);
+    crate::keys::validate_name(name).map_err(|e| usage(format!("[agent] key: {e}")))?;
+    let found = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(crate::keys::lookup(name)))
+        .map_err(|e| anyhow::anyhow!(super::keys::explain_key(e)))?;
+    if let Some((_, source)) = &found {
+        tracing::debug!(key = name, %source, "API key found");
+    }
+    Ok(found.map(|(secret, _)| secret))
 }
 
 /// Builds the engine from flags over config over stored options (resume).
@@ -266,8 +271,13 @@ fn codex_agent(
         .clone()
         .or(config.agent.base_url.clone())
         .or(stored["base_url"].as_str().map(String::from));
-    let key = api_key()
-        .ok_or_else(|| usage("the codex agent needs an API key: set OPENAI_API_KEY (or use --agent command)"))?;
+    let key_name = config.agent.key.as_deref().unwrap_or(crate::keys::DEFAULT_KEY);
+    let key = api_key(config)?.ok_or_else(|| {
+        usage(format!(
+            "the codex agent needs an API key. {} (or use --agent command)",
+            crate::keys::missing_help(key_name)
+        ))
+    })?;
     let codex = find_codex(config.agent.codex_path.as_deref()).map_err(|e| usage(e.to_string()))?;
     Ok(CodexAgent {
         codex,
@@ -348,8 +358,9 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     let engine = Arc::new(build_engine(paths, &config, &args.engine, &stored)?);
     stored["agent"] = engine.agent.name().into();
     handle_signals(engine.cancel.clone());
+    let key = api_key(&config)?;
     let sync = (!args.no_sync && config.run.sync != Some(false)).then(|| SyncSettings {
-        key: api_key(),
+        key,
         allow_files: args.allow_file.clone(),
     });
     let summary = run::start(engine, &plan, sync, stored).await?;
