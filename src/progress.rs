@@ -1,15 +1,26 @@
-//! Progress output: live bars on a terminal, timestamped lines otherwise
-//! (under systemd those lines go to the journal).
+//! Progress output: live bars on a terminal, timestamped lines otherwise, or — for the
+//! service (`cohort serve`) — tracing events carrying `run_id` and `task_id`, which the
+//! journal keeps as the structured fields RUN_ID and TASK_ID.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+static EVENTS: AtomicBool = AtomicBool::new(false);
+
+/// From now on, progress goes out as tracing events instead of lines on stderr.
+pub fn use_events() {
+    EVENTS.store(true, Ordering::SeqCst);
+}
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct Progress {
     bars: Option<Bars>,
+    run_id: String,
+    events: bool,
 }
 
 struct Bars {
@@ -32,10 +43,15 @@ fn clip(s: &str, n: usize) -> String {
 }
 
 impl Progress {
-    /// Bars when stderr is a terminal, plain lines otherwise.
-    pub fn new(total: usize) -> Progress {
-        if !std::io::stderr().is_terminal() {
-            return Progress { bars: None };
+    /// Bars when stderr is a terminal, plain lines otherwise (or events, see [`use_events`]).
+    pub fn new(total: usize, run_id: &str) -> Progress {
+        let events = EVENTS.load(Ordering::SeqCst);
+        if events || !std::io::stderr().is_terminal() {
+            return Progress {
+                bars: None,
+                run_id: run_id.into(),
+                events,
+            };
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let overall = multi.add(ProgressBar::new(total as u64));
@@ -51,11 +67,17 @@ impl Progress {
                 overall,
                 tasks: Mutex::new(HashMap::new()),
             }),
+            run_id: run_id.into(),
+            events: false,
         }
     }
 
     /// A line that is not about one task.
     pub fn note(&self, msg: &str) {
+        if self.events {
+            tracing::info!(run_id = %self.run_id, "{msg}");
+            return;
+        }
         match &self.bars {
             Some(b) => b.multi.suspend(|| eprintln!("{msg}")),
             None => eprintln!("{} {msg}", stamp()),
@@ -68,6 +90,10 @@ impl Progress {
         } else {
             String::new()
         };
+        if self.events {
+            tracing::info!(run_id = %self.run_id, task_id = idx, attempt, "task {idx:03} started{again}: {}", clip(task, 100));
+            return;
+        }
         match &self.bars {
             Some(b) => {
                 let bar = b.multi.insert_before(&b.overall, ProgressBar::new_spinner());
@@ -98,6 +124,10 @@ impl Progress {
         } else {
             format!("{status}: {}", clip(detail, 120))
         };
+        if self.events {
+            tracing::info!(run_id = %self.run_id, task_id = idx, status, "task {idx:03} {line}");
+            return;
+        }
         match &self.bars {
             Some(b) => {
                 if let Some(bar) = b.tasks.lock().unwrap().remove(&idx) {

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::run::state::TaskStatus;
+use crate::run::state::{RunRow, TaskRow, TaskStatus};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -17,30 +17,17 @@ pub fn run(args: Args) -> Result<u8> {
     let (_, state) = super::open_state()?;
     let (row, tasks) = super::load_run(&state, args.run.as_deref())?;
     if args.json {
-        let counts: serde_json::Map<String, serde_json::Value> = [
-            TaskStatus::Pending,
-            TaskStatus::Running,
-            TaskStatus::Committed,
-            TaskStatus::Merged,
-            TaskStatus::Unchanged,
-            TaskStatus::Failed,
-            TaskStatus::Conflict,
-        ]
-        .iter()
-        .map(|s| {
-            (
-                s.as_str().to_string(),
-                tasks.iter().filter(|t| t.status == *s).count().into(),
-            )
-        })
-        .collect();
-        let out = serde_json::json!({
-            "run": row,
-            "counts": counts,
-            "tasks": tasks.iter().map(|t| serde_json::json!({
-                "index": t.index, "task": t.text, "status": t.status, "attempts": t.attempts,
-            })).collect::<Vec<_>>(),
-        });
+        // The newest (or named) run at the top level, and, without a RUN, every run: what
+        // a service has done, newest first.
+        let mut out = run_json(&row, &tasks);
+        if args.run.is_none() {
+            let mut runs = Vec::new();
+            for r in state.runs()? {
+                let t = state.tasks(&r.id)?;
+                runs.push(run_json(&r, &t));
+            }
+            out["runs"] = runs.into();
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
@@ -52,4 +39,35 @@ pub fn run(args: Args) -> Result<u8> {
         println!("  {:03}  {:<10} {}", t.index, t.status.as_str(), t.text);
     }
     Ok(0)
+}
+
+fn run_json(row: &RunRow, tasks: &[TaskRow]) -> serde_json::Value {
+    let counts: serde_json::Map<String, serde_json::Value> = [
+        TaskStatus::Pending,
+        TaskStatus::Running,
+        TaskStatus::Committed,
+        TaskStatus::Merged,
+        TaskStatus::Unchanged,
+        TaskStatus::Failed,
+        TaskStatus::Conflict,
+    ]
+    .iter()
+    .map(|s| {
+        (
+            s.as_str().to_string(),
+            tasks.iter().filter(|t| t.status == *s).count().into(),
+        )
+    })
+    .collect();
+    let request = serde_json::from_str::<serde_json::Value>(&row.options)
+        .ok()
+        .and_then(|o| o["request"].as_str().map(String::from));
+    serde_json::json!({
+        "run": row,
+        "request": request,
+        "counts": counts,
+        "tasks": tasks.iter().map(|t| serde_json::json!({
+            "index": t.index, "task": t.text, "status": t.status, "attempts": t.attempts,
+        })).collect::<Vec<_>>(),
+    })
 }

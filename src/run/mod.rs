@@ -103,7 +103,7 @@ pub async fn start(
 ) -> Result<Summary> {
     engine.agent.preflight().await?;
     let run_id = names::new_run_id();
-    let progress = Progress::new(0);
+    let progress = Progress::new(0, &run_id);
     let paths = engine.paths.clone();
     let service = engine.opts.service_branch.clone();
     let id = run_id.clone();
@@ -209,7 +209,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         let run = st.run(Some(run_id))?.with_context(|| format!("no run {run_id}"))?;
         (run, st.tasks(run_id)?)
     };
-    let progress = Arc::new(Progress::new(rows.len()));
+    let progress = Arc::new(Progress::new(rows.len(), run_id));
     let pool = Arc::new(Pool::new(&engine.paths.common_dir, run_id, dir.0.join("checkouts")));
     let shared = Arc::new(task::Shared {
         run_id: run_id.to_string(),

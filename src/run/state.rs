@@ -249,6 +249,20 @@ impl State {
         })
     }
 
+    /// Every run, newest first.
+    pub fn runs(&self) -> Result<Vec<RunRow>> {
+        let ids: Vec<String> = self
+            .conn
+            .prepare("SELECT id FROM runs ORDER BY created_at DESC, id DESC")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(self.run(Some(&id))?);
+        }
+        Ok(out)
+    }
+
     pub fn tasks(&self, run_id: &str) -> Result<Vec<TaskRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT idx, text, branch, status, attempts, base_commit, task_commit, merge_commit, files_changed, \

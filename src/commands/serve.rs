@@ -1,0 +1,297 @@
+//! `cohort serve`: the service's main loop (what `cohort.service` runs).
+//!
+//! It takes requests from its inbox (`cohort submit`) one at a time, plans each and runs
+//! it with the core flow, resumes the runs a restart interrupted, and tells systemd how
+//! it is doing (`Type=notify`: READY, STATUS, WATCHDOG, STOPPING).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cohort_systemd::Notifier;
+use tokio_util::sync::CancellationToken;
+
+use super::run::{api_key, build_engine, stored_options, EngineFlags};
+use crate::cli::usage;
+use crate::config::Config;
+use crate::git::RepoPaths;
+use crate::run::{self, state::State, SyncSettings};
+use crate::service::inbox::{Inbox, Outcome};
+use crate::service::{state_dir, state_dir_from_env, Registration, ServiceScope};
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "systemd runs this (see `cohort service install`); it can also run in a terminal. \
+                        Exit codes: 0 stopped by SIGTERM (or --once finished), 2 a setup problem that a \
+                        restart will not fix (repository, config, key), 1 anything else."
+)]
+pub struct Args {
+    /// The service's state directory (inbox, done, failed, serve.log). Default:
+    /// $STATE_DIRECTORY, else /var/lib/cohort for root or ~/.local/state/cohort.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// How often to look into the inbox.
+    #[arg(long, value_name = "DUR", default_value = "2s")]
+    pub poll: String,
+    /// Work off what is waiting (and unfinished runs), then exit.
+    #[arg(long)]
+    pub once: bool,
+    #[command(flatten)]
+    pub engine: EngineFlags,
+}
+
+/// The state directory `serve` uses for these arguments.
+pub fn resolve_state_dir(args: &Args) -> Option<PathBuf> {
+    args.state_dir
+        .clone()
+        .or_else(state_dir_from_env)
+        .or_else(|| state_dir(ServiceScope::default_for_caller()))
+}
+
+pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
+    crate::progress::use_events();
+    let notifier = Notifier::from_env().context("the systemd notify socket")?.map(Arc::new);
+    let notify = |status: &str| {
+        if let Some(n) = &notifier {
+            let _ = n.status(status);
+        }
+    };
+    match setup(&args, config_path).await {
+        Ok(s) => {
+            if let Some(n) = &notifier {
+                n.ready().context("telling systemd we are ready")?;
+            }
+            let token = CancellationToken::new();
+            spawn_watchdog(notifier.clone());
+            super::run::handle_signals(token.clone());
+            let code = serve_loop(&args, config_path, &s, token, &notify).await;
+            if let Some(n) = &notifier {
+                let _ = n.stopping();
+            }
+            code
+        }
+        Err(e) => {
+            // The message systemd shows in `status` (StatusText) and `cohort service status`.
+            let msg = format!("{e:#}");
+            tracing::error!("cannot serve: {msg}");
+            notify(&format!("cannot serve: {msg}"));
+            Err(e)
+        }
+    }
+}
+
+struct Setup {
+    paths: RepoPaths,
+    inbox: Inbox,
+    poll: Duration,
+}
+
+async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
+    let state = resolve_state_dir(args).ok_or_else(|| usage("no state directory: pass --state-dir, or set HOME"))?;
+    let paths = RepoPaths::discover(&std::env::current_dir()?)?;
+    let config = Config::load(config_path, Some(&paths.workdir))?;
+    let poll = crate::config::parse_duration("--poll", &args.poll)?;
+    // Find the key now, so a credential that cannot be decrypted here (a stolen file, a
+    // cleared TPM) stops the service at start with that message, not at the first task.
+    let needs_key = args.engine.agent_command.is_none()
+        && args.engine.agent != Some(super::run::AgentKind::Command)
+        && config.agent.kind.as_deref().unwrap_or("codex") == "codex";
+    if needs_key && api_key(&config).map_err(|e| usage(format!("{e:#}")))?.is_none() {
+        let name = config.agent.key.as_deref().unwrap_or(crate::keys::DEFAULT_KEY);
+        return Err(usage(crate::keys::missing_help(name)));
+    }
+    let inbox = Inbox::new(&state);
+    inbox.create()?;
+    Registration {
+        repo: paths.workdir.clone(),
+        pid: std::process::id(),
+        started: crate::run::state::now(),
+    }
+    .write(&state)
+    .with_context(|| format!("cannot write into {}", state.display()))?;
+    tracing::info!(repo = %paths.workdir.display(), state = %state.display(), "serving");
+    Ok(Setup { paths, inbox, poll })
+}
+
+async fn serve_loop(
+    args: &Args,
+    config_path: Option<&Path>,
+    s: &Setup,
+    token: CancellationToken,
+    notify: &dyn Fn(&str),
+) -> Result<u8> {
+    // Runs a restart interrupted come first; their requests are still in processing/.
+    resume_unfinished(args, config_path, s, &token, notify).await?;
+    for orphan in s.inbox.waiting("processing")? {
+        // Claimed, but the service stopped before its run existed: queue it again.
+        s.inbox.requeue(&orphan)?;
+    }
+    loop {
+        if token.is_cancelled() {
+            return Ok(0);
+        }
+        let waiting = s.inbox.waiting("inbox")?;
+        if waiting.is_empty() {
+            if args.once {
+                return Ok(0);
+            }
+            notify("idle: waiting for requests (cohort submit FILE)");
+            tokio::select! {
+                _ = token.cancelled() => return Ok(0),
+                _ = tokio::time::sleep(s.poll) => continue,
+            }
+        }
+        let claimed = s.inbox.claim(&waiting[0])?;
+        let name = claimed.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        notify(&format!("running request {name}"));
+        let (run_id, result) = run_request(args, config_path, s, &claimed, &name, &token).await;
+        if token.is_cancelled() && run_id.is_some() {
+            // Interrupted mid-run: the request stays in processing/ and is resumed on restart.
+            return Ok(0);
+        }
+        let outcome = match result {
+            Ok(code) => Outcome {
+                request: name.clone(),
+                run_id,
+                exit_code: code,
+                error: None,
+                finished: crate::run::state::now(),
+            },
+            Err(e) => {
+                tracing::error!(request = %name, "request failed: {e:#}");
+                Outcome {
+                    request: name.clone(),
+                    run_id,
+                    exit_code: crate::cli::exit_code_for(&e),
+                    error: Some(format!("{e:#}")),
+                    finished: crate::run::state::now(),
+                }
+            }
+        };
+        tracing::info!(request = %name, run_id = outcome.run_id.as_deref().unwrap_or(""), exit_code = outcome.exit_code, "request finished");
+        s.inbox.finish(&claimed, &outcome)?;
+    }
+}
+
+/// Plans and runs one request; returns the run id once the run exists.
+async fn run_request(
+    args: &Args,
+    config_path: Option<&Path>,
+    s: &Setup,
+    path: &Path,
+    name: &str,
+    token: &CancellationToken,
+) -> (Option<String>, Result<u8>) {
+    let config = match Config::load(config_path, Some(&s.paths.workdir)) {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e.into())),
+    };
+    let plan = match super::plan::make_plan(path, &super::plan::PlannerFlags::default(), &config).await {
+        Ok(p) => p,
+        Err(e) => return (None, Err(e)),
+    };
+    tracing::info!(request = %name, tasks = plan.tasks.len(), "request planned");
+    let mut stored = stored_options(&args.engine, &config);
+    stored["request"] = name.into();
+    let engine = match build_engine(s.paths.clone(), &config, &args.engine, &stored) {
+        Ok(mut e) => {
+            e.cancel = token.child_token();
+            Arc::new(e)
+        }
+        Err(e) => return (None, Err(e)),
+    };
+    stored["agent"] = engine.agent.name().into();
+    let sync = match api_key(&config) {
+        Ok(key) => (config.run.sync != Some(false)).then(|| SyncSettings {
+            key,
+            allow_files: Vec::new(),
+        }),
+        Err(e) => return (None, Err(e)),
+    };
+    match run::start(engine, &plan, sync, stored).await {
+        Ok(summary) => {
+            super::run::print_summary(&summary);
+            (Some(summary.run_id.clone()), Ok(summary.exit_code()))
+        }
+        Err(e) => (None, Err(e)),
+    }
+}
+
+/// Finishes the service's own runs that a stop or crash left unfinished (runs started
+/// from the command line are the user's business: `cohort resume`).
+async fn resume_unfinished(
+    args: &Args,
+    config_path: Option<&Path>,
+    s: &Setup,
+    token: &CancellationToken,
+    notify: &dyn Fn(&str),
+) -> Result<()> {
+    let db = run::state_path(&s.paths);
+    if !db.exists() {
+        return Ok(());
+    }
+    let pending: Vec<(String, String, serde_json::Value, String)> = {
+        let state = State::open(&db)?;
+        let mut out = Vec::new();
+        for row in state.runs()? {
+            let stored: serde_json::Value = serde_json::from_str(&row.options).unwrap_or_default();
+            let Some(request) = stored["request"].as_str().map(String::from) else {
+                continue;
+            };
+            if run::unfinished(&state.tasks(&row.id)?) > 0 {
+                out.push((row.id, request, stored, row.service_branch));
+            }
+        }
+        out
+    };
+    for (run_id, request, stored, service_branch) in pending {
+        if token.is_cancelled() {
+            return Ok(());
+        }
+        notify(&format!("resuming run {run_id}"));
+        tracing::info!(run_id = %run_id, request = %request, "resuming an interrupted run");
+        let config = Config::load(config_path, Some(&s.paths.workdir))?;
+        let flags = EngineFlags {
+            service_branch: Some(service_branch),
+            ..args.engine.clone()
+        };
+        let mut engine = build_engine(s.paths.clone(), &config, &flags, &stored)?;
+        engine.cancel = token.child_token();
+        let engine = Arc::new(engine);
+        let result = async {
+            engine.agent.preflight().await?;
+            run::execute(engine, &run_id).await
+        }
+        .await;
+        if token.is_cancelled() {
+            return Ok(());
+        }
+        let processing = s.inbox.dir("processing").join(&request);
+        let outcome = Outcome {
+            request: request.clone(),
+            run_id: Some(run_id.clone()),
+            exit_code: result.as_ref().map_or(1, |r| r.exit_code()),
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+            finished: crate::run::state::now(),
+        };
+        if processing.exists() {
+            s.inbox.finish(&processing, &outcome)?;
+        }
+    }
+    Ok(())
+}
+
+/// Pings systemd's watchdog at half its period, for as long as the process lives.
+fn spawn_watchdog(notifier: Option<Arc<Notifier>>) {
+    let (Some(n), Some(period)) = (notifier, cohort_systemd::notify::watchdog_interval()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period / 2);
+        loop {
+            tick.tick().await;
+            let _ = n.watchdog();
+        }
+    });
+}

@@ -1,0 +1,198 @@
+//! `cohort serve` and `cohort submit` on the host (no systemd here; the VM test runs the
+//! same loop under systemd): requests go through the inbox, are planned and run with the
+//! core flow, a killed service resumes its run, and bad requests never enter the inbox.
+
+mod support;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+struct Service {
+    child: Child,
+    state: PathBuf,
+}
+
+fn serve(s: &Scratch, xdg_state: &Path, agent_name: &str, extra: &[&str]) -> Service {
+    let state = xdg_state.join("cohort");
+    let child = s
+        .cohort()
+        .env("XDG_STATE_HOME", xdg_state)
+        .env("COHORT_TEST_DELAY", "1.5")
+        .args(["serve", "--poll", "200ms", "--state-dir", state.to_str().unwrap()])
+        .args(["--runtime", "host", "--agent-command", &agent(agent_name), "-j", "2"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("serve.json", || state.join("serve.json").exists());
+    Service { child, state }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn submit(s: &Scratch, xdg_state: &Path, doc: &Path) -> std::process::Output {
+    s.cohort()
+        .env("XDG_STATE_HOME", xdg_state)
+        .args(["submit", doc.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn submitted_requests_are_run_and_merged() {
+    let s = Scratch::new();
+    let xdg = s.tmp.path().join("xdg-state");
+    let svc = serve(&s, &xdg, "write.sh", &[]);
+
+    // Bad input is refused at the door: exit 2, nothing enters the inbox.
+    let empty = s.request("empty.md", "\n\n");
+    let out = submit(&s, &xdg, &empty);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(files(&svc.state.join("inbox")).is_empty());
+
+    let first = s.request("first.md", "- add a greeting\n- add a farewell\n");
+    let out = submit(&s, &xdg, &first);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let second = s.request("second.md", "- write the changelog\n");
+    assert_eq!(code(&submit(&s, &xdg, &second)), 0);
+
+    wait_for("both requests done", || files(&svc.state.join("done")).len() == 4);
+    let done = files(&svc.state.join("done"));
+    assert!(done.iter().any(|f| f.ends_with("-first.md")), "{done:?}");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            svc.state
+                .join("done")
+                .join(done.iter().find(|f| f.ends_with("first.md.json")).unwrap()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["exit_code"], 0, "{json}");
+
+    let mut merged = s.merged_tasks("cohort/service");
+    merged.sort();
+    assert_eq!(
+        merged,
+        ["001: add a greeting", "001: write the changelog", "002: add a farewell"]
+    );
+    assert_eq!(merged.len(), 3, "{merged:?}");
+
+    // `status --json` lists the service's runs, each with its request and tasks.
+    let out = s.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = status["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{status}");
+    assert!(runs.iter().all(|r| r["counts"]["merged"].as_u64().unwrap() >= 1));
+    assert!(runs
+        .iter()
+        .any(|r| r["request"].as_str().unwrap().ends_with("-second.md")));
+
+    // The log has one line per task with its run id.
+    let log = std::fs::read_to_string(svc.state.join("serve.log")).unwrap();
+    assert!(log.contains("run_id=") && log.contains("task_id=2"), "{log}");
+
+    // SIGTERM: a clean stop, exit 0.
+    let mut child = svc.child;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(s.git(&["status", "--porcelain"]), "", "the user's tree is untouched");
+}
+
+#[test]
+fn a_killed_service_resumes_its_run_on_restart() {
+    let s = Scratch::new();
+    let xdg = s.tmp.path().join("xdg-state");
+    let svc = serve(&s, &xdg, "slow.sh", &[]);
+    let req = s.request("req.md", &tasks_doc(4));
+    assert_eq!(code(&submit(&s, &xdg, &req)), 0);
+    // Kill it while the run is under way: the request is left in processing/.
+    wait_for("the run to start", || {
+        !s.git(&["branch", "--list", "cohort/task/*"]).is_empty()
+    });
+    let mut child = svc.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(files(&svc.state.join("processing")).len(), 1);
+
+    // A restart finishes that run (it does not start a new one) and files the request.
+    let out = s
+        .cohort()
+        .env("XDG_STATE_HOME", &xdg)
+        .env("COHORT_TEST_DELAY", "0.1")
+        .args(["serve", "--once", "--state-dir", svc.state.to_str().unwrap()])
+        .args(["--runtime", "host", "--agent-command", &agent("slow.sh")])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(files(&svc.state.join("processing")).is_empty());
+    assert_eq!(
+        files(&svc.state.join("done")).len(),
+        2,
+        "{:?}",
+        files(&svc.state.join("failed"))
+    );
+    let mut merged = s.merged_tasks("cohort/service");
+    merged.sort();
+    let mut want: Vec<String> = (1..=4).map(|i| format!("{i:03}: task number {i}")).collect();
+    want.sort();
+    assert_eq!(merged, want, "every task merged exactly once");
+    let status: serde_json::Value = serde_json::from_slice(&s.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["runs"].as_array().unwrap().len(), 1, "resumed, not re-run");
+    s.fsck();
+}
+
+#[test]
+fn submit_without_a_service_says_how_to_get_one() {
+    let s = Scratch::new();
+    let req = s.request("req.md", "- a task\n");
+    let out = submit(&s, &s.tmp.path().join("nothing-here"), &req);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("cohort service install"), "{}", text(&out));
+}
+
+#[test]
+fn serve_without_a_key_for_codex_stops_with_exit_2() {
+    let s = Scratch::new();
+    let state = s.tmp.path().join("state");
+    let out = s
+        .cohort()
+        .env("HOME", s.tmp.path())
+        .args([
+            "serve",
+            "--once",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--runtime",
+            "host",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        text(&out).contains("cohort keys place openai_api_key"),
+        "{}",
+        text(&out)
+    );
+}
