@@ -321,7 +321,7 @@ fn explain(e: CredsError, scope: Scope) -> anyhow::Error {
 /// The stolen-file case deserves its own words: it is the one TPM binding exists for.
 pub fn explain_key(e: KeyError) -> String {
     match &e {
-        KeyError::Creds { source, path, name } if matches!(**source, CredsError::NotThisMachine { .. }) => format!(
+        KeyError::Creds { cause, path, name } if matches!(**cause, CredsError::NotThisMachine { .. }) => format!(
             "key {name}: {} cannot be decrypted on this machine: a stolen file on another machine, \
              or this machine's TPM was cleared. Place the key again here: cohort keys place {name} \
              (KEYS_GUIDE.md, \"After a TPM clear\")",

@@ -30,12 +30,11 @@ pub enum KeyError {
     BadName(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
-    #[error("key {name} in {path}: {source}")]
+    #[error("key {name} in {path}: {cause}")]
     Creds {
         name: String,
         path: PathBuf,
-        #[source]
-        source: Box<CredsError>,
+        cause: Box<CredsError>,
     },
     #[error("the desktop keyring: {0}")]
     Keyring(String),
@@ -155,7 +154,7 @@ pub async fn decrypt_file(creds: &Credentials, path: &Path, name: &str, scope: S
         .map_err(|source| KeyError::Creds {
             name: name.into(),
             path: path.into(),
-            source: Box::new(source),
+            cause: Box::new(source),
         })?;
     secret_from_bytes(secret.expose().to_vec(), path)
 }

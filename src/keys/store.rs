@@ -45,7 +45,7 @@ pub fn read(path: &Path) -> Result<EncryptedCredential, KeyError> {
     EncryptedCredential::from_base64(text.trim()).map_err(|source| KeyError::Creds {
         name: path.file_name().unwrap_or_default().to_string_lossy().into(),
         path: path.into(),
-        source: Box::new(source),
+        cause: Box::new(source),
     })
 }
 

@@ -9,7 +9,7 @@ mkdir -p /scenario/out
 mark "scenario starting after $(cut -d' ' -f1 /proc/uptime)s of uptime"
 start=$(date +%s)
 # Output goes to the drive (read back by the host) and to the console (a hang shows live).
-( cd /scenario && PATH=/scenario/bin:$PATH timeout "${SCENARIO_TIMEOUT:-900}" bash ./scenario.sh ) 2>&1 \
+( cd /scenario && PATH=/scenario/bin:$PATH timeout "${SCENARIO_TIMEOUT:-1800}" bash ./scenario.sh ) 2>&1 \
   | tee /scenario/out/log >"$console"
 rc=${PIPESTATUS[0]}
 echo "$rc" >/scenario/out/rc

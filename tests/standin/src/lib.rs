@@ -40,6 +40,9 @@ pub type Body = BoxBody<Bytes, Infallible>;
 pub struct Options {
     /// 0: an ephemeral port.
     pub port: u16,
+    /// The address to listen on; default 127.0.0.1 (the VM test also needs one that
+    /// containers in their own network namespace can reach).
+    pub host: Option<Ipv4Addr>,
     /// The process-wide behaviour (per-request markers override it).
     pub mode: Mode,
     /// Apply `mode` to the first `times` POSTs only (None: to all).
@@ -58,6 +61,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             port: 0,
+            host: None,
             mode: Mode::Normal,
             times: None,
             delay: Duration::from_millis(3000),
@@ -94,9 +98,10 @@ impl State {
     }
 }
 
-/// Binds 127.0.0.1 on `opts.port`.
+/// Binds `opts.host` (default 127.0.0.1) on `opts.port`.
 pub async fn bind(opts: &Options) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, opts.port))).await
+    let host = opts.host.unwrap_or(Ipv4Addr::LOCALHOST);
+    tokio::net::TcpListener::bind(SocketAddr::from((host, opts.port))).await
 }
 
 /// Serves connections on `listener` until the future is dropped.

@@ -14,7 +14,8 @@ use cohort_standin::{bind, serve, Mode, Options, State};
 
 const USAGE: &str = "\
 usage: cohort-standin [options]
-  --port N             port to bind on 127.0.0.1 (default 0: ephemeral)
+  --port N             port to bind (default 0: ephemeral)
+  --host ADDR          IPv4 address to bind (default 127.0.0.1)
   --port-file FILE     also write `127.0.0.1:PORT` to FILE (atomically)
   --record FILE        append every request as one JSON line to FILE
   --mode MODE          normal|fail|slow|malformed|malformed-body|429|500|invalid-plan
@@ -55,6 +56,7 @@ fn parse_args() -> Result<Cli, String> {
         let o = &mut cli.opts;
         match a.as_str() {
             "--port" => o.port = num(val()?)? as u16,
+            "--host" => o.host = Some(val()?.parse().map_err(|_| format!("--host: not an IPv4 address"))?),
             "--port-file" => cli.port_file = Some(val()?),
             "--record" => o.record = Some(val()?.into()),
             "--mode" => {

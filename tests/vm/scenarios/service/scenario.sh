@@ -1,0 +1,130 @@
+#!/bin/bash
+# The service end to end on "machine A" (systemd 257, podman 5, swtpm): for the system
+# scope (rootful, hardened, LoadCredentialEncrypted=) and then the user scope (rootless,
+# lingering alice): place the key with --tpm2 require, build the image, install the
+# service, submit a request of 3 tasks, wait until all 3 are merged into the service
+# branch, and scan everything for the key. Leaves both credentials, the host key and the
+# machine ID in out/ for the stolen-file boot. Runs as root; inputs in /scenario/in.
+set -euo pipefail
+OUT=/scenario/out
+KEY="sk-cohort-vm-test-0123456789abcdef"
+step() { echo; echo "=== $(cut -d' ' -f1 /proc/uptime)s $*"; }
+as_alice() { runuser -u alice -- env HOME=/home/alice XDG_RUNTIME_DIR=/run/user/1000 PATH=/usr/local/bin:/usr/bin:/bin "$@"; }
+as_cohort() { runuser -u cohort -- env HOME=/srv/cohort PATH=/usr/local/bin:/usr/bin:/bin "$@"; }
+timer() { echo "timing $1=$(( $(date +%s) - $2 ))s" | tee -a "$OUT/timings"; }
+
+step "programs"
+install -m 0755 /scenario/bin/cohort /scenario/bin/codex /scenario/bin/cohort-standin /usr/local/bin/
+cohort --version; codex --version; systemctl --version | head -1; podman --version
+
+step "test set-up: an address task containers can reach, the model stand-in, userns ranges"
+# The VM has no network; containers in their own network namespace reach the host's
+# 192.0.2.1 through podman's bridge. (Test set-up, not product.)
+ip link add dummy0 type dummy && ip addr add 192.0.2.1/24 dev dummy0 && ip link set dummy0 up
+ip route add default via 192.0.2.254 dev dummy0 onlink
+cohort-standin --host 192.0.2.1 --port 8080 --record "$OUT/standin.jsonl" --max-seconds 3000 >/dev/null &
+grep -q '^containers:' /etc/subuid || echo containers:2147483647:2147483648 >>/etc/subuid
+grep -q '^containers:' /etc/subgid || echo containers:2147483647:2147483648 >>/etc/subgid
+
+make_repo() { # dir network; run as the repo's owner
+  local dir="$1" network="$2"
+  mkdir -p "$dir" && cd "$dir" && git init -q -b main
+  git config user.name "Repo Owner" && git config user.email owner@example.com
+  printf '# demo\n' >README.md
+  printf '[agent]\nkind = "codex"\nmodel = "gpt-5-codex"\nbase_url = "http://192.0.2.1:8080/v1"\n\n[run]\njobs = 3\n\n[container]\nnetwork = "%s"\n' "$network" >cohort.toml
+  git add -A && git commit -q -m initial
+}
+wait_merged() { # repo, as-function, seconds
+  local repo="$1" as="$2" limit="$3" t0=$SECONDS n=0
+  while ((SECONDS - t0 < limit)); do
+    n=$($as cohort -C "$repo" status --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(r["counts"]["merged"] for r in d["runs"]))' 2>/dev/null || echo 0)
+    [[ "$n" == 3 ]] && return 0
+    sleep 5
+  done
+  echo "only $n of 3 tasks merged after ${limit}s"; return 1
+}
+scan_for_key() { # paths...
+  if grep -rIl --binary-files=text -F "$KEY" "$@" 2>/dev/null; then echo "the key leaked into the files above"; return 1; fi
+  echo "no trace of the key in: $*"
+}
+
+# ---------------------------------------------------------------------------- system
+# Anything that reads the repository runs as its owner: git refuses a repository owned by
+# someone else, and root opening the state DB could leave root-owned WAL files behind.
+step "system scope: a service user owns the repository"
+useradd --system --create-home --home-dir /srv/cohort --shell /usr/sbin/nologin cohort
+as_cohort bash -c "$(declare -f make_repo); make_repo /srv/cohort/repo private"
+
+step "system scope: place the key, TPM2 required"
+printf '%s' "$KEY" | cohort keys place openai_api_key --scope system --tpm2 require
+cohort keys list
+cohort keys check openai_api_key --scope system
+cp /etc/credstore.encrypted/cohort.openai_api_key "$OUT/system.cred"
+
+step "system scope: the image, into root's storage"
+systemctl enable --now podman.socket
+t=$(date +%s)
+cohort -C /srv/cohort/repo image build --copy-system
+timer image_build_system "$t"
+
+step "system scope: doctor"
+cohort -C /srv/cohort/repo doctor --scope system | tee "$OUT/doctor-system.txt"
+
+step "system scope: install"
+t=$(date +%s)
+cohort service install --scope system --repo /srv/cohort/repo
+timer install_system "$t"
+systemctl show -p ActiveState -p SubState -p User -p DynamicUser -p PrivateUsers cohort.service
+systemd-analyze security --no-pager cohort.service | tee "$OUT/security-system.txt" | tail -3
+grep -o 'Overall exposure level for cohort.service: [0-9.]*' "$OUT/security-system.txt" | tee "$OUT/exposure"
+
+step "system scope: submit 3 tasks and wait"
+t=$(date +%s)
+cohort -C /srv/cohort/repo submit /scenario/request.md
+wait_merged /srv/cohort/repo as_cohort 900 || { cohort service logs --scope system -n 80; journalctl -u cohort.service --no-pager | tail -60; exit 1; }
+timer three_tasks_system "$t"
+as_cohort git -C /srv/cohort/repo log --first-parent --format=%s cohort/service | tee "$OUT/system-service-branch.txt"
+[[ $(grep -c '^Merge task' "$OUT/system-service-branch.txt") == 3 ]]
+as_cohort cohort -C /srv/cohort/repo status --json >"$OUT/system-status.json"
+cohort service status --scope system
+journalctl -u cohort.service -o verbose --no-pager | grep -m3 -E '^ *(RUN_ID|TASK_ID)=' || { echo "no structured fields in the journal"; exit 1; }
+journalctl -b --no-pager >"$OUT/journal-for-scan.txt"
+scan_for_key /srv/cohort/repo /var/lib/private/cohort /etc/systemd/system "$OUT/journal-for-scan.txt" /var/lib/containers/storage/overlay
+as_cohort git -C /srv/cohort/repo log -p --all | grep -F "$KEY" && { echo "key in a commit"; exit 1; } || echo "no key in any commit"
+
+# ------------------------------------------------------------------------------ user
+step "user scope: lingering alice"
+loginctl enable-linger alice
+for _ in $(seq 180); do [[ -S /run/user/1000/bus ]] && break; sleep 1; done
+as_alice bash -c "$(declare -f make_repo); make_repo /home/alice/repo host"
+
+step "user scope: place the key, TPM2 required"
+printf '%s' "$KEY" | as_alice cohort keys place openai_api_key --scope user --tpm2 require
+cp /home/alice/.config/credstore.encrypted/cohort.openai_api_key "$OUT/user.cred"
+
+step "user scope: the image, into alice's storage"
+as_alice systemctl --user enable --now podman.socket
+t=$(date +%s)
+as_alice cohort -C /home/alice/repo image build
+timer image_build_user "$t"
+
+step "user scope: doctor, install"
+as_alice cohort -C /home/alice/repo doctor --scope user | tee "$OUT/doctor-user.txt" || true
+as_alice cohort service install --scope user --repo /home/alice/repo
+
+step "user scope: submit 3 tasks and wait"
+t=$(date +%s)
+as_alice cohort -C /home/alice/repo submit /scenario/request.md
+wait_merged /home/alice/repo as_alice 900 || { as_alice cohort service logs --scope user -n 80; exit 1; }
+timer three_tasks_user "$t"
+as_alice git -C /home/alice/repo log --first-parent --format=%s cohort/service | tee "$OUT/user-service-branch.txt"
+[[ $(grep -c '^Merge task' "$OUT/user-service-branch.txt") == 3 ]]
+as_alice cohort service status --scope user
+journalctl -b --no-pager >"$OUT/journal-for-scan.txt"
+scan_for_key /home/alice/repo /home/alice/.local/state/cohort "$OUT/journal-for-scan.txt"
+rm -f "$OUT/journal-for-scan.txt"
+
+step "hand over what a copied disk carries"
+cp /var/lib/systemd/credential.secret "$OUT/credential.secret"
+cp /etc/machine-id "$OUT/machine-id"
+echo "ALL OK"
