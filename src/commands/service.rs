@@ -152,8 +152,14 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
     }
     sd.reload().await?;
     sd.enable(&["podman.socket", UNIT]).await?;
-    // A running socket keeps its old owner until restarted.
-    let sock = sd.restart("podman.socket", JOB_TIMEOUT).await?;
+    let sock = if scope == ServiceScope::System {
+        // A listening socket keeps its old group until restarted, and systemd will not
+        // restart it while the API service it activated still runs (containers keep running).
+        sd.stop("podman.service", JOB_TIMEOUT).await?;
+        sd.restart("podman.socket", JOB_TIMEOUT).await?
+    } else {
+        sd.start("podman.socket", JOB_TIMEOUT).await?
+    };
     eprintln!("podman.socket: {}", sock.active_state);
     if scope == ServiceScope::User {
         linger_note().await;
@@ -162,10 +168,17 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
         eprintln!("enabled {UNIT} ({} scope); not started (--no-start)", scope.as_str());
         return Ok(0);
     }
-    let state = if existed {
-        sd.restart(UNIT, JOB_TIMEOUT).await?
+    let started = if existed {
+        sd.restart(UNIT, JOB_TIMEOUT).await
     } else {
-        sd.start(UNIT, JOB_TIMEOUT).await?
+        sd.start(UNIT, JOB_TIMEOUT).await
+    };
+    let state = match started {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{UNIT} did not start: {e}");
+            sd.unit_state(UNIT).await?
+        }
     };
     print_state(scope, &state);
     Ok(if state.is_active() { 0 } else { 1 })
