@@ -114,7 +114,10 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
                  `sudo systemctl enable --now podman.socket`"
             )));
         }
-        Some(Podman::connect_to(SYSTEM_SOCKET).await?)
+        let system = Podman::connect_to(SYSTEM_SOCKET).await?;
+        // Root building through the rootful socket already loads into root's storage.
+        let same = std::fs::canonicalize(podman.socket()).ok() == std::fs::canonicalize(SYSTEM_SOCKET).ok();
+        (!same).then_some(system)
     } else {
         None
     };
@@ -151,7 +154,9 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
         .filter(|(host, _)| host.is_file())
         .collect();
 
-    let work = paths.cohort_dir().join("image");
+    // Outside the repository: the builder may be root building for a repository another
+    // user owns (the system service), and must not leave root-owned files in its .git.
+    let work = image_cache_dir()?;
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix("build-")
@@ -216,10 +221,10 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
         started.elapsed().as_secs_f64(),
         image.layers.len(),
         if spec.codex.is_some() { ", with codex" } else { "" },
-        if system.is_some() {
-            "; also loaded into root's storage"
-        } else {
-            ""
+        match (&system, args.copy_system) {
+            (Some(_), _) => "; also loaded into root's storage",
+            (None, true) => "; that is root's storage",
+            (None, false) => "",
         },
     );
     println!("{tag}");
@@ -229,4 +234,15 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
         println!("commit {c}");
     }
     Ok(0)
+}
+
+/// The builder's cache (layer blobs reused between builds, and scratch space):
+/// `$XDG_CACHE_HOME/cohort/image`, default `~/.cache/cohort/image`.
+fn image_cache_dir() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .ok_or_else(|| usage("neither XDG_CACHE_HOME nor HOME is set: nowhere to keep the image cache"))?;
+    Ok(base.join("cohort/image"))
 }

@@ -233,7 +233,13 @@ impl Systemd {
             .receive_job_removed()
             .await
             .map_err(call_err("AddMatch JobRemoved"))?;
-        self.manager.subscribe().await.map_err(call_err("Subscribe"))?;
+        // One subscription per connection is enough; the second job on the same
+        // connection gets AlreadySubscribed, which means exactly what we want.
+        match self.manager.subscribe().await {
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
+            r => r.map_err(call_err("Subscribe"))?,
+        }
 
         let name = unit.to_string();
         let mode = "replace".to_string();
