@@ -243,6 +243,11 @@ fn image_cache_dir() -> Result<PathBuf> {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        // No HOME (a systemd unit, sudo -i variants): the user database knows it.
+        .or_else(|| {
+            let me = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten()?;
+            Some(me.dir.join(".cache"))
+        })
         .ok_or_else(|| usage("neither XDG_CACHE_HOME nor HOME is set: nowhere to keep the image cache"))?;
     Ok(base.join("cohort/image"))
 }
