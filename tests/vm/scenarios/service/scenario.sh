@@ -22,7 +22,7 @@ step "test set-up: an address task containers can reach, the model stand-in, use
 # 192.0.2.1 through podman's bridge. (Test set-up, not product.)
 ip link add dummy0 type dummy && ip addr add 192.0.2.1/24 dev dummy0 && ip link set dummy0 up
 ip route add default via 192.0.2.254 dev dummy0 onlink
-cohort-standin --host 192.0.2.1 --port 8080 --record "$OUT/standin.jsonl" --max-seconds 3000 >/dev/null &
+cohort-standin --host 192.0.2.1 --port 8080 --record "$OUT/standin.jsonl" --max-seconds 3000 >/dev/null 2>"$OUT/standin.err" &
 grep -q '^containers:' /etc/subuid || echo containers:2147483647:2147483648 >>/etc/subuid
 grep -q '^containers:' /etc/subgid || echo containers:2147483647:2147483648 >>/etc/subgid
 
