@@ -32,6 +32,15 @@ pub struct Args {
 pub enum ImageCommand {
     /// Build the agent image from scratch and load it into podman (no podman or buildah binary is run).
     Build(BuildArgs),
+    /// Load an oci-archive written by `image build --archive` into podman (e.g. into a user's
+    /// storage, without building again).
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LoadArgs {
+    /// The oci-archive.
+    pub archive: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,7 +59,28 @@ pub struct BuildArgs {
 pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     match args.command {
         ImageCommand::Build(b) => build(b, config_path).await,
+        ImageCommand::Load(l) => load(l).await,
     }
+}
+
+async fn load(args: LoadArgs) -> Result<u8> {
+    if !args.archive.is_file() {
+        return Err(usage(format!("{} is not a file", args.archive.display())));
+    }
+    let podman = Podman::connect().await?;
+    podman.load_image(&args.archive).await.with_context(|| {
+        format!(
+            "cannot load {} into podman ({})",
+            args.archive.display(),
+            podman.socket().display()
+        )
+    })?;
+    eprintln!(
+        "cohort: loaded {} into {}",
+        args.archive.display(),
+        podman.socket().display()
+    );
+    Ok(0)
 }
 
 /// Tracked files (index entries that are regular files) matching any of `globs`.

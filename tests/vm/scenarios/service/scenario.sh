@@ -34,11 +34,15 @@ make_repo() { # dir network; run as the repo's owner
   printf '[agent]\nkind = "codex"\nmodel = "gpt-5-codex"\nbase_url = "http://192.0.2.1:8080/v1"\n\n[run]\njobs = 3\n\n[container]\nnetwork = "%s"\n' "$network" >cohort.toml
   git add -A && git commit -q -m initial
 }
-wait_merged() { # repo, as-function, seconds
-  local repo="$1" as="$2" limit="$3" t0=$SECONDS n=0
+wait_merged() { # repo, as-function, seconds: until 3 task merges are on cohort/service
+  local repo="$1" as="$2" limit="$3" t0=$SECONDS n=0 last=0
   while ((SECONDS - t0 < limit)); do
-    n=$($as cohort -C "$repo" status --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(r["counts"]["merged"] for r in d["runs"]))' 2>/dev/null || echo 0)
+    n=$($as git -C "$repo" log --first-parent --format=%s cohort/service 2>/dev/null | grep -c '^Merge task' || true)
     [[ "$n" == 3 ]] && return 0
+    if ((SECONDS - last >= 60)); then
+      last=$SECONDS
+      echo "  $((SECONDS - t0))s: $n of 3 merged; $($as cohort -C "$repo" status 2>&1 | tail -4 | tr '\n' ' ')"
+    fi
     sleep 5
   done
   echo "only $n of 3 tasks merged after ${limit}s"; return 1
@@ -64,7 +68,7 @@ cp /etc/credstore.encrypted/cohort.openai_api_key "$OUT/system.cred"
 step "system scope: the image, into root's storage"
 systemctl enable --now podman.socket
 t=$(date +%s)
-cohort -C /srv/cohort/repo image build --copy-system
+cohort -C /srv/cohort/repo image build --copy-system --archive /tmp/cohort-image.tar
 timer image_build_system "$t"
 
 step "system scope: doctor"
@@ -102,11 +106,12 @@ step "user scope: place the key, TPM2 required"
 printf '%s' "$KEY" | as_alice cohort keys place openai_api_key --scope user --tpm2 require
 cp /home/alice/.config/credstore.encrypted/cohort.openai_api_key "$OUT/user.cred"
 
-step "user scope: the image, into alice's storage"
+step "user scope: the same image, into alice's storage"
 as_alice systemctl --user enable --now podman.socket
 t=$(date +%s)
-as_alice cohort -C /home/alice/repo image build
-timer image_build_user "$t"
+chmod 0644 /tmp/cohort-image.tar
+as_alice cohort image load /tmp/cohort-image.tar
+timer image_load_user "$t"
 
 step "user scope: doctor, install"
 as_alice cohort -C /home/alice/repo doctor --scope user | tee "$OUT/doctor-user.txt" || true
