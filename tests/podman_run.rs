@@ -145,7 +145,9 @@ fn image_build_run_in_containers_and_dev_container() {
     let agent = "sh -c 'cat /proc/sys/kernel/hostname > out-$COHORT_TASK_ID.txt; \
                  tr \"\\0\" \" \" < /proc/1/cmdline >> out-$COHORT_TASK_ID.txt; echo >> out-$COHORT_TASK_ID.txt; \
                  test -f /opt/cohort/repo/README.md && echo image-ok >> out-$COHORT_TASK_ID.txt; \
-                 ls /sys/class/net >> out-$COHORT_TASK_ID.txt; sleep 2'";
+                 id -u >> out-$COHORT_TASK_ID.txt; head -n1 /proc/self/uid_map | tr -s \" \" >> out-$COHORT_TASK_ID.txt; \
+                 ls /sys/class/net >> out-$COHORT_TASK_ID.txt; \
+                 touch \"$(git rev-parse --path-format=absolute --git-common-dir)/agent-$COHORT_TASK_ID\"; sleep 2'";
     let done = AtomicBool::new(false);
     let (out, seen) = std::thread::scope(|scope| {
         let watcher = scope.spawn(|| {
@@ -191,7 +193,20 @@ fn image_build_run_in_containers_and_dev_container() {
             "PID 1 is the container's: {file}"
         );
         assert_eq!(lines[2], "image-ok", "{file}");
-        assert_eq!(lines[3..].to_vec(), vec!["lo"], "network none: {file}");
+        // Rootful engine: userns=auto, the agent is the image user (1000) in its own unprivileged
+        // id range, and writes the checkout through an idmapped view (the commit has its file).
+        assert_eq!(lines[3], "1000", "{file}");
+        let map: Vec<&str> = lines[4].split_whitespace().collect();
+        assert!(map[0] == "0" && map[1] != "0", "not an auto range: {file}");
+        assert_eq!(lines[5..].to_vec(), vec!["lo"], "network none: {file}");
+        use std::os::unix::fs::MetadataExt;
+        let written = std::fs::metadata(s.work.join(format!(".git/agent-00{i}"))).unwrap();
+        let owner = std::fs::metadata(s.work.join(".git")).unwrap();
+        assert_eq!(
+            (written.uid(), written.gid()),
+            (owner.uid(), owner.gid()),
+            "written as the repository's owner"
+        );
         hostnames.insert(lines[0].to_string());
     }
     assert_eq!(hostnames.len(), 3, "one container per task: {hostnames:?}");

@@ -134,6 +134,27 @@ pub fn programs_layer(programs: &[PathBuf], resolver: &LibraryResolver) -> Resul
     Ok(layer)
 }
 
+/// The host's top-level links into `/usr` (merged /usr: `/bin -> usr/bin`, `/sbin`, `/lib`,
+/// `/lib64`), reproduced in `layer`. Programs are taken from `/usr/bin`, so without these a
+/// `#!/bin/sh` script (a git hook, anything an agent writes) finds no interpreter. Only for
+/// images built from scratch: over a base image the link would hide a base's real `/bin`.
+pub fn merged_usr_links(layer: &mut LayerBuilder) -> Result<()> {
+    for top in ["/bin", "/sbin", "/lib", "/lib64"] {
+        let Ok(meta) = fs::symlink_metadata(top) else { continue };
+        if !meta.file_type().is_symlink() {
+            continue;
+        }
+        let target = fs::read_link(top).map_err(|source| Error::Io {
+            path: top.into(),
+            source,
+        })?;
+        if target.starts_with("usr/") || target.starts_with("/usr/") {
+            layer.symlink(top, &target.to_string_lossy())?;
+        }
+    }
+    Ok(())
+}
+
 /// Regular files under `p` (or `p` itself), the candidates for ELF closure.
 fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let meta = fs::symlink_metadata(p).map_err(|_| Error::Missing(p.to_owned()))?;
@@ -166,8 +187,12 @@ pub fn build(spec: &BuildSpec, store: &BlobStore) -> Result<BuiltImage> {
     };
     let mut layers = base.layers.clone();
     let mut media_types = base.media_types.clone();
+    let mut programs = programs_layer(&spec.programs, &spec.resolver)?;
+    if spec.base.is_none() && !programs.is_empty() {
+        merged_usr_links(&mut programs)?;
+    }
     let mut builders = vec![
-        programs_layer(&spec.programs, &spec.resolver)?,
+        programs,
         spec.settings
             .skeleton_layer(base.passwd.as_deref(), base.group.as_deref())?,
     ];

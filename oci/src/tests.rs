@@ -243,3 +243,14 @@ fn default_programs_resolve_on_this_host() {
     assert!(paths.iter().any(|p| p.starts_with("/usr/share/git-core/templates")));
     assert!(!paths.iter().any(|p| p.ends_with("/git-daemon")));
 }
+
+#[test]
+fn from_scratch_keeps_merged_usr_links() {
+    let mut layer = programs_layer(&[PathBuf::from("/usr/bin/env")], &LibraryResolver::system()).unwrap();
+    merged_usr_links(&mut layer).unwrap();
+    let paths: Vec<String> = layer.paths().collect();
+    for top in ["/bin", "/sbin", "/lib", "/lib64"] {
+        let host_link = fs::symlink_metadata(top).is_ok_and(|m| m.file_type().is_symlink());
+        assert_eq!(paths.contains(&top.to_string()), host_link, "{top}: {paths:?}");
+    }
+}

@@ -117,7 +117,9 @@ async fn run_container(args: RunArgs, config_path: Option<&Path>) -> Result<u8> 
     let (userns, user) = if podman.rootless() {
         (None, None)
     } else {
-        // As for task containers: the host owner of the workspace, no user namespace.
+        // The host owner of the workspace, no user namespace. Unlike task containers (userns=auto
+        // with idmapped views that live as long as the cohort that made them), a dev container
+        // is stopped and re-entered across cohort invocations, so it keeps plain bind mounts.
         let meta = std::fs::metadata(&workspace).with_context(|| format!("cannot read {}", workspace.display()))?;
         (Some(UsernsMode::Host), Some(format!("{}:{}", meta.uid(), meta.gid())))
     };

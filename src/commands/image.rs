@@ -19,7 +19,7 @@ use crate::runtime::podman::{Podman, DEFAULT_IMAGE};
 
 /// Where repository files go in the image.
 pub const REPO_DIR: &str = "/opt/cohort/repo";
-/// The rootful socket `--copy-system` loads into.
+/// The rootful socket `--copy-system` loads into, unless `--system-socket` says otherwise.
 pub const SYSTEM_SOCKET: &str = "/run/podman/podman.sock";
 
 #[derive(clap::Args, Debug)]
@@ -48,9 +48,13 @@ pub struct BuildArgs {
     /// The image name (default: [image] tag, else localhost/cohort:latest).
     #[arg(long, value_name = "TAG")]
     pub tag: Option<String>,
-    /// Also load the image into root's storage through /run/podman/podman.sock (for a system service).
+    /// Also load the image into root's storage through the rootful socket (for a system service).
     #[arg(long)]
     pub copy_system: bool,
+    /// The rootful socket --copy-system loads into: a system engine with non-default sockets,
+    /// or a second engine for testing.
+    #[arg(long, value_name = "PATH", env = "COHORT_SYSTEM_SOCKET", default_value = SYSTEM_SOCKET)]
+    pub system_socket: PathBuf,
     /// Also keep the oci-archive at FILE.
     #[arg(long, value_name = "FILE")]
     pub archive: Option<PathBuf>,
@@ -137,17 +141,25 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
     }
     // Connect first: a missing socket should fail before a build of several seconds.
     let podman = Podman::connect().await?;
-    let system = if args.copy_system {
-        if !Path::new(SYSTEM_SOCKET).exists() {
+    let system_socket = args.system_socket.clone();
+    let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+    // Already talking to the rootful engine (CONTAINER_HOST names it): one load is enough.
+    let system = if args.copy_system && !same(&system_socket, podman.socket()) {
+        if !system_socket.exists() {
             return Err(usage(format!(
-                "--copy-system: no rootful podman socket at {SYSTEM_SOCKET}; start it with \
-                 `sudo systemctl enable --now podman.socket`"
+                "--copy-system: no rootful podman socket at {}; start it with \
+                 `sudo systemctl enable --now podman.socket` (or name another with --system-socket)",
+                system_socket.display()
             )));
         }
-        let system = Podman::connect_to(SYSTEM_SOCKET).await?;
-        // Root building through the rootful socket already loads into root's storage.
-        let same = std::fs::canonicalize(podman.socket()).ok() == std::fs::canonicalize(SYSTEM_SOCKET).ok();
-        (!same).then_some(system)
+        let system = Podman::connect_to(&system_socket).await?;
+        if system.rootless() {
+            return Err(usage(format!(
+                "--copy-system: {} is a rootless podman, not root's storage",
+                system_socket.display()
+            )));
+        }
+        Some(system)
     } else {
         None
     };
@@ -241,7 +253,7 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
         system
             .load_image(&archive)
             .await
-            .with_context(|| format!("cannot load the image through {SYSTEM_SOCKET}"))?;
+            .with_context(|| format!("cannot load the image through {}", system_socket.display()))?;
     }
     if let Some(keep) = &args.archive {
         std::fs::copy(&archive, keep).with_context(|| format!("cannot write {}", keep.display()))?;
@@ -251,10 +263,10 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
         started.elapsed().as_secs_f64(),
         image.layers.len(),
         if spec.codex.is_some() { ", with codex" } else { "" },
-        match (&system, args.copy_system) {
-            (Some(_), _) => "; also loaded into root's storage",
-            (None, true) => "; that is root's storage",
-            (None, false) => "",
+        if system.is_some() || (args.copy_system && !podman.rootless()) {
+            "; also loaded into root's storage"
+        } else {
+            ""
         },
     );
     println!("{tag}");

@@ -364,7 +364,17 @@ impl Podman {
     /// Remove the container (`force` also stops it) and its anonymous volumes.
     pub async fn remove_container(&self, id: &str, force: bool) -> Result<()> {
         let path = format!("{API_PREFIX}/containers/{}?force={force}&v=true", enc(id));
-        self.call(Method::DELETE, &path, empty(), None).await.map(|_| ())
+        match self.call(Method::DELETE, &path, empty(), None).await {
+            Ok(_) => Ok(()),
+            // Podman 4.3 with a user namespace sometimes fails to unlink the container's
+            // `userdata/shm` (EBUSY) after it has already removed the container: the error is
+            // about a leftover empty directory, and the container is gone.
+            Err(e) if !e.is_not_found() && !self.container_exists(id).await.unwrap_or(true) => {
+                tracing::debug!("container {id} removed, with an error from podman: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// All containers (running or not) carrying every given `key=value` label.
@@ -441,5 +451,15 @@ mod tests {
         assert_eq!(v["resource_limits"]["pids"]["limit"], 256);
         let v = serde_json::to_value(spec.to_body(false)).unwrap();
         assert_eq!(v["userns"]["nsmode"], "auto");
+        // podman 4.3's API makes no user namespace from the nsmode alone.
+        assert_eq!(v["idmappings"]["AutoUserNs"], true);
+        let v = serde_json::to_value(mapped.to_body(true)).unwrap();
+        assert!(v.get("idmappings").is_none());
+        let host_net = ContainerSpec {
+            network: NetworkMode::Host,
+            ..spec.clone()
+        };
+        let v = serde_json::to_value(host_net.to_body(false)).unwrap();
+        assert_eq!(v["mounts"][1]["destination"], "/sys", "{v}");
     }
 }

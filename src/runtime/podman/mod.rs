@@ -12,12 +12,15 @@
 mod client;
 mod error;
 mod exec;
+pub mod idmap;
 pub mod runtime;
 mod stream;
 mod types;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_rootful;
 
 pub use client::{socket_candidates, Podman, API_PREFIX};
 pub use error::{PodmanError, Result};

@@ -16,10 +16,14 @@
 //! PATH, where `cohort image build` put it.
 //!
 //! User namespaces: rootless engines use `keep-id` mapped onto the image user (files written
-//! belong to the invoking user). Rootful engines run the exec as the host owner of the
-//! checkout (uid:gid) in the host user namespace, so files keep their owner and git sees no
-//! "dubious ownership"; `userns=auto` would map the container user to an unprivileged range
-//! that cannot write the checkout without chowning the user's git dir.
+//! belong to the invoking user). Rootful engines use `userns=auto`: each container gets its
+//! own unprivileged host id range. The git dir and the checkout are then bind-mounted from
+//! idmapped views of them (see `idmap`), made after the container is created (its id range is
+//! known then) and before it starts: the checkout's owner on disk appears as the image's user,
+//! which runs the agent, so it can write, git sees no "dubious ownership", and files it writes
+//! belong to the checkout's owner on the host. Nothing is chowned. Where cohort cannot make
+//! idmapped mounts (not root, or an old kernel) it says so once and falls back to running the
+//! exec as the checkout's owner in the host user namespace.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
+use super::idmap::{self, IdMap, IdmappedMount};
 use super::{BindMount, ContainerSpec, ExecSpec, NetworkMode, Podman, UsernsMode};
 use crate::runtime::{Exit, Output, Runtime, Spawn};
 
@@ -39,6 +44,9 @@ pub const DEFAULT_IMAGE: &str = "localhost/cohort:latest";
 pub const WORKSPACE: &str = "/workspace";
 pub const LABEL_RUN: &str = "cohort.run";
 pub const LABEL_TASK: &str = "cohort.task";
+/// Where a rootful run puts the idmapped views of a task's git dir and checkout, one directory
+/// per container (named after it).
+pub const IDMAP_DIR: &str = "/run/cohort/idmap";
 
 /// Settings for task containers (from `[image]` and `[container]`).
 #[derive(Debug, Clone)]
@@ -58,6 +66,17 @@ pub struct PodmanRuntime {
     settings: PodmanSettings,
     /// The image's numeric user, for rootless keep-id.
     image_user: Option<(u32, u32)>,
+    /// Rootful with idmapped mounts available: the staging root ([`IDMAP_DIR`]).
+    idmap_root: Option<PathBuf>,
+}
+
+/// A container spec plus the idmapped views it needs before it starts.
+struct Prepared {
+    spec: ContainerSpec,
+    /// `(host source, staging path)`, mounted with the checkout owner → image user mapping.
+    idmapped: Vec<(PathBuf, PathBuf)>,
+    /// The checkout's owner on the host.
+    owner: (u32, u32),
 }
 
 impl PodmanRuntime {
@@ -72,11 +91,33 @@ impl PodmanRuntime {
         }
         let raw: serde_json::Value = podman.image_inspect_raw(&settings.image).await?;
         let image_user = parse_image_user(raw["Config"]["User"].as_str().unwrap_or(""));
+        let idmap_root = if podman.rootless() {
+            None
+        } else {
+            let root = PathBuf::from(IDMAP_DIR);
+            let probe = root.clone();
+            match tokio::task::spawn_blocking(move || idmap::supported(&probe)).await? {
+                Ok(()) => Some(root),
+                Err(e) => {
+                    tracing::warn!(
+                        "rootful podman: cannot make idmapped mounts under {IDMAP_DIR} ({e}); task containers \
+                         run as the checkout's owner in the host user namespace instead of userns=auto"
+                    );
+                    None
+                }
+            }
+        };
         Ok(PodmanRuntime {
             podman,
             settings,
             image_user,
+            idmap_root,
         })
+    }
+
+    /// Whether task containers get `userns=auto` with idmapped mounts (rootful engines).
+    pub fn uses_idmap(&self) -> bool {
+        self.idmap_root.is_some()
     }
 
     pub fn podman(&self) -> &Podman {
@@ -89,35 +130,55 @@ impl PodmanRuntime {
         cleanup_run(&self.podman, run_id).await
     }
 
-    fn container_spec(&self, spawn: &Spawn, labels: BTreeMap<String, String>) -> Result<ContainerSpec> {
+    fn container_spec(&self, spawn: &Spawn, labels: BTreeMap<String, String>) -> Result<Prepared> {
         let checkout = &spawn.workdir;
+        let common = &self.settings.common_dir;
+        let name = sanitize_name(&format!(
+            "cohort-{}-{}-{:08x}",
+            labels.get(LABEL_RUN).map(String::as_str).unwrap_or("run"),
+            labels.get(LABEL_TASK).map(String::as_str).unwrap_or("task"),
+            rand::random::<u32>()
+        ));
+        let meta = std::fs::metadata(checkout).with_context(|| format!("cannot read {}", checkout.display()))?;
+        let owner = (meta.uid(), meta.gid());
+        // Host paths stay where they are inside (see the module doc); with idmapped views the
+        // sources are the staging paths instead.
+        let (git_src, work_src, idmapped) = match &self.idmap_root {
+            Some(root) => {
+                let stage = root.join(&name);
+                let (git, work) = (stage.join("git"), stage.join("workspace"));
+                // podman checks at create time that bind sources exist; the views come later.
+                for d in [&git, &work] {
+                    std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+                }
+                let pairs = vec![(common.clone(), git.clone()), (checkout.clone(), work.clone())];
+                (git, work, pairs)
+            }
+            None => (common.clone(), checkout.clone(), Vec::new()),
+        };
         let mut mounts = vec![BindMount::new(
-            self.settings.common_dir.display().to_string(),
-            self.settings.common_dir.display().to_string(),
+            git_src.display().to_string(),
+            common.display().to_string(),
         )];
-        if !checkout.starts_with(&self.settings.common_dir) {
+        if !checkout.starts_with(common) {
             mounts.push(BindMount::new(
-                checkout.display().to_string(),
+                work_src.display().to_string(),
                 checkout.display().to_string(),
             ));
         }
         mounts.extend(self.settings.mounts.iter().cloned());
         let (userns, user) = if self.podman.rootless() {
             (None, None)
+        } else if self.idmap_root.is_some() {
+            let (uid, gid) = self.image_user.unwrap_or((0, 0));
+            (Some(UsernsMode::Auto), Some(format!("{uid}:{gid}")))
         } else {
-            let meta = std::fs::metadata(checkout).with_context(|| format!("cannot read {}", checkout.display()))?;
-            (Some(UsernsMode::Host), Some(format!("{}:{}", meta.uid(), meta.gid())))
+            (Some(UsernsMode::Host), Some(format!("{}:{}", owner.0, owner.1)))
         };
-        let name = format!(
-            "cohort-{}-{}-{:08x}",
-            labels.get(LABEL_RUN).map(String::as_str).unwrap_or("run"),
-            labels.get(LABEL_TASK).map(String::as_str).unwrap_or("task"),
-            rand::random::<u32>()
-        );
-        Ok(ContainerSpec {
-            name: Some(sanitize_name(&name)),
+        let spec = ContainerSpec {
+            name: Some(name),
             image: self.settings.image.clone(),
-            workspace: Some(checkout.display().to_string()),
+            workspace: Some(work_src.display().to_string()),
             mounts,
             userns,
             image_user: self.image_user,
@@ -128,7 +189,34 @@ impl PodmanRuntime {
             workdir: Some(WORKSPACE.into()),
             user,
             ..Default::default()
-        })
+        };
+        Ok(Prepared { spec, idmapped, owner })
+    }
+
+    /// The idmapped views for a created container: the checkout's owner on disk becomes the
+    /// host id that the container's `userns=auto` range gives the image user.
+    async fn idmap_views(&self, id: &str, prepared: &Prepared) -> Result<Vec<IdmappedMount>> {
+        if prepared.idmapped.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw = self.podman.inspect_container_raw(id).await?;
+        let maps = &raw["HostConfig"]["IDMappings"];
+        let (uid, gid) = self.image_user.unwrap_or((0, 0));
+        let host = |key: &str, id: u32| {
+            host_id(
+                maps[key].as_array().into_iter().flatten().filter_map(|v| v.as_str()),
+                id,
+            )
+            .with_context(|| format!("id {id} is not in the container's {key} {}", maps[key]))
+        };
+        let map = IdMap {
+            uid: (prepared.owner.0, host("UidMap", uid)?),
+            gid: (prepared.owner.1, host("GidMap", gid)?),
+        };
+        let pairs = prepared.idmapped.clone();
+        tokio::task::spawn_blocking(move || IdmappedMount::create_all(&pairs, map))
+            .await?
+            .context("cannot make the idmapped view of the checkout")
     }
 
     fn exec_spec(&self, spawn: &Spawn) -> ExecSpec {
@@ -211,7 +299,8 @@ impl PodmanRuntime {
     }
 }
 
-/// Removes every container labelled `cohort.run=<run_id>`.
+/// Removes every container labelled `cohort.run=<run_id>`, and the idmapped views a killed
+/// cohort left for them.
 pub async fn cleanup_run(podman: &Podman, run_id: &str) -> Result<usize> {
     let list = podman.list_containers(&[(LABEL_RUN, run_id)]).await?;
     for c in &list {
@@ -220,7 +309,33 @@ pub async fn cleanup_run(podman: &Podman, run_id: &str) -> Result<usize> {
             .await
             .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })?;
     }
+    let prefix = sanitize_name(&format!("cohort-{run_id}-"));
+    for entry in std::fs::read_dir(IDMAP_DIR).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            remove_stage(&entry.path());
+        }
+    }
     Ok(list.len())
+}
+
+/// Unmount a container's idmapped views and remove its staging directory. Only ever
+/// `rmdir`: a recursive delete could reach through a view that is still mounted into the
+/// user's checkout.
+fn remove_stage(stage: &Path) {
+    for sub in ["git", "workspace"] {
+        idmap::unmount(&stage.join(sub));
+    }
+    let _ = std::fs::remove_dir(stage);
+}
+
+/// The host id of container id `id`, from podman's `container:host:size` ranges.
+fn host_id<'a>(ranges: impl Iterator<Item = &'a str>, id: u32) -> Option<u32> {
+    ranges.into_iter().find_map(|r| {
+        let mut it = r.split(':').map(|n| n.parse::<u64>().ok());
+        let (c, h, n) = (it.next()??, it.next()??, it.next()??);
+        let id = id as u64;
+        (c <= id && id < c + n).then(|| u32::try_from(h + id - c).ok())?
+    })
 }
 
 /// `user`, `uid`, `uid:gid` of an image config; numeric forms only.
@@ -360,15 +475,39 @@ impl Runtime for PodmanRuntime {
 
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
         let labels = task_labels(&spawn);
-        let spec = self.container_spec(&spawn, labels)?;
-        let id = self
+        let prepared = self.container_spec(&spawn, labels)?;
+        let stage = prepared
+            .idmapped
+            .first()
+            .and_then(|(_, p)| p.parent().map(Path::to_owned));
+        let created = self
             .podman
-            .create_container(&spec)
+            .create_container(&prepared.spec)
             .await
-            .with_context(|| format!("cannot create a container from {}", self.settings.image))?;
-        let result = self.run_in(&id, &spawn, output, &cancel).await;
+            .with_context(|| format!("cannot create a container from {}", self.settings.image));
+        let id = match created {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(stage) = &stage {
+                    remove_stage(stage);
+                }
+                return Err(e);
+            }
+        };
+        let result = match self.idmap_views(&id, &prepared).await {
+            Ok(views) => {
+                let r = self.run_in(&id, &spawn, output, &cancel).await;
+                // The container's mount namespace holds its own binds; ours go after it.
+                drop(views);
+                r
+            }
+            Err(e) => Err(e),
+        };
         // Always removed, also after an error or a kill; the work stays in the checkout.
         let removed = self.podman.remove_container(&id, true).await;
+        if let Some(stage) = &stage {
+            remove_stage(stage);
+        }
         let exit = result?;
         if let Err(e) = removed {
             if !e.is_not_found() {
@@ -420,6 +559,16 @@ mod unit {
         }));
         assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("20250101-x", "007"));
         assert_eq!(parse_image_user("1000:1001"), Some((1000, 1001)));
+    }
+
+    #[test]
+    fn host_ids_from_podman_ranges() {
+        let ranges = ["0:2147483647:1000", "1000:3000000000:24"];
+        assert_eq!(host_id(ranges.into_iter(), 0), Some(2147483647));
+        assert_eq!(host_id(ranges.into_iter(), 999), Some(2147484646));
+        assert_eq!(host_id(ranges.into_iter(), 1000), Some(3000000000));
+        assert_eq!(host_id(ranges.into_iter(), 1024), None);
+        assert_eq!(host_id(["garbage"].into_iter(), 0), None);
         assert_eq!(parse_image_user("cohort"), None);
     }
 }

@@ -129,6 +129,15 @@ pub(crate) struct ResourceLimits {
     pub pids: Option<Limit>,
 }
 
+/// `containers/storage`'s `IDMappingOptions` (Go field names, no JSON tags upstream).
+#[derive(Serialize)]
+pub(crate) struct IdMappings {
+    /// Podman 4.3's REST API does not derive this from `userns: {nsmode: "auto"}` (the CLI
+    /// does, client-side): without it the container silently gets no user namespace at all.
+    #[serde(rename = "AutoUserNs")]
+    pub auto_user_ns: bool,
+}
+
 /// The libpod `SpecGenerator` JSON (subset).
 #[derive(Serialize)]
 pub(crate) struct CreateBody {
@@ -139,6 +148,8 @@ pub(crate) struct CreateBody {
     pub labels: BTreeMap<String, String>,
     pub mounts: Vec<SpecMount>,
     pub userns: Namespace,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idmappings: Option<IdMappings>,
     pub netns: Namespace,
     pub resource_limits: ResourceLimits,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,11 +178,22 @@ impl ContainerSpec {
             });
         }
         let ns = |nsmode, value: String| Namespace { nsmode, value };
-        let userns = match self
+        let mode = self
             .userns
             .clone()
-            .unwrap_or_else(|| UsernsMode::for_engine(rootless, self.image_user))
-        {
+            .unwrap_or_else(|| UsernsMode::for_engine(rootless, self.image_user));
+        let idmappings = (mode == UsernsMode::Auto).then_some(IdMappings { auto_user_ns: true });
+        if mode != UsernsMode::Host && self.network == NetworkMode::Host {
+            // sysfs can only be mounted by the owner of the network namespace; in a new user
+            // namespace sharing the host's, runc fails with EPERM (crun quietly does this).
+            mounts.push(SpecMount {
+                destination: "/sys".into(),
+                typ: "bind",
+                source: "/sys".into(),
+                options: vec!["rbind".into(), "ro".into()],
+            });
+        }
+        let userns = match mode {
             UsernsMode::KeepId(Some((uid, gid))) => ns("keep-id", format!("uid={uid},gid={gid}")),
             UsernsMode::KeepId(None) => ns("keep-id", String::new()),
             UsernsMode::Auto => ns("auto", String::new()),
@@ -192,6 +214,7 @@ impl ContainerSpec {
             labels: self.labels.clone(),
             mounts,
             userns,
+            idmappings,
             netns: Namespace {
                 nsmode: netns,
                 value: String::new(),
