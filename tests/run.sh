@@ -27,9 +27,3 @@ bash fixtures/podman-service.sh install
 echo "== cargo test (workspace)"
 cargo test --workspace --locked 2>&1
 
-# The real systemd, D-Bus, podman 5 and a software TPM, in throwaway Debian 13 VMs
-# (tests/vm/README.md). Builds its VM image once per machine (cached in $VM_CACHE).
-echo "== VM: the systemd crate (credentials, units, notify, lingering; a foreign TPM)"
-bash tests/vm/test-systemd-crate.sh
-echo "== VM: the service end to end (both scopes, 3 tasks each, a stolen credential)"
-bash tests/vm/test-service.sh

@@ -147,11 +147,16 @@ fn a_killed_service_resumes_its_run_on_restart() {
         .unwrap();
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert!(files(&svc.state.join("processing")).is_empty());
+    let failed: Vec<String> = files(&svc.state.join("failed"))
+        .iter()
+        .filter(|f| f.ends_with(".json"))
+        .map(|f| std::fs::read_to_string(svc.state.join("failed").join(f)).unwrap())
+        .collect();
     assert_eq!(
         files(&svc.state.join("done")).len(),
         2,
-        "{:?}",
-        files(&svc.state.join("failed"))
+        "failed: {failed:?}\n{}",
+        text(&out)
     );
     let mut merged = s.merged_tasks("cohort/service");
     merged.sort();

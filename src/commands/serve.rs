@@ -194,7 +194,8 @@ async fn run_request(
     tracing::info!(request = %name, tasks = plan.tasks.len(), "request planned");
     let mut stored = stored_options(&args.engine, &config);
     stored["request"] = name.into();
-    let engine = match build_engine(s.paths.clone(), &config, &args.engine, &stored) {
+    let flags = service_flags(&args.engine, &config);
+    let engine = match build_engine(s.paths.clone(), &config, &flags, &stored) {
         Ok(mut e) => {
             e.cancel = token.child_token();
             Arc::new(e)
@@ -254,7 +255,7 @@ async fn resume_unfinished(
         let config = Config::load(config_path, Some(&s.paths.workdir))?;
         let flags = EngineFlags {
             service_branch: Some(service_branch),
-            ..args.engine.clone()
+            ..service_flags(&args.engine, &config)
         };
         let mut engine = build_engine(s.paths.clone(), &config, &flags, &stored)?;
         engine.cancel = token.child_token();
@@ -280,6 +281,17 @@ async fn resume_unfinished(
         }
     }
     Ok(())
+}
+
+/// The service runs agents in containers: unless told otherwise (`--runtime`, `[run]
+/// runtime`), a podman socket it cannot reach is an error, never a quiet fall-back to
+/// running agents on the host.
+fn service_flags(flags: &EngineFlags, config: &Config) -> EngineFlags {
+    let mut f = flags.clone();
+    if f.runtime.is_none() && config.run.runtime.is_none() {
+        f.runtime = Some(super::run::RuntimeKind::Podman);
+    }
+    f
 }
 
 /// Pings systemd's watchdog at half its period, for as long as the process lives.
