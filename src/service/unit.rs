@@ -25,8 +25,10 @@ pub struct UnitSpec {
     pub config: Option<PathBuf>,
 }
 
-/// The podman socket the service talks to, per scope.
+/// The rootful podman socket.
 pub const SYSTEM_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+/// Where the system service sees it (a bind mount in its own mount namespace).
+pub const SERVICE_PODMAN_SOCKET: &str = "/run/cohort/podman.sock";
 
 pub fn render(spec: &UnitSpec) -> anyhow::Result<String> {
     let mut u = UnitFile::new();
@@ -35,7 +37,9 @@ pub fn render(spec: &UnitSpec) -> anyhow::Result<String> {
     u.section("Unit")
         .text("Description", &format!("cohort: AI agents working on {repo}"))
         .raw("Wants", "podman.socket")
-        .raw("After", "podman.socket");
+        .raw("After", "podman.socket")
+        // A restarted socket is a new inode: restart with it (the system unit binds it).
+        .raw("PartOf", "podman.socket");
     let mut argv = vec![spec.exe.to_string_lossy().into_owned(), "-C".into(), repo.clone()];
     if let Some(c) = &spec.config {
         argv.extend(["--config".into(), c.to_string_lossy().into_owned()]);
@@ -73,7 +77,13 @@ pub fn render(spec: &UnitSpec) -> anyhow::Result<String> {
 
 fn harden_system(svc: &mut cohort_systemd::Section, user: &str, group: &str, repo: &Path, key: &str) {
     let id = crate::keys::credential_id(key);
-    svc.env("CONTAINER_HOST", &format!("unix://{SYSTEM_PODMAN_SOCKET}"))
+    // podman's tmpfiles rule keeps /run/podman at 0700 root, so no other user can reach the
+    // socket by its path, whatever its own mode. systemd (as root) binds the socket into
+    // this service's runtime directory instead; the socket's group (the drop-in below)
+    // decides who may connect.
+    svc.raw("RuntimeDirectory", "cohort")
+        .raw("BindPaths", &format!("{SYSTEM_PODMAN_SOCKET}:{SERVICE_PODMAN_SOCKET}"))
+        .env("CONTAINER_HOST", &format!("unix://{SERVICE_PODMAN_SOCKET}"))
         .raw("Environment", "HOME=%S/cohort")
         // systemd decrypts /etc/credstore.encrypted/cohort.NAME (TPM2-bound) into
         // $CREDENTIALS_DIRECTORY for this service only.
@@ -173,6 +183,8 @@ mod tests {
         let text = render(&s).unwrap();
         for want in [
             "LoadCredentialEncrypted=cohort.openai_api_key",
+            "BindPaths=/run/podman/podman.sock:/run/cohort/podman.sock",
+            "Environment=\"CONTAINER_HOST=unix:///run/cohort/podman.sock\"",
             "DynamicUser=yes",
             "User=alice",
             "PrivateUsers=yes",
