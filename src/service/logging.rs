@@ -28,7 +28,12 @@ pub fn init(state_dir: Option<&Path>) {
     // JOURNAL_STREAM says our stderr is the journal: then write to it natively instead.
     let journald = std::env::var_os("JOURNAL_STREAM")
         .and_then(|_| tracing_journald::layer().ok())
-        .map(|l| l.with_syslog_identifier("cohort".into()).with_filter(filter()));
+        // No field prefix: the journal gets RUN_ID and TASK_ID, not F_RUN_ID.
+        .map(|l| {
+            l.with_syslog_identifier("cohort".into())
+                .with_field_prefix(None)
+                .with_filter(filter())
+        });
     let stderr = journald.is_none().then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
