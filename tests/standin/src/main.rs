@@ -56,7 +56,7 @@ fn parse_args() -> Result<Cli, String> {
         let o = &mut cli.opts;
         match a.as_str() {
             "--port" => o.port = num(val()?)? as u16,
-            "--host" => o.host = Some(val()?.parse().map_err(|_| format!("--host: not an IPv4 address"))?),
+            "--host" => o.host = Some(val()?.parse().map_err(|_| "--host: not an IPv4 address".to_string())?),
             "--port-file" => cli.port_file = Some(val()?),
             "--record" => o.record = Some(val()?.into()),
             "--mode" => {
