@@ -453,6 +453,26 @@ mod tests {
         assert_eq!(v["userns"]["nsmode"], "auto");
         // podman 4.3's API makes no user namespace from the nsmode alone.
         assert_eq!(v["idmappings"]["AutoUserNs"], true);
+        assert!(v["idmappings"].get("AutoUserNsOpts").is_none());
+        let pinned = ContainerSpec {
+            userns: Some(UsernsMode::AutoPinned {
+                user: (1000, 1001),
+                owner: (4321, 4322),
+            }),
+            ..spec.clone()
+        };
+        let v = serde_json::to_value(pinned.to_body(false)).unwrap();
+        assert_eq!(v["userns"]["nsmode"], "auto");
+        assert_eq!(v["idmappings"]["AutoUserNs"], true);
+        let opts = &v["idmappings"]["AutoUserNsOpts"];
+        assert_eq!(
+            opts["AdditionalUIDMappings"],
+            serde_json::json!([{"container_id": 1000, "host_id": 4321, "size": 1}])
+        );
+        assert_eq!(
+            opts["AdditionalGIDMappings"],
+            serde_json::json!([{"container_id": 1001, "host_id": 4322, "size": 1}])
+        );
         let v = serde_json::to_value(mapped.to_body(true)).unwrap();
         assert!(v.get("idmappings").is_none());
         let host_net = ContainerSpec {

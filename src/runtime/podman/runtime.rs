@@ -22,12 +22,19 @@
 //! known then) and before it starts: the checkout's owner on disk appears as the image's user,
 //! which runs the agent, so it can write, git sees no "dubious ownership", and files it writes
 //! belong to the checkout's owner on the host. Nothing is chowned. Where cohort cannot make
-//! idmapped mounts (not root, or an old kernel) it says so once and falls back to running the
-//! exec as the checkout's owner in the host user namespace.
+//! idmapped mounts (not root, as in the hardened system service, or an old kernel) the
+//! container still gets `userns=auto`, with one pinned mapping: the image user is the
+//! checkout's owner on the host, every other id (root included) an unprivileged auto range.
+//! The agent then runs as the owner's host id rather than an id of its own: weaker than the
+//! idmapped views, but still no host root and no shared user namespace. An engine that cannot
+//! start such a container (podman 4.3: EPERM mounting the rootfs for a user namespace of more
+//! than one range) gets, from then on in the run, the exec as the checkout's owner in the
+//! host user namespace, with a warning.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -68,6 +75,9 @@ pub struct PodmanRuntime {
     image_user: Option<(u32, u32)>,
     /// Rootful with idmapped mounts available: the staging root ([`IDMAP_DIR`]).
     idmap_root: Option<PathBuf>,
+    /// Rootful without idmapped views: whether the engine can start `userns=auto` with a
+    /// pinned mapping (cleared after the first failed start).
+    pinned_ok: AtomicBool,
 }
 
 /// A container spec plus the idmapped views it needs before it starts.
@@ -99,9 +109,9 @@ impl PodmanRuntime {
             match tokio::task::spawn_blocking(move || idmap::supported(&probe)).await? {
                 Ok(()) => Some(root),
                 Err(e) => {
-                    tracing::warn!(
+                    tracing::info!(
                         "rootful podman: cannot make idmapped mounts under {IDMAP_DIR} ({e}); task containers \
-                         run as the checkout's owner in the host user namespace instead of userns=auto"
+                         get userns=auto with the image user mapped onto the checkout's owner"
                     );
                     None
                 }
@@ -112,12 +122,26 @@ impl PodmanRuntime {
             settings,
             image_user,
             idmap_root,
+            pinned_ok: AtomicBool::new(true),
         })
     }
 
     /// Whether task containers get `userns=auto` with idmapped mounts (rootful engines).
     pub fn uses_idmap(&self) -> bool {
         self.idmap_root.is_some()
+    }
+
+    /// Whether the engine has not (yet) refused a pinned `userns=auto` mapping.
+    #[cfg(test)]
+    pub(crate) fn pinned_ok(&self) -> bool {
+        self.pinned_ok.load(Ordering::Relaxed)
+    }
+
+    /// As if cohort could not make idmapped mounts (the hardened system service's case).
+    #[cfg(test)]
+    pub(crate) fn without_idmap(mut self) -> Self {
+        self.idmap_root = None;
+        self
     }
 
     pub fn podman(&self) -> &Podman {
@@ -169,11 +193,16 @@ impl PodmanRuntime {
         mounts.extend(self.settings.mounts.iter().cloned());
         let (userns, user) = if self.podman.rootless() {
             (None, None)
-        } else if self.idmap_root.is_some() {
-            let (uid, gid) = self.image_user.unwrap_or((0, 0));
-            (Some(UsernsMode::Auto), Some(format!("{uid}:{gid}")))
         } else {
-            (Some(UsernsMode::Host), Some(format!("{}:{}", owner.0, owner.1)))
+            let user = self.image_user.unwrap_or((0, 0));
+            match self.idmap_root {
+                Some(_) => (Some(UsernsMode::Auto), Some(format!("{}:{}", user.0, user.1))),
+                None if self.pinned_ok.load(Ordering::Relaxed) => (
+                    Some(UsernsMode::AutoPinned { user, owner }),
+                    Some(format!("{}:{}", user.0, user.1)),
+                ),
+                None => (Some(UsernsMode::Host), Some(format!("{}:{}", owner.0, owner.1))),
+            }
         };
         let spec = ContainerSpec {
             name: Some(name),
@@ -257,7 +286,6 @@ impl PodmanRuntime {
         output: UnboundedSender<Output>,
         cancel: &CancellationToken,
     ) -> Result<Exit> {
-        self.podman.start_container(id).await?;
         let exec = self.exec_spec(spawn);
         let exec_id = self.podman.exec_create(id, &exec).await?;
         let session = self.podman.exec_start(&exec_id, false).await?;
@@ -475,7 +503,57 @@ impl Runtime for PodmanRuntime {
 
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
         let labels = task_labels(&spawn);
-        let prepared = self.container_spec(&spawn, labels)?;
+        let prepared = self.container_spec(&spawn, labels.clone())?;
+        let pinned = matches!(prepared.spec.userns, Some(UsernsMode::AutoPinned { .. }));
+        match self.attempt(&spawn, prepared, output.clone(), &cancel).await {
+            Err(Failed::Start(e)) if pinned => {
+                // Some engines cannot mount a rootfs for a user namespace with more than one
+                // range (podman 4.3 with idmapped lower layers: EPERM). Learn it once per run.
+                if self.pinned_ok.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "rootful podman cannot start a userns=auto container with a pinned id mapping \
+                         ({e:#}); task containers run as the checkout's owner in the host user namespace"
+                    );
+                }
+                let prepared = self.container_spec(&spawn, labels)?;
+                self.attempt(&spawn, prepared, output, &cancel)
+                    .await
+                    .map_err(Failed::into_inner)
+            }
+            r => r.map_err(Failed::into_inner),
+        }
+    }
+}
+
+/// Why an attempt failed: starting the container, or anything else.
+enum Failed {
+    Start(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl Failed {
+    fn into_inner(self) -> anyhow::Error {
+        match self {
+            Failed::Start(e) | Failed::Other(e) => e,
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(e: anyhow::Error) -> Self {
+        Failed::Other(e)
+    }
+}
+
+impl PodmanRuntime {
+    /// One container: create, idmapped views, start, the agent's exec, removal.
+    async fn attempt(
+        &self,
+        spawn: &Spawn,
+        prepared: Prepared,
+        output: UnboundedSender<Output>,
+        cancel: &CancellationToken,
+    ) -> std::result::Result<Exit, Failed> {
         let stage = prepared
             .idmapped
             .first()
@@ -491,17 +569,20 @@ impl Runtime for PodmanRuntime {
                 if let Some(stage) = &stage {
                     remove_stage(stage);
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         let result = match self.idmap_views(&id, &prepared).await {
             Ok(views) => {
-                let r = self.run_in(&id, &spawn, output, &cancel).await;
+                let r = match self.podman.start_container(&id).await {
+                    Ok(()) => self.run_in(&id, spawn, output, cancel).await.map_err(Failed::Other),
+                    Err(e) => Err(Failed::Start(e.into())),
+                };
                 // The container's mount namespace holds its own binds; ours go after it.
                 drop(views);
                 r
             }
-            Err(e) => Err(e),
+            Err(e) => Err(Failed::Other(e)),
         };
         // Always removed, also after an error or a kill; the work stays in the checkout.
         let removed = self.podman.remove_container(&id, true).await;

@@ -36,6 +36,18 @@ fn foreign_owned(dir: &Path, owner: (u32, u32), out: &mut Vec<PathBuf>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rootful_userns_auto_with_idmapped_checkout() {
+    agent_writes_as_owner(true).await;
+}
+
+/// Where cohort cannot make idmapped views (the hardened system service: no capabilities),
+/// the container still gets `userns=auto`, with the image user pinned to the checkout's owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootful_userns_auto_pinned_without_idmapped_mounts() {
+    agent_writes_as_owner(false).await;
+}
+
+async fn agent_writes_as_owner(idmap: bool) {
+    let run_id = if idmap { "rootful-idmap" } else { "rootful-pinned" };
     let tmp = tempfile::tempdir().unwrap();
     let store = BlobStore::open(tmp.path().join("s")).unwrap();
     let spec = BuildSpec {
@@ -81,10 +93,13 @@ async fn rootful_userns_auto_with_idmapped_checkout() {
         mounts: Vec::new(),
         common_dir: checkout.join(".git"),
     };
-    let rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
+    let mut rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
     assert!(rt.uses_idmap(), "running as root here, idmapped mounts must work");
+    if !idmap {
+        rt = rt.without_idmap();
+    }
 
-    let script = "id -u; id -g; head -n1 /proc/self/uid_map | tr -s ' ' | sed 's/^ //'; \
+    let script = "id -u; id -g; tr -s ' ' </proc/self/uid_map | sed 's/^ //' | tr '\\n' ';'; echo; \
                   git status --porcelain; echo new > b.txt; git add -A; \
                   git -c user.name=Agent -c user.email=a@x commit -qm 'from the container'; echo done";
     let spawn = Spawn {
@@ -92,7 +107,7 @@ async fn rootful_userns_auto_with_idmapped_checkout() {
             program: "sh".into(),
             args: vec!["-c".into(), script.into()],
             env: vec![
-                ("COHORT_RUN_ID".into(), "rootful-idmap".into()),
+                ("COHORT_RUN_ID".into(), run_id.into()),
                 ("COHORT_TASK_ID".into(), "001".into()),
             ],
             ..Default::default()
@@ -111,10 +126,25 @@ async fn rootful_userns_auto_with_idmapped_checkout() {
     }
     assert_eq!(exit, Exit::Code(0), "{lines:?}");
     assert_eq!(lines.len(), 5, "{lines:?}");
-    assert_eq!(&lines[..2], ["1000", "1000"], "the image user runs the agent");
-    // userns=auto: container 0 is some unprivileged host id, not host root.
-    let map: Vec<u64> = lines[2].split(' ').map(|n| n.parse().unwrap()).collect();
-    assert!(map[0] == 0 && map[1] >= 65536, "not an auto range: {lines:?}");
+    let ranges: Vec<Vec<u64>> = (lines[2].split(';').filter(|r| !r.is_empty()))
+        .map(|r| r.split(' ').map(|n| n.parse().unwrap()).collect())
+        .collect();
+    let root = ranges.iter().find(|r| r[0] == 0).expect("container root is mapped");
+    let pinned = ranges.iter().any(|r| r[..] == [1000, OWNER.0 as u64, 1]);
+    if idmap || rt.pinned_ok() {
+        assert_eq!(&lines[..2], ["1000", "1000"], "the image user runs the agent");
+        // userns=auto: container 0 is some unprivileged host id, not host root.
+        assert!(root[1] >= 65536, "not an auto range: {lines:?}");
+        assert_eq!(
+            pinned, !idmap,
+            "the image user is the owner only without idmapped views: {lines:?}"
+        );
+    } else {
+        // The engine refused the pinned mapping (podman 4.3 here): the last resort.
+        let owner = [OWNER.0.to_string(), OWNER.1.to_string()];
+        assert_eq!(&lines[..2], owner, "the checkout's owner runs the agent");
+        assert_eq!(ranges, [vec![0, 0, 4294967295]], "the host user namespace: {lines:?}");
+    }
     assert_eq!(&lines[3..], ["?? a.txt", "done"]);
 
     assert_eq!(git(&["log", "--format=%an %s"]), "Agent from the container\n");
@@ -127,7 +157,7 @@ async fn rootful_userns_auto_with_idmapped_checkout() {
     assert!(foreign.is_empty(), "not owned by {owner}: {foreign:?}");
 
     assert!(podman
-        .list_containers(&[("cohort.run", "rootful-idmap")])
+        .list_containers(&[("cohort.run", run_id)])
         .await
         .unwrap()
         .is_empty());
@@ -135,9 +165,16 @@ async fn rootful_userns_auto_with_idmapped_checkout() {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("cohort-rootful-idmap-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("cohort-{run_id}-"))
+        })
         .collect();
     assert!(left.is_empty(), "staging directories left: {left:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains("cohort-rootful-idmap-"), "idmapped views left mounted");
+    assert!(
+        !mounts.contains(&format!("cohort-{run_id}-")),
+        "idmapped views left mounted"
+    );
 }

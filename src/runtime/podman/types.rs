@@ -39,6 +39,14 @@ pub enum UsernsMode {
     /// the image's `User` wins over plain keep-id, and would then own nothing in the checkout.
     KeepId(Option<(u32, u32)>),
     Auto,
+    /// `auto` with one pinned mapping: container `uid:gid` (the image user) is host
+    /// `owner` (the checkout's owner), everything else an unprivileged auto range. For a
+    /// rootful engine when cohort cannot make idmapped views (the hardened system service):
+    /// the agent still gets its own user namespace, and what it writes belongs to the owner.
+    AutoPinned {
+        user: (u32, u32),
+        owner: (u32, u32),
+    },
     Host,
 }
 
@@ -136,6 +144,26 @@ pub(crate) struct IdMappings {
     /// does, client-side): without it the container silently gets no user namespace at all.
     #[serde(rename = "AutoUserNs")]
     pub auto_user_ns: bool,
+    /// Likewise the CLI's `auto:uidmapping=...` options: the server reads only these.
+    #[serde(rename = "AutoUserNsOpts", skip_serializing_if = "Option::is_none")]
+    pub auto_opts: Option<AutoUserNsOpts>,
+}
+
+/// `containers/storage`'s `AutoUserNsOptions` (subset).
+#[derive(Serialize)]
+pub(crate) struct AutoUserNsOpts {
+    #[serde(rename = "AdditionalUIDMappings")]
+    pub uids: Vec<IdRange>,
+    #[serde(rename = "AdditionalGIDMappings")]
+    pub gids: Vec<IdRange>,
+}
+
+/// `idtools.IDMap`.
+#[derive(Serialize)]
+pub(crate) struct IdRange {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub size: u32,
 }
 
 /// The libpod `SpecGenerator` JSON (subset).
@@ -182,7 +210,27 @@ impl ContainerSpec {
             .userns
             .clone()
             .unwrap_or_else(|| UsernsMode::for_engine(rootless, self.image_user));
-        let idmappings = (mode == UsernsMode::Auto).then_some(IdMappings { auto_user_ns: true });
+        let one = |container_id, host_id| {
+            vec![IdRange {
+                container_id,
+                host_id,
+                size: 1,
+            }]
+        };
+        let idmappings = match mode {
+            UsernsMode::Auto => Some(IdMappings {
+                auto_user_ns: true,
+                auto_opts: None,
+            }),
+            UsernsMode::AutoPinned { user, owner } => Some(IdMappings {
+                auto_user_ns: true,
+                auto_opts: Some(AutoUserNsOpts {
+                    uids: one(user.0, owner.0),
+                    gids: one(user.1, owner.1),
+                }),
+            }),
+            _ => None,
+        };
         if mode != UsernsMode::Host && self.network == NetworkMode::Host {
             // sysfs can only be mounted by the owner of the network namespace; in a new user
             // namespace sharing the host's, runc fails with EPERM (crun quietly does this).
@@ -197,6 +245,13 @@ impl ContainerSpec {
             UsernsMode::KeepId(Some((uid, gid))) => ns("keep-id", format!("uid={uid},gid={gid}")),
             UsernsMode::KeepId(None) => ns("keep-id", String::new()),
             UsernsMode::Auto => ns("auto", String::new()),
+            UsernsMode::AutoPinned { user, owner } => ns(
+                "auto",
+                format!(
+                    "uidmapping={}:{}:1,gidmapping={}:{}:1",
+                    user.0, owner.0, user.1, owner.1
+                ),
+            ),
             UsernsMode::Host => ns("host", String::new()),
         };
         let netns = match self.network {
