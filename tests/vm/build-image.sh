@@ -10,7 +10,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VM_CACHE="${VM_CACHE:-/work/vm-cache}"
+VM_CACHE="${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-vm}"
 SUITE="${VM_SUITE:-trixie}"
 IMG_SIZE="${VM_IMG_SIZE:-4G}"
 

@@ -17,7 +17,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VM_CACHE="${VM_CACHE:-/work/vm-cache}"
+VM_CACHE="${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-vm}"
 SCENARIO="" OUT="" TPM_STATE="" TIMEOUT="${VM_TIMEOUT:-600}" USE_TPM=1 MEM="${VM_MEM:-2048}"
 BINS=() FILES=()
 

@@ -8,16 +8,18 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-VM_CACHE="${VM_CACHE:-/work/vm-cache}"
+VM_CACHE="${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-vm}"
 W="$VM_CACHE/service"
 rm -rf "$W"; mkdir -p "$W/bin"
 t_all=$(date +%s)
 
-echo "[test] building cohort and the stand-in (release)"
+# The test profile's binaries (what `cargo test` already built; dependencies are optimized in
+# the dev profile), so CI pays for no second build.
+echo "[test] building cohort and the stand-in"
 TARGET="${CARGO_TARGET_DIR:-$REPO/target}"
-(cd "$REPO" && cargo build --release -q -p cohort -p cohort-standin)
-strip -o "$W/bin/cohort" "$TARGET/release/cohort"
-strip -o "$W/bin/cohort-standin" "$TARGET/release/cohort-standin"
+(cd "$REPO" && cargo build --locked -q -p cohort -p cohort-standin)
+strip -o "$W/bin/cohort" "$TARGET/debug/cohort"
+strip -o "$W/bin/cohort-standin" "$TARGET/debug/cohort-standin"
 CODEX="$(sh "$REPO/fixtures/install-codex.sh" | tail -1)"
 cp "$CODEX" "$W/bin/codex"
 

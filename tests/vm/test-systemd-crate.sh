@@ -8,7 +8,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-VM_CACHE="${VM_CACHE:-/work/vm-cache}"
+VM_CACHE="${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-vm}"
 W="$VM_CACHE/systemd-crate"
 rm -rf "$W"; mkdir -p "$W"
 t_all=$(date +%s)

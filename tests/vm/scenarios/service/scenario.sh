@@ -96,6 +96,17 @@ timer three_tasks_system "$t"
 as_cohort git -C /srv/cohort/repo log --first-parent --format=%s cohort/service | tee "$OUT/system-service-branch.txt"
 [[ $(grep -c '^Merge task' "$OUT/system-service-branch.txt") == 3 ]]
 as_cohort cohort -C /srv/cohort/repo status --json >"$OUT/system-status.json"
+
+step "system scope: the task containers had their own user and network namespaces"
+# The third task wrote its container's uid_map and network namespace (request.md).
+as_cohort git -C /srv/cohort/repo show cohort/service:userns.txt | tee "$OUT/system-userns.txt"
+awk '$1 == 0 && $2 != 0 { ok = 1 } END { exit !ok }' "$OUT/system-userns.txt" \
+  || { echo "container root is host root: no userns=auto"; exit 1; }
+grep -qx "1000 $(id -u cohort) 1" "$OUT/system-userns.txt" \
+  || { echo "the image user is not mapped onto the repository's owner"; exit 1; }
+[[ "$(as_cohort git -C /srv/cohort/repo show cohort/service:netns.txt)" != "$(readlink /proc/1/ns/net)" ]] \
+  || { echo "the task container shared the host's network namespace"; exit 1; }
+echo "userns=auto (image user = the repository's owner), own network namespace"
 cohort service status --scope system
 journalctl -u cohort.service -o verbose --no-pager | grep -m3 -E '^ *(RUN_ID|TASK_ID)=' || { echo "no structured fields in the journal"; exit 1; }
 journalctl -b --no-pager >"$OUT/journal-for-scan.txt"
