@@ -51,8 +51,9 @@ pub fn render(spec: &UnitSpec) -> anyhow::Result<String> {
         .exec("ExecStart", &argv)
         .raw("Restart", "on-failure")
         .raw("RestartSec", "10s")
-        // 2 = a setup problem (repository, config, key): restarting will not fix it.
-        .raw("RestartPreventExitStatus", "2")
+        // 2 = a setup problem (repository, config, key), 243 = systemd could not load the
+        // credential (another machine's, or a cleared TPM): restarting fixes neither.
+        .raw("RestartPreventExitStatus", "2 243")
         .raw("WatchdogSec", "120s")
         .raw("TimeoutStopSec", "120s")
         .raw("StateDirectory", "cohort");
@@ -165,6 +166,7 @@ mod tests {
     fn user_unit() {
         let text = render(&spec(ServiceScope::User)).unwrap();
         assert!(text.contains("Type=notify"), "{text}");
+        assert!(text.contains("RestartPreventExitStatus=2 243\n"), "{text}");
         assert!(
             text.contains("ExecStart=\"/usr/local/bin/cohort\" \"-C\" \"/srv/repo 100%%\" \"serve\""),
             "{text}"
