@@ -44,7 +44,9 @@ IMAGE_DIR="$("$HERE/build-image.sh" | tail -1)"
 mkdir -p "$VM_CACHE"
 WORK="$(mktemp -d "$VM_CACHE/run.XXXXXX")"
 SWTPM_PID=""
+qpid=""
 cleanup() {
+  [[ -n "$qpid" ]] && kill -KILL "$qpid" 2>/dev/null || true
   [[ -n "$SWTPM_PID" ]] && kill "$SWTPM_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -74,14 +76,22 @@ mkfs.ext4 -q -L scenario -d "$STAGE" "$WORK/scenario.img" "${size_mb}M"
 
 # --- the TPM ------------------------------------------------------------------------
 TPM_ARGS=()
-if ((USE_TPM)); then
-  TPM_STATE="${TPM_STATE:-$WORK/tpm}"
-  mkdir -p "$TPM_STATE"
+start_swtpm() {
   # The socket lives in the run dir: a state dir can be reused by later boots.
   swtpm socket --tpm2 --tpmstate dir="$TPM_STATE" \
     --ctrl type=unixio,path="$WORK/swtpm.sock" \
     --pid file="$WORK/swtpm.pid" --log file="$WORK/swtpm.log" --daemon
   SWTPM_PID="$(cat "$WORK/swtpm.pid")"
+}
+stop_swtpm() {
+  [[ -n "$SWTPM_PID" ]] || return 0
+  kill "$SWTPM_PID" 2>/dev/null || true
+  while kill -0 "$SWTPM_PID" 2>/dev/null; do sleep 0.2; done
+  SWTPM_PID=""
+}
+if ((USE_TPM)); then
+  TPM_STATE="${TPM_STATE:-$WORK/tpm}"
+  mkdir -p "$TPM_STATE"
   TPM_ARGS=(-chardev socket,id=chrtpm,path="$WORK/swtpm.sock"
     -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
   log "swtpm state: $TPM_STATE"
@@ -91,28 +101,57 @@ fi
 # UEFI (OVMF) rather than SeaBIOS: systemd 257's Varlink Encrypt has no `withKey` and picks
 # the key itself; it only uses the TPM when it was booted through EFI firmware that saw the
 # TPM (efi_has_tpm2()). qemu still loads our kernel+initrd directly (fw_cfg), no bootloader.
-cp /usr/share/OVMF/OVMF_VARS_4M.fd "$WORK/vars.fd"
 FW_ARGS=(-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd
   -drive if=pflash,format=raw,file="$WORK/vars.fd")
 # -----------------------------------------------------------------------------
-log "booting (timeout ${TIMEOUT}s), console: $OUT/console.log"
-t0=$(date +%s)
-set +e
-timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
-  -machine q35 -accel tcg,thread=multi -cpu max -m "$MEM" -smp 2 "${FW_ARGS[@]}" \
-  -display none -monitor none -serial file:"$OUT/console.log" -no-reboot \
-  -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
-  -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 panic=-1 net.ifnames=0" \
-  -drive file="$IMAGE_DIR/rootfs.img",format=raw,if=virtio,snapshot=on \
-  -drive file="$WORK/scenario.img",format=raw,if=virtio \
-  -nic none "${TPM_ARGS[@]}"
-qrc=$?
-set -e
-secs=$(($(date +%s) - t0))
-log "VM exited (qemu rc=$qrc) after ${secs}s"
-((qrc == 124 || qrc == 137)) && {
+# On a starved host, TCG guests now and then hang early in boot (RCU stalls, a CPU whose timer
+# never fires). Until the scenario has started nothing on the drives has changed, so such a
+# boot is power-cycled: up to VM_BOOT_TRIES boots, each given VM_BOOT_WAIT seconds to start it.
+BOOT_WAIT="${VM_BOOT_WAIT:-420}" TRIES="${VM_BOOT_TRIES:-3}"
+qrc=1 secs=0
+for ((try = 1; try <= TRIES; try++)); do
+  ((USE_TPM)) && start_swtpm
+  cp /usr/share/OVMF/OVMF_VARS_4M.fd "$WORK/vars.fd"
+  : >"$OUT/console.log"
+  log "booting (try $try, timeout ${TIMEOUT}s), console: $OUT/console.log"
+  t0=$(date +%s)
+  qemu-system-x86_64 \
+    -machine q35 -accel tcg,thread=multi -cpu max -m "$MEM" -smp 2 "${FW_ARGS[@]}" \
+    -display none -monitor none -serial file:"$OUT/console.log" -no-reboot \
+    -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
+    -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 panic=-1 net.ifnames=0" \
+    -drive file="$IMAGE_DIR/rootfs.img",format=raw,if=virtio,snapshot=on \
+    -drive file="$WORK/scenario.img",format=raw,if=virtio \
+    -nic none "${TPM_ARGS[@]}" &
+  qpid=$! started=0 qrc=""
+  while kill -0 "$qpid" 2>/dev/null; do
+    secs=$(($(date +%s) - t0))
+    ((started)) || ! grep -aq 'COHORT-VM: scenario starting' "$OUT/console.log" || {
+      started=1
+      log "scenario started after ${secs}s"
+    }
+    if ((secs >= TIMEOUT)) || { ((!started)) && ((secs >= BOOT_WAIT)); }; then
+      kill -KILL "$qpid" 2>/dev/null || true
+      qrc=124
+      break
+    fi
+    sleep 2
+  done
+  if [[ -z "$qrc" ]]; then
+    set +e; wait "$qpid"; qrc=$?; set -e
+  else
+    wait "$qpid" 2>/dev/null || true
+  fi
+  secs=$(($(date +%s) - t0))
+  stop_swtpm
+  log "VM exited (qemu rc=$qrc) after ${secs}s"
+  ((qrc == 124 && !started)) || break
+  log "the guest never reached the scenario: power-cycling it"
+  mv "$OUT/console.log" "$OUT/console.try$try.log"
+done
+((qrc == 124)) && {
   tail -30 "$OUT/console.log" >&2 || true
-  die "timed out after ${TIMEOUT}s"
+  die "timed out after ${secs}s"
 }
 
 # --- results --------------------------------------------------------------------------
