@@ -46,14 +46,25 @@ WORK="$(mktemp -d "$VM_CACHE/run.XXXXXX")"
 SWTPM_PID=""
 qpid=""
 cleanup() {
+  local rc=$?
+  set +x
   [[ -n "$qpid" ]] && kill -KILL "$qpid" 2>/dev/null || true
   [[ -n "$SWTPM_PID" ]] && kill "$SWTPM_PID" 2>/dev/null || true
+  # A harness failure that `die` did not explain: show where it stopped.
+  if ((rc != 0)) && [[ -s "$OUT/run.trace" ]]; then
+    echo "[vm] run.sh exited with $rc; its last steps:" >&2
+    grep -v -e '^+* sleep' -e "^+* kill -0" "$OUT/run.trace" | tail -15 >&2
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 OUT="${OUT:-$VM_CACHE/out-$(basename "$SCENARIO")}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
+# Trace the harness into OUT/run.trace (not the terminal), for the message above.
+exec {trace_fd}>"$OUT/run.trace"
+BASH_XTRACEFD=$trace_fd
+set -x
 
 # --- the scenario drive: scenario dir + binaries + inputs, as an ext4 image -----------
 STAGE="$WORK/stage"
