@@ -506,9 +506,10 @@ impl Runtime for PodmanRuntime {
         let prepared = self.container_spec(&spawn, labels.clone())?;
         let pinned = matches!(prepared.spec.userns, Some(UsernsMode::AutoPinned { .. }));
         match self.attempt(&spawn, prepared, output.clone(), &cancel).await {
-            Err(Failed::Start(e)) if pinned => {
-                // Some engines cannot mount a rootfs for a user namespace with more than one
-                // range (podman 4.3 with idmapped lower layers: EPERM). Learn it once per run.
+            // Some engines cannot mount a rootfs for a user namespace of more than one range
+            // (podman 4.3, idmapped lower layers: EPERM). Learn it once per run; any other
+            // failure to start is an error, not a reason to share the host's user namespace.
+            Err(Failed::Start(e)) if pinned && format!("{e:#}").contains("mounting storage") => {
                 if self.pinned_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(
                         "rootful podman cannot start a userns=auto container with a pinned id mapping \
@@ -600,56 +601,5 @@ impl PodmanRuntime {
 }
 
 #[cfg(test)]
-mod unit {
-    use super::*;
-    use crate::agent::Invocation;
-
-    #[test]
-    fn paths_into_the_checkout_become_workspace() {
-        let co = Path::new("/r/.git/cohort/runs/x/checkouts/0");
-        assert_eq!(translate("/r/.git/cohort/runs/x/checkouts/0", co), "/workspace");
-        assert_eq!(translate("/r/.git/cohort/runs/x/checkouts/0/a/b", co), "/workspace/a/b");
-        assert_eq!(
-            translate("/r/.git/cohort/runs/x/checkouts/01", co),
-            "/r/.git/cohort/runs/x/checkouts/01"
-        );
-        assert_eq!(translate("-C", co), "-C");
-    }
-
-    #[test]
-    fn labels_from_env_or_paths() {
-        let spawn = |inv: Invocation| Spawn {
-            invocation: inv,
-            workdir: PathBuf::from("/w"),
-            timeout: None,
-        };
-        let l = task_labels(&spawn(Invocation {
-            env: vec![
-                ("COHORT_RUN_ID".into(), "r1".into()),
-                ("COHORT_TASK_ID".into(), "003".into()),
-            ],
-            ..Default::default()
-        }));
-        assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));
-        let l = task_labels(&spawn(Invocation {
-            env: vec![(
-                "CODEX_HOME".into(),
-                "/r/.git/cohort/runs/20250101-x/scratch/007-1/codex-home".into(),
-            )],
-            ..Default::default()
-        }));
-        assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("20250101-x", "007"));
-        assert_eq!(parse_image_user("1000:1001"), Some((1000, 1001)));
-    }
-
-    #[test]
-    fn host_ids_from_podman_ranges() {
-        let ranges = ["0:2147483647:1000", "1000:3000000000:24"];
-        assert_eq!(host_id(ranges.into_iter(), 0), Some(2147483647));
-        assert_eq!(host_id(ranges.into_iter(), 999), Some(2147484646));
-        assert_eq!(host_id(ranges.into_iter(), 1000), Some(3000000000));
-        assert_eq!(host_id(ranges.into_iter(), 1024), None);
-        assert_eq!(host_id(["garbage"].into_iter(), 0), None);
-        assert_eq!(parse_image_user("cohort"), None);
-    }
-}
+#[path = "runtime_unit.rs"]
+mod unit;
