@@ -17,6 +17,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::blob::{BlobStore, HashingWriter};
 use crate::error::{Error, IoContext, Result};
+use crate::pipe::Pipe;
 
 /// How a layer is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,6 +363,8 @@ impl LayerBuilder {
             .mtime(0)
             .operating_system(255)
             .write(blob, Compression::new(opts.compression));
+        // gzip (and the blob's digest) on a second thread; tar and the diff ID on this one.
+        let gz = Pipe::spawn(gz, |gz| gz.finish());
         let mut tar = tar::Builder::new(HashingWriter::new(gz));
         let links = self.hardlink_leaders()?;
         for (key, e) in &self.entries {

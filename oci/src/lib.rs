@@ -14,6 +14,7 @@ mod elf;
 mod error;
 mod image;
 mod layer;
+mod pipe;
 
 use std::fs;
 use std::path::{Path, PathBuf};
