@@ -12,6 +12,7 @@ pub mod pool;
 pub mod refs;
 pub mod scan;
 pub mod snapshot;
+pub mod stage;
 pub mod sync;
 
 use std::path::{Path, PathBuf};

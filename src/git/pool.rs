@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 
-use super::{checkout, refs, Oid};
+use super::{checkout, refs, stage, Oid};
 
 /// A file in a checkout's private git dir naming the tree its files and
 /// index hold exactly; written after cohort commits, removed before an
@@ -54,8 +54,10 @@ impl Checkout {
             .ok()
             .and_then(|s| s.trim().parse::<Oid>().ok());
         let _ = std::fs::remove_file(&mark);
-        checkout::move_to(&repo, tree, checkout::Untracked::Remove, known)
-            .with_context(|| format!("cannot update checkout {}", self.path.display()))
+        let stats = checkout::move_to(&repo, tree, checkout::Untracked::Remove, known)
+            .with_context(|| format!("cannot update checkout {}", self.path.display()))?;
+        stage::record(&self.admin, tree, stats.index_checksum)?;
+        Ok(stats)
     }
 }
 
