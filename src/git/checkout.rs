@@ -21,7 +21,7 @@ use gix::status::index_worktree::Item as WorktreeItem;
 use gix::status::plumbing::index_as_worktree::EntryStatus;
 use gix::status::UntrackedFiles;
 
-use super::snapshot::{diff_paths, ChangeKind};
+use super::snapshot::diff_paths;
 use super::Oid;
 
 /// One file of a tree, flattened.
@@ -82,6 +82,12 @@ pub fn move_to(repo: &gix::Repository, target: Oid, untracked: Untracked, known:
     let mut to_write: Vec<FlatEntry> = Vec::new();
     let mut to_remove: Vec<BString> = Vec::new();
 
+    if let (Some(from), Some(old)) = (known, &old_index) {
+        // A pool checkout's own index holding `from`: update it in place.
+        if super::stage::recorded_tree(repo.git_dir(), old) == Some(from) {
+            return move_by_diff(repo, &workdir, old, from, target);
+        }
+    }
     let target_index = repo.index_from_tree(&target)?;
     let wanted = entries_of(&target_index);
     let find = |p: &BStr| {
@@ -94,8 +100,8 @@ pub fn move_to(repo: &gix::Repository, target: Oid, untracked: Untracked, known:
     match (known, &old_index) {
         (Some(from), Some(_)) => {
             for change in diff_paths(repo, from, target)? {
-                match (change.kind, find(change.path.as_bstr())) {
-                    (ChangeKind::Deleted, _) | (_, None) => to_remove.push(change.path),
+                match (change.new.is_some(), find(change.path.as_bstr())) {
+                    (false, _) | (_, None) => to_remove.push(change.path),
                     (_, Some(e)) => to_write.push(e.clone()),
                 }
             }
@@ -150,6 +156,74 @@ pub fn move_to(repo: &gix::Repository, target: Oid, untracked: Untracked, known:
     }
     let fresh = write_entries(repo, &workdir, &to_write)?;
     let index = write_index(repo, target_index, old_index.as_ref().map(|i| &***i), &fresh)?;
+    Ok(MoveStats {
+        written: to_write.len(),
+        removed: to_remove.len(),
+        index_checksum: index.checksum(),
+    })
+}
+
+/// The fast move of a checkout known to hold `from` exactly: the tree diff
+/// is applied to the files and to the existing index, so unchanged entries
+/// are neither looked up nor re-read.
+fn move_by_diff(
+    repo: &gix::Repository,
+    workdir: &Path,
+    old: &gix::index::File,
+    from: Oid,
+    target: Oid,
+) -> Result<MoveStats> {
+    let mut to_write = Vec::new();
+    let mut to_remove = Vec::new();
+    for change in diff_paths(repo, from, target)? {
+        match change.new {
+            Some((id, kind)) => to_write.push(FlatEntry {
+                path: change.path,
+                id,
+                kind,
+            }),
+            None => to_remove.push(change.path),
+        }
+    }
+    for path in &to_remove {
+        remove_path(workdir, path.as_bstr())?;
+    }
+    let fresh = write_entries(repo, workdir, &to_write)?;
+    let mut index = old.clone();
+    let gone: HashSet<&BStr> = to_remove.iter().map(|p| p.as_bstr()).collect();
+    index.remove_entries(|_, path, _| gone.contains(path));
+    let mut added = Vec::new();
+    for e in &to_write {
+        let mode = match e.kind {
+            EntryKind::Blob => gix::index::entry::Mode::FILE,
+            EntryKind::BlobExecutable => gix::index::entry::Mode::FILE_EXECUTABLE,
+            EntryKind::Link => gix::index::entry::Mode::SYMLINK,
+            EntryKind::Commit => gix::index::entry::Mode::COMMIT,
+            EntryKind::Tree => continue,
+        };
+        // Symlinks and submodules are not opened; their stat is looked up.
+        let stat = fresh.get(&e.path).copied().unwrap_or_else(|| {
+            gix::index::fs::Metadata::from_path_no_follow(&workdir.join(super::rela_path(e.path.as_bstr())))
+                .ok()
+                .and_then(|m| Stat::from_fs(&m).ok())
+                .unwrap_or_default()
+        });
+        match index.entry_index_by_path(e.path.as_bstr()) {
+            Ok(i) => {
+                let entry = &mut index.entries_mut()[i];
+                (entry.id, entry.mode, entry.stat) = (e.id, mode, stat);
+            }
+            Err(_) => added.push((e, mode, stat)),
+        }
+    }
+    for (e, mode, stat) in added {
+        index.dangerously_push_entry(stat, e.id, gix::index::entry::Flags::empty(), mode, e.path.as_bstr());
+    }
+    index.sort_entries();
+    index.remove_tree();
+    index
+        .write(gix::index::write::Options::default())
+        .context("cannot write the index")?;
     Ok(MoveStats {
         written: to_write.len(),
         removed: to_remove.len(),

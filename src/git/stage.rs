@@ -40,7 +40,7 @@ pub fn record(admin: &Path, tree: Oid, checksum: Option<Oid>) -> Result<()> {
 }
 
 /// The tree the current index holds, if it is still the index cohort wrote.
-fn recorded_tree(admin: &Path, index: &gix::index::File) -> Option<Oid> {
+pub fn recorded_tree(admin: &Path, index: &gix::index::File) -> Option<Oid> {
     let text = std::fs::read_to_string(admin.join(INDEX_RECORD)).ok()?;
     let (tree, sum) = text.trim().split_once(' ')?;
     let sum: Oid = sum.parse().ok()?;
