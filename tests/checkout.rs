@@ -90,3 +90,65 @@ fn checkouts_move_between_trees_by_both_paths() {
     assert!(!s.tmp.path().join("pool").exists());
     assert_eq!(s.git(&["worktree", "list"]).lines().count(), 1);
 }
+
+/// Committing what an agent changed updates the checkout's index in place
+/// (the fast path) and leaves it exactly matching the commit; an agent that
+/// staged things itself takes the slow path with the same result.
+#[test]
+fn commits_update_the_index_in_place_and_stay_clean() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    let a_files = [
+        ("a.txt", "a\n"),
+        ("dir/x.txt", "x\n"),
+        ("gone.txt", "g\n"),
+        ("thing", "file\n"),
+    ];
+    let a = commit_shape(&s, "shape-a", &a_files);
+    s.git(&["checkout", "-q", "main"]);
+    let paths = git::RepoPaths::discover(&s.work).unwrap();
+    let pool = Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool"));
+    let co = pool.lease().unwrap();
+    let repo = paths.open().unwrap();
+    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    co.prepare("refs/heads/t", a).unwrap();
+
+    // What an agent might do, without touching the index.
+    std::fs::write(co.path.join("a.txt"), "changed\n").unwrap();
+    std::fs::remove_file(co.path.join("gone.txt")).unwrap();
+    std::fs::write(co.path.join("new.txt"), "new\n").unwrap();
+    std::fs::create_dir_all(co.path.join("new/deep")).unwrap();
+    std::fs::write(co.path.join("new/deep/n.txt"), "n\n").unwrap();
+    std::fs::write(co.path.join("run.sh"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(co.path.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("a.txt", co.path.join("link")).unwrap();
+    std::fs::remove_file(co.path.join("thing")).unwrap();
+
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
+    let tree = git_in(&co.path, &["ls-tree", "-r", "--format=%(objectmode) %(path)", "HEAD"]);
+    assert_eq!(
+        tree,
+        "100644 a.txt\n100644 dir/x.txt\n120000 link\n100644 new.txt\n100644 new/deep/n.txt\n100755 run.sh\n"
+    );
+    assert_eq!(tc.files_changed.len(), 7, "{:?}", tc.files_changed);
+    let status = git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]);
+    assert_eq!(status, "", "index and files match the commit");
+    assert_eq!(git_in(&co.path, &["diff", "--cached", "--name-only", "HEAD"]), "");
+
+    // An agent that stages and commits by itself: the slow path.
+    let tip = tc.tip;
+    co.prepare("refs/heads/t", tip).unwrap();
+    std::fs::write(co.path.join("a.txt"), "staged\n").unwrap();
+    git_in(&co.path, &["add", "a.txt"]);
+    std::fs::write(co.path.join("b.txt"), "unstaged\n").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", tip, "m2").unwrap();
+    assert_eq!(tc.files_changed, ["a.txt", "b.txt"]);
+    let status = git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]);
+    assert_eq!(status, "");
+    // Nothing changed since: an empty commit step, still clean.
+    let again = git::commit::commit_all(&co, "refs/heads/t", tc.tip, "m3").unwrap();
+    assert!(again.is_empty() && again.tip == tc.tip);
+
+    pool.release(co);
+    pool.remove_all().unwrap();
+}

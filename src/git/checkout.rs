@@ -8,18 +8,20 @@
 //! dirty or untracked paths are repaired too. Large batches of files are
 //! written from several threads.
 
-use std::collections::HashSet;
-use std::os::unix::fs::PermissionsExt;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use gix::bstr::{BStr, BString, ByteSlice};
+use gix::index::entry::Stat;
 use gix::objs::tree::EntryKind;
 use gix::status::index_worktree::Item as WorktreeItem;
 use gix::status::plumbing::index_as_worktree::EntryStatus;
 use gix::status::UntrackedFiles;
 
-use super::snapshot::{diff_paths, ChangeKind};
+use super::snapshot::diff_paths;
 use super::Oid;
 
 /// One file of a tree, flattened.
@@ -60,6 +62,8 @@ pub enum Untracked {
 pub struct MoveStats {
     pub written: usize,
     pub removed: usize,
+    /// The checksum of the index written.
+    pub index_checksum: Option<Oid>,
 }
 
 /// Makes the working tree of `repo` hold exactly `target` (plus, with
@@ -78,6 +82,12 @@ pub fn move_to(repo: &gix::Repository, target: Oid, untracked: Untracked, known:
     let mut to_write: Vec<FlatEntry> = Vec::new();
     let mut to_remove: Vec<BString> = Vec::new();
 
+    if let (Some(from), Some(old)) = (known, &old_index) {
+        // A pool checkout's own index holding `from`: update it in place.
+        if super::stage::recorded_tree(repo.git_dir(), old) == Some(from) {
+            return move_by_diff(repo, &workdir, old, from, target);
+        }
+    }
     let target_index = repo.index_from_tree(&target)?;
     let wanted = entries_of(&target_index);
     let find = |p: &BStr| {
@@ -90,8 +100,8 @@ pub fn move_to(repo: &gix::Repository, target: Oid, untracked: Untracked, known:
     match (known, &old_index) {
         (Some(from), Some(_)) => {
             for change in diff_paths(repo, from, target)? {
-                match (change.kind, find(change.path.as_bstr())) {
-                    (ChangeKind::Deleted, _) | (_, None) => to_remove.push(change.path),
+                match (change.new.is_some(), find(change.path.as_bstr())) {
+                    (false, _) | (_, None) => to_remove.push(change.path),
                     (_, Some(e)) => to_write.push(e.clone()),
                 }
             }
@@ -144,11 +154,80 @@ pub fn move_to(repo: &gix::Repository, target: Oid, untracked: Untracked, known:
     for path in &to_remove {
         remove_path(&workdir, path.as_bstr())?;
     }
-    write_entries(repo, &workdir, &to_write)?;
-    write_index(repo, target_index, old_index.as_ref().map(|i| &***i))?;
+    let fresh = write_entries(repo, &workdir, &to_write)?;
+    let index = write_index(repo, target_index, old_index.as_ref().map(|i| &***i), &fresh)?;
     Ok(MoveStats {
         written: to_write.len(),
         removed: to_remove.len(),
+        index_checksum: index.checksum(),
+    })
+}
+
+/// The fast move of a checkout known to hold `from` exactly: the tree diff
+/// is applied to the files and to the existing index, so unchanged entries
+/// are neither looked up nor re-read.
+fn move_by_diff(
+    repo: &gix::Repository,
+    workdir: &Path,
+    old: &gix::index::File,
+    from: Oid,
+    target: Oid,
+) -> Result<MoveStats> {
+    let mut to_write = Vec::new();
+    let mut to_remove = Vec::new();
+    for change in diff_paths(repo, from, target)? {
+        match change.new {
+            Some((id, kind)) => to_write.push(FlatEntry {
+                path: change.path,
+                id,
+                kind,
+            }),
+            None => to_remove.push(change.path),
+        }
+    }
+    for path in &to_remove {
+        remove_path(workdir, path.as_bstr())?;
+    }
+    let fresh = write_entries(repo, workdir, &to_write)?;
+    let mut index = old.clone();
+    let gone: HashSet<&BStr> = to_remove.iter().map(|p| p.as_bstr()).collect();
+    index.remove_entries(|_, path, _| gone.contains(path));
+    let mut added = Vec::new();
+    for e in &to_write {
+        let mode = match e.kind {
+            EntryKind::Blob => gix::index::entry::Mode::FILE,
+            EntryKind::BlobExecutable => gix::index::entry::Mode::FILE_EXECUTABLE,
+            EntryKind::Link => gix::index::entry::Mode::SYMLINK,
+            EntryKind::Commit => gix::index::entry::Mode::COMMIT,
+            EntryKind::Tree => continue,
+        };
+        // Symlinks and submodules are not opened; their stat is looked up.
+        let stat = fresh.get(&e.path).copied().unwrap_or_else(|| {
+            gix::index::fs::Metadata::from_path_no_follow(&workdir.join(super::rela_path(e.path.as_bstr())))
+                .ok()
+                .and_then(|m| Stat::from_fs(&m).ok())
+                .unwrap_or_default()
+        });
+        match index.entry_index_by_path(e.path.as_bstr()) {
+            Ok(i) => {
+                let entry = &mut index.entries_mut()[i];
+                (entry.id, entry.mode, entry.stat) = (e.id, mode, stat);
+            }
+            Err(_) => added.push((e, mode, stat)),
+        }
+    }
+    for (e, mode, stat) in added {
+        index.dangerously_push_entry(stat, e.id, gix::index::entry::Flags::empty(), mode, e.path.as_bstr());
+    }
+    index.sort_entries();
+    index.remove_tree();
+    index
+        .write(gix::index::write::Options::default())
+        .context("cannot write the index")?;
+    Ok(MoveStats {
+        written: to_write.len(),
+        removed: to_remove.len(),
+        index_checksum: index.checksum(),
     })
 }
 
@@ -185,10 +264,19 @@ fn worktree_status(repo: &gix::Repository, untracked: Untracked) -> Result<(Hash
     Ok((dirty, strays))
 }
 
+/// Stat data of files just written, taken from their open descriptors.
+pub type FreshStats = HashMap<BString, Stat>;
+
 /// Writes `index` (built from a tree) as the repository's index, with stat
-/// data: carried over from `old` where the entry is unchanged, read from
-/// disk otherwise, so the next status need not hash unchanged files.
-pub fn write_index(repo: &gix::Repository, mut index: gix::index::File, old: Option<&gix::index::File>) -> Result<()> {
+/// data: from `fresh` for files just written, carried over from `old` where
+/// the entry is unchanged, read from disk otherwise, so the next status
+/// need not hash unchanged files.
+pub fn write_index(
+    repo: &gix::Repository,
+    mut index: gix::index::File,
+    old: Option<&gix::index::File>,
+    fresh: &FreshStats,
+) -> Result<gix::index::File> {
     let workdir = repo
         .workdir()
         .context("the checkout has no working tree")?
@@ -196,6 +284,10 @@ pub fn write_index(repo: &gix::Repository, mut index: gix::index::File, old: Opt
     let (entries, backing) = index.entries_mut_and_pathbacking();
     for entry in entries.iter_mut() {
         let path = entry.path_in(backing);
+        if let Some(stat) = fresh.get(path) {
+            entry.stat = *stat;
+            continue;
+        }
         let carried = old
             .and_then(|o| o.entry_by_path(path))
             .filter(|o| o.id == entry.id && o.mode == entry.mode && o.stat != Default::default());
@@ -204,7 +296,7 @@ pub fn write_index(repo: &gix::Repository, mut index: gix::index::File, old: Opt
             continue;
         }
         if let Ok(meta) = gix::index::fs::Metadata::from_path_no_follow(&workdir.join(super::rela_path(path))) {
-            if let Ok(stat) = gix::index::entry::Stat::from_fs(&meta) {
+            if let Ok(stat) = Stat::from_fs(&meta) {
                 entry.stat = stat;
             }
         }
@@ -212,11 +304,12 @@ pub fn write_index(repo: &gix::Repository, mut index: gix::index::File, old: Opt
     index
         .write(gix::index::write::Options::default())
         .context("cannot write the index")?;
-    Ok(())
+    Ok(index)
 }
 
-/// Writes tree entries to disk; large batches from several threads.
-fn write_entries(repo: &gix::Repository, workdir: &Path, entries: &[FlatEntry]) -> Result<()> {
+/// Writes tree entries to disk, large batches from several threads, and
+/// returns the stat data of the files written.
+fn write_entries(repo: &gix::Repository, workdir: &Path, entries: &[FlatEntry]) -> Result<FreshStats> {
     const PARALLEL_FROM: usize = 64;
     let mut dirs: Vec<&Path> = entries
         .iter()
@@ -227,8 +320,17 @@ fn write_entries(repo: &gix::Repository, workdir: &Path, entries: &[FlatEntry]) 
     for d in dirs {
         ensure_dir(workdir, &workdir.join(d))?;
     }
+    let write_all = |repo: &gix::Repository, part: &[FlatEntry]| -> Result<Vec<(BString, Stat)>> {
+        let mut out = Vec::with_capacity(part.len());
+        for e in part {
+            if let Some(stat) = write_entry(repo, workdir, e)? {
+                out.push((e.path.clone(), stat));
+            }
+        }
+        Ok(out)
+    };
     if entries.len() < PARALLEL_FROM {
-        return entries.iter().try_for_each(|e| write_entry(repo, workdir, e));
+        return Ok(write_all(repo, entries)?.into_iter().collect());
     }
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
     let shared = repo.clone().into_sync();
@@ -237,51 +339,87 @@ fn write_entries(repo: &gix::Repository, workdir: &Path, entries: &[FlatEntry]) 
         let handles: Vec<_> = entries
             .chunks(chunk)
             .map(|part| {
-                let shared = &shared;
-                scope.spawn(move || {
-                    let repo = shared.to_thread_local();
-                    part.iter().try_for_each(|e| write_entry(&repo, workdir, e))
-                })
+                let (shared, write_all) = (&shared, &write_all);
+                scope.spawn(move || write_all(&shared.to_thread_local(), part))
             })
             .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().expect("a checkout writer panicked"))
+        let mut fresh = FreshStats::with_capacity(entries.len());
+        for h in handles {
+            fresh.extend(h.join().expect("a checkout writer panicked")?);
+        }
+        Ok(fresh)
     })
 }
 
-/// Writes one tree entry to disk, replacing whatever is at its path.
-/// Its parent directory must exist.
-fn write_entry(repo: &gix::Repository, workdir: &Path, entry: &FlatEntry) -> Result<()> {
+/// Writes one tree entry to disk, replacing whatever is at its path, and
+/// returns the stat data of a regular file written. Its parent directory
+/// must exist.
+///
+/// The common case (nothing there yet, or a regular file) costs one
+/// `open(O_CREAT)` with the final mode, the write, an `fstat` for the index
+/// and the close: file creation is the dominant cost of a first checkout.
+fn write_entry(repo: &gix::Repository, workdir: &Path, entry: &FlatEntry) -> Result<Option<Stat>> {
     let path = workdir.join(super::rela_path(entry.path.as_bstr()));
-    match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path)?,
-        Ok(m) if m.file_type().is_symlink() || entry.kind == EntryKind::Link => std::fs::remove_file(&path)?,
-        _ => {}
-    }
     let write_err = || format!("cannot write {}", path.display());
     match entry.kind {
         // A submodule: leave an empty directory, as git does.
-        EntryKind::Commit => std::fs::create_dir_all(&path).with_context(write_err)?,
+        EntryKind::Commit => {
+            clear_unless(&path, |m| m.is_dir())?;
+            std::fs::create_dir_all(&path).with_context(write_err)?;
+        }
         EntryKind::Tree => {}
         EntryKind::Link => {
             let blob = repo.find_blob(entry.id)?;
             let target = super::rela_path(blob.data.as_bstr()).to_path_buf();
-            std::os::unix::fs::symlink(target, &path).with_context(write_err)?;
+            if std::os::unix::fs::symlink(&target, &path).is_err() {
+                clear_unless(&path, |_| false)?;
+                std::os::unix::fs::symlink(target, &path).with_context(write_err)?;
+            }
         }
         EntryKind::Blob | EntryKind::BlobExecutable => {
             let blob = repo.find_blob(entry.id)?;
-            std::fs::write(&path, &blob.data).with_context(write_err)?;
             let mode = if entry.kind == EntryKind::BlobExecutable {
                 0o755
             } else {
                 0o644
             };
-            let meta = std::fs::metadata(&path)?;
-            if meta.permissions().mode() & 0o777 != mode {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).with_context(write_err)?;
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(mode)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+            };
+            // A symlink (ELOOP) or directory (EISDIR) in the way is removed first.
+            let mut file = match open() {
+                Ok(f) => f,
+                Err(_) => {
+                    clear_unless(&path, |m| m.is_file())?;
+                    open().with_context(write_err)?
+                }
+            };
+            file.write_all(&blob.data).with_context(write_err)?;
+            // The mode given to open applies to new files only, less the umask.
+            if file.metadata()?.permissions().mode() & 0o777 != mode {
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .with_context(write_err)?;
             }
+            let meta = gix::index::fs::Metadata::from_file(&file).with_context(write_err)?;
+            return Ok(Stat::from_fs(&meta).ok());
         }
+    }
+    Ok(None)
+}
+
+/// Removes whatever is at `path` unless `keep` says it can stay.
+fn clear_unless(path: &Path, keep: impl Fn(&std::fs::Metadata) -> bool) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if keep(&m) => {}
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path)?,
+        Ok(_) => std::fs::remove_file(path)?,
+        Err(_) => {}
     }
     Ok(())
 }
@@ -327,26 +465,49 @@ fn remove_path(workdir: &Path, rela: &BStr) -> Result<()> {
     Ok(())
 }
 
-/// Removes a directory tree, its top-level entries from several threads.
+/// Removes a directory tree from several threads.
+///
+/// The pool's checkouts hold a whole project each; their removal at the
+/// end of a run is, with their creation, most of a short run's fixed cost.
+/// The tree is split into enough subdirectories (a checkout has only a few
+/// top-level entries of very different sizes) that the threads share the
+/// work evenly; each piece is removed with `remove_dir_all`, which works
+/// relative to directory descriptors (`openat`/`unlinkat`).
 pub fn remove_tree(root: &Path) -> Result<()> {
-    let entries: Vec<_> = match std::fs::read_dir(root) {
-        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
-        Err(_) => return Ok(()),
-    };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
-    let chunk = entries.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for part in entries.chunks(chunk) {
-            scope.spawn(move || {
-                for p in part {
-                    let _ = if p.is_dir() && !p.is_symlink() {
-                        std::fs::remove_dir_all(p)
-                    } else {
-                        std::fs::remove_file(p)
-                    };
+    let mut pieces: Vec<std::path::PathBuf> = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    // Breadth first until there are plenty of pieces; the directories
+    // expanded are left empty and go with the final remove_dir_all.
+    while pieces.len() + dirs.len() < threads * 16 && !dirs.is_empty() {
+        let mut next = Vec::new();
+        for d in dirs.drain(..) {
+            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            for entry in rd.flatten() {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => next.push(entry.path()),
+                    _ => pieces.push(entry.path()),
                 }
+            }
+        }
+        dirs = next;
+    }
+    pieces.extend(dirs);
+    let at = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = at.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(p) = pieces.get(i) else { break };
+                let _ = match std::fs::symlink_metadata(p) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+                    _ => std::fs::remove_file(p),
+                };
             });
         }
     });
-    std::fs::remove_dir_all(root).with_context(|| format!("cannot remove {}", root.display()))
+    match std::fs::remove_dir_all(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r.with_context(|| format!("cannot remove {}", root.display())),
+    }
 }

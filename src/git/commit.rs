@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 
 use super::checkout;
 use super::pool::{Checkout, CLEAN_MARK};
-use super::{refs, snapshot, tree_of, write_commit, Oid};
+use super::{refs, snapshot, stage, tree_of, write_commit, Oid};
 
 #[derive(Debug, Clone)]
 pub struct TaskCommit {
@@ -29,19 +29,31 @@ pub fn commit_all(checkout: &Checkout, branch_ref: &str, base: Oid, message: &st
     refs::set_head_symbolic(&repo, branch_ref)?;
     let tip = refs::read(&repo, branch_ref)?.with_context(|| format!("task branch {branch_ref} is missing"))?;
     let tip_tree = tree_of(&repo, tip)?;
-    let snap = snapshot::snapshot(&repo, tip_tree)?;
-    let tip = if snap.tree != tip_tree {
-        let commit = write_commit(&repo, snap.tree, &[tip], message)?;
+    // Usually the index is the one cohort wrote and only what the agent
+    // touched is looked at; otherwise the tree is built from a full status
+    // and the index rebuilt from it. Either way the checkout then holds
+    // exactly `tree` in its files and index.
+    let tree = match stage::stage_all(&repo, &checkout.admin, tip_tree)? {
+        Some(tree) => tree,
+        None => {
+            tracing::debug!(checkout = %checkout.path.display(), "index changed by the agent; full status");
+            let snap = snapshot::snapshot(&repo, tip_tree)?;
+            let old = repo.index().ok();
+            let from_tree = repo.index_from_tree(&snap.tree)?;
+            let index = checkout::write_index(&repo, from_tree, old.as_ref().map(|i| &***i), &Default::default())?;
+            stage::record(&checkout.admin, snap.tree, index.checksum())?;
+            snap.tree
+        }
+    };
+    let tip = if tree != tip_tree {
+        let commit = write_commit(&repo, tree, &[tip], message)?;
         refs::cas(&repo, branch_ref, Some(tip), commit, "cohort: commit task")?;
         commit
     } else {
         tip
     };
-    // The checkout now holds exactly the snapshot's tree: record that in
-    // its index and mark it clean, so the next task moves it by a tree diff.
-    let old = repo.index().ok();
-    checkout::write_index(&repo, repo.index_from_tree(&snap.tree)?, old.as_ref().map(|i| &***i))?;
-    std::fs::write(checkout.admin.join(CLEAN_MARK), snap.tree.to_string())?;
+    // Mark it clean, so the next task moves it by a tree diff.
+    std::fs::write(checkout.admin.join(CLEAN_MARK), tree.to_string())?;
     let files_changed = snapshot::diff_paths(&repo, tree_of(&repo, base)?, tree_of(&repo, tip)?)?
         .into_iter()
         .map(|c| super::rela_path(c.path.as_ref()).display().to_string())

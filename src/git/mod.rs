@@ -12,6 +12,7 @@ pub mod pool;
 pub mod refs;
 pub mod scan;
 pub mod snapshot;
+pub mod stage;
 pub mod sync;
 
 use std::path::{Path, PathBuf};
@@ -90,7 +91,14 @@ fn canonical(p: &Path) -> Result<PathBuf> {
 
 /// Opens a repository with settings suited to many short operations.
 pub fn open(path: &Path) -> Result<gix::Repository> {
-    let mut repo = gix::open(path).with_context(|| format!("cannot open git repository at {}", path.display()))?;
+    // Racy-git checks at nanosecond precision: with whole seconds, every
+    // file written in the second the index was written (all of a fresh
+    // checkout, say) is re-read and hashed by each status in that second.
+    // Where the file system keeps no nanoseconds they are 0 on both sides
+    // and the check is the whole-second one.
+    let options = gix::open::Options::default().config_overrides(["gitoxide.core.useNsec=true"]);
+    let mut repo =
+        gix::open_opts(path, options).with_context(|| format!("cannot open git repository at {}", path.display()))?;
     // Tree diffs and merges read the same objects repeatedly.
     repo.object_cache_size_if_unset(4 * 1024 * 1024);
     Ok(repo)

@@ -56,8 +56,16 @@ pub fn cas(repo: &gix::Repository, name: &str, expected: Option<Oid>, new: Oid, 
     }
 }
 
-/// Points a worktree's HEAD (in its private git dir) at a branch.
+/// Points a worktree's HEAD (in its private git dir) at a branch, unless
+/// it already does (a rewrite would replace the file for nothing).
 pub fn set_head_symbolic(repo: &gix::Repository, branch_ref: &str) -> Result<()> {
+    if let Ok(Some(head)) = repo.try_find_reference("HEAD") {
+        if let gix::refs::TargetRef::Symbolic(name) = head.target() {
+            if name.as_bstr() == branch_ref {
+                return Ok(());
+            }
+        }
+    }
     let edit = RefEdit {
         change: Change::Update {
             log: LogChange {

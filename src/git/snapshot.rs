@@ -24,6 +24,8 @@ pub enum ChangeKind {
 pub struct Changed {
     pub path: BString,
     pub kind: ChangeKind,
+    /// What the path holds afterwards (`None` when deleted).
+    pub new: Option<(Oid, EntryKind)>,
 }
 
 #[derive(Debug, Clone)]
@@ -192,37 +194,22 @@ pub fn diff_paths(repo: &gix::Repository, from: Oid, to: Oid) -> Result<Vec<Chan
     for c in changes {
         let path = c.location().to_owned();
         let now_tree = c.entry_mode().is_tree();
-        match &c {
-            C::Addition { .. } | C::Rewrite { .. } if !now_tree => out.push(Changed {
-                path,
-                kind: ChangeKind::Added,
-            }),
-            C::Deletion { .. } if !now_tree => out.push(Changed {
-                path,
-                kind: ChangeKind::Deleted,
-            }),
+        let (mode, id) = c.entry_mode_and_id();
+        let new = Some((id.to_owned(), mode.kind()));
+        let (kind, new) = match &c {
+            C::Addition { .. } | C::Rewrite { .. } if !now_tree => (ChangeKind::Added, new),
+            C::Deletion { .. } if !now_tree => (ChangeKind::Deleted, None),
             C::Modification {
                 previous_entry_mode, ..
-            } => {
-                let was_tree = previous_entry_mode.is_tree();
-                match (was_tree, now_tree) {
-                    (false, false) => out.push(Changed {
-                        path,
-                        kind: ChangeKind::Modified,
-                    }),
-                    (false, true) => out.push(Changed {
-                        path,
-                        kind: ChangeKind::Deleted,
-                    }),
-                    (true, false) => out.push(Changed {
-                        path,
-                        kind: ChangeKind::Added,
-                    }),
-                    (true, true) => {}
-                }
-            }
-            _ => {}
-        }
+            } => match (previous_entry_mode.is_tree(), now_tree) {
+                (false, false) => (ChangeKind::Modified, new),
+                (false, true) => (ChangeKind::Deleted, None),
+                (true, false) => (ChangeKind::Added, new),
+                (true, true) => continue,
+            },
+            _ => continue,
+        };
+        out.push(Changed { path, kind, new });
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out.dedup_by(|a, b| a.path == b.path);

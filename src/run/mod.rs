@@ -246,7 +246,9 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         res.context("a task panicked")?;
     }
     progress.finish();
+    let t0 = std::time::Instant::now();
     blocking(move || pool.remove_all()).await?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "checkouts removed");
     engine.runtime.cleanup_run(run_id).await?;
 
     let interrupted = engine.cancel.is_cancelled();
