@@ -239,16 +239,21 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
     let store_dir = work.join("blobs");
     let (image, spec) = tokio::task::spawn_blocking(move || -> Result<_> {
         let store = cohort_oci::BlobStore::open(&store_dir)?;
-        let image = cohort_oci::build(&spec, &store)?;
+        let image = cohort_oci::build_with_progress(&spec, &store, &mut report_progress)?;
+        let t = std::time::Instant::now();
         cohort_oci::write_oci_archive(&store, &image, &tag, &archive, spec.source_date_epoch)?;
+        eprintln!("cohort: wrote the oci-archive in {:.1}s", t.elapsed().as_secs_f64());
         Ok((image, (spec, tag, archive)))
     })
     .await??;
     let (spec, tag, archive) = spec;
+    let t = std::time::Instant::now();
+    eprintln!("cohort: loading {tag} into podman ({})…", podman.socket().display());
     podman
         .load_image(&archive)
         .await
         .with_context(|| format!("cannot load the image into podman ({})", podman.socket().display()))?;
+    eprintln!("cohort: loaded in {:.1}s", t.elapsed().as_secs_f64());
     if let Some(system) = &system {
         system
             .load_image(&archive)
@@ -276,6 +281,33 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
         println!("commit {c}");
     }
     Ok(0)
+}
+
+/// One stderr line per layer step: a cold build with codex is silent for several seconds
+/// otherwise (compressing ~300 MB), and a rebuild shows which layers were reused.
+fn report_progress(p: cohort_oci::Progress<'_>) {
+    const MB: f64 = 1e6;
+    match p {
+        cohort_oci::Progress::Layer {
+            index,
+            count,
+            name,
+            entries,
+            bytes,
+        } => eprintln!(
+            "cohort: layer {}/{count} {name}: {entries} entries, {:.1} MB…",
+            index + 1,
+            bytes as f64 / MB
+        ),
+        cohort_oci::Progress::LayerDone {
+            reused: true, ..
+        } => eprintln!("cohort:   unchanged, reused"),
+        cohort_oci::Progress::LayerDone { layer, elapsed, .. } => eprintln!(
+            "cohort:   {:.1} MB compressed in {:.1}s",
+            layer.size as f64 / MB,
+            elapsed.as_secs_f64()
+        ),
+    }
 }
 
 /// The builder's cache (layer blobs reused between builds, and scratch space):
