@@ -14,16 +14,18 @@ mod elf;
 mod error;
 mod image;
 mod layer;
+mod strip;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-pub use archive::{import_base, index_json, write_oci_archive, BaseImage, REF_NAME};
+pub use archive::{import_base, index_json, write_oci_archive, write_oci_archive_without, BaseImage, REF_NAME};
 pub use blob::{sha256_digest, BlobStore};
 pub use elf::{read_deps, ElfDeps, LibraryResolver};
 pub use error::{Error, Result};
 pub use image::{write_config_and_manifest, BuiltImage, ImageSettings, ManifestInput, DEFAULT_PATH, LABEL_REVISION};
 pub use layer::{Layer, LayerBuilder, LayerOptions};
+pub use strip::{strip_debug, stripped_copy};
 pub use oci_spec::image::MediaType;
 
 /// git helpers left out of the default set: servers and mail/push transports an agent
