@@ -140,12 +140,12 @@ fn setup() -> Bench {
         Command::new("sh").arg(Path::new(ROOT).join("fixtures/install-codex.sh")),
         "fixtures/install-codex.sh",
     ));
-    let tmp = tempfile::Builder::new().prefix("cohort-image-bench-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("cohort-image-bench-")
+        .tempdir()
+        .unwrap();
     let repo = tmp.path().join("repo");
-    run(
-        Command::new("git").args(["clone", "-q", ROOT]).arg(&repo),
-        "git clone",
-    );
+    run(Command::new("git").args(["clone", "-q", ROOT]).arg(&repo), "git clone");
     // The repository files an agent's image carries: sources and manifests (~150 files).
     std::fs::write(
         repo.join("cohort.toml"),
@@ -168,13 +168,18 @@ fn setup() -> Bench {
 /// The pre-downloaded .debs for the buildah side (see benches/buildah-minbase.sh); kept
 /// between bench runs under ~/.cache, filled once, untimed.
 fn deb_cache() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     let cache = home.join(".cache/cohort-bench/debs");
     let has_debs = std::fs::read_dir(&cache)
         .map(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x == "deb")))
         .unwrap_or(false);
     if !has_debs {
-        eprintln!("bench: downloading the minbase .debs into {} (once, untimed)", cache.display());
+        eprintln!(
+            "bench: downloading the minbase .debs into {} (once, untimed)",
+            cache.display()
+        );
         run(
             Command::new("sh")
                 .arg(Path::new(ROOT).join("benches/buildah-minbase.sh"))
@@ -304,8 +309,15 @@ fn main() {
     let cache = if buildah { Some(deb_cache()) } else { None };
     let b = setup();
     let date = run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]), "date");
-    println!("# cohort image benchmark, {date}, load average at start {}", load_average());
-    println!("codex: {} ({:.1} MB)", b.codex.display(), mb(std::fs::metadata(&b.codex).unwrap().len()));
+    println!(
+        "# cohort image benchmark, {date}, load average at start {}",
+        load_average()
+    );
+    println!(
+        "codex: {} ({:.1} MB)",
+        b.codex.display(),
+        mb(std::fs::metadata(&b.codex).unwrap().len())
+    );
 
     // 1. Cold builds. cohort first: the codex binary is then as warm in the page cache for
     // buildah as for cohort (install-codex.sh has just read it anyway).
@@ -341,7 +353,11 @@ fn main() {
     let cohort_layer = sizes.get(codex_at + 1).copied().unwrap_or(0);
     println!(
         "cohort layers (uncompressed MB, oldest first): {}",
-        sizes.iter().map(|s| format!("{:.1}", mb(*s))).collect::<Vec<_>>().join(", ")
+        sizes
+            .iter()
+            .map(|s| format!("{:.1}", mb(*s)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     // 3. Rebuilds: one included file changed, then nothing changed.

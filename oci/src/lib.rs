@@ -25,8 +25,8 @@ pub use elf::{read_deps, ElfDeps, LibraryResolver};
 pub use error::{Error, Result};
 pub use image::{write_config_and_manifest, BuiltImage, ImageSettings, ManifestInput, DEFAULT_PATH, LABEL_REVISION};
 pub use layer::{Layer, LayerBuilder, LayerOptions};
-pub use strip::{strip_debug, stripped_copy};
 pub use oci_spec::image::MediaType;
+pub use strip::{strip_debug, stripped_copy};
 
 /// git helpers left out of the default set: servers and mail/push transports an agent
 /// working in a mounted checkout never runs (together ~13 MB of the image).

@@ -366,9 +366,7 @@ fn report_progress(p: cohort_oci::Progress<'_>) {
             index + 1,
             bytes as f64 / MB
         ),
-        cohort_oci::Progress::LayerDone {
-            reused: true, ..
-        } => eprintln!("cohort:   unchanged, reused"),
+        cohort_oci::Progress::LayerDone { reused: true, .. } => eprintln!("cohort:   unchanged, reused"),
         cohort_oci::Progress::LayerDone { layer, elapsed, .. } => eprintln!(
             "cohort:   {:.1} MB compressed in {:.1}s",
             layer.size as f64 / MB,
