@@ -221,6 +221,18 @@ pub fn build_with_progress(
     let mut layers = base.layers.clone();
     let mut media_types = base.media_types.clone();
     let mut programs = programs_layer(&spec.programs, &spec.resolver)?;
+    // The codex and cohort binaries get their own layers, but their shared libraries belong
+    // with the programs': a dynamically linked cohort needs libgcc_s, which no default program
+    // pulls in (without it, cohort could not start inside the image).
+    let binaries: Vec<PathBuf> = spec
+        .codex
+        .iter()
+        .chain(spec.cohort.iter())
+        .map(|(h, _)| h.clone())
+        .collect();
+    for lib in spec.resolver.closure(&binaries)? {
+        programs.host_path(&lib)?;
+    }
     if spec.base.is_none() && !programs.is_empty() {
         merged_usr_links(&mut programs)?;
     }
