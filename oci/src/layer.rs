@@ -338,22 +338,39 @@ impl LayerBuilder {
         hex::encode(h.finalize())
     }
 
+    /// Bytes of file content in this layer (before tar and gzip), for progress reports.
+    pub fn content_size(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| match &e.kind {
+                Kind::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Write the layer into `store`, reusing a previous identical build when the fingerprint
     /// matches (recorded under `<store>/layer-cache/`).
     pub fn write(&self, store: &BlobStore, opts: &LayerOptions) -> Result<Layer> {
+        self.write_or_reuse(store, opts).map(|(layer, _)| layer)
+    }
+
+    /// [`write`](Self::write), also saying whether the blob was reused (`true`) rather than
+    /// compressed now.
+    pub fn write_or_reuse(&self, store: &BlobStore, opts: &LayerOptions) -> Result<(Layer, bool)> {
         let cache_dir = store.root().join("layer-cache");
         let cache_file = cache_dir.join(self.fingerprint(opts));
         if let Ok(text) = fs::read(&cache_file) {
             if let Ok(layer) = serde_json::from_slice::<Layer>(&text) {
                 if store.contains(&layer.digest) {
-                    return Ok(layer);
+                    return Ok((layer, true));
                 }
             }
         }
         let layer = self.write_uncached(store, opts)?;
         fs::create_dir_all(&cache_dir).at(&cache_dir)?;
         fs::write(&cache_file, serde_json::to_vec(&layer)?).at(&cache_file)?;
-        Ok(layer)
+        Ok((layer, false))
     }
 
     fn write_uncached(&self, store: &BlobStore, opts: &LayerOptions) -> Result<Layer> {

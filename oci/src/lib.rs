@@ -15,17 +15,19 @@ mod error;
 mod image;
 mod layer;
 mod pipe;
+mod strip;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-pub use archive::{import_base, index_json, write_oci_archive, BaseImage, REF_NAME};
+pub use archive::{import_base, index_json, write_oci_archive, write_oci_archive_without, BaseImage, REF_NAME};
 pub use blob::{sha256_digest, BlobStore};
 pub use elf::{read_deps, ElfDeps, LibraryResolver};
 pub use error::{Error, Result};
 pub use image::{write_config_and_manifest, BuiltImage, ImageSettings, ManifestInput, DEFAULT_PATH, LABEL_REVISION};
 pub use layer::{Layer, LayerBuilder, LayerOptions};
 pub use oci_spec::image::MediaType;
+pub use strip::{strip_debug, stripped_copy};
 
 /// git helpers left out of the default set: servers and mail/push transports an agent
 /// working in a mounted checkout never runs (together ~13 MB of the image).
@@ -176,8 +178,39 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// One step of [`build_with_progress`], for a caller that shows progress (a cold build with
+/// codex compresses ~300 MB and takes several seconds).
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// About to write layer `index` (0-based, of `count` new layers): `name` is `programs`,
+    /// `skeleton`, `codex`, `cohort` or `files`; `bytes` its file content before compression.
+    Layer {
+        index: usize,
+        count: usize,
+        name: &'a str,
+        entries: usize,
+        bytes: u64,
+    },
+    /// Layer `index` is in the store: `reused` when an identical earlier build's blob was taken.
+    LayerDone {
+        index: usize,
+        layer: &'a Layer,
+        reused: bool,
+        elapsed: std::time::Duration,
+    },
+}
+
 /// Build the image into `store` (blobs are content-addressed; unchanged layers are reused).
 pub fn build(spec: &BuildSpec, store: &BlobStore) -> Result<BuiltImage> {
+    build_with_progress(spec, store, &mut |_| {})
+}
+
+/// [`build`], reporting each layer to `progress` before and after it is written.
+pub fn build_with_progress(
+    spec: &BuildSpec,
+    store: &BlobStore,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<BuiltImage> {
     let opts = LayerOptions {
         mtime: spec.source_date_epoch,
         compression: spec.compression,
@@ -189,26 +222,59 @@ pub fn build(spec: &BuildSpec, store: &BlobStore) -> Result<BuiltImage> {
     let mut layers = base.layers.clone();
     let mut media_types = base.media_types.clone();
     let mut programs = programs_layer(&spec.programs, &spec.resolver)?;
+    // The codex and cohort binaries get their own layers, but their shared libraries belong
+    // with the programs': a dynamically linked cohort needs libgcc_s, which no default program
+    // pulls in (without it, cohort could not start inside the image).
+    let binaries: Vec<PathBuf> = spec
+        .codex
+        .iter()
+        .chain(spec.cohort.iter())
+        .map(|(h, _)| h.clone())
+        .collect();
+    for lib in spec.resolver.closure(&binaries)? {
+        programs.host_path(&lib)?;
+    }
     if spec.base.is_none() && !programs.is_empty() {
         merged_usr_links(&mut programs)?;
     }
     let mut builders = vec![
-        programs,
-        spec.settings
-            .skeleton_layer(base.passwd.as_deref(), base.group.as_deref())?,
+        ("programs", programs),
+        (
+            "skeleton",
+            spec.settings
+                .skeleton_layer(base.passwd.as_deref(), base.group.as_deref())?,
+        ),
     ];
-    for (host, image_path) in spec.codex.iter().chain(spec.cohort.iter()) {
+    let binaries = [("codex", &spec.codex), ("cohort", &spec.cohort)];
+    for (name, (host, image_path)) in binaries.iter().filter_map(|(n, b)| Some((*n, b.as_ref()?))) {
         let mut l = LayerBuilder::new();
         l.host_file(host, image_path)?;
-        builders.push(l);
+        builders.push((name, l));
     }
     let mut files = LayerBuilder::new();
     for (host, image_path) in &spec.files {
         files.host_file(host, image_path)?;
     }
-    builders.push(files);
-    for b in builders.iter().filter(|b| !b.is_empty()) {
-        layers.push(b.write(store, &opts)?);
+    builders.push(("files", files));
+    builders.retain(|(_, b)| !b.is_empty());
+    let count = builders.len();
+    for (index, (name, b)) in builders.iter().enumerate() {
+        progress(Progress::Layer {
+            index,
+            count,
+            name,
+            entries: b.len(),
+            bytes: b.content_size(),
+        });
+        let started = std::time::Instant::now();
+        let (layer, reused) = b.write_or_reuse(store, &opts)?;
+        progress(Progress::LayerDone {
+            index,
+            layer: &layer,
+            reused,
+            elapsed: started.elapsed(),
+        });
+        layers.push(layer);
         media_types.push(MediaType::ImageLayerGzip);
     }
     write_config_and_manifest(

@@ -137,6 +137,37 @@ fn two_builds_same_digest_and_valid_archive() {
     assert_eq!(fs::read(&out).unwrap(), fs::read(&out2).unwrap());
 }
 
+/// A dynamically linked binary given as `cohort` brings its libraries into the programs layer
+/// (the test binary, like cohort, needs libgcc_s; `/bin/sh` does not).
+#[test]
+fn binaries_bring_their_libraries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(tmp.path().join("s")).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let needs: Vec<String> = read_deps(&me).unwrap().expect("an ELF file").needed;
+    let spec = BuildSpec {
+        programs: vec![PathBuf::from("/bin/sh")],
+        cohort: Some((me, "/usr/local/bin/cohort".into())),
+        ..small_spec(tmp.path())
+    };
+    let image = build(&spec, &store).unwrap();
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&fs::read(store.path(&image.layers[0].digest)).unwrap()[..])
+        .read_to_end(&mut raw)
+        .unwrap();
+    let names: Vec<String> = tar::Archive::new(&raw[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for lib in needs {
+        assert!(
+            names.iter().any(|n| n.ends_with(lib.as_str())),
+            "{lib} not in the programs layer"
+        );
+    }
+}
+
 #[test]
 fn changed_input_changes_digest_and_reuses_other_layers() {
     let tmp = tempfile::tempdir().unwrap();

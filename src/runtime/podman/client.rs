@@ -361,9 +361,18 @@ impl Podman {
         self.call(Method::POST, &path, empty(), None).await.map(|_| ())
     }
 
-    /// Remove the container (`force` also stops it) and its anonymous volumes.
+    /// Remove the container (`force` also kills it at once) and its anonymous volumes.
+    ///
+    /// `timeout=0` with `force`: a task container's main process is `sleep infinity` as PID 1,
+    /// which ignores SIGTERM, so podman's default stop would wait its full 10 s before SIGKILL
+    /// on every task. Nothing in the container needs a graceful stop (the work is in the
+    /// bind-mounted checkout).
     pub async fn remove_container(&self, id: &str, force: bool) -> Result<()> {
-        let path = format!("{API_PREFIX}/containers/{}?force={force}&v=true", enc(id));
+        let path = if force {
+            format!("{API_PREFIX}/containers/{}?force=true&v=true&timeout=0", enc(id))
+        } else {
+            format!("{API_PREFIX}/containers/{}?force=false&v=true", enc(id))
+        };
         match self.call(Method::DELETE, &path, empty(), None).await {
             Ok(_) => Ok(()),
             // Podman 4.3 with a user namespace sometimes fails to unlink the container's
