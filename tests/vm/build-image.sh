@@ -12,7 +12,9 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VM_CACHE="${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-vm}"
 SUITE="${VM_SUITE:-trixie}"
-IMG_SIZE="${VM_IMG_SIZE:-4G}"
+# Room for podman: a scenario loads the ~400 MB image (stored layers) into two storages, and
+# each load stages the archive and its blobs in /var/tmp first (4G ran out).
+IMG_SIZE="${VM_IMG_SIZE:-8G}"
 
 # What the scenarios need: the real systemd (257 in trixie) with D-Bus and logind for
 # lingering, podman 5 and its helpers for later scenarios, the TPM tools for
