@@ -195,14 +195,14 @@ impl PodmanRuntime {
             (None, None)
         } else {
             let user = self.image_user.unwrap_or((0, 0));
-            match self.idmap_root {
-                Some(_) => (Some(UsernsMode::Auto), Some(format!("{}:{}", user.0, user.1))),
-                None if self.pinned_ok.load(Ordering::Relaxed) => (
-                    Some(UsernsMode::AutoPinned { user, owner }),
-                    Some(format!("{}:{}", user.0, user.1)),
-                ),
-                None => (Some(UsernsMode::Host), Some(format!("{}:{}", owner.0, owner.1))),
-            }
+            let mode = match self.idmap_root {
+                Some(_) => UsernsMode::Auto,
+                None if self.pinned_ok.load(Ordering::Relaxed) => UsernsMode::AutoPinned { user, owner },
+                None => UsernsMode::Host,
+            };
+            // In the host user namespace the exec runs as the owner itself.
+            let runs_as = if mode == UsernsMode::Host { owner } else { user };
+            (Some(mode), Some(format!("{}:{}", runs_as.0, runs_as.1)))
         };
         let spec = ContainerSpec {
             name: Some(name),
