@@ -20,6 +20,8 @@ mod types;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_parallel;
+#[cfg(test)]
 mod tests_rootful;
 
 pub use client::{socket_candidates, Podman, API_PREFIX};

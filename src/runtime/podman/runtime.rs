@@ -78,6 +78,14 @@ pub struct PodmanRuntime {
     /// Rootful without idmapped views: whether the engine can start `userns=auto` with a
     /// pinned mapping (cleared after the first failed start).
     pinned_ok: AtomicBool,
+    /// Held around each create. Rootless podman 5 reads /etc/subuid through libsubid for
+    /// every keep-id create, and libsubid is not thread-safe: three creates at once crashed
+    /// the service (SIGSEGV in idtools._Cfunc_subid_get_uid_ranges, podman 5.4, Debian 13).
+    /// A create takes ~50-130 ms; start, exec and wait stay parallel.
+    creates: tokio::sync::Mutex<()>,
+    /// Creates in flight now, and the most seen at once (tests prove the lock holds).
+    #[cfg(test)]
+    pub(crate) creating: (std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize),
 }
 
 /// A container spec plus the idmapped views it needs before it starts.
@@ -123,6 +131,9 @@ impl PodmanRuntime {
             image_user,
             idmap_root,
             pinned_ok: AtomicBool::new(true),
+            creates: tokio::sync::Mutex::new(()),
+            #[cfg(test)]
+            creating: Default::default(),
         })
     }
 
@@ -559,11 +570,19 @@ impl PodmanRuntime {
             .idmapped
             .first()
             .and_then(|(_, p)| p.parent().map(Path::to_owned));
-        let created = self
-            .podman
-            .create_container(&prepared.spec)
-            .await
-            .with_context(|| format!("cannot create a container from {}", self.settings.image));
+        let created = {
+            let _one_at_a_time = self.creates.lock().await;
+            #[cfg(test)]
+            {
+                let now = self.creating.0.fetch_add(1, Ordering::SeqCst) + 1;
+                self.creating.1.fetch_max(now, Ordering::SeqCst);
+            }
+            let created = self.podman.create_container(&prepared.spec).await;
+            #[cfg(test)]
+            self.creating.0.fetch_sub(1, Ordering::SeqCst);
+            created
+        }
+        .with_context(|| format!("cannot create a container from {}", self.settings.image));
         let id = match created {
             Ok(id) => id,
             Err(e) => {

@@ -3,7 +3,7 @@
 //! Needs podman + runc: `fixtures/podman-service.sh install`.
 
 #[path = "../../../tests/support/podman.rs"]
-mod support;
+pub(super) mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,9 +12,9 @@ use std::process::Command;
 use super::*;
 use cohort_oci::{BlobStore, BuildSpec, ImageSettings};
 
-const TAG: &str = "localhost/cohort-test:latest";
+pub(super) const TAG: &str = "localhost/cohort-test:latest";
 
-fn build_image(dir: &Path, store: &str) -> (cohort_oci::BuiltImage, PathBuf) {
+pub(super) fn build_image(dir: &Path, store: &str) -> (cohort_oci::BuiltImage, PathBuf) {
     let store = BlobStore::open(dir.join(store)).unwrap();
     let spec = BuildSpec {
         settings: ImageSettings {
@@ -31,7 +31,7 @@ fn build_image(dir: &Path, store: &str) -> (cohort_oci::BuiltImage, PathBuf) {
     (image, archive)
 }
 
-fn host_git(repo: &Path, args: &[&str]) -> String {
+pub(super) fn host_git(repo: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "safe.directory=*", "-C"])
         .arg(repo)

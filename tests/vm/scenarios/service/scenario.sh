@@ -39,7 +39,7 @@ wait_merged() { # repo, as-function, seconds: until 3 task merges are on cohort/
   while ((SECONDS - t0 < limit)); do
     n=$($as git -C "$repo" log --first-parent --format=%s cohort/service 2>/dev/null | grep -c '^Merge task' || true)
     [[ "$n" == 3 ]] && return 0
-    if $as cohort -C "$repo" status 2>/dev/null | head -1 | grep -q '(done)'; then
+    if $as cohort -C "$repo" status 2>/dev/null | head -1 | grep -q '(done'; then
       echo "the run finished with $n of 3 merged; its task logs:"
       $as cohort -C "$repo" status
       for f in "$repo"/.git/cohort/runs/*/logs/*.log; do echo "--- $f"; tail -40 "$f"; done
