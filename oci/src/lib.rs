@@ -29,13 +29,20 @@ pub use layer::{Layer, LayerBuilder, LayerOptions};
 pub use oci_spec::image::MediaType;
 pub use strip::{strip_debug, stripped_copy};
 
-/// git helpers left out of the default set: servers and mail/push transports an agent
-/// working in a mounted checkout never runs (together ~13 MB of the image).
+/// git helpers left out of the default set: servers, mail/push transports, and the http(s)/ftp
+/// transports, which an agent working in a mounted checkout never runs (it has the object store;
+/// fetching is cohort's job, on the host). The transports alone pull in libcurl and its TLS,
+/// LDAP, SSH and Kerberos closure: ~21 MB of the image. `[image] programs` can add them back.
 pub const GIT_CORE_EXCLUDED: &[&str] = &[
     "git-daemon",
     "git-http-backend",
+    "git-http-fetch",
     "git-http-push",
     "git-imap-send",
+    "git-remote-ftp",
+    "git-remote-ftps",
+    "git-remote-http",
+    "git-remote-https",
     "git-shell",
     "git-instaweb",
     "scalar",

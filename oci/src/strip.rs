@@ -1,9 +1,12 @@
-//! Copies of ELF files without their DWARF sections, for binaries the image carries.
+//! Copies of ELF files without their DWARF sections and symbol table, for binaries the image
+//! carries.
 //!
 //! A release cohort is ~170 MB, of which ~130 MB is `.debug_*` (the workspace keeps line tables
-//! for host backtraces); in the image that would be most of everything but codex. The symbol
-//! table stays, so a panic inside a container still names functions. Done in-process with
-//! `object`'s ELF rewriter (no `strip`/`objcopy` on the host needed).
+//! for host backtraces) and several more the static symbol table; in the image that would be
+//! most of everything but codex. A panic inside a container still prints its message and
+//! source location (those are in the program's data); only backtraces lose function names.
+//! The dynamic symbol table, which the loader needs, stays. Done in-process with `object`'s ELF
+//! rewriter (no `strip`/`objcopy` on the host needed).
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -13,7 +16,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 
-/// `data` without its `.debug_*` sections, or `None` when it has none (or is not ELF).
+/// `data` without its `.debug_*` sections and static symbol table, or `None` when it has
+/// neither (or is not ELF).
 pub fn strip_debug(data: &[u8]) -> Result<Option<Vec<u8>>> {
     let bad = |reason: String| Error::Elf {
         path: PathBuf::from("<strip>"),
@@ -26,11 +30,19 @@ pub fn strip_debug(data: &[u8]) -> Result<Option<Vec<u8>>> {
     }
     let mut b = object::build::elf::Builder::read(data).map_err(|e| bad(e.to_string()))?;
     let mut any = false;
+    use object::build::elf::SectionData;
     for s in b.sections.iter_mut() {
-        if s.name.starts_with(b".debug_") || s.name.starts_with(b".zdebug_") {
+        let symbols = matches!(
+            s.data,
+            SectionData::Symbol | SectionData::SymbolSectionIndex | SectionData::String
+        );
+        if symbols || s.name.starts_with(b".debug_") || s.name.starts_with(b".zdebug_") {
             s.delete = true;
             any = true;
         }
+    }
+    for sym in b.symbols.iter_mut() {
+        sym.delete = true;
     }
     if !any {
         return Ok(None);
@@ -50,7 +62,7 @@ pub fn strip_debug(data: &[u8]) -> Result<Option<Vec<u8>>> {
 pub fn stripped_copy(host: &Path, cache_dir: &Path) -> Result<PathBuf> {
     let meta = fs::metadata(host).at(host)?;
     let key = format!(
-        "v1\0{}\0{} {} {} {}.{}",
+        "v2\0{}\0{} {} {} {}.{}",
         host.display(),
         meta.dev(),
         meta.ino(),
@@ -96,7 +108,7 @@ mod tests {
     use super::*;
 
     /// The test binary itself has DWARF (dev profile): its stripped copy is smaller, has no
-    /// `.debug_*` section left, and still runs.
+    /// `.debug_*` section or static symbol table left, and still runs.
     #[test]
     fn stripped_test_binary_runs() {
         use object::{Object, ObjectSection};
@@ -108,6 +120,8 @@ mod tests {
         assert!(b.len() < a.len());
         let obj = object::File::parse(&*b).unwrap();
         assert!(obj.sections().all(|s| !s.name().unwrap_or("").starts_with(".debug_")));
+        assert!(obj.symbol_table().is_none(), "the static symbol table is left");
+        assert!(obj.dynamic_symbol_table().is_some(), "the loader's symbols are gone");
         // Cached: the same path again, without rewriting it.
         let mtime = fs::metadata(&copy).unwrap().modified().unwrap();
         assert_eq!(stripped_copy(&me, tmp.path()).unwrap(), copy);

@@ -269,10 +269,19 @@ fn default_programs_resolve_on_this_host() {
     assert!(programs.iter().any(|p| p.ends_with("git")), "{programs:?}");
     let layer = programs_layer(&programs, &LibraryResolver::system()).unwrap();
     let paths: Vec<String> = layer.paths().collect();
-    // git's https transport pulls in libcurl: proof the closure follows helpers, not just git.
-    assert!(paths.iter().any(|p| p.contains("libcurl")), "{paths:?}");
     assert!(paths.iter().any(|p| p.starts_with("/usr/share/git-core/templates")));
-    assert!(!paths.iter().any(|p| p.ends_with("/git-daemon")));
+    assert!(paths.iter().any(|p| p.ends_with("/git-core/git-sh-setup")));
+    for left_out in ["/git-daemon", "/git-remote-https", "/git-http-fetch"] {
+        assert!(!paths.iter().any(|p| p.ends_with(left_out)), "{left_out} is in the default set");
+    }
+    // Without the network transports, nothing needs libcurl...
+    assert!(!paths.iter().any(|p| p.contains("libcurl")), "{paths:?}");
+    // ...and a transport added back through `[image] programs` brings it: the closure follows
+    // every helper, not just git.
+    let mut with_https = programs.clone();
+    with_https.push(PathBuf::from("/usr/lib/git-core/git-remote-https"));
+    let layer = programs_layer(&with_https, &LibraryResolver::system()).unwrap();
+    assert!(layer.paths().any(|p| p.contains("libcurl")));
 }
 
 #[test]
