@@ -333,8 +333,12 @@ impl Podman {
             "{API_PREFIX}/containers/{}/wait?condition=stopped&condition=exited&interval=10ms",
             enc(id)
         );
-        self.call(Method::POST, &path, empty(), None).await?;
-        Ok(self.inspect_container(id).await?.state.exit_code)
+        let body = self.call(Method::POST, &path, empty(), None).await?;
+        // libpod answers the exit code itself; anything else, ask the container's state.
+        match std::str::from_utf8(&body).ok().and_then(|b| b.trim().parse::<i64>().ok()) {
+            Some(code) => Ok(code),
+            None => Ok(self.inspect_container(id).await?.state.exit_code),
+        }
     }
 
     /// The container's stdout and stderr so far (non-TTY containers).

@@ -6,7 +6,7 @@ use hyper::header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use super::client::{empty, enc, json_body, IdBody, Podman, API_PREFIX};
+use super::client::{empty, enc, json_body, Body, IdBody, Podman, API_PREFIX};
 use super::error::{PodmanError, Result};
 use super::stream::ExecSession;
 use super::types::{ExecCreateBody, ExecInspect, ExecOutput, ExecSpec};
@@ -33,20 +33,44 @@ impl Podman {
     /// which carries the process's output (framed unless `tty`) and, if attached, its stdin.
     pub async fn exec_start(&self, exec_id: &str, tty: bool) -> Result<ExecSession> {
         let path = format!("{API_PREFIX}/exec/{}/start", enc(exec_id));
+        let body = json_body(&serde_json::json!({ "Detach": false, "Tty": tty }))?;
+        self.upgrade(&path, body, "exec start", exec_id, tty).await
+    }
+
+    /// Attach to a container's main process (stdin, stdout, stderr). On a container that is
+    /// created but not started, podman initializes it first, so nothing it prints is missed
+    /// when it is started afterwards. Half-closing the write side closes the process's stdin
+    /// (the container must be created with `stdin`).
+    pub async fn attach_container(&self, id: &str, stdin: bool) -> Result<ExecSession> {
+        let path = format!(
+            "{API_PREFIX}/containers/{}/attach?stream=true&stdin={stdin}&stdout=true&stderr=true",
+            enc(id)
+        );
+        self.upgrade(&path, empty(), "attach", id, false).await
+    }
+
+    async fn upgrade(
+        &self,
+        path: &str,
+        body: Body,
+        what: &str,
+        id: &str,
+        tty: bool,
+    ) -> Result<ExecSession> {
         let mut sender = self.open().await?;
         let req = Request::builder()
             .method(Method::POST)
-            .uri(&path)
+            .uri(path)
             .header(HOST, "d")
             .header(CONTENT_TYPE, "application/json")
             .header(CONNECTION, "Upgrade")
             .header(UPGRADE, "tcp")
-            .body(json_body(&serde_json::json!({ "Detach": false, "Tty": tty }))?)?;
+            .body(body)?;
         let res = sender.send_request(req).await?;
-        let res = self.check(Method::POST, &path, res).await?;
+        let res = self.check(Method::POST, path, res).await?;
         if res.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Err(PodmanError::Protocol(format!(
-                "exec start answered {} instead of 101",
+                "{what} answered {} instead of 101",
                 res.status()
             )));
         }
@@ -54,7 +78,7 @@ impl Podman {
         Ok(ExecSession {
             io: TokioIo::new(upgraded),
             tty,
-            exec_id: exec_id.to_owned(),
+            exec_id: id.to_owned(),
         })
     }
 

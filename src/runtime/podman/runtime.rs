@@ -4,9 +4,14 @@
 //! same absolute path as on the host (the checkout's `.git` file, the prompt file, the agent's
 //! scratch dir and the checkout itself all live under it, so every host path an agent is given
 //! resolves inside too), network/memory/pids from `[container]`, labels `cohort.run` and
-//! `cohort.task`, and `sleep infinity` as its main process. The agent is one exec in it; its
-//! environment, including the API key, goes only into that exec, never into the create spec.
-//! Whatever happens the container is removed afterwards.
+//! `cohort.task`, and the agent as its main process: cohort attaches to the created container,
+//! starts it, streams its output, and takes the exit code from `wait` (no exec session, no
+//! kill: what `podman run` does, minus its client). The API key never goes into the create
+//! spec, which podman stores and `podman inspect` shows: it goes down the attached stdin, where
+//! `/bin/sh` (in every cohort image) reads `KEY=VALUE` lines into its environment up to an
+//! empty line and then execs the agent, whose stdin is the rest. Whatever happens the
+//! container is removed afterwards, in the background (off the task's critical path) but
+//! always before the run ends (`cleanup_run` waits for it).
 //!
 //! Paths: invocation arguments, environment values and the working directory that point into
 //! the checkout are rewritten to `/workspace` (the image's WORKDIR, what an agent and a human
@@ -28,7 +33,7 @@
 //! The agent then runs as the owner's host id rather than an id of its own: weaker than the
 //! idmapped views, but still no host root and no shared user namespace. An engine that cannot
 //! start such a container (podman 4.3: EPERM mounting the rootfs for a user namespace of more
-//! than one range) gets, from then on in the run, the exec as the checkout's owner in the
+//! than one range) gets, from then on in the run, the agent as the checkout's owner in the
 //! host user namespace, with a warning.
 
 use std::collections::BTreeMap;
@@ -42,7 +47,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use super::idmap::{self, IdMap, IdmappedMount};
-use super::{BindMount, ContainerSpec, ExecSpec, NetworkMode, Podman, UsernsMode};
+use super::{BindMount, ContainerSpec, NetworkMode, Podman, UsernsMode};
 use crate::runtime::{Exit, Output, Runtime, Spawn};
 
 /// The image tag used when `[image] tag` is not set.
@@ -83,6 +88,8 @@ pub struct PodmanRuntime {
     /// the service (SIGSEGV in idtools._Cfunc_subid_get_uid_ranges, podman 5.4, Debian 13).
     /// A create takes ~50-130 ms; start, exec and wait stay parallel.
     creates: tokio::sync::Mutex<()>,
+    /// Containers being removed in the background; `cleanup_run` waits for them.
+    removals: std::sync::Mutex<tokio::task::JoinSet<()>>,
     /// Creates in flight now, and the most seen at once (tests prove the lock holds).
     #[cfg(test)]
     pub(crate) creating: (std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize),
@@ -95,6 +102,8 @@ struct Prepared {
     idmapped: Vec<(PathBuf, PathBuf)>,
     /// The checkout's owner on the host.
     owner: (u32, u32),
+    /// For the main process's stdin (secrets first, see [`READ_SECRETS`]).
+    stdin: Option<Vec<u8>>,
 }
 
 impl PodmanRuntime {
@@ -132,6 +141,7 @@ impl PodmanRuntime {
             idmap_root,
             pinned_ok: AtomicBool::new(true),
             creates: tokio::sync::Mutex::new(()),
+            removals: Default::default(),
             #[cfg(test)]
             creating: Default::default(),
         })
@@ -159,10 +169,35 @@ impl PodmanRuntime {
         &self.podman
     }
 
-    /// Removes every container labelled with this run (left by a crashed or killed cohort).
-    /// Returns how many were removed.
+    /// Waits for the task containers being removed in the background, then removes every
+    /// container labelled with this run (left by a crashed or killed cohort). Returns how many
+    /// of the latter were removed.
     pub async fn cleanup_run(&self, run_id: &str) -> Result<usize> {
+        self.removals_done().await;
         cleanup_run(&self.podman, run_id).await
+    }
+
+    /// Waits until every task container this runtime ran so far is removed.
+    pub async fn removals_done(&self) {
+        let mut pending = std::mem::take(&mut *self.removals.lock().unwrap_or_else(|e| e.into_inner()));
+        while pending.join_next().await.is_some() {}
+    }
+
+    fn remove_later(&self, id: String, stage: Option<PathBuf>) {
+        let podman = self.podman.clone();
+        let mut set = self.removals.lock().unwrap_or_else(|e| e.into_inner());
+        // Reap the finished ones, so a long run does not keep them all.
+        while set.try_join_next().is_some() {}
+        set.spawn(async move {
+            if let Err(e) = podman.remove_container(&id, true).await {
+                if !e.is_not_found() {
+                    tracing::warn!("cannot remove container {id}: {e}");
+                }
+            }
+            if let Some(stage) = &stage {
+                remove_stage(stage);
+            }
+        });
     }
 
     fn container_spec(&self, spawn: &Spawn, labels: BTreeMap<String, String>) -> Result<Prepared> {
@@ -211,12 +246,17 @@ impl PodmanRuntime {
                 None if self.pinned_ok.load(Ordering::Relaxed) => UsernsMode::AutoPinned { user, owner },
                 None => UsernsMode::Host,
             };
-            // In the host user namespace the exec runs as the owner itself.
+            // In the host user namespace the agent runs as the owner itself.
             let runs_as = if mode == UsernsMode::Host { owner } else { user };
             (Some(mode), Some(format!("{}:{}", runs_as.0, runs_as.1)))
         };
+        let (command, env, stdin) = self.main_process(spawn)?;
         let spec = ContainerSpec {
             name: Some(name),
+            command: Some(command),
+            env,
+            stdin: stdin.is_some(),
+            no_log: true,
             image: self.settings.image.clone(),
             workspace: Some(work_src.display().to_string()),
             mounts,
@@ -230,7 +270,12 @@ impl PodmanRuntime {
             user,
             ..Default::default()
         };
-        Ok(Prepared { spec, idmapped, owner })
+        Ok(Prepared {
+            spec,
+            idmapped,
+            owner,
+            stdin,
+        })
     }
 
     /// The idmapped views for a created container: the checkout's owner on disk becomes the
@@ -259,7 +304,8 @@ impl PodmanRuntime {
             .context("cannot make the idmapped view of the checkout")
     }
 
-    fn exec_spec(&self, spawn: &Spawn) -> ExecSpec {
+    /// The main process (argv, environment without secrets) and what goes down its stdin.
+    fn main_process(&self, spawn: &Spawn) -> Result<(Vec<String>, Vec<String>, Option<Vec<u8>>)> {
         let inv = &spawn.invocation;
         let tr = |s: &str| translate(s, &spawn.workdir);
         let program = if Path::new(&inv.program).is_absolute() && !self.mounted(Path::new(&inv.program), spawn) {
@@ -272,16 +318,22 @@ impl PodmanRuntime {
         };
         let mut cmd = vec![program];
         cmd.extend(inv.args.iter().map(|a| tr(a)));
-        let mut env: Vec<String> = inv.env.iter().map(|(k, v)| format!("{k}={}", tr(v))).collect();
-        env.extend(inv.secret_env.iter().map(|(k, v)| format!("{k}={}", v.expose())));
-        ExecSpec {
-            cmd,
-            env,
-            workdir: Some(WORKSPACE.into()),
-            user: None,
-            tty: false,
-            stdin: inv.stdin.is_some(),
+        let env = inv.env.iter().map(|(k, v)| format!("{k}={}", tr(v))).collect();
+        if inv.secret_env.is_empty() {
+            return Ok((cmd, env, inv.stdin.clone()));
         }
+        let mut stdin = Vec::new();
+        for (k, v) in &inv.secret_env {
+            let valid = !k.is_empty() && k.bytes().all(|b| b == b'_' || b.is_ascii_alphanumeric());
+            anyhow::ensure!(valid, "secret variable name {k:?} is not a plain environment name");
+            anyhow::ensure!(!v.expose().contains('\n'), "the secret in {k} spans lines; it cannot be passed on");
+            stdin.extend_from_slice(format!("{k}={}\n", v.expose()).as_bytes());
+        }
+        stdin.push(b'\n');
+        stdin.extend_from_slice(inv.stdin.as_deref().unwrap_or_default());
+        let mut wrapped: Vec<String> = ["/bin/sh", "-c", READ_SECRETS, "sh"].map(String::from).into();
+        wrapped.extend(cmd);
+        Ok((wrapped, env, Some(stdin)))
     }
 
     fn mounted(&self, p: &Path, spawn: &Spawn) -> bool {
@@ -290,26 +342,32 @@ impl PodmanRuntime {
             || self.settings.mounts.iter().any(|m| p.starts_with(&m.source))
     }
 
-    async fn run_in(
+    /// Attach, start, feed stdin, stream the output, the exit code. Errors attaching or
+    /// starting (podman initializes the container on attach) are [`Failed::Start`].
+    async fn run_main(
         &self,
         id: &str,
         spawn: &Spawn,
+        stdin: Option<Vec<u8>>,
         output: UnboundedSender<Output>,
         cancel: &CancellationToken,
-    ) -> Result<Exit> {
-        let exec = self.exec_spec(spawn);
-        let exec_id = self.podman.exec_create(id, &exec).await?;
-        let session = self.podman.exec_start(&exec_id, false).await?;
+    ) -> std::result::Result<Exit, Failed> {
+        let session = match self.podman.attach_container(id, stdin.is_some()).await {
+            Ok(s) => s,
+            Err(e) => return Err(Failed::Start(e.into())),
+        };
+        if let Err(e) = self.podman.start_container(id).await {
+            return Err(Failed::Start(e.into()));
+        }
         let (mut reader, mut writer) = tokio::io::split(session.into_io());
-        let stdin = spawn.invocation.stdin.clone();
         let feeding = tokio::spawn(async move {
             if let Some(data) = stdin {
                 let _ = writer.write_all(&data).await;
                 let _ = writer.flush().await;
+                // Half-close: the process's stdin ends here.
                 let _ = writer.shutdown().await;
             }
-            // Keep the write half alive until the read side is done (dropping it is harmless,
-            // but shutting down without stdin would be a protocol no-op anyway).
+            // Keep the write half alive until the read side is done.
             writer
         });
         let pump = pump_output(&mut reader, output);
@@ -322,7 +380,7 @@ impl PodmanRuntime {
         let exit = tokio::select! {
             r = pump => {
                 r?;
-                Exit::Code(self.podman.exec_exit_code(&exec_id).await? as i32)
+                Exit::Code(self.podman.wait_container(id).await.map_err(anyhow::Error::from)? as i32)
             }
             _ = deadline => {
                 let _ = self.podman.kill_container(id, "SIGKILL").await;
@@ -337,6 +395,11 @@ impl PodmanRuntime {
         Ok(exit)
     }
 }
+
+/// The main process's prelude when it has secrets: `KEY=VALUE` lines from stdin into the
+/// environment, up to an empty line, then the agent (`"$@"`) with the rest of stdin. `read`
+/// takes a pipe byte by byte, so none of the agent's input is consumed.
+const READ_SECRETS: &str = r#"while IFS= read -r kv && [ -n "$kv" ]; do export "$kv"; done; exec "$@""#;
 
 /// Removes every container labelled `cohort.run=<run_id>`, and the idmapped views a killed
 /// cohort left for them.
@@ -505,7 +568,7 @@ impl Runtime for PodmanRuntime {
     }
 
     async fn cleanup_run(&self, run_id: &str) -> Result<()> {
-        let removed = cleanup_run(&self.podman, run_id).await?;
+        let removed = PodmanRuntime::cleanup_run(self, run_id).await?;
         if removed > 0 {
             tracing::info!(run = run_id, removed, "removed leftover task containers");
         }
@@ -594,10 +657,7 @@ impl PodmanRuntime {
         };
         let result = match self.idmap_views(&id, &prepared).await {
             Ok(views) => {
-                let r = match self.podman.start_container(&id).await {
-                    Ok(()) => self.run_in(&id, spawn, output, cancel).await.map_err(Failed::Other),
-                    Err(e) => Err(Failed::Start(e.into())),
-                };
+                let r = self.run_main(&id, spawn, prepared.stdin, output, cancel).await;
                 // The container's mount namespace holds its own binds; ours go after it.
                 drop(views);
                 r
@@ -605,17 +665,8 @@ impl PodmanRuntime {
             Err(e) => Err(Failed::Other(e)),
         };
         // Always removed, also after an error or a kill; the work stays in the checkout.
-        let removed = self.podman.remove_container(&id, true).await;
-        if let Some(stage) = &stage {
-            remove_stage(stage);
-        }
-        let exit = result?;
-        if let Err(e) = removed {
-            if !e.is_not_found() {
-                tracing::warn!("cannot remove container {id}: {e}");
-            }
-        }
-        Ok(exit)
+        self.remove_later(id, stage);
+        result
     }
 }
 

@@ -448,6 +448,8 @@ async fn runtime_runs_one_container_per_spawn() {
     let (exit, raw) = tokio::join!(running, watch);
     assert_eq!(exit.unwrap(), Exit::Code(3));
     assert!(raw.contains("cohort.task") && raw.contains("\"001\""), "{raw}");
+    // The agent is the main process, and podman keeps no second copy of its output.
+    assert!(raw.contains("SECRET_KEY") && raw.contains("\"Type\":\"none\""), "{raw}");
     assert!(
         !raw.contains("sk-runtime-0123456789"),
         "the secret is in the create spec"
@@ -463,6 +465,8 @@ async fn runtime_runs_one_container_per_spawn() {
     assert_eq!(out, vec!["sk-runtime-0123456789", "HELLO", "/workspace/sub /workspace"]);
     assert_eq!(err, vec!["oops"]);
     assert_eq!(std::fs::read_to_string(checkout.join("made.txt")).unwrap(), "file\n");
+    // Removed in the background, and always by the time the run asks.
+    rt.removals_done().await;
     assert!(leftovers(podman.clone()).await.is_empty(), "container not removed");
 
     // Timeout and cancel: killed, reported, removed.
@@ -478,6 +482,7 @@ async fn runtime_runs_one_container_per_spawn() {
         .unwrap();
     assert!(matches!(exit, Exit::TimedOut(_)), "{exit:?}");
     assert!(t0.elapsed().as_secs() < 30);
+    rt.removals_done().await;
     assert!(leftovers(podman.clone()).await.is_empty());
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
@@ -488,6 +493,7 @@ async fn runtime_runs_one_container_per_spawn() {
     });
     let exit = rt.run(spawn("sleep 60", None, None), tx, cancel).await.unwrap();
     assert_eq!(exit, Exit::Cancelled);
+    rt.removals_done().await;
     assert!(leftovers(podman.clone()).await.is_empty());
 
     // cleanup_run removes what a crashed run left.
@@ -572,6 +578,7 @@ async fn runtime_rootless_keep_id() {
         uid,
         "written as the host user"
     );
+    rt.removals_done().await;
     assert!(podman
         .list_containers(&[("cohort.run", "rootless")])
         .await

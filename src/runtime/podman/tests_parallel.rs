@@ -75,6 +75,7 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
         assert_eq!(lines, vec!["together"]);
     }
     assert_eq!(rt.creating.1.load(Ordering::SeqCst), 1, "two creates were in flight at once");
+    rt.removals_done().await;
     assert!(podman
         .list_containers(&[("cohort.run", "parallel")])
         .await

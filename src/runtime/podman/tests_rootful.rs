@@ -156,6 +156,7 @@ async fn agent_writes_as_owner(idmap: bool) {
     foreign_owned(&checkout, OWNER, &mut foreign);
     assert!(foreign.is_empty(), "not owned by {owner}: {foreign:?}");
 
+    rt.removals_done().await;
     assert!(podman
         .list_containers(&[("cohort.run", run_id)])
         .await

@@ -83,7 +83,8 @@ impl BindMount {
 }
 
 /// What cohort asks of a new container. Never put secrets here: the create spec is stored
-/// by podman and shown by `podman inspect`. Secrets go per exec in [`ExecSpec::env`].
+/// by podman and shown by `podman inspect`. Secrets go per exec in [`ExecSpec::env`], or
+/// down the attached stdin of the main process (see the runtime's task containers).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContainerSpec {
     pub name: Option<String>,
@@ -101,11 +102,16 @@ pub struct ContainerSpec {
     pub labels: BTreeMap<String, String>,
     /// Main process; default keeps the container alive (`sleep infinity`) so execs can run in it.
     pub command: Option<Vec<String>>,
+    /// `KEY=VALUE` for the main process, on top of the image's; never a secret.
+    pub env: Vec<String>,
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub terminal: bool,
     pub stdin: bool,
     pub hostname: Option<String>,
+    /// No container log (log driver `none`): whoever attached already has the output, and a
+    /// task agent's output would otherwise be kept twice (in the journal with journald).
+    pub no_log: bool,
 }
 
 #[derive(Serialize)]
@@ -173,6 +179,8 @@ pub(crate) struct CreateBody {
     pub name: Option<String>,
     pub image: String,
     pub command: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
     pub mounts: Vec<SpecMount>,
     pub userns: Namespace,
@@ -189,6 +197,13 @@ pub(crate) struct CreateBody {
     pub terminal: bool,
     pub stdin: bool,
     pub no_new_privileges: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_configuration: Option<LogConfig>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct LogConfig {
+    pub driver: &'static str,
 }
 
 impl ContainerSpec {
@@ -266,6 +281,14 @@ impl ContainerSpec {
                 .command
                 .clone()
                 .unwrap_or_else(|| vec!["sleep".into(), "infinity".into()]),
+            env: self
+                .env
+                .iter()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
+                    None => (kv.clone(), String::new()),
+                })
+                .collect(),
             labels: self.labels.clone(),
             mounts,
             userns,
@@ -284,6 +307,7 @@ impl ContainerSpec {
             terminal: self.terminal,
             stdin: self.stdin,
             no_new_privileges: true,
+            log_configuration: self.no_log.then_some(LogConfig { driver: "none" }),
         }
     }
 }
