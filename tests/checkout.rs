@@ -152,3 +152,45 @@ fn commits_update_the_index_in_place_and_stay_clean() {
     pool.release(co);
     pool.remove_all().unwrap();
 }
+
+/// An agent that replaces a tracked file with a directory of the same name: the files in it
+/// are committed, on the fast path and on the slow one (the agent also staged something).
+#[test]
+fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
+    let s = Scratch::new();
+    let a_files = [("a.txt", "a\n"), ("thing", "file\n"), ("other", "o\n")];
+    let a = commit_shape(&s, "shape-a", &a_files);
+    s.git(&["checkout", "-q", "main"]);
+    let paths = git::RepoPaths::discover(&s.work).unwrap();
+    let pool = Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool"));
+    let co = pool.lease().unwrap();
+    let repo = paths.open().unwrap();
+    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    co.prepare("refs/heads/t", a).unwrap();
+    let ls = |co: &std::path::Path| git_in(co, &["ls-tree", "-r", "--format=%(path)", "HEAD"]);
+
+    std::fs::remove_file(co.path.join("thing")).unwrap();
+    std::fs::create_dir_all(co.path.join("thing/deep")).unwrap();
+    std::fs::write(co.path.join("thing/inner.txt"), "i\n").unwrap();
+    std::fs::write(co.path.join("thing/deep/d.txt"), "d\n").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
+    assert_eq!(ls(&co.path), "a.txt\nother\nthing/deep/d.txt\nthing/inner.txt\n");
+    assert_eq!(tc.files_changed.len(), 3, "{:?}", tc.files_changed);
+    assert_eq!(git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]), "");
+
+    // The slow path: the agent staged a change itself.
+    let tip = tc.tip;
+    co.prepare("refs/heads/t", tip).unwrap();
+    std::fs::write(co.path.join("a.txt"), "staged\n").unwrap();
+    git_in(&co.path, &["add", "a.txt"]);
+    std::fs::remove_file(co.path.join("other")).unwrap();
+    std::fs::create_dir(co.path.join("other")).unwrap();
+    std::fs::write(co.path.join("other/o.txt"), "o2\n").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", tip, "m2").unwrap();
+    assert_eq!(ls(&co.path), "a.txt\nother/o.txt\nthing/deep/d.txt\nthing/inner.txt\n");
+    assert_eq!(tc.files_changed, ["a.txt", "other", "other/o.txt"]);
+    assert_eq!(git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]), "");
+
+    pool.release(co);
+    pool.remove_all().unwrap();
+}

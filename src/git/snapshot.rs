@@ -123,12 +123,17 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
                 }
                 EntryStatus::Change(Change::SubmoduleModification(_)) | EntryStatus::NeedsUpdate(_) => {}
             },
-            WorktreeItem::DirectoryContents { entry, .. } => {
-                if entry.status == gix::dir::entry::Status::Untracked {
-                    add_from_disk(repo, &mut editor, &workdir, entry.rela_path.as_bstr())?;
-                }
-            }
+            WorktreeItem::DirectoryContents { .. } => {}
             WorktreeItem::Rewrite { .. } => unreachable!("rewrite tracking is disabled"),
+        }
+    }
+    // Untracked files last: a tracked file that became a directory is removed above, and its
+    // path with it, so the directory's files must come after (the status may list them first).
+    for item in &items {
+        if let Item::IndexWorktree(WorktreeItem::DirectoryContents { entry, .. }) = item {
+            if entry.status == gix::dir::entry::Status::Untracked {
+                add_from_disk(repo, &mut editor, &workdir, entry.rela_path.as_bstr())?;
+            }
         }
     }
     let tree = editor.write()?.detach();
@@ -137,8 +142,7 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
 }
 
 /// Reads one file (or symlink) from disk into a blob and records it in the
-/// tree; a path that is gone, or is a directory (a nested repository), is
-/// removed or skipped.
+/// tree; a path that is gone or is a directory is removed from it.
 fn add_from_disk(
     repo: &gix::Repository,
     editor: &mut gix::object::tree::Editor<'_>,
@@ -173,6 +177,9 @@ fn add_from_disk(
             std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
         )
     } else {
+        // A directory: a tracked file replaced by one (its files are added as untracked), or
+        // an untracked nested repository, which is not ours to record.
+        editor.remove(rela)?;
         return Ok(());
     };
     let id = repo.write_blob(&bytes)?.detach();

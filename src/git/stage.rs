@@ -125,12 +125,17 @@ pub fn stage_all(repo: &gix::Repository, admin: &Path, base: Oid) -> Result<Opti
                     continue;
                 }
                 if let Some((id, mode, stat)) = read_from_disk(repo, &workdir, entry.rela_path.as_bstr())? {
-                    editor.upsert(entry.rela_path.as_bstr(), kind_of(mode), id)?;
                     added.push((entry.rela_path, id, mode, stat));
                 }
             }
             WorktreeItem::Rewrite { .. } => unreachable!("rewrite tracking is disabled"),
         }
+    }
+    // New files after the removals: a tracked file that became a directory is removed from
+    // the tree, and its path with it, so the directory's files must come afterwards (the
+    // status may list them first).
+    for (path, id, mode, _) in &added {
+        editor.upsert(path.as_bstr(), kind_of(*mode), *id)?;
     }
     let tree = editor.write()?.detach();
     if tree == base && !touched {
