@@ -218,6 +218,11 @@ fn image_build_run_in_containers_and_dev_container() {
         .map(|(id, _)| id.as_str())
         .collect();
     assert!(!task_containers.is_empty(), "the watcher saw no task container");
+    // No container log: the agent's output reaches cohort's own log through the attach only.
+    for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v[0]["HostConfig"]["LogConfig"]["Type"], "none", "log driver of {id}");
+    }
     for (id, json) in &seen {
         assert!(!json.contains(KEY), "the key is in podman inspect of {id}");
     }

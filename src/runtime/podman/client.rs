@@ -367,9 +367,9 @@ impl Podman {
 
     /// Remove the container (`force` also kills it at once) and its anonymous volumes.
     ///
-    /// `timeout=0` with `force`: a task container's main process is `sleep infinity` as PID 1,
-    /// which ignores SIGTERM, so podman's default stop would wait its full 10 s before SIGKILL
-    /// on every task. Nothing in the container needs a graceful stop (the work is in the
+    /// `timeout=0` with `force`: a PID 1 that ignores SIGTERM (`sleep infinity`, or an agent
+    /// killed at its timeout) would make podman's default stop wait its full 10 s before
+    /// SIGKILL. Nothing in the container needs a graceful stop (the work is in the
     /// bind-mounted checkout).
     pub async fn remove_container(&self, id: &str, force: bool) -> Result<()> {
         let path = if force {

@@ -42,7 +42,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
@@ -342,64 +341,7 @@ impl PodmanRuntime {
             || self.settings.mounts.iter().any(|m| p.starts_with(&m.source))
     }
 
-    /// Attach, start, feed stdin, stream the output, the exit code. Errors attaching or
-    /// starting (podman initializes the container on attach) are [`Failed::Start`].
-    async fn run_main(
-        &self,
-        id: &str,
-        spawn: &Spawn,
-        stdin: Option<Vec<u8>>,
-        output: UnboundedSender<Output>,
-        cancel: &CancellationToken,
-    ) -> std::result::Result<Exit, Failed> {
-        let session = match self.podman.attach_container(id, stdin.is_some()).await {
-            Ok(s) => s,
-            Err(e) => return Err(Failed::Start(e.into())),
-        };
-        if let Err(e) = self.podman.start_container(id).await {
-            return Err(Failed::Start(e.into()));
-        }
-        let (mut reader, mut writer) = tokio::io::split(session.into_io());
-        let feeding = tokio::spawn(async move {
-            if let Some(data) = stdin {
-                let _ = writer.write_all(&data).await;
-                let _ = writer.flush().await;
-                // Half-close: the process's stdin ends here.
-                let _ = writer.shutdown().await;
-            }
-            // Keep the write half alive until the read side is done.
-            writer
-        });
-        let pump = pump_output(&mut reader, output);
-        let deadline = async {
-            match spawn.timeout {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        let exit = tokio::select! {
-            r = pump => {
-                r?;
-                Exit::Code(self.podman.wait_container(id).await.map_err(anyhow::Error::from)? as i32)
-            }
-            _ = deadline => {
-                let _ = self.podman.kill_container(id, "SIGKILL").await;
-                Exit::TimedOut(spawn.timeout.unwrap_or_default())
-            }
-            _ = cancel.cancelled() => {
-                let _ = self.podman.kill_container(id, "SIGKILL").await;
-                Exit::Cancelled
-            }
-        };
-        feeding.abort();
-        Ok(exit)
-    }
 }
-
-/// The main process's prelude when it has secrets: `KEY=VALUE` lines from stdin into the
-/// environment, up to an empty line, then the agent (`"$@"`) with the rest of stdin. `read`
-/// takes a pipe byte by byte, so none of the agent's input is consumed.
-const READ_SECRETS: &str = r#"while IFS= read -r kv && [ -n "$kv" ]; do export "$kv"; done; exec "$@""#;
 
 /// Removes every container labelled `cohort.run=<run_id>`, and the idmapped views a killed
 /// cohort left for them.
@@ -507,60 +449,6 @@ pub fn task_labels(spawn: &Spawn) -> BTreeMap<String, String> {
     labels
 }
 
-/// Reads the multiplexed exec stream, sending complete lines per stream; a last partial line
-/// is sent at the end. Engine errors (stream 3) become an error.
-async fn pump_output<R: AsyncRead + Unpin>(reader: &mut R, output: UnboundedSender<Output>) -> Result<()> {
-    let mut bufs: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-    let send = |which: usize, line: &[u8]| {
-        let text = String::from_utf8_lossy(line).into_owned();
-        let _ = output.send(if which == 0 {
-            Output::Stdout(text)
-        } else {
-            Output::Stderr(text)
-        });
-    };
-    loop {
-        let mut header = [0u8; 8];
-        let n = reader
-            .read(&mut header[..1])
-            .await
-            .context("reading the agent's output")?;
-        if n == 0 {
-            break;
-        }
-        reader
-            .read_exact(&mut header[1..])
-            .await
-            .context("reading the agent's output")?;
-        let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let mut data = vec![0u8; len];
-        reader
-            .read_exact(&mut data)
-            .await
-            .context("reading the agent's output")?;
-        let which = match header[0] {
-            1 => 0,
-            2 => 1,
-            3 => anyhow::bail!("podman: {}", String::from_utf8_lossy(&data).trim()),
-            _ => continue,
-        };
-        let buf = &mut bufs[which];
-        buf.extend_from_slice(&data);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line = line.strip_suffix(b"\n").unwrap_or(&line);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            send(which, line);
-        }
-    }
-    for (which, buf) in bufs.iter().enumerate() {
-        if !buf.is_empty() {
-            send(which, buf);
-        }
-    }
-    Ok(())
-}
-
 #[async_trait::async_trait]
 impl Runtime for PodmanRuntime {
     fn name(&self) -> &'static str {
@@ -600,75 +488,9 @@ impl Runtime for PodmanRuntime {
     }
 }
 
-/// Why an attempt failed: starting the container, or anything else.
-enum Failed {
-    Start(anyhow::Error),
-    Other(anyhow::Error),
-}
-
-impl Failed {
-    fn into_inner(self) -> anyhow::Error {
-        match self {
-            Failed::Start(e) | Failed::Other(e) => e,
-        }
-    }
-}
-
-impl From<anyhow::Error> for Failed {
-    fn from(e: anyhow::Error) -> Self {
-        Failed::Other(e)
-    }
-}
-
-impl PodmanRuntime {
-    /// One container: create, idmapped views, start, the agent's exec, removal.
-    async fn attempt(
-        &self,
-        spawn: &Spawn,
-        prepared: Prepared,
-        output: UnboundedSender<Output>,
-        cancel: &CancellationToken,
-    ) -> std::result::Result<Exit, Failed> {
-        let stage = prepared
-            .idmapped
-            .first()
-            .and_then(|(_, p)| p.parent().map(Path::to_owned));
-        let created = {
-            let _one_at_a_time = self.creates.lock().await;
-            #[cfg(test)]
-            {
-                let now = self.creating.0.fetch_add(1, Ordering::SeqCst) + 1;
-                self.creating.1.fetch_max(now, Ordering::SeqCst);
-            }
-            let created = self.podman.create_container(&prepared.spec).await;
-            #[cfg(test)]
-            self.creating.0.fetch_sub(1, Ordering::SeqCst);
-            created
-        }
-        .with_context(|| format!("cannot create a container from {}", self.settings.image));
-        let id = match created {
-            Ok(id) => id,
-            Err(e) => {
-                if let Some(stage) = &stage {
-                    remove_stage(stage);
-                }
-                return Err(e.into());
-            }
-        };
-        let result = match self.idmap_views(&id, &prepared).await {
-            Ok(views) => {
-                let r = self.run_main(&id, spawn, prepared.stdin, output, cancel).await;
-                // The container's mount namespace holds its own binds; ours go after it.
-                drop(views);
-                r
-            }
-            Err(e) => Err(Failed::Other(e)),
-        };
-        // Always removed, also after an error or a kill; the work stays in the checkout.
-        self.remove_later(id, stage);
-        result
-    }
-}
+#[path = "attempt.rs"]
+mod attempt;
+use attempt::{Failed, READ_SECRETS};
 
 #[cfg(test)]
 #[path = "runtime_unit.rs"]

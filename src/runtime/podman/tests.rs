@@ -99,7 +99,7 @@ async fn image_loads_and_git_runs_inside_without_network() {
 
     let git = |args: &[&str]| {
         let mut s = ExecSpec::new(["git"].iter().chain(args.iter()).copied());
-        // Identity only through the exec's environment, the way the API key travels.
+        // Identity only through the exec's environment, never the create spec.
         s.env = vec![
             "GIT_AUTHOR_NAME=Agent".into(),
             "GIT_AUTHOR_EMAIL=a@x".into(),
