@@ -30,7 +30,7 @@ impl From<anyhow::Error> for Failed {
 }
 
 impl PodmanRuntime {
-    /// One container: create, idmapped views, start, the agent's exec, removal.
+    /// One container: create, idmapped views, the agent as its main process, removal.
     pub(super) async fn attempt(
         &self,
         spawn: &Spawn,
