@@ -119,6 +119,11 @@ impl Podman {
             .unwrap_or("")
             .to_owned();
         me.version = me.get_json("/version").await?;
+        // `/version` is the Docker-compatible answer (its ApiVersion is Docker's, e.g. 1.41);
+        // the libpod API version, the one cohort speaks, is the ping's header.
+        if !api.is_empty() {
+            me.version.api_version = api.clone();
+        }
         let major = |v: &str| v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0);
         if major(&api) < 4 && major(&me.version.version) < 4 {
             return Err(PodmanError::TooOld {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub struct VersionInfo {
     #[serde(rename = "Version", default)]
     pub version: String,
+    /// The libpod API version (from `_ping`), not the Docker-compatible one `/version` gives.
     #[serde(rename = "ApiVersion", default)]
     pub api_version: String,
     #[serde(rename = "MinAPIVersion", default)]
