@@ -31,6 +31,36 @@ pub(super) fn build_image(dir: &Path, store: &str) -> (cohort_oci::BuiltImage, P
     (image, archive)
 }
 
+/// Runtime settings for a test checkout: the test image, no network, no limits, no mounts.
+pub(super) fn test_settings(checkout: &Path) -> PodmanSettings {
+    PodmanSettings {
+        image: TAG.into(),
+        network: NetworkMode::None,
+        memory_bytes: None,
+        pids_limit: None,
+        mounts: Vec::new(),
+        common_dir: checkout.join(".git"),
+    }
+}
+
+/// `tmp/repo`, a new repository (with `files`), all of `tmp` given to the rootless test user;
+/// returns the checkout's canonical path.
+pub(super) fn rootless_repo(tmp: &Path, files: &[(&str, &str)]) -> PathBuf {
+    let repo = tmp.join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    host_git(&repo, &["init", "-q", "-b", "main"]);
+    for (name, text) in files {
+        std::fs::write(repo.join(name), text).unwrap();
+    }
+    let chown = Command::new("chown")
+        .arg("-R")
+        .arg(support::ROOTLESS_USER)
+        .arg(tmp)
+        .status();
+    assert!(chown.unwrap().success());
+    repo.canonicalize().unwrap()
+}
+
 pub(super) fn host_git(repo: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "safe.directory=*", "-C"])
@@ -532,26 +562,8 @@ async fn runtime_rootless_keep_id() {
     let podman = Podman::connect_to(service.socket()).await.unwrap();
     assert!(podman.rootless());
     podman.load_image(&archive).await.unwrap();
-    let repo = tmp.path().join("repo");
-    std::fs::create_dir(&repo).unwrap();
-    host_git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(repo.join("a.txt"), "a\n").unwrap();
-    let chown = Command::new("chown")
-        .arg("-R")
-        .arg(support::ROOTLESS_USER)
-        .arg(tmp.path())
-        .status();
-    assert!(chown.unwrap().success());
-    let checkout = repo.canonicalize().unwrap();
-    let settings = PodmanSettings {
-        image: TAG.into(),
-        network: NetworkMode::None,
-        memory_bytes: None,
-        pids_limit: None,
-        mounts: Vec::new(),
-        common_dir: checkout.join(".git"),
-    };
-    let rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
+    let checkout = rootless_repo(tmp.path(), &[("a.txt", "a\n")]);
+    let rt = PodmanRuntime::new(podman.clone(), test_settings(&checkout)).await.unwrap();
     let spawn = Spawn {
         invocation: Invocation {
             program: "sh".into(),

@@ -2,10 +2,9 @@
 //! on concurrent keep-id creates, see `PodmanRuntime::creates`), while the agents themselves
 //! run at the same time. Against a real disposable rootless podman service.
 
-use std::process::Command;
 use std::sync::atomic::Ordering;
 
-use super::tests::{build_image, host_git, support, TAG};
+use super::tests::{build_image, rootless_repo, support, test_settings};
 use super::*;
 use crate::agent::Invocation;
 use crate::runtime::{Exit, Output, Runtime, Spawn};
@@ -20,25 +19,8 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
     let service = support::PodmanService::start_rootless(support::ROOTLESS_USER);
     let podman = Podman::connect_to(service.socket()).await.unwrap();
     podman.load_image(&archive).await.unwrap();
-    let repo = tmp.path().join("repo");
-    std::fs::create_dir(&repo).unwrap();
-    host_git(&repo, &["init", "-q", "-b", "main"]);
-    let chown = Command::new("chown")
-        .arg("-R")
-        .arg(support::ROOTLESS_USER)
-        .arg(tmp.path())
-        .status();
-    assert!(chown.unwrap().success());
-    let checkout = repo.canonicalize().unwrap();
-    let settings = PodmanSettings {
-        image: TAG.into(),
-        network: NetworkMode::None,
-        memory_bytes: None,
-        pids_limit: None,
-        mounts: Vec::new(),
-        common_dir: checkout.join(".git"),
-    };
-    let rt = std::sync::Arc::new(PodmanRuntime::new(podman.clone(), settings).await.unwrap());
+    let checkout = rootless_repo(tmp.path(), &[]);
+    let rt = std::sync::Arc::new(PodmanRuntime::new(podman.clone(), test_settings(&checkout)).await.unwrap());
 
     // Each agent announces itself in the shared checkout, then waits (up to 60 s) until all
     // have: it exits 0 only if every container was running at the same time.
