@@ -31,10 +31,10 @@ pub(super) fn build_image(dir: &Path, store: &str) -> (cohort_oci::BuiltImage, P
     (image, archive)
 }
 
-/// Runtime settings for a test checkout: the test image, no network, no limits, no mounts.
-pub(super) fn test_settings(checkout: &Path) -> PodmanSettings {
+/// Runtime settings for a test checkout: `image`, no network, no limits, no mounts.
+pub(super) fn test_settings(image: &str, checkout: &Path) -> PodmanSettings {
     PodmanSettings {
-        image: TAG.into(),
+        image: image.into(),
         network: NetworkMode::None,
         memory_bytes: None,
         pids_limit: None,
@@ -563,7 +563,7 @@ async fn runtime_rootless_keep_id() {
     assert!(podman.rootless());
     podman.load_image(&archive).await.unwrap();
     let checkout = rootless_repo(tmp.path(), &[("a.txt", "a\n")]);
-    let rt = PodmanRuntime::new(podman.clone(), test_settings(&checkout)).await.unwrap();
+    let rt = PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout)).await.unwrap();
     let spawn = Spawn {
         invocation: Invocation {
             program: "sh".into(),

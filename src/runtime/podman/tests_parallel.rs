@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::tests::{build_image, rootless_repo, support, test_settings};
+use super::tests::{build_image, rootless_repo, support, test_settings, TAG};
 use super::*;
 use crate::agent::Invocation;
 use crate::runtime::{Exit, Output, Runtime, Spawn};
@@ -20,7 +20,7 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
     let podman = Podman::connect_to(service.socket()).await.unwrap();
     podman.load_image(&archive).await.unwrap();
     let checkout = rootless_repo(tmp.path(), &[]);
-    let rt = std::sync::Arc::new(PodmanRuntime::new(podman.clone(), test_settings(&checkout)).await.unwrap());
+    let rt = std::sync::Arc::new(PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout)).await.unwrap());
 
     // Each agent announces itself in the shared checkout, then waits (up to 60 s) until all
     // have: it exits 0 only if every container was running at the same time.

@@ -85,14 +85,7 @@ async fn agent_writes_as_owner(idmap: bool) {
         .unwrap()
         .success());
     let checkout = repo.canonicalize().unwrap();
-    let settings = PodmanSettings {
-        image: TAG.into(),
-        network: NetworkMode::None,
-        memory_bytes: None,
-        pids_limit: None,
-        mounts: Vec::new(),
-        common_dir: checkout.join(".git"),
-    };
+    let settings = super::tests::test_settings(TAG, &checkout);
     let mut rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
     assert!(rt.uses_idmap(), "running as root here, idmapped mounts must work");
     if !idmap {
