@@ -176,7 +176,10 @@ fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
     let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
     assert_eq!(ls(&co.path), "a.txt\nother\nthing/deep/d.txt\nthing/inner.txt\n");
     assert_eq!(tc.files_changed.len(), 3, "{:?}", tc.files_changed);
-    assert_eq!(git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]), "");
+    assert_eq!(
+        git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]),
+        ""
+    );
 
     // The slow path: the agent staged a change itself.
     let tip = tc.tip;
@@ -189,7 +192,10 @@ fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
     let tc = git::commit::commit_all(&co, "refs/heads/t", tip, "m2").unwrap();
     assert_eq!(ls(&co.path), "a.txt\nother/o.txt\nthing/deep/d.txt\nthing/inner.txt\n");
     assert_eq!(tc.files_changed, ["a.txt", "other", "other/o.txt"]);
-    assert_eq!(git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]), "");
+    assert_eq!(
+        git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]),
+        ""
+    );
 
     pool.release(co);
     pool.remove_all().unwrap();

@@ -272,7 +272,10 @@ fn default_programs_resolve_on_this_host() {
     assert!(paths.iter().any(|p| p.starts_with("/usr/share/git-core/templates")));
     assert!(paths.iter().any(|p| p.ends_with("/git-core/git-sh-setup")));
     for left_out in ["/git-daemon", "/git-remote-https", "/git-http-fetch"] {
-        assert!(!paths.iter().any(|p| p.ends_with(left_out)), "{left_out} is in the default set");
+        assert!(
+            !paths.iter().any(|p| p.ends_with(left_out)),
+            "{left_out} is in the default set"
+        );
     }
     // Without the network transports, nothing needs libcurl...
     assert!(!paths.iter().any(|p| p.contains("libcurl")), "{paths:?}");

@@ -340,7 +340,10 @@ impl Podman {
         );
         let body = self.call(Method::POST, &path, empty(), None).await?;
         // libpod answers the exit code itself; anything else, ask the container's state.
-        match std::str::from_utf8(&body).ok().and_then(|b| b.trim().parse::<i64>().ok()) {
+        match std::str::from_utf8(&body)
+            .ok()
+            .and_then(|b| b.trim().parse::<i64>().ok())
+        {
             Some(code) => Ok(code),
             None => Ok(self.inspect_container(id).await?.state.exit_code),
         }

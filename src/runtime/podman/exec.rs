@@ -49,14 +49,7 @@ impl Podman {
         self.upgrade(&path, empty(), "attach", id, false).await
     }
 
-    async fn upgrade(
-        &self,
-        path: &str,
-        body: Body,
-        what: &str,
-        id: &str,
-        tty: bool,
-    ) -> Result<ExecSession> {
+    async fn upgrade(&self, path: &str, body: Body, what: &str, id: &str, tty: bool) -> Result<ExecSession> {
         let mut sender = self.open().await?;
         let req = Request::builder()
             .method(Method::POST)

@@ -325,7 +325,10 @@ impl PodmanRuntime {
         for (k, v) in &inv.secret_env {
             let valid = !k.is_empty() && k.bytes().all(|b| b == b'_' || b.is_ascii_alphanumeric());
             anyhow::ensure!(valid, "secret variable name {k:?} is not a plain environment name");
-            anyhow::ensure!(!v.expose().contains('\n'), "the secret in {k} spans lines; it cannot be passed on");
+            anyhow::ensure!(
+                !v.expose().contains('\n'),
+                "the secret in {k} spans lines; it cannot be passed on"
+            );
             stdin.extend_from_slice(format!("{k}={}\n", v.expose()).as_bytes());
         }
         stdin.push(b'\n');
@@ -340,7 +343,6 @@ impl PodmanRuntime {
             || p.starts_with(&spawn.workdir)
             || self.settings.mounts.iter().any(|m| p.starts_with(&m.source))
     }
-
 }
 
 /// Removes every container labelled `cohort.run=<run_id>`, and the idmapped views a killed

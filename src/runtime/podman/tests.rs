@@ -563,7 +563,9 @@ async fn runtime_rootless_keep_id() {
     assert!(podman.rootless());
     podman.load_image(&archive).await.unwrap();
     let checkout = rootless_repo(tmp.path(), &[("a.txt", "a\n")]);
-    let rt = PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout)).await.unwrap();
+    let rt = PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout))
+        .await
+        .unwrap();
     let spawn = Spawn {
         invocation: Invocation {
             program: "sh".into(),

@@ -20,7 +20,11 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
     let podman = Podman::connect_to(service.socket()).await.unwrap();
     podman.load_image(&archive).await.unwrap();
     let checkout = rootless_repo(tmp.path(), &[]);
-    let rt = std::sync::Arc::new(PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout)).await.unwrap());
+    let rt = std::sync::Arc::new(
+        PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout))
+            .await
+            .unwrap(),
+    );
 
     // Each agent announces itself in the shared checkout, then waits (up to 60 s) until all
     // have: it exits 0 only if every container was running at the same time.
@@ -56,7 +60,11 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
         assert_eq!(exit.unwrap(), Exit::Code(0), "{lines:?}\n{}", service.log());
         assert_eq!(lines, vec!["together"]);
     }
-    assert_eq!(rt.creating.1.load(Ordering::SeqCst), 1, "two creates were in flight at once");
+    assert_eq!(
+        rt.creating.1.load(Ordering::SeqCst),
+        1,
+        "two creates were in flight at once"
+    );
     rt.removals_done().await;
     assert!(podman
         .list_containers(&[("cohort.run", "parallel")])
