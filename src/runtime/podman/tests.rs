@@ -372,16 +372,7 @@ async fn rootless_keep_id_owns_the_checkout() {
     assert!(podman.rootless());
     podman.load_image(&archive).await.unwrap();
 
-    let repo = tmp.path().join("repo");
-    std::fs::create_dir(&repo).unwrap();
-    host_git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(repo.join("a.txt"), "hello\n").unwrap();
-    let chown = Command::new("chown")
-        .arg("-R")
-        .arg(support::ROOTLESS_USER)
-        .arg(tmp.path())
-        .status();
-    assert!(chown.unwrap().success());
+    let repo = rootless_repo(tmp.path(), &[("a.txt", "hello\n")]);
 
     let spec = ContainerSpec {
         image: TAG.into(),
