@@ -103,9 +103,6 @@ pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
 
 pub fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "__guard") {
-        crate::runtime::guard::main(args[2..].to_vec());
-    }
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {

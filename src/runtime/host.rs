@@ -12,15 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Exit, Output, Runtime, Spawn};
 
-pub struct HostRuntime {
-    /// The cohort binary, started as `__guard` around each agent.
-    guard: std::path::PathBuf,
-}
+pub struct HostRuntime;
 
 impl HostRuntime {
     pub fn new() -> Result<HostRuntime> {
-        let guard = std::env::current_exe().context("cannot find the cohort binary to start the agent guard")?;
-        Ok(HostRuntime { guard })
+        Ok(HostRuntime)
     }
 }
 
@@ -50,8 +46,8 @@ impl Runtime for HostRuntime {
 
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
         let inv = &spawn.invocation;
-        let mut cmd = Command::new(&self.guard);
-        cmd.arg("__guard").arg(&inv.program).args(&inv.args);
+        let mut cmd = Command::new(&inv.program);
+        cmd.args(&inv.args);
         cmd.current_dir(&spawn.workdir);
         // A secret reaches the child only under the names the agent chose:
         // drop inherited variables holding the same value (OPENAI_API_KEY
@@ -86,16 +82,37 @@ impl Runtime for HostRuntime {
                 if libc::getppid() != parent {
                     libc::_exit(125); // cohort died before the prctl took effect
                 }
-                Ok(())
+                // This process stays behind as the guard (see `guard`); the agent is its child.
+                super::guard::split_off_guard()
             });
         }
-        let mut child = cmd.spawn().with_context(|| {
-            format!(
-                "cannot start the agent {:?} in {}",
-                inv.program,
-                spawn.workdir.display()
-            )
-        })?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            // The exec failed in the agent's process (no such program, not
+            // executable): a failed task, as a shell would report it, not a
+            // failed run.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                let _ = output.send(Output::Stderr(format!(
+                    "cohort: cannot start agent {:?}: {e}",
+                    inv.program
+                )));
+                return Ok(Exit::Code(127));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot start the agent {:?} in {}",
+                        inv.program,
+                        spawn.workdir.display()
+                    )
+                })
+            }
+        };
         let pgid = child.id().context("the agent exited before it could be watched")?;
         let out = forward(child.stdout.take().unwrap(), output.clone(), Output::Stdout);
         let err = forward(child.stderr.take().unwrap(), output, Output::Stderr);
