@@ -65,7 +65,6 @@ fn failing_agent_keeps_its_work_on_the_branch_and_exits_1() {
 fn missing_agent_program_fails_the_task_with_127_and_says_why() {
     let s = Scratch::new();
     let req = s.request("req.md", "- run nothing\n");
-    let start = std::time::Instant::now();
     let out = s.run(&[
         "run",
         req.to_str().unwrap(),
@@ -73,8 +72,6 @@ fn missing_agent_program_fails_the_task_with_127_and_says_why() {
         "/nonexistent/agent-program {task}",
     ]);
     assert_eq!(code(&out), 1, "{}", text(&out));
-    // The exec error reaches cohort at once, not when some guard process ends.
-    assert!(start.elapsed() < std::time::Duration::from_secs(30));
     let t = &s.status_json()["tasks"][0];
     assert_eq!(t["status"], "failed", "{t}");
     assert_eq!(t["exit_code"], 127, "{t}");
