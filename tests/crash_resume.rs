@@ -94,3 +94,62 @@ fn ctrl_c_stops_agents_saves_state_and_exits_130() {
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert_finished_once(&s, 4);
 }
+
+/// Waits until `path` has `n` lines (agents record their pids there).
+fn wait_for_lines(path: &std::path::Path, n: usize) {
+    for _ in 0..300 {
+        if std::fs::read_to_string(path).unwrap_or_default().lines().count() >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the agents did not start within 30 s");
+}
+
+/// Agents that hang with a child in their process group and one in a
+/// session of their own: neither `kill -9` of cohort nor SIGTERM leaves any
+/// of them alive, and `resume` (with another agent) redoes the tasks from
+/// clean checkouts, so nothing the dead agents left reaches a commit.
+#[test]
+fn no_agent_process_outlives_cohort_and_resume_starts_clean() {
+    for signal in [libc::SIGKILL, libc::SIGTERM] {
+        let s = Scratch::new();
+        let pids = s.tmp.path().join("pids");
+        let req = s.request("req.md", &tasks_doc(3));
+        let child = s
+            .cohort()
+            .env("COHORT_TEST_PIDS", &pids)
+            .args([
+                "run",
+                req.to_str().unwrap(),
+                "-j",
+                "2",
+                "--agent-command",
+                &agent("linger.sh"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_lines(&pids, 2);
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let out = child.wait_with_output().unwrap();
+        if signal == libc::SIGTERM {
+            assert_eq!(out.status.code(), Some(130), "SIGTERM saves state and exits 130");
+        }
+        let recorded = std::fs::read_to_string(&pids).unwrap();
+        assert_eq!(recorded.split_whitespace().count(), 6, "{recorded}");
+        for pid in recorded.split_whitespace() {
+            assert!(gone(pid), "agent process {pid} outlived cohort (signal {signal})");
+        }
+        let out = s
+            .cohort()
+            .args(["resume", "--agent-command", &agent("write.sh")])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{}", text(&out));
+        assert_finished_once(&s, 3);
+        let files = s.git(&["ls-tree", "-r", "--name-only", "cohort/service"]);
+        assert!(!files.contains("junk-"), "{files}");
+        assert_eq!(s.git(&["show", "cohort/service:README.md"]), "# scratch\n");
+    }
+}

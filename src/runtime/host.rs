@@ -25,6 +25,21 @@ fn kill_group(pgid: u32) {
     let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
 }
 
+/// Stops an agent that is still running: its guard (the child, leading the
+/// group) is asked to kill everything below it, which also reaches what left
+/// the group; a plain group kill would take the guard first. The group kill
+/// follows if the guard does not exit in time.
+async fn stop(guard: &mut tokio::process::Child, pgid: u32) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pgid as i32), Signal::SIGTERM);
+    if tokio::time::timeout(std::time::Duration::from_secs(5), guard.wait())
+        .await
+        .is_err()
+    {
+        kill_group(pgid);
+        let _ = guard.wait().await;
+    }
+}
+
 fn forward<R: AsyncRead + Unpin + Send + 'static>(
     reader: R,
     tx: UnboundedSender<Output>,
@@ -74,17 +89,8 @@ impl Runtime for HostRuntime {
         cmd.process_group(0);
         let parent = std::process::id() as i32;
         unsafe {
-            cmd.pre_exec(move || {
-                // SIGTERM to the guard when cohort dies; it then kills the group.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(125); // cohort died before the prctl took effect
-                }
-                // This process stays behind as the guard (see `guard`); the agent is its child.
-                super::guard::split_off_guard()
-            });
+            // The guard stays behind in this process; the agent is its child.
+            cmd.pre_exec(move || super::guard::split_off_guard(parent));
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -140,24 +146,31 @@ impl Runtime for HostRuntime {
                 }
             }
             _ = deadline => {
-                kill_group(pgid);
-                let _ = child.wait().await;
+                stop(&mut child, pgid).await;
                 Exit::TimedOut(spawn.timeout.unwrap_or_default())
             }
             _ = cancel.cancelled() => {
-                kill_group(pgid);
-                let _ = child.wait().await;
+                stop(&mut child, pgid).await;
                 Exit::Cancelled
             }
         };
         // Whatever the agent left running in its group goes too.
         kill_group(pgid);
         // A process that escaped the group may hold the pipes open: don't wait forever.
+        // The forwarders go then, or the task would wait on the output
+        // channel for as long as that process lives.
+        let (mut out, mut err) = (out, err);
         let drain = async {
-            let _ = out.await;
-            let _ = err.await;
+            let _ = (&mut out).await;
+            let _ = (&mut err).await;
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+        if tokio::time::timeout(std::time::Duration::from_secs(2), drain)
+            .await
+            .is_err()
+        {
+            out.abort();
+            err.abort();
+        }
         Ok(exit)
     }
 }
