@@ -3,6 +3,7 @@
 
 mod support;
 use cohort::git::{self, pool::Pool, refs};
+use std::sync::Arc;
 use support::*;
 
 /// Commits a tree shape on a new branch and returns its commit id.
@@ -43,19 +44,23 @@ fn checkouts_move_between_trees_by_both_paths() {
         ("dir/x.txt", "x\n"),
         ("dir/sub/y.txt", "y\n"),
         ("thing", "file\n"),
+        ("same.txt", "unchanged\n"),
+        ("dir/same2.txt", "unchanged too\n"),
     ];
     let b_files = [
         ("a.txt", "a2\n"),
         ("dir/z.txt", "z\n"),
         ("thing/inner.txt", "now a dir\n"),
         ("new/deep/n.txt", "n\n"),
+        ("same.txt", "unchanged\n"),
+        ("dir/same2.txt", "unchanged too\n"),
     ];
     let a = commit_shape(&s, "shape-a", &a_files);
     let b = commit_shape(&s, "shape-b", &b_files);
     s.git(&["checkout", "-q", "main"]);
 
     let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool"));
+    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
     let co = pool.lease().unwrap();
     let repo = paths.open().unwrap();
     refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
@@ -68,9 +73,22 @@ fn checkouts_move_between_trees_by_both_paths() {
     assert!(tc.is_empty());
     assert!(co.admin.join(git::pool::CLEAN_MARK).exists());
     refs::cas(&repo, "refs/heads/t", Some(a), b, "test").unwrap();
+    // Unchanged files get an old mtime: a rewrite would give them a new one.
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    let mtime = |p: &str| std::fs::metadata(co.path.join(p)).unwrap().modified().unwrap();
+    for p in ["same.txt", "dir/same2.txt"] {
+        let f = std::fs::OpenOptions::new().write(true).open(co.path.join(p)).unwrap();
+        f.set_modified(old).unwrap();
+    }
     let stats = co.prepare("refs/heads/t", b).unwrap();
     assert_matches(&co.path, &b_files);
-    assert!(stats.written <= 4, "only changed files are written: {stats:?}");
+    assert_eq!(stats.written, 4, "only changed files are written: {stats:?}");
+    assert_eq!(stats.removed, 3, "{stats:?}"); // dir/x.txt, dir/sub/y.txt, the file `thing`
+    assert_eq!(
+        (mtime("same.txt"), mtime("dir/same2.txt")),
+        (old, old),
+        "unchanged files are not rewritten"
+    );
     assert!(!co.path.join("dir/sub").exists(), "emptied directories are removed");
 
     // Repair path: dirty the disk as a crashed agent would, no clean mark.
@@ -85,7 +103,7 @@ fn checkouts_move_between_trees_by_both_paths() {
     assert_matches(&co.path, &a_files);
     assert!(!co.path.join("junk.txt").exists() && !co.path.join("junkdir").exists());
 
-    pool.release(co);
+    drop(co);
     pool.remove_all().unwrap();
     assert!(!s.tmp.path().join("pool").exists());
     assert_eq!(s.git(&["worktree", "list"]).lines().count(), 1);
@@ -107,7 +125,7 @@ fn commits_update_the_index_in_place_and_stay_clean() {
     let a = commit_shape(&s, "shape-a", &a_files);
     s.git(&["checkout", "-q", "main"]);
     let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool"));
+    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
     let co = pool.lease().unwrap();
     let repo = paths.open().unwrap();
     refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
@@ -149,7 +167,7 @@ fn commits_update_the_index_in_place_and_stay_clean() {
     let again = git::commit::commit_all(&co, "refs/heads/t", tc.tip, "m3").unwrap();
     assert!(again.is_empty() && again.tip == tc.tip);
 
-    pool.release(co);
+    drop(co);
     pool.remove_all().unwrap();
 }
 
@@ -162,7 +180,7 @@ fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
     let a = commit_shape(&s, "shape-a", &a_files);
     s.git(&["checkout", "-q", "main"]);
     let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool"));
+    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
     let co = pool.lease().unwrap();
     let repo = paths.open().unwrap();
     refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
@@ -197,6 +215,118 @@ fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
         ""
     );
 
-    pool.release(co);
+    drop(co);
+    pool.remove_all().unwrap();
+}
+
+/// A pool checkout goes to its next task holding its tree and nothing else:
+/// ignored files an agent made are removed by the commit step (fast and full
+/// paths) and by the repair of a dirty checkout, so they cannot reach a later
+/// task's commit once no `.gitignore` covers them.
+#[test]
+fn ignored_files_do_not_outlive_their_task() {
+    let s = Scratch::new();
+    let a = commit_shape(&s, "shape-a", &[("a.txt", "a\n"), (".gitignore", "*.log\nbuild/\n")]);
+    s.git(&["checkout", "-q", "main"]);
+    let paths = git::RepoPaths::discover(&s.work).unwrap();
+    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
+    let co = pool.lease().unwrap();
+    let repo = paths.open().unwrap();
+    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    co.prepare("refs/heads/t", a).unwrap();
+
+    // Fast path: the agent changed files but not the index.
+    std::fs::write(co.path.join("notes.log"), "private notes\n").unwrap();
+    std::fs::create_dir_all(co.path.join("build/deep")).unwrap();
+    std::fs::write(co.path.join("build/deep/out.o"), "object\n").unwrap();
+    std::fs::write(co.path.join("work.txt"), "work\n").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
+    assert_eq!(tc.files_changed, ["work.txt"]);
+    assert!(!co.path.join("notes.log").exists() && !co.path.join("build").exists());
+
+    // Full path: the agent staged something itself.
+    co.prepare("refs/heads/t", tc.tip).unwrap();
+    std::fs::write(co.path.join("again.log"), "more notes\n").unwrap();
+    std::fs::write(co.path.join("a.txt"), "staged\n").unwrap();
+    git_in(&co.path, &["add", "a.txt"]);
+    let tc = git::commit::commit_all(&co, "refs/heads/t", tc.tip, "m2").unwrap();
+    assert_eq!(tc.files_changed, ["a.txt"]);
+    assert!(!co.path.join("again.log").exists());
+
+    // Repair path: a dead agent left an ignored file; the next task's tree
+    // has no .gitignore, and its commit must not pick the file up.
+    std::fs::write(co.path.join("left.log"), "left by a dead agent\n").unwrap();
+    std::fs::write(co.admin.join(git::pool::CLEAN_MARK), "").unwrap(); // as `prepare` leaves it
+    let bare = commit_shape(&s, "shape-b", &[("a.txt", "a\n")]);
+    s.git(&["checkout", "-q", "main"]);
+    refs::cas(&repo, "refs/heads/t", Some(tc.tip), bare, "test").unwrap();
+    co.prepare("refs/heads/t", bare).unwrap();
+    assert!(!co.path.join("left.log").exists());
+    let tc = git::commit::commit_all(&co, "refs/heads/t", bare, "m3").unwrap();
+    assert!(tc.is_empty(), "{:?}", tc.files_changed);
+
+    drop(co);
+    pool.remove_all().unwrap();
+}
+
+/// A killed agent's git leaves lock files and half-done operations behind;
+/// the commit step and the next task's checkout cope with them.
+#[test]
+fn stale_locks_and_unfinished_operations_are_cleared() {
+    let s = Scratch::new();
+    let a = commit_shape(&s, "shape-a", &[("a.txt", "a\n")]);
+    s.git(&["checkout", "-q", "main"]);
+    let paths = git::RepoPaths::discover(&s.work).unwrap();
+    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
+    let co = pool.lease().unwrap();
+    let repo = paths.open().unwrap();
+    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    co.prepare("refs/heads/t", a).unwrap();
+
+    std::fs::write(co.path.join("a.txt"), "work\n").unwrap();
+    std::fs::write(co.admin.join("index.lock"), "").unwrap();
+    std::fs::write(co.admin.join("HEAD.lock"), "").unwrap();
+    std::fs::write(paths.common_dir.join("refs/heads/t.lock"), "").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
+    assert_eq!(tc.files_changed, ["a.txt"]);
+
+    std::fs::write(co.admin.join("index.lock"), "").unwrap();
+    std::fs::write(co.admin.join("MERGE_HEAD"), format!("{a}\n")).unwrap();
+    std::fs::create_dir_all(co.admin.join("rebase-merge")).unwrap();
+    co.prepare("refs/heads/t", tc.tip).unwrap();
+    assert!(!co.admin.join("MERGE_HEAD").exists() && !co.admin.join("rebase-merge").exists());
+    assert_eq!(git_in(&co.path, &["status", "--porcelain"]), "");
+
+    drop(co);
+    pool.remove_all().unwrap();
+}
+
+/// Commits an agent made on a detached HEAD (or another branch) that build
+/// on the task branch end up on the task branch.
+#[test]
+fn an_agents_detached_commits_are_kept() {
+    let s = Scratch::new();
+    let a = commit_shape(&s, "shape-a", &[("a.txt", "a\n")]);
+    s.git(&["checkout", "-q", "main"]);
+    let paths = git::RepoPaths::discover(&s.work).unwrap();
+    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
+    let co = pool.lease().unwrap();
+    let repo = paths.open().unwrap();
+    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    co.prepare("refs/heads/t", a).unwrap();
+
+    git_in(&co.path, &["checkout", "-q", "--detach"]);
+    std::fs::write(co.path.join("b.txt"), "b\n").unwrap();
+    git_in(&co.path, &["add", "b.txt"]);
+    git_in(&co.path, &["commit", "-q", "-m", "agent on a detached HEAD"]);
+    let agent_commit = git_in(&co.path, &["rev-parse", "HEAD"]).trim().to_string();
+    std::fs::write(co.path.join("c.txt"), "c\n").unwrap();
+
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "task").unwrap();
+    assert_eq!(tc.files_changed, ["b.txt", "c.txt"]);
+    assert_eq!(s.git(&["rev-parse", &format!("{}^", tc.tip)]).trim(), agent_commit);
+    assert_eq!(git_in(&co.path, &["symbolic-ref", "HEAD"]).trim(), "refs/heads/t");
+
+    drop(co);
     pool.remove_all().unwrap();
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use gix::bstr::{BStr, BString, ByteSlice};
+use gix::dir::walk::EmissionMode;
 use gix::index::entry::Stat;
 use gix::objs::tree::EntryKind;
 use gix::status::index_worktree::Item as WorktreeItem;
@@ -54,7 +55,7 @@ fn entries_of(index: &gix::index::File) -> Vec<FlatEntry> {
 pub enum Untracked {
     /// Leave them (the user's own working tree).
     Keep,
-    /// Remove those that are not ignored (a pool checkout being reset).
+    /// Remove them, ignored ones too (a pool checkout being reset).
     Remove,
 }
 
@@ -67,8 +68,8 @@ pub struct MoveStats {
 }
 
 /// Makes the working tree of `repo` hold exactly `target` (plus, with
-/// `Untracked::Keep`, untracked files; ignored files always stay), and
-/// writes a matching index with fresh stat data.
+/// `Untracked::Keep`, untracked and ignored files), and writes a matching
+/// index with fresh stat data.
 ///
 /// `known` is a tree the working tree and index are known to hold exactly
 /// (cohort just committed it); then only the tree diff is applied.
@@ -234,13 +235,14 @@ fn move_by_diff(
 /// Paths whose content on disk differs from the index, and (with
 /// `Untracked::Remove`) untracked ones, directories collapsed.
 fn worktree_status(repo: &gix::Repository, untracked: Untracked) -> Result<(HashSet<BString>, Vec<BString>)> {
-    let mode = match untracked {
-        Untracked::Keep => UntrackedFiles::None,
-        Untracked::Remove => UntrackedFiles::Collapsed,
+    let (mode, ignored) = match untracked {
+        Untracked::Keep => (UntrackedFiles::None, None),
+        Untracked::Remove => (UntrackedFiles::Collapsed, Some(EmissionMode::CollapseDirectory)),
     };
     let iter = repo
         .status(gix::progress::Discard)?
         .untracked_files(mode)
+        .dirwalk_options(|o| o.emit_ignored(ignored))
         .index_worktree_rewrites(None)
         .index_worktree_submodules(None)
         .into_index_worktree_iter(None)?;
@@ -254,7 +256,10 @@ fn worktree_status(repo: &gix::Repository, untracked: Untracked) -> Result<(Hash
                 }
             }
             WorktreeItem::DirectoryContents { entry, .. } => {
-                if entry.status == gix::dir::entry::Status::Untracked {
+                if matches!(
+                    entry.status,
+                    gix::dir::entry::Status::Untracked | gix::dir::entry::Status::Ignored(_)
+                ) {
                     strays.push(entry.rela_path);
                 }
             }
@@ -262,6 +267,31 @@ fn worktree_status(repo: &gix::Repository, untracked: Untracked) -> Result<(Hash
         }
     }
     Ok((dirty, strays))
+}
+
+/// Removes the ignored files of a pool checkout (whole directories at
+/// once), for the commit step's full-status path; the fast path finds them
+/// in its own status.
+pub fn remove_ignored(repo: &gix::Repository) -> Result<()> {
+    let workdir = repo
+        .workdir()
+        .context("the checkout has no working tree")?
+        .to_path_buf();
+    let options = repo
+        .dirwalk_options()?
+        .emit_ignored(Some(EmissionMode::CollapseDirectory))
+        .emit_untracked(EmissionMode::CollapseDirectory);
+    let index = repo.index_or_empty()?;
+    let mut collect = gix::dir::walk::delegate::Collect::default();
+    let interrupt = std::sync::atomic::AtomicBool::new(false);
+    repo.dirwalk(&index, std::iter::empty::<&str>(), &interrupt, options, &mut collect)
+        .context("cannot list the ignored files of a checkout")?;
+    for (entry, _) in collect.into_entries_by_path() {
+        if matches!(entry.status, gix::dir::entry::Status::Ignored(_)) {
+            remove_path(&workdir, entry.rela_path.as_bstr())?;
+        }
+    }
+    Ok(())
 }
 
 /// Stat data of files just written, taken from their open descriptors.
@@ -445,7 +475,7 @@ fn ensure_dir(workdir: &Path, dir: &Path) -> Result<()> {
 
 /// Removes a file or directory and then any parent directories it leaves
 /// empty (git does not track directories).
-fn remove_path(workdir: &Path, rela: &BStr) -> Result<()> {
+pub(super) fn remove_path(workdir: &Path, rela: &BStr) -> Result<()> {
     let path = workdir.join(super::rela_path(rela));
     if path == workdir || path.file_name() == Some(".git".as_ref()) {
         return Ok(());

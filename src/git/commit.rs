@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 
 use super::checkout;
 use super::pool::{Checkout, CLEAN_MARK};
-use super::{refs, snapshot, stage, tree_of, write_commit, Oid};
+use super::{is_ancestor, refs, snapshot, stage, tree_of, write_commit, Oid};
 
 #[derive(Debug, Clone)]
 pub struct TaskCommit {
@@ -24,10 +24,19 @@ impl TaskCommit {
 /// honouring .gitignore) on top of the task branch. Commits the agent made
 /// itself are kept: the branch tip, wherever the agent moved it, is the parent.
 pub fn commit_all(checkout: &Checkout, branch_ref: &str, base: Oid, message: &str) -> Result<TaskCommit> {
+    checkout.clear_leftovers(branch_ref, false)?;
     let repo = checkout.open()?;
-    // The agent may have switched branches; the task branch is what counts.
+    let mut tip = refs::read(&repo, branch_ref)?.with_context(|| format!("task branch {branch_ref} is missing"))?;
+    // The agent may have committed on a detached HEAD or another branch:
+    // when that builds on the task branch, the task branch takes it.
+    if let Some(head) = agent_head(&repo, branch_ref) {
+        if head != tip && is_ancestor(&repo, tip, head)? {
+            refs::cas(&repo, branch_ref, Some(tip), head, "cohort: take the agent's commits")?;
+            tip = head;
+        }
+    }
+    // The task branch is what counts.
     refs::set_head_symbolic(&repo, branch_ref)?;
-    let tip = refs::read(&repo, branch_ref)?.with_context(|| format!("task branch {branch_ref} is missing"))?;
     let tip_tree = tree_of(&repo, tip)?;
     // Usually the index is the one cohort wrote and only what the agent
     // touched is looked at; otherwise the tree is built from a full status
@@ -38,6 +47,7 @@ pub fn commit_all(checkout: &Checkout, branch_ref: &str, base: Oid, message: &st
         None => {
             tracing::debug!(checkout = %checkout.path.display(), "index changed by the agent; full status");
             let snap = snapshot::snapshot(&repo, tip_tree)?;
+            checkout::remove_ignored(&repo)?;
             let old = repo.index().ok();
             let from_tree = repo.index_from_tree(&snap.tree)?;
             let index = checkout::write_index(&repo, from_tree, old.as_ref().map(|i| &***i), &Default::default())?;
@@ -59,6 +69,16 @@ pub fn commit_all(checkout: &Checkout, branch_ref: &str, base: Oid, message: &st
         .map(|c| super::rela_path(c.path.as_ref()).display().to_string())
         .collect();
     Ok(TaskCommit { tip, files_changed })
+}
+
+/// The commit the checkout's HEAD points to when it is not the task branch
+/// (detached, or another branch), if any.
+fn agent_head(repo: &gix::Repository, branch_ref: &str) -> Option<Oid> {
+    let head = repo.head().ok()?;
+    if head.referent_name().is_some_and(|n| n.as_bstr() == branch_ref) {
+        return None;
+    }
+    head.id().map(|id| id.detach())
 }
 
 /// The commit message for a task: subject plus trailers that tie the commit

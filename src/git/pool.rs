@@ -7,7 +7,7 @@
 //! the end of the run.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
@@ -28,6 +28,8 @@ pub struct Checkout {
     pub path: PathBuf,
     /// The worktree's private git dir (`<common>/worktrees/<name>`).
     pub admin: PathBuf,
+    /// The repository's git dir, shared by all its worktrees.
+    pub common_dir: PathBuf,
 }
 
 impl Checkout {
@@ -46,8 +48,47 @@ impl Checkout {
         super::open(&self.path)
     }
 
+    /// Removes what a killed agent's git may have left in the checkout's
+    /// git dir: lock files (gix, like git, refuses to write while one
+    /// exists, so one stale `index.lock` would fail every later task in
+    /// this slot) and, with `unfinished`, a merge, rebase, cherry-pick,
+    /// revert or bisect the agent began. Only for a leased checkout whose
+    /// agent has ended: then no one else can hold these.
+    pub fn clear_leftovers(&self, branch_ref: &str, unfinished: bool) -> Result<()> {
+        const LOCKS: [&str; 2] = ["index.lock", "HEAD.lock"];
+        const UNFINISHED: [&str; 10] = [
+            "MERGE_HEAD",
+            "MERGE_MSG",
+            "MERGE_MODE",
+            "AUTO_MERGE",
+            "CHERRY_PICK_HEAD",
+            "REVERT_HEAD",
+            "BISECT_LOG",
+            "rebase-merge",
+            "rebase-apply",
+            "sequencer",
+        ];
+        let branch_lock = self.common_dir.join(format!("{branch_ref}.lock"));
+        let mut paths: Vec<PathBuf> = LOCKS.iter().map(|n| self.admin.join(n)).collect();
+        paths.push(branch_lock);
+        if unfinished {
+            paths.extend(UNFINISHED.iter().map(|n| self.admin.join(n)));
+        }
+        for p in paths {
+            let gone = match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+                Ok(_) => std::fs::remove_file(&p),
+                Err(_) => continue,
+            };
+            gone.with_context(|| format!("cannot remove {}", p.display()))?;
+            tracing::debug!(path = %p.display(), "removed an agent's leftover");
+        }
+        Ok(())
+    }
+
     /// Points the checkout at `branch_ref` and makes its files match `base`.
     pub fn prepare(&self, branch_ref: &str, base: Oid) -> Result<checkout::MoveStats> {
+        self.clear_leftovers(branch_ref, true)?;
         let repo = self.open()?;
         refs::set_head_symbolic(&repo, branch_ref)?;
         let tree = super::tree_of(&repo, base)?;
@@ -63,6 +104,38 @@ impl Checkout {
             .with_context(|| format!("cannot update checkout {}", self.path.display()))?;
         stage::record(&self.admin, tree, stats.index_checksum)?;
         Ok(stats)
+    }
+}
+
+/// A checkout held by one task; it goes back to its pool when dropped.
+pub struct Lease {
+    pool: Arc<Pool>,
+    checkout: Option<Checkout>,
+}
+
+impl Lease {
+    fn new(pool: &Arc<Pool>, checkout: Checkout) -> Lease {
+        Lease {
+            pool: pool.clone(),
+            checkout: Some(checkout),
+        }
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Checkout;
+    fn deref(&self) -> &Checkout {
+        self.checkout
+            .as_ref()
+            .expect("a lease holds its checkout until dropped")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(c) = self.checkout.take() {
+            self.pool.state.lock().unwrap().free.push(c);
+        }
     }
 }
 
@@ -90,23 +163,22 @@ impl Pool {
         }
     }
 
-    /// A free checkout, or a new one. A leased checkout is held by one task
-    /// until [`Pool::release`]; the caller bounds concurrency, so the pool
-    /// grows to at most that many slots.
-    pub fn lease(&self) -> Result<Checkout> {
+    /// A free checkout, or a new one, held by one task until the lease is
+    /// dropped (on every path, errors included). The caller bounds
+    /// concurrency, so the pool grows to at most that many slots.
+    pub fn lease(self: &Arc<Self>) -> Result<Lease> {
         let slot = {
             let mut st = self.state.lock().unwrap();
-            if let Some(c) = st.free.pop() {
-                return Ok(c);
+            match st.free.pop() {
+                Some(c) => return Ok(Lease::new(self, c)),
+                None => {
+                    st.made += 1;
+                    st.made - 1
+                }
             }
-            st.made += 1;
-            st.made - 1
         };
-        self.make(slot)
-    }
-
-    pub fn release(&self, checkout: Checkout) {
-        self.state.lock().unwrap().free.push(checkout);
+        let checkout = self.make(slot)?;
+        Ok(Lease::new(self, checkout))
     }
 
     fn make(&self, slot: usize) -> Result<Checkout> {
@@ -131,7 +203,12 @@ impl Pool {
             let head = repo.head_id().context("the repository has no HEAD commit")?;
             std::fs::write(admin.join("HEAD"), format!("{}\n", head.detach()))?;
         }
-        Ok(Checkout { slot, path, admin })
+        Ok(Checkout {
+            slot,
+            path,
+            admin,
+            common_dir: self.common_dir.clone(),
+        })
     }
 
     /// Removes every checkout this pool made (and any left from an earlier

@@ -60,9 +60,14 @@ pub fn stage_all(repo: &gix::Repository, admin: &Path, base: Oid) -> Result<Opti
         .workdir()
         .context("the checkout has no working tree")?
         .to_path_buf();
+    // Ignored entries are listed too (whole directories as one), to be
+    // removed: a pool checkout goes to the next task with nothing in it but
+    // its tree, or a file an agent ignored could reach a later task's commit
+    // once a `.gitignore` no longer covers it.
     let mut iter = repo
         .status(gix::progress::Discard)?
         .untracked_files(UntrackedFiles::Files)
+        .dirwalk_options(|o| o.emit_ignored(Some(gix::dir::walk::EmissionMode::CollapseDirectory)))
         .index_worktree_rewrites(None)
         .index_worktree_submodules(None)
         .into_index_worktree_iter(None)?;
@@ -85,6 +90,7 @@ pub fn stage_all(repo: &gix::Repository, admin: &Path, base: Oid) -> Result<Opti
     let mut removed = vec![false; index.entries().len()];
     let mut added: Vec<(BString, Oid, Mode, Stat)> = Vec::new();
     let mut touched = false;
+    let mut ignored = Vec::new();
     for item in items {
         match item {
             WorktreeItem::Modification {
@@ -121,6 +127,10 @@ pub fn stage_all(repo: &gix::Repository, admin: &Path, base: Oid) -> Result<Opti
                 EntryStatus::Conflict { .. } | EntryStatus::IntentToAdd => return Ok(None),
             },
             WorktreeItem::DirectoryContents { entry, .. } => {
+                if matches!(entry.status, gix::dir::entry::Status::Ignored(_)) {
+                    ignored.push(entry.rela_path);
+                    continue;
+                }
                 if entry.status != gix::dir::entry::Status::Untracked {
                     continue;
                 }
@@ -136,6 +146,9 @@ pub fn stage_all(repo: &gix::Repository, admin: &Path, base: Oid) -> Result<Opti
     // status may list them first).
     for (path, id, mode, _) in &added {
         editor.upsert(path.as_bstr(), kind_of(*mode), *id)?;
+    }
+    for path in &ignored {
+        super::checkout::remove_path(&workdir, path.as_bstr())?;
     }
     let tree = editor.write()?.detach();
     if tree == base && !touched {

@@ -324,6 +324,21 @@ impl State {
         Ok(())
     }
 
+    /// The conflicted paths of the task's latest attempt that ended in a
+    /// merge conflict, if any did: the retry after a conflict happens once,
+    /// also across a crash and `resume`.
+    pub fn last_conflict(&self, run_id: &str, idx: usize) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT COALESCE(reason, '') FROM attempts WHERE run_id = ?1 AND idx = ?2 AND status = 'conflict' \
+                 ORDER BY n DESC LIMIT 1",
+                params![run_id, idx],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Records the task's commit on its branch (status `committed`), before
     /// the merge is attempted.
     pub fn set_committed(

@@ -56,31 +56,31 @@ pub(super) async fn run_task(e: Arc<Engine>, s: Arc<Shared>, row: TaskRow) {
 
 async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
     let idx = row.index;
+    // A task retries once after a conflict, even across a crash and `resume`:
+    // an earlier conflicted attempt means the retry is under way or done.
+    let earlier = e.state.lock().unwrap().last_conflict(&s.run_id, idx)?;
+    let mut conflicted: Option<Vec<String>> = earlier.map(|r| r.split(", ").map(String::from).collect());
+    let mut attempt = row.attempts + 1;
     // Resume after a crash between commit and merge: merge, don't re-run.
     if row.status == TaskStatus::Committed {
         if let Some(tip) = row.task_commit.as_deref().and_then(|c| c.parse::<Oid>().ok()) {
             match merge_task(e, s, row, tip).await? {
                 AttemptResult::Finished => return Ok(()),
                 AttemptResult::Conflict(paths) => {
-                    if e.opts.on_conflict == ConflictPolicy::Keep {
+                    record_conflict(e, s, idx, row.attempts, &paths)?;
+                    if e.opts.on_conflict == ConflictPolicy::Keep || conflicted.is_some() {
                         return mark_conflict(e, s, idx, &paths);
                     }
+                    conflicted = Some(paths);
                 }
             }
         }
     }
-    let mut attempt = row.attempts + 1;
-    let mut conflicted: Option<Vec<String>> = None;
     loop {
         match attempt_once(e, s, row, attempt, conflicted.as_deref()).await? {
             AttemptResult::Finished => return Ok(()),
             AttemptResult::Conflict(paths) => {
-                let end = AttemptEnd {
-                    status: "conflict",
-                    reason: Some(paths.join(", ")),
-                    ..Default::default()
-                };
-                e.state.lock().unwrap().end_attempt(&s.run_id, idx, attempt, &end)?;
+                record_conflict(e, s, idx, attempt, &paths)?;
                 if e.opts.on_conflict == ConflictPolicy::Retry && conflicted.is_none() && !e.cancel.is_cancelled() {
                     s.progress
                         .task_finished(idx, "conflicted, retrying from the new service tip", &paths.join(", "));
@@ -92,6 +92,16 @@ async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
             }
         }
     }
+}
+
+/// Ends attempt `attempt` as a conflict, naming the paths.
+fn record_conflict(e: &Engine, s: &Shared, idx: usize, attempt: u32, paths: &[String]) -> Result<()> {
+    let end = AttemptEnd {
+        status: "conflict",
+        reason: Some(paths.join(", ")),
+        ..Default::default()
+    };
+    e.state.lock().unwrap().end_attempt(&s.run_id, idx, attempt, &end)
 }
 
 fn mark_conflict(e: &Engine, s: &Shared, idx: usize, paths: &[String]) -> Result<()> {
@@ -141,10 +151,7 @@ async fn attempt_once(
                 Some(_) => {}
             }
             let checkout = pool.lease()?;
-            if let Err(err) = checkout.prepare(&branch_ref, base) {
-                pool.release(checkout);
-                return Err(err);
-            }
+            checkout.prepare(&branch_ref, base)?;
             Ok((checkout, base))
         })
         .await?
@@ -202,31 +209,26 @@ async fn attempt_once(
     };
     let runtime = e.runtime.clone();
     let cancel = e.cancel.child_token();
-    let running = tokio::spawn(async move { runtime.run(spawn, tx, cancel).await });
+    let running = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { runtime.run(spawn, tx, cancel).await })
+    };
     let mut events: Vec<AgentEvent> = Vec::new();
+    // No early return while the agent runs: its checkout must not go back
+    // to the pool under it. What cannot be recorded stops the agent.
+    let mut trouble: Option<anyhow::Error> = None;
     while let Some(line) = rx.recv().await {
-        let (tag, text) = match &line {
-            Output::Stdout(t) => ("out", t),
-            Output::Stderr(t) => ("err", t),
-        };
-        writeln!(log, "{tag}| {text}")?;
-        if let Output::Stdout(t) = &line {
-            if let Some(ev) = e.agent.parse_line(t) {
-                s.progress.task_action(idx, &ev.summary());
-                let data = serde_json::to_string(&ev)?;
-                e.state.lock().unwrap().event(&s.run_id, idx, attempt, "agent", &data)?;
-                events.push(ev);
+        if trouble.is_none() {
+            if let Err(err) = record_line(e, s, row, attempt, &mut log, &line, &mut events) {
+                cancel.cancel();
+                trouble = Some(err.context("cannot record the agent's output; it was stopped"));
             }
         }
     }
-    let exit = running.await.context("the agent runner panicked")?;
-    let exit = match exit {
-        Ok(x) => x,
-        Err(err) => {
-            s.pool.release(checkout);
-            return Err(err);
-        }
-    };
+    let exit = running.await.context("the agent runner panicked")??;
+    if let Some(err) = trouble {
+        return Err(err);
+    }
     if let Some(AgentEvent::Message { text }) = events.iter().rev().find(|e| matches!(e, AgentEvent::Message { .. })) {
         writeln!(log, "--- final message\n{text}")?;
     }
@@ -234,7 +236,7 @@ async fn attempt_once(
 
     if exit == Exit::Cancelled {
         // Not committed: `resume` redoes the task from a clean checkout.
-        s.pool.release(checkout);
+        drop(checkout);
         {
             let st = e.state.lock().unwrap();
             let end = AttemptEnd {
@@ -255,10 +257,10 @@ async fn attempt_once(
     tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "agent finished");
     let t0 = std::time::Instant::now();
     let committed = {
-        let (co, br) = (checkout.clone(), branch_ref.clone());
+        let (co, br) = ((*checkout).clone(), branch_ref.clone());
         blocking(move || commit::commit_all(&co, &br, base, &message)).await
     };
-    s.pool.release(checkout);
+    drop(checkout);
     let tc = committed?;
     tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "committed");
     let tip = tc.tip.to_string();
@@ -307,6 +309,36 @@ async fn attempt_once(
         st.set_committed(&s.run_id, idx, &tip, &tc.files_changed, exit.code())?;
     }
     merge_task(e, s, row, tc.tip).await
+}
+
+/// Writes one line of the agent's output to the task's log and, when the
+/// agent makes an event of it, to the state DB and the progress display.
+fn record_line(
+    e: &Engine,
+    s: &Shared,
+    row: &TaskRow,
+    attempt: u32,
+    log: &mut std::fs::File,
+    line: &Output,
+    events: &mut Vec<AgentEvent>,
+) -> Result<()> {
+    let (tag, text) = match line {
+        Output::Stdout(t) => ("out", t),
+        Output::Stderr(t) => ("err", t),
+    };
+    writeln!(log, "{tag}| {text}")?;
+    if let Output::Stdout(t) = line {
+        if let Some(ev) = e.agent.parse_line(t) {
+            s.progress.task_action(row.index, &ev.summary());
+            let data = serde_json::to_string(&ev)?;
+            e.state
+                .lock()
+                .unwrap()
+                .event(&s.run_id, row.index, attempt, "agent", &data)?;
+            events.push(ev);
+        }
+    }
+    Ok(())
 }
 
 async fn merge_task(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid) -> Result<AttemptResult> {
