@@ -99,6 +99,8 @@ fn cohort_run(template: &Path, work: &Path, tasks: usize) -> (Duration, u64) {
         "--no-sync",
         "-j",
         "1", // the git CLI baseline is sequential too
+        "--runtime",
+        "host", // not containers, even where a podman socket is found
         "--agent-command",
         // The near-no-op agent: one small file, so every task commits and merges.
         "sh -c 'echo \"$COHORT_TASK\" > bench-$COHORT_TASK_ID.txt'",

@@ -153,3 +153,110 @@ fn no_agent_process_outlives_cohort_and_resume_starts_clean() {
         assert_eq!(s.git(&["show", "cohort/service:README.md"]), "# scratch\n");
     }
 }
+
+/// Sets a task back to `committed` (its work on the task branch, its merge
+/// not recorded), as a crash between the commit step and the merge leaves it.
+fn set_committed(s: &Scratch, idx: usize) {
+    let db = rusqlite::Connection::open(s.work.join(".git/cohort/state.db")).unwrap();
+    db.execute(
+        "UPDATE tasks SET status = 'committed', merge_commit = NULL, ended_at = NULL WHERE idx = ?1",
+        [idx],
+    )
+    .unwrap();
+    db.execute("UPDATE runs SET status = 'running', finished_at = NULL", [])
+        .unwrap();
+}
+
+/// Resuming a committed task merges it without running the agent again; a
+/// merge that happened before the crash is found and recorded, not redone.
+#[test]
+fn resume_merges_committed_tasks_without_rerunning_them() {
+    let s = Scratch::new();
+    let req = s.request("req.md", &tasks_doc(2));
+    let out = s.run(&["run", req.to_str().unwrap(), "--agent-command", &agent("write.sh")]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let report = s.status_json();
+    let merge1 = report["tasks"][0]["merge_commit"].as_str().unwrap().to_string();
+    let merge2 = report["tasks"][1]["merge_commit"].as_str().unwrap().to_string();
+    // Task 1's merge happened, task 2's did not (the service branch is put back).
+    let (first, second) = if s.git(&["rev-parse", "cohort/service"]).trim() == merge2 {
+        (merge1.clone(), 2)
+    } else {
+        (merge2.clone(), 1)
+    };
+    s.git(&["update-ref", "refs/heads/cohort/service", &first]);
+    set_committed(&s, 1);
+    set_committed(&s, 2);
+    // An agent that fails: running it again would fail the task.
+    let out = s.run(&["resume", "--agent-command", &agent("fail.sh")]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let report = s.status_json();
+    let tasks = report["tasks"].as_array().unwrap();
+    assert!(
+        tasks.iter().all(|t| t["status"] == "merged" && t["attempts"] == 1),
+        "{report}"
+    );
+    let other = if second == 2 { 0 } else { 1 };
+    assert_eq!(
+        tasks[other]["merge_commit"],
+        first.as_str(),
+        "the earlier merge is recorded"
+    );
+    assert_eq!(s.merged_tasks("cohort/service").len(), 2);
+    s.fsck();
+}
+
+/// A committed task whose merge conflicts on resume is retried once, with
+/// the agent told about the conflict, as in an uninterrupted run.
+#[test]
+fn resume_retries_a_committed_task_that_conflicts_and_says_why() {
+    let s = Scratch::new();
+    let req = s.request("req.md", &tasks_doc(1));
+    let out = s.run(&["run", req.to_str().unwrap(), "--agent-command", &agent("write.sh")]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // The service branch goes back to before the merge and gets a commit of
+    // its own on the file the task wrote.
+    let base = s.git(&["rev-parse", "cohort/service^1"]).trim().to_string();
+    let theirs_file = s.request("theirs.txt", "written meanwhile\n");
+    let blob = s.git(&["hash-object", "-w", theirs_file.to_str().unwrap()]);
+    let index = s.tmp.path().join("tmp-index");
+    let with_index = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&s.work)
+            .env("GIT_INDEX_FILE", &index)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    with_index(&["read-tree", &base]);
+    with_index(&[
+        "update-index",
+        "--add",
+        "--cacheinfo",
+        &format!("100644,{},task-001.txt", blob.trim()),
+    ]);
+    let tree = with_index(&["write-tree"]);
+    let theirs = s.git(&["commit-tree", &tree, "-p", &base, "-m", "meanwhile"]);
+    s.git(&["update-ref", "refs/heads/cohort/service", theirs.trim()]);
+    set_committed(&s, 1);
+
+    let keep_prompt = "sh -c 'cp \"$COHORT_PROMPT_FILE\" prompt-seen.txt'";
+    let out = s.run(&["resume", "--agent-command", keep_prompt]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let report = s.status_json();
+    let t = &report["tasks"][0];
+    assert_eq!(t["status"], "merged", "{report}");
+    assert_eq!(t["attempts"], 2, "{report}");
+    let prompt = s.git(&["show", "cohort/service:prompt-seen.txt"]);
+    assert!(
+        prompt.contains("conflicted") && prompt.contains("task-001.txt"),
+        "{prompt}"
+    );
+    assert_eq!(
+        s.git(&["show", "cohort/service:task-001.txt"]),
+        "written meanwhile\n",
+        "the service branch's version stays"
+    );
+}

@@ -10,8 +10,11 @@ use super::{is_ancestor, refs, write_commit, GitError, Oid};
 pub enum MergeOutcome {
     /// A merge commit was written and the target ref now points at it.
     Merged { commit: Oid },
-    /// `theirs` was already contained in the target; nothing moved.
-    AlreadyContained,
+    /// `theirs` was already contained in the target; nothing moved. `merge`
+    /// is the merge commit that brought it in, when one did (found on the
+    /// target's first-parent line): after a crash between a merge and its
+    /// record in the state DB, this is how the record is completed.
+    AlreadyContained { merge: Option<Oid> },
     /// The merge has conflicts; nothing moved.
     Conflict { paths: Vec<String> },
 }
@@ -52,7 +55,8 @@ pub fn merge_into(repo: &gix::Repository, target_ref: &str, theirs: Oid, message
             anyhow::bail!("branch {target_ref} does not exist");
         };
         if is_ancestor(repo, theirs, ours)? {
-            return Ok(MergeOutcome::AlreadyContained);
+            let merge = merge_commit_of(repo, ours, theirs)?;
+            return Ok(MergeOutcome::AlreadyContained { merge });
         }
         let tree = match merge_trees_of(repo, ours, theirs)? {
             Ok(tree) => tree,
@@ -72,4 +76,23 @@ pub fn merge_into(repo: &gix::Repository, target_ref: &str, theirs: Oid, message
         }
     }
     anyhow::bail!("{target_ref} kept moving during {ATTEMPTS} merge attempts; is another process writing to it?")
+}
+
+/// The commit on `tip`'s first-parent line that merged `theirs` (its second
+/// parent), if there is one. Only called when `theirs` is known to be
+/// contained, which is rare (a resume, or a task that changed nothing).
+fn merge_commit_of(repo: &gix::Repository, tip: Oid, theirs: Oid) -> Result<Option<Oid>> {
+    let mut cur = tip;
+    for _ in 0..100_000 {
+        let commit = repo.find_commit(cur)?;
+        let parents: Vec<Oid> = commit.parent_ids().map(|p| p.detach()).collect();
+        if parents.get(1) == Some(&theirs) {
+            return Ok(Some(cur));
+        }
+        match parents.first() {
+            Some(&p) => cur = p,
+            None => break,
+        }
+    }
+    Ok(None)
 }

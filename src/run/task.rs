@@ -81,7 +81,18 @@ async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
             AttemptResult::Finished => return Ok(()),
             AttemptResult::Conflict(paths) => {
                 record_conflict(e, s, idx, attempt, &paths)?;
-                if e.opts.on_conflict == ConflictPolicy::Retry && conflicted.is_none() && !e.cancel.is_cancelled() {
+                if e.opts.on_conflict == ConflictPolicy::Retry && conflicted.is_none() {
+                    if e.cancel.is_cancelled() {
+                        // Stopping: the retry is left to `resume`, which finds the conflict.
+                        e.state.lock().unwrap().set_status(
+                            &s.run_id,
+                            idx,
+                            TaskStatus::Pending,
+                            None,
+                            Some("interrupted before its retry after a conflict"),
+                        )?;
+                        return Ok(());
+                    }
                     s.progress
                         .task_finished(idx, "conflicted, retrying from the new service tip", &paths.join(", "));
                     conflicted = Some(paths);
@@ -363,11 +374,12 @@ async fn merge_task(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid) -
                 .task_finished(idx, "merged", &format!("as {}", git::short(commit)));
             Ok(AttemptResult::Finished)
         }
-        merge::MergeOutcome::AlreadyContained => {
+        merge::MergeOutcome::AlreadyContained { merge } => {
+            let merge = merge.map(|c| c.to_string());
             e.state
                 .lock()
                 .unwrap()
-                .set_status(&s.run_id, idx, TaskStatus::Merged, None, None)?;
+                .set_status(&s.run_id, idx, TaskStatus::Merged, merge.as_deref(), None)?;
             s.progress.task_finished(idx, "merged", "already in the service branch");
             Ok(AttemptResult::Finished)
         }

@@ -88,6 +88,9 @@ impl Runtime for HostRuntime {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.process_group(0);
         let parent = std::process::id() as i32;
+        // The death signal follows the thread that forks, not the process:
+        // agents are started from tokio's worker threads, which live as long
+        // as the runtime (nothing calls block_in_place on one).
         unsafe {
             // The guard stays behind in this process; the agent is its child.
             cmd.pre_exec(move || super::guard::split_off_guard(parent));
