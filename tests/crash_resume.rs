@@ -133,8 +133,26 @@ fn no_agent_process_outlives_cohort_and_resume_starts_clean() {
         wait_for_lines(&pids, 2);
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
         let out = child.wait_with_output().unwrap();
-        if signal == libc::SIGTERM {
+        // SIGTERM is a stop that saves state; after kill -9 the state still
+        // says running, and no process holds the run: status says stopped.
+        let (want, shown) = if signal == libc::SIGTERM {
             assert_eq!(out.status.code(), Some(130), "SIGTERM saves state and exits 130");
+            ("interrupted", "interrupted")
+        } else {
+            ("running", "stopped")
+        };
+        let status = s.status_json();
+        assert_eq!(status["run"]["status"], shown, "{status}");
+        let db = rusqlite::Connection::open(s.work.join(".git/cohort/state.db")).unwrap();
+        let stored: String = db.query_row("SELECT status FROM runs", [], |r| r.get(0)).unwrap();
+        assert_eq!(stored, want);
+        let text_status = s.run(&["status"]);
+        if signal == libc::SIGKILL {
+            assert!(
+                String::from_utf8_lossy(&text_status.stdout).contains("`cohort resume"),
+                "{}",
+                text(&text_status)
+            );
         }
         let recorded = std::fs::read_to_string(&pids).unwrap();
         assert_eq!(recorded.split_whitespace().count(), 6, "{recorded}");

@@ -34,6 +34,15 @@ pub(crate) fn open_state() -> Result<(RepoPaths, State)> {
 }
 
 /// The named run, or the newest one.
+/// A run's status as shown: `stopped` for one whose state says `running`
+/// but that no cohort process is working on (it crashed or was killed).
+pub(crate) fn shown(paths: &crate::git::RepoPaths, mut row: RunRow) -> RunRow {
+    if row.status == "running" && !crate::run::is_active(paths, &row.id) {
+        row.status = "stopped".into();
+    }
+    row
+}
+
 pub(crate) fn load_run(state: &State, run: Option<&str>) -> Result<(RunRow, Vec<TaskRow>)> {
     let row = state.run(run)?.ok_or_else(|| match run {
         Some(id) => crate::cli::usage(format!("no run {id}; `cohort status` shows the newest run")),

@@ -20,6 +20,7 @@ fn duration(start: Option<&str>, end: Option<&str>) -> Option<f64> {
 pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     let (paths, state) = super::open_state()?;
     let (row, tasks) = super::load_run(&state, args.run.as_deref())?;
+    let row = super::shown(&paths, row);
     let totals = state.agent_totals(&row.id)?;
     let price = crate::config::Config::load(config_path, Some(&paths.workdir))?
         .agent

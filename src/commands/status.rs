@@ -14,8 +14,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let (_, state) = super::open_state()?;
+    let (paths, state) = super::open_state()?;
     let (row, tasks) = super::load_run(&state, args.run.as_deref())?;
+    let row = super::shown(&paths, row);
     if args.json {
         // The newest (or named) run at the top level, and, without a RUN, every run: what
         // a service has done, newest first.
@@ -24,7 +25,7 @@ pub fn run(args: Args) -> Result<u8> {
             let mut runs = Vec::new();
             for r in state.runs()? {
                 let t = state.tasks(&r.id)?;
-                runs.push(run_json(&r, &t));
+                runs.push(run_json(&super::shown(&paths, r), &t));
             }
             out["runs"] = runs.into();
         }
@@ -37,6 +38,12 @@ pub fn run(args: Args) -> Result<u8> {
     );
     for t in &tasks {
         println!("  {:03}  {:<10} {}", t.index, t.status.as_str(), t.text);
+    }
+    if row.status == "stopped" {
+        println!(
+            "cohort stopped while working on this run; `cohort resume {}` finishes it",
+            row.id
+        );
     }
     Ok(0)
 }

@@ -269,15 +269,39 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
 }
 
 /// One process per run at a time: a second `resume` of a run that is still
-/// going would fight over its checkouts.
-fn lock_run(dir: &RunDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
+/// going would fight over its checkouts. An open-file-description lock
+/// (whole file, write), so that [`is_active`] can test for it without
+/// taking it; it goes when the file is closed, by the process's death too.
+fn lock_run(dir: &RunDir) -> Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(dir.0.join("lock"))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| anyhow::anyhow!("run {} is being worked on by another cohort process", dir.0.display()))
+    let lock = whole_file_lock(libc::F_WRLCK);
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock))
+        .map_err(|_| anyhow::anyhow!("run {} is being worked on by another cohort process", dir.0.display()))?;
+    Ok(file)
+}
+
+fn whole_file_lock(kind: i32) -> libc::flock {
+    // SAFETY: flock is plain data; zero is "from the start, to the end".
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    lock
+}
+
+/// Whether a cohort process is working on the run now (holds its lock).
+/// A run whose state says `running` but that no process holds was stopped
+/// by a crash or `kill -9`; `resume` finishes it.
+pub fn is_active(paths: &RepoPaths, run_id: &str) -> bool {
+    let Ok(file) = std::fs::File::open(RunDir::new(paths, run_id).0.join("lock")) else {
+        return false;
+    };
+    let mut lock = whole_file_lock(libc::F_WRLCK);
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut lock)).is_ok()
+        && lock.l_type != libc::F_UNLCK as i16
 }
 
 /// Unfinished tasks of a run, for `resume` to report.
