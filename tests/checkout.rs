@@ -28,6 +28,24 @@ fn commit_shape(s: &Scratch, branch: &str, files: &[(&str, &str)]) -> git::Oid {
     s.git(&["rev-parse", "HEAD"]).trim().parse().unwrap()
 }
 
+/// A checkout leased from a new pool, with branch `t` at `at` (the
+/// checkout itself is not prepared yet).
+struct Leased {
+    paths: git::RepoPaths,
+    repo: gix::Repository,
+    pool: Arc<Pool>,
+    co: git::pool::Lease,
+}
+
+fn lease(s: &Scratch, at: git::Oid) -> Leased {
+    let paths = git::RepoPaths::discover(&s.work).unwrap();
+    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
+    let co = pool.lease().unwrap();
+    let repo = paths.open().unwrap();
+    refs::cas(&repo, "refs/heads/t", None, at, "test").unwrap();
+    Leased { paths, repo, pool, co }
+}
+
 fn assert_matches(checkout: &std::path::Path, files: &[(&str, &str)]) {
     let status = git_in(checkout, &["status", "--porcelain", "--untracked-files=all"]);
     assert_eq!(status, "", "checkout differs from its commit");
@@ -59,11 +77,7 @@ fn checkouts_move_between_trees_by_both_paths() {
     let b = commit_shape(&s, "shape-b", &b_files);
     s.git(&["checkout", "-q", "main"]);
 
-    let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
-    let co = pool.lease().unwrap();
-    let repo = paths.open().unwrap();
-    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    let Leased { repo, pool, co, .. } = lease(&s, a);
 
     // First use: every file written.
     co.prepare("refs/heads/t", a).unwrap();
@@ -124,11 +138,7 @@ fn commits_update_the_index_in_place_and_stay_clean() {
     ];
     let a = commit_shape(&s, "shape-a", &a_files);
     s.git(&["checkout", "-q", "main"]);
-    let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
-    let co = pool.lease().unwrap();
-    let repo = paths.open().unwrap();
-    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    let Leased { pool, co, .. } = lease(&s, a);
     co.prepare("refs/heads/t", a).unwrap();
 
     // What an agent might do, without touching the index.
@@ -179,11 +189,7 @@ fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
     let a_files = [("a.txt", "a\n"), ("thing", "file\n"), ("other", "o\n")];
     let a = commit_shape(&s, "shape-a", &a_files);
     s.git(&["checkout", "-q", "main"]);
-    let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
-    let co = pool.lease().unwrap();
-    let repo = paths.open().unwrap();
-    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    let Leased { pool, co, .. } = lease(&s, a);
     co.prepare("refs/heads/t", a).unwrap();
     let ls = |co: &std::path::Path| git_in(co, &["ls-tree", "-r", "--format=%(path)", "HEAD"]);
 
@@ -228,11 +234,7 @@ fn ignored_files_do_not_outlive_their_task() {
     let s = Scratch::new();
     let a = commit_shape(&s, "shape-a", &[("a.txt", "a\n"), (".gitignore", "*.log\nbuild/\n")]);
     s.git(&["checkout", "-q", "main"]);
-    let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
-    let co = pool.lease().unwrap();
-    let repo = paths.open().unwrap();
-    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    let Leased { repo, pool, co, .. } = lease(&s, a);
     co.prepare("refs/heads/t", a).unwrap();
 
     // Fast path: the agent changed files but not the index.
@@ -276,11 +278,7 @@ fn stale_locks_and_unfinished_operations_are_cleared() {
     let s = Scratch::new();
     let a = commit_shape(&s, "shape-a", &[("a.txt", "a\n")]);
     s.git(&["checkout", "-q", "main"]);
-    let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
-    let co = pool.lease().unwrap();
-    let repo = paths.open().unwrap();
-    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    let Leased { paths, pool, co, .. } = lease(&s, a);
     co.prepare("refs/heads/t", a).unwrap();
 
     std::fs::write(co.path.join("a.txt"), "work\n").unwrap();
@@ -308,11 +306,7 @@ fn an_agents_detached_commits_are_kept() {
     let s = Scratch::new();
     let a = commit_shape(&s, "shape-a", &[("a.txt", "a\n")]);
     s.git(&["checkout", "-q", "main"]);
-    let paths = git::RepoPaths::discover(&s.work).unwrap();
-    let pool = Arc::new(Pool::new(&paths.common_dir, "test-run", s.tmp.path().join("pool")));
-    let co = pool.lease().unwrap();
-    let repo = paths.open().unwrap();
-    refs::cas(&repo, "refs/heads/t", None, a, "test").unwrap();
+    let Leased { pool, co, .. } = lease(&s, a);
     co.prepare("refs/heads/t", a).unwrap();
 
     git_in(&co.path, &["checkout", "-q", "--detach"]);
