@@ -146,7 +146,7 @@ pub fn write_plan(dir: &Path, plan: &Plan, force: bool) -> Result<()> {
 /// Reads a task list (one task per line; blank lines skipped) and a template.
 pub fn read_plan_files(tasks: &Path, prompt: &Path) -> Result<Plan> {
     let text = plan::read_document(tasks)?;
-    let template = std::fs::read_to_string(prompt).with_context(|| format!("cannot read {}", prompt.display()))?;
+    let template = plan::read_text(prompt)?;
     let plan = Plan {
         tasks: text
             .lines()
