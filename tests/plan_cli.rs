@@ -127,3 +127,14 @@ fn unreadable_plan_files_are_input_errors() {
     }
     assert!(s.git(&["branch", "--list", "cohort/*"]).is_empty());
 }
+
+#[test]
+fn plan_out_dir_that_is_a_file_exits_2() {
+    let s = Scratch::new();
+    let req = s.request("req.md", "- a task\n");
+    let file = s.request("plan-file", "keep me\n");
+    let out = s.run(&["plan", req.to_str().unwrap(), "-o", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("not a directory"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me\n");
+}
