@@ -176,3 +176,34 @@ fn no_sync_leaves_the_users_branch_alone() {
     assert_eq!(s.read("README.md").unwrap(), "# dirty\n");
     assert_eq!(s.merged_tasks("cohort/service").len(), 1);
 }
+
+/// What a refused run must leave exactly as it was.
+fn repo_picture(s: &Scratch) -> Vec<String> {
+    vec![
+        s.git(&["rev-parse", "HEAD"]),
+        s.git(&["symbolic-ref", "HEAD"]),
+        s.git(&["ls-files", "-s"]),
+        s.git(&["status", "--porcelain"]),
+        s.read("README.md").unwrap_or_default(),
+        s.git(&["for-each-ref", "--format=%(refname) %(objectname)", "refs/heads"]),
+    ]
+}
+
+#[test]
+fn a_bad_service_branch_name_is_a_usage_error_before_the_sync() {
+    let s = Scratch::new();
+    s.write("README.md", "local change\n");
+    let before = repo_picture(&s);
+    for bad in ["bad..name", "HEAD", "-dash", "with space", ""] {
+        let out = run_write(&s, &[&format!("--service-branch={bad}")]);
+        assert_eq!(code(&out), 2, "{bad:?}: {}", text(&out));
+        assert!(text(&out).contains("--service-branch"), "{}", text(&out));
+        assert_eq!(repo_picture(&s), before, "{bad:?}: nothing may change");
+    }
+    std::fs::write(s.work.join("cohort.toml"), "[run]\nservice_branch = \"a..b\"\n").unwrap();
+    let before = repo_picture(&s);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("service_branch"), "{}", text(&out));
+    assert_eq!(repo_picture(&s), before);
+}

@@ -150,9 +150,8 @@ pub enum Service {
 /// Makes sure the service branch exists and contains `head`: created from
 /// it when missing, otherwise `head` is merged in (fast-forward if possible).
 pub fn ensure_service_branch(repo: &gix::Repository, service: &str, head: Oid) -> Result<(Service, Oid)> {
+    // The name was checked up front (`names::check_service_branch`).
     let name = format!("refs/heads/{service}");
-    gix::refs::FullName::try_from(name.as_str())
-        .map_err(|_| anyhow::anyhow!("--service-branch {service:?} is not a valid branch name"))?;
     let Some(tip) = refs::read(repo, &name)? else {
         refs::cas(repo, &name, None, head, "cohort: create service branch")?;
         return Ok((Service::Created, head));
