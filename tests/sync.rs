@@ -177,6 +177,15 @@ fn no_sync_leaves_the_users_branch_alone() {
     assert_eq!(s.merged_tasks("cohort/service").len(), 1);
 }
 
+/// Runs git where it may fail (a conflicting merge exits 1), returning its output.
+fn git_may_fail(s: &Scratch, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("git")
+        .args(args)
+        .current_dir(&s.work)
+        .output()
+        .unwrap()
+}
+
 /// What a refused run must leave exactly as it was.
 fn repo_picture(s: &Scratch) -> Vec<String> {
     vec![
@@ -187,6 +196,50 @@ fn repo_picture(s: &Scratch) -> Vec<String> {
         s.read("README.md").unwrap_or_default(),
         s.git(&["for-each-ref", "--format=%(refname) %(objectname)", "refs/heads"]),
     ]
+}
+
+#[test]
+fn an_unfinished_merge_is_refused_and_nothing_changes() {
+    let s = Scratch::new();
+    s.git(&["checkout", "-q", "-b", "other"]);
+    s.write("README.md", "other side\n");
+    s.git(&["commit", "-q", "-am", "other side"]);
+    s.git(&["checkout", "-q", "main"]);
+    s.write("README.md", "main side\n");
+    s.git(&["commit", "-q", "-am", "main side"]);
+    let merge = git_may_fail(&s, &["merge", "-q", "other"]);
+    assert!(!merge.status.success(), "the merge must conflict");
+    assert!(s.read("README.md").unwrap().contains("<<<<<<<"));
+    let before = repo_picture(&s);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("merge") && t.contains("--abort") && t.contains("--no-sync"),
+        "{t}"
+    );
+    assert_eq!(repo_picture(&s), before, "nothing may change");
+    assert!(
+        s.work.join(".git/MERGE_HEAD").exists(),
+        "the merge is still the user's to finish"
+    );
+}
+
+#[test]
+fn conflicted_index_entries_without_a_merge_are_refused() {
+    // `git stash pop` that conflicts leaves unmerged entries but no MERGE_HEAD.
+    let s = Scratch::new();
+    s.write("README.md", "stashed\n");
+    s.git(&["stash", "-q"]);
+    s.write("README.md", "committed\n");
+    s.git(&["commit", "-q", "-am", "committed"]);
+    let pop = git_may_fail(&s, &["stash", "pop", "-q"]);
+    assert!(!pop.status.success(), "the pop must conflict");
+    let before = repo_picture(&s);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("README.md"), "{}", text(&out));
+    assert_eq!(repo_picture(&s), before, "nothing may change");
 }
 
 #[test]

@@ -55,6 +55,7 @@ pub fn current_branch(repo: &gix::Repository) -> Result<(String, Oid)> {
 }
 
 pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport> {
+    refuse_unfinished(repo)?;
     let (branch, head) = current_branch(repo)?;
     let head_tree = tree_of(repo, head)?;
     let workdir = repo.workdir().ok_or(GitError::Bare)?.to_path_buf();
@@ -89,6 +90,60 @@ pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport
         upstream,
         head: target,
     })
+}
+
+/// Refuses a repository in the middle of a merge, rebase, cherry-pick (…),
+/// or with unresolved conflicts in its index: a snapshot would commit the
+/// conflict markers, and the operation is the user's to finish or abort.
+fn refuse_unfinished(repo: &gix::Repository) -> Result<()> {
+    use gix::state::InProgress as P;
+    if let Some(state) = repo.state() {
+        let (what, fix) = match state {
+            P::Merge => (
+                "a merge",
+                "finish it (resolve, `git add`, `git commit`) or abort it (`git merge --abort`)",
+            ),
+            P::Rebase | P::RebaseInteractive | P::ApplyMailboxRebase => (
+                "a rebase",
+                "finish it (`git rebase --continue`) or abort it (`git rebase --abort`)",
+            ),
+            P::CherryPick | P::CherryPickSequence => (
+                "a cherry-pick",
+                "finish it (`git cherry-pick --continue`) or abort it (`git cherry-pick --abort`)",
+            ),
+            P::Revert | P::RevertSequence => (
+                "a revert",
+                "finish it (`git revert --continue`) or abort it (`git revert --abort`)",
+            ),
+            P::ApplyMailbox => (
+                "`git am`",
+                "finish it (`git am --continue`) or abort it (`git am --abort`)",
+            ),
+            P::Bisect => ("a bisect", "end it with `git bisect reset`"),
+        };
+        return Err(GitError::Unfinished {
+            what: what.into(),
+            fix: fix.into(),
+        }
+        .into());
+    }
+    // A conflicting `git stash pop` (or `checkout -m`) leaves conflicts but no operation.
+    let index = repo.index_or_empty().context("cannot read the index")?;
+    let mut paths: Vec<String> = index
+        .entries()
+        .iter()
+        .filter(|e| e.stage() != gix::index::entry::Stage::Unconflicted)
+        .map(|e| e.path(&index).to_str_lossy().into_owned())
+        .collect();
+    paths.dedup();
+    if !paths.is_empty() {
+        return Err(GitError::Unfinished {
+            what: format!("resolving conflicts in {}", paths.join(", ")),
+            fix: "resolve them (edit the files, then `git add` them)".into(),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Fetches the branch's upstream on `origin` and works out where the branch
