@@ -198,6 +198,14 @@ fn repo_picture(s: &Scratch) -> Vec<String> {
     ]
 }
 
+/// Every object in the object store, contents included (loose objects are zlib-compressed, so
+/// grep on .git/objects would miss them).
+fn all_objects(s: &Scratch) -> String {
+    let out = git_may_fail(s, &["cat-file", "--batch-all-objects", "--batch"]);
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn an_unfinished_merge_is_refused_and_nothing_changes() {
     let s = Scratch::new();
@@ -259,4 +267,33 @@ fn a_bad_service_branch_name_is_a_usage_error_before_the_sync() {
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(text(&out).contains("service_branch"), "{}", text(&out));
     assert_eq!(repo_picture(&s), before);
+}
+
+#[test]
+fn refused_secrets_never_reach_the_object_store() {
+    let s = Scratch::new();
+    s.write(".env", "TOKEN=unique-env-value-7c41d9\n");
+    s.write(
+        "keys/deploy_key",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nunique-key-body-52ab0e\n-----END OPENSSH PRIVATE KEY-----\n",
+    );
+    s.write("notes.txt", "harmless-note-3f9d\n");
+    let before = repo_picture(&s);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains(".env") && t.contains("keys/deploy_key"), "{t}");
+    assert!(t.contains("private key"), "{t}");
+    assert!(!t.contains("notes.txt"), "{t}");
+    assert_eq!(repo_picture(&s), before, "nothing may change");
+    assert!(s.git(&["branch", "--list", "cohort/*"]).is_empty());
+    // Task checkouts share this object store: no blob of the refused change may be in it.
+    let objects = all_objects(&s);
+    for value in [
+        "unique-env-value-7c41d9",
+        "unique-key-body-52ab0e",
+        "harmless-note-3f9d",
+    ] {
+        assert!(!objects.contains(value), "a blob holding {value} was written");
+    }
 }

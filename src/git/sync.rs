@@ -2,8 +2,9 @@
 //! changes, pull from origin, and the service branch.
 //!
 //! Everything is computed first (objects may be written, which is
-//! harmless); refs and files move only once every check has passed, so a
-//! refusal touches nothing.
+//! harmless, except for files the secret scan refuses: it runs before any
+//! blob is written); refs and files move only once every check has passed,
+//! so a refusal touches nothing.
 
 use std::sync::atomic::AtomicBool;
 
@@ -60,12 +61,19 @@ pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport
     let head_tree = tree_of(repo, head)?;
     let workdir = repo.workdir().ok_or(GitError::Bare)?.to_path_buf();
 
-    let snap = snapshot::snapshot(repo, head_tree)?;
-    let written: Vec<String> = snap.written_paths().map(|p| p.to_str_lossy().into_owned()).collect();
-    let findings = scan::scan(&workdir, written.iter().map(String::as_str), opts.key, opts.allow_files);
+    // Scan before any blob is written: a refused file must not end up in the
+    // object store, which every task checkout shares.
+    let plan = snapshot::plan(repo, head_tree)?;
+    let to_scan: Vec<String> = plan
+        .paths_to_scan()
+        .iter()
+        .map(|p| p.to_str_lossy().into_owned())
+        .collect();
+    let findings = scan::scan(&workdir, to_scan.iter().map(String::as_str), opts.key, opts.allow_files);
     if !findings.0.is_empty() {
         return Err(GitError::Secrets(findings).into());
     }
+    let snap = plan.write(repo)?;
     let (local, snapshot_commit) = if snap.tree != head_tree {
         let msg = format!("cohort: snapshot before run {}\n", opts.run_id);
         let c = write_commit(repo, snap.tree, &[head], &msg)?;
