@@ -251,6 +251,27 @@ fn conflicted_index_entries_without_a_merge_are_refused() {
 }
 
 #[test]
+fn a_service_branch_conflict_changes_nothing() {
+    let s = Scratch::new();
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // The service branch gets a README that conflicts with a local change.
+    s.git(&["checkout", "-q", "cohort/service"]);
+    s.write("README.md", "service readme\n");
+    s.git(&["commit", "-q", "-am", "service readme"]);
+    s.git(&["checkout", "-q", "main"]);
+    s.write("README.md", "local readme\n");
+    let before = repo_picture(&s);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("cohort/service") && t.contains("README.md"), "{t}");
+    assert_eq!(repo_picture(&s), before, "nothing may change");
+    assert_eq!(s.git(&["status", "--porcelain"]), " M README.md\n");
+    assert!(!s.git(&["log", "--format=%s", "main"]).contains("cohort: snapshot"));
+}
+
+#[test]
 fn a_bad_service_branch_name_is_a_usage_error_before_the_sync() {
     let s = Scratch::new();
     s.write("README.md", "local change\n");
@@ -295,5 +316,48 @@ fn refused_secrets_never_reach_the_object_store() {
         "harmless-note-3f9d",
     ] {
         assert!(!objects.contains(value), "a blob holding {value} was written");
+    }
+}
+
+#[test]
+fn head_is_merged_into_a_diverged_service_branch() {
+    let s = Scratch::new();
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // The service branch moves on by itself (task 1 and a commit of its own), and so does main.
+    s.git(&["checkout", "-q", "cohort/service"]);
+    s.write("service-only.txt", "service\n");
+    s.git(&["add", "service-only.txt"]);
+    s.git(&["commit", "-q", "-m", "service only"]);
+    s.git(&["checkout", "-q", "main"]);
+    s.write("main-only.txt", "main\n");
+    s.git(&["add", "main-only.txt"]);
+    s.git(&["commit", "-q", "-m", "main only"]);
+    let service_before = s.git(&["rev-parse", "cohort/service"]);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        text(&out).contains("service branch cohort/service: merged"),
+        "{}",
+        text(&out)
+    );
+    let service_before = service_before.trim();
+    let main = s.git(&["rev-parse", "main"]);
+    let main = main.trim();
+    // Both lines of history are in the service branch, joined by cohort's merge commit.
+    for (ancestor, what) in [(service_before, "the old service tip"), (main, "HEAD")] {
+        let ok = git_may_fail(&s, &["merge-base", "--is-ancestor", ancestor, "cohort/service"]);
+        assert!(ok.status.success(), "{what} is not in the service branch");
+    }
+    let subjects = s.git(&["log", "--first-parent", "--format=%s", "cohort/service"]);
+    assert!(
+        subjects
+            .lines()
+            .any(|l| l.starts_with("cohort: merge ") && l.ends_with("into cohort/service")),
+        "{subjects}"
+    );
+    let files = s.git(&["ls-tree", "--name-only", "cohort/service"]);
+    for f in ["service-only.txt", "main-only.txt", "task-001.txt"] {
+        assert!(files.lines().any(|l| l == f), "{f} missing: {files}");
     }
 }

@@ -55,7 +55,40 @@ pub fn current_branch(repo: &gix::Repository) -> Result<(String, Oid)> {
     Ok((name, id))
 }
 
-pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport> {
+/// A sync worked out in full (commits written, no ref or file moved yet),
+/// so the caller can check what else must hold (the service branch merge)
+/// before anything of the user's changes.
+#[derive(Debug)]
+pub struct PreparedSync {
+    report: SyncReport,
+    old_head: Oid,
+    snapshot_tree: Oid,
+}
+
+impl PreparedSync {
+    /// The branch tip once the sync is applied.
+    pub fn head(&self) -> Oid {
+        self.report.head
+    }
+
+    /// Moves the branch (compare-and-swap on its old tip) and the files.
+    pub fn apply(self, repo: &gix::Repository) -> Result<SyncReport> {
+        let r = self.report;
+        if r.head != self.old_head {
+            refs::cas(repo, &r.branch, Some(self.old_head), r.head, "cohort: sync")?;
+        }
+        if r.head != self.old_head || r.snapshot.is_some() {
+            // The files already hold the snapshot; write what the pull brought
+            // and refresh the index so `git status` is clean.
+            checkout::move_to(repo, tree_of(repo, r.head)?, Untracked::Keep, Some(self.snapshot_tree))?;
+        }
+        Ok(r)
+    }
+}
+
+/// Works out the sync: refusals (unfinished merge, secrets, divergence)
+/// come from here, before anything moved.
+pub fn prepare(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<PreparedSync> {
     refuse_unfinished(repo)?;
     let (branch, head) = current_branch(repo)?;
     let head_tree = tree_of(repo, head)?;
@@ -83,20 +116,16 @@ pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport
     };
 
     let (upstream, target) = pull_target(repo, &branch, local)?;
-    if target != head {
-        refs::cas(repo, &branch, Some(head), target, "cohort: sync")?;
-    }
-    if target != head || snapshot_commit.is_some() {
-        // The files already hold the snapshot; write what the pull brought
-        // and refresh the index so `git status` is clean.
-        checkout::move_to(repo, tree_of(repo, target)?, Untracked::Keep, Some(snap.tree))?;
-    }
-    Ok(SyncReport {
-        branch,
-        snapshot: snapshot_commit,
-        snapshot_files: snap.changed.len(),
-        upstream,
-        head: target,
+    Ok(PreparedSync {
+        report: SyncReport {
+            branch,
+            snapshot: snapshot_commit,
+            snapshot_files: snap.changed.len(),
+            upstream,
+            head: target,
+        },
+        old_head: head,
+        snapshot_tree: snap.tree,
     })
 }
 
@@ -210,33 +239,54 @@ pub enum Service {
     Merged,
 }
 
-/// Makes sure the service branch exists and contains `head`: created from
+/// The service branch's update, worked out (a merge commit may be written)
+/// but not made: a conflict is found before the user's branch moves.
+#[derive(Debug)]
+pub struct ServiceUpdate {
+    pub how: Service,
+    name: String,
+    old: Option<Oid>,
+    pub tip: Oid,
+}
+
+/// Works out how the service branch comes to contain `head`: created from
 /// it when missing, otherwise `head` is merged in (fast-forward if possible).
-pub fn ensure_service_branch(repo: &gix::Repository, service: &str, head: Oid) -> Result<(Service, Oid)> {
-    // The name was checked up front (`names::check_service_branch`).
+/// The name was checked up front (`names::check_service_branch`).
+pub fn plan_service_branch(repo: &gix::Repository, service: &str, head: Oid) -> Result<ServiceUpdate> {
     let name = format!("refs/heads/{service}");
-    let Some(tip) = refs::read(repo, &name)? else {
-        refs::cas(repo, &name, None, head, "cohort: create service branch")?;
-        return Ok((Service::Created, head));
+    let old = refs::read(repo, &name)?;
+    let (how, tip) = match old {
+        None => (Service::Created, head),
+        Some(tip) if is_ancestor(repo, head, tip)? => (Service::UpToDate, tip),
+        Some(tip) if is_ancestor(repo, tip, head)? => (Service::FastForwarded, head),
+        Some(tip) => match merge_trees_of(repo, tip, head)? {
+            Ok(tree) => {
+                let msg = format!("cohort: merge {} into {service}\n", short(head));
+                (Service::Merged, write_commit(repo, tree, &[tip, head], &msg)?)
+            }
+            Err(paths) => {
+                return Err(GitError::ServiceConflict {
+                    service: service.into(),
+                    paths: paths.join(", "),
+                }
+                .into())
+            }
+        },
     };
-    if is_ancestor(repo, head, tip)? {
-        return Ok((Service::UpToDate, tip));
-    }
-    if is_ancestor(repo, tip, head)? {
-        refs::cas(repo, &name, Some(tip), head, "cohort: fast-forward service branch")?;
-        return Ok((Service::FastForwarded, head));
-    }
-    match merge_trees_of(repo, tip, head)? {
-        Ok(tree) => {
-            let msg = format!("cohort: merge {} into {service}\n", short(head));
-            let commit = write_commit(repo, tree, &[tip, head], &msg)?;
-            refs::cas(repo, &name, Some(tip), commit, "cohort: merge HEAD into service branch")?;
-            Ok((Service::Merged, commit))
+    Ok(ServiceUpdate { how, name, old, tip })
+}
+
+impl ServiceUpdate {
+    /// Moves the service branch, by compare-and-swap on the tip it was worked out from.
+    pub fn apply(self, repo: &gix::Repository) -> Result<(Service, Oid)> {
+        if self.old != Some(self.tip) {
+            let reason = match self.how {
+                Service::Created => "cohort: create service branch",
+                Service::FastForwarded => "cohort: fast-forward service branch",
+                _ => "cohort: merge HEAD into service branch",
+            };
+            refs::cas(repo, &self.name, self.old, self.tip, reason)?;
         }
-        Err(paths) => Err(GitError::ServiceConflict {
-            service: service.into(),
-            paths: paths.join(", "),
-        }
-        .into()),
+        Ok((self.how, self.tip))
     }
 }
