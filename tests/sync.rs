@@ -320,6 +320,27 @@ fn refused_secrets_never_reach_the_object_store() {
 }
 
 #[test]
+fn an_allow_file_that_matches_nothing_is_a_warning() {
+    let s = Scratch::new();
+    s.write("new.txt", "new\n");
+    let out = run_write(&s, &["--allow-file", "no/such/file.env"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning") && err.contains("no/such/file.env"), "{err}");
+}
+
+#[test]
+fn named_env_files_are_refused_too() {
+    let s = Scratch::new();
+    s.write("deploy/prod.env", "DB_PASSWORD=hunter2\n");
+    let before = repo_picture(&s);
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("deploy/prod.env"), "{}", text(&out));
+    assert_eq!(repo_picture(&s), before);
+}
+
+#[test]
 fn head_is_merged_into_a_diverged_service_branch() {
     let s = Scratch::new();
     let out = run_write(&s, &[]);

@@ -34,6 +34,7 @@ pub struct Args {
     #[arg(long)]
     pub no_sync: bool,
     /// Let the secret scan pass this file (path relative to the repository root); repeatable.
+    /// A path that matches no new or changed file gets a warning.
     #[arg(long, value_name = "PATH")]
     pub allow_file: Vec<String>,
 }
@@ -372,7 +373,13 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     stored["agent"] = engine.agent.name().into();
     handle_signals(engine.cancel.clone());
     let key = api_key(&config)?;
-    let sync = (!args.no_sync && config.run.sync != Some(false)).then(|| SyncSettings {
+    let syncing = !args.no_sync && config.run.sync != Some(false);
+    if !syncing && !args.allow_file.is_empty() {
+        eprintln!(
+            "cohort: warning: --allow-file has no effect without the sync step (--no-sync or [run] sync = false)"
+        );
+    }
+    let sync = syncing.then(|| SyncSettings {
         key,
         allow_files: args.allow_file.clone(),
     });

@@ -42,6 +42,8 @@ pub struct SyncReport {
     pub upstream: Upstream,
     /// The branch tip after the sync.
     pub head: Oid,
+    /// `--allow-file` paths that matched no new or changed file.
+    pub unmatched_allow: Vec<String>,
 }
 
 /// The checked-out branch: its full ref name and tip.
@@ -103,7 +105,7 @@ pub fn prepare(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<Prepare
         .map(|p| p.to_str_lossy().into_owned())
         .collect();
     let findings = scan::scan(&workdir, to_scan.iter().map(String::as_str), opts.key, opts.allow_files);
-    if !findings.0.is_empty() {
+    if !findings.found.is_empty() {
         return Err(GitError::Secrets(findings).into());
     }
     let snap = plan.write(repo)?;
@@ -123,6 +125,7 @@ pub fn prepare(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<Prepare
             snapshot_files: snap.changed.len(),
             upstream,
             head: target,
+            unmatched_allow: findings.unmatched_allow,
         },
         old_head: head,
         snapshot_tree: snap.tree,

@@ -136,7 +136,14 @@ pub async fn start(
         // that conflicts with HEAD leaves the user's branch and files as they were.
         let service_update = sync::plan_service_branch(&repo, &service, head)?;
         if let Some(p) = prepared {
-            notes.push(describe_sync(&p.apply(&repo)?));
+            let report = p.apply(&repo)?;
+            notes.push(describe_sync(&report));
+            for a in &report.unmatched_allow {
+                notes.push(format!(
+                    "warning: --allow-file {a} matches no new or changed file, so it has no effect \
+                     (paths are relative to the repository root)"
+                ));
+            }
         }
         let (how, tip) = service_update.apply(&repo)?;
         notes.push(format!("service branch {service}: {how:?} at {}", git::short(tip)).to_lowercase());
