@@ -138,3 +138,22 @@ fn plan_out_dir_that_is_a_file_exits_2() {
     assert!(text(&out).contains("not a directory"), "{}", text(&out));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me\n");
 }
+
+#[test]
+fn dash_c_plans_relative_to_the_repository() {
+    let s = Scratch::new();
+    s.write("docs/req.md", "- from the repository\n");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = s
+        .cohort()
+        .current_dir(elsewhere.path())
+        .args(["-C", s.work.to_str().unwrap(), "plan", "docs/req.md", "-o", "plan"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(s.work.join("plan/tasks.txt")).unwrap(),
+        "from the repository\n"
+    );
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+}

@@ -92,6 +92,7 @@ fn diverged_clean_merge_and_conflicting_divergence() {
     );
     assert_eq!(s.read("theirs.txt").unwrap(), "theirs\n");
     assert_eq!(s.read("ours.txt").unwrap(), "ours\n");
+    assert_eq!(s.git(&["status", "--porcelain"]), "", "the merge leaves a clean tree");
 
     // Now both change README.md differently: refuse and touch nothing.
     std::fs::write(other.join("README.md"), "their readme\n").unwrap();
@@ -341,6 +342,37 @@ fn named_env_files_are_refused_too() {
 }
 
 #[test]
+fn an_ignored_env_file_does_not_stop_the_run() {
+    let s = Scratch::new();
+    s.write(".gitignore", "*.log\ntarget/\n.env\n");
+    s.write(".env", "OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwxyz\n");
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let files = s.git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(!files.lines().any(|f| f == ".env"), "{files}");
+    assert_eq!(s.git(&["show", "main:.gitignore"]), "*.log\ntarget/\n.env\n");
+    assert!(s.read(".env").unwrap().starts_with("OPENAI_API_KEY="));
+}
+
+#[test]
+fn a_branch_without_upstream_is_reported_and_the_run_goes_on() {
+    let s = Scratch::new();
+    s.git(&["checkout", "-q", "-b", "feature"]);
+    s.write("feature.txt", "local\n");
+    let out = run_write(&s, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        text(&out).contains("feature has no upstream on origin"),
+        "{}",
+        text(&out)
+    );
+    assert!(s
+        .git(&["log", "-1", "--format=%s", "feature"])
+        .starts_with("cohort: snapshot before run "));
+    assert_eq!(s.merged_tasks("cohort/service").len(), 1);
+}
+
+#[test]
 fn head_is_merged_into_a_diverged_service_branch() {
     let s = Scratch::new();
     let out = run_write(&s, &[]);
@@ -381,4 +413,28 @@ fn head_is_merged_into_a_diverged_service_branch() {
     for f in ["service-only.txt", "main-only.txt", "task-001.txt"] {
         assert!(files.lines().any(|l| l == f), "{f} missing: {files}");
     }
+}
+
+#[test]
+fn dash_c_runs_in_the_named_repository() {
+    let s = Scratch::new();
+    let req = s.request("req.md", "- write one file\n");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = s
+        .cohort()
+        .current_dir(elsewhere.path())
+        .args(["-C", s.work.to_str().unwrap(), "run", req.to_str().unwrap()])
+        .args(["--agent-command", &agent("write.sh")])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(s.merged_tasks("cohort/service").len(), 1);
+    assert!(s
+        .git(&["ls-tree", "--name-only", "cohort/service"])
+        .contains("task-001.txt"));
+    assert_eq!(
+        std::fs::read_dir(elsewhere.path()).unwrap().count(),
+        0,
+        "nothing written elsewhere"
+    );
 }
