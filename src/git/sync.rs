@@ -59,7 +59,7 @@ pub fn current_branch(repo: &gix::Repository) -> Result<(String, Oid)> {
 
 /// A sync worked out in full (commits written, no ref or file moved yet),
 /// so the caller can check what else must hold (the service branch merge)
-/// before anything of the user's changes.
+/// before the user's branch and files move.
 #[derive(Debug)]
 pub struct PreparedSync {
     report: SyncReport,
