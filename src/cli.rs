@@ -14,7 +14,8 @@ Exit codes:
   0    every task merged into the service branch (or had nothing to change)
   1    some task failed or conflicted (`cohort report` says which), or an unexpected error
   2    usage, config or input error (bad flag, bad cohort.toml, bad request document,
-       secrets found in files to commit, diverged branch); nothing was changed
+       secrets found in files to commit, diverged branch, unfinished merge or rebase,
+       service branch that conflicts with HEAD); nothing was changed
   130  interrupted (Ctrl-C / SIGTERM); `cohort resume` finishes the run";
 
 #[derive(Parser, Debug)]

@@ -92,3 +92,68 @@ fn usage_errors_exit_2_with_help() {
     assert_eq!(code(&help), 0);
     assert!(String::from_utf8_lossy(&help.stdout).contains("--on-conflict"));
 }
+
+fn run_plan_files(s: &Scratch, tasks: &str, prompt: &str) -> std::process::Output {
+    s.run(&[
+        "run",
+        "--tasks",
+        tasks,
+        "--prompt",
+        prompt,
+        "--agent",
+        "command",
+        "--agent-command",
+        &agent("write.sh"),
+    ])
+}
+
+#[test]
+fn unreadable_plan_files_are_input_errors() {
+    let s = Scratch::new();
+    let tasks = s.request("tasks.txt", "one\n");
+    let prompt = s.request("prompt.txt", "Do {task}.\n");
+    let latin1 = s.request("latin1.txt", "");
+    std::fs::write(&latin1, b"Do {task} \xe9t\xe9 bien.\n").unwrap();
+    let (t, p) = (tasks.to_str().unwrap(), prompt.to_str().unwrap());
+    let cases = [
+        (t, "/nonexistent/prompt.txt", "cannot read /nonexistent/prompt.txt"),
+        ("/nonexistent/tasks.txt", p, "cannot read /nonexistent/tasks.txt"),
+        (t, latin1.to_str().unwrap(), "binary"),
+    ];
+    for (tasks, prompt, msg) in cases {
+        let out = run_plan_files(&s, tasks, prompt);
+        assert_eq!(code(&out), 2, "{tasks} {prompt}: {}", text(&out));
+        assert!(text(&out).contains(msg), "{}", text(&out));
+    }
+    assert!(s.git(&["branch", "--list", "cohort/*"]).is_empty());
+}
+
+#[test]
+fn plan_out_dir_that_is_a_file_exits_2() {
+    let s = Scratch::new();
+    let req = s.request("req.md", "- a task\n");
+    let file = s.request("plan-file", "keep me\n");
+    let out = s.run(&["plan", req.to_str().unwrap(), "-o", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("not a directory"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me\n");
+}
+
+#[test]
+fn dash_c_plans_relative_to_the_repository() {
+    let s = Scratch::new();
+    s.write("docs/req.md", "- from the repository\n");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = s
+        .cohort()
+        .current_dir(elsewhere.path())
+        .args(["-C", s.work.to_str().unwrap(), "plan", "docs/req.md", "-o", "plan"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(s.work.join("plan/tasks.txt")).unwrap(),
+        "from the repository\n"
+    );
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+}

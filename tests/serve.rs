@@ -201,3 +201,19 @@ fn serve_without_a_key_for_codex_stops_with_exit_2() {
         text(&out)
     );
 }
+
+#[test]
+fn serve_with_a_bad_service_branch_stops_with_exit_2_at_start() {
+    let s = Scratch::new();
+    let state = s.tmp.path().join("state");
+    let out = s
+        .cohort()
+        .args(["serve", "--once", "--state-dir", state.to_str().unwrap()])
+        .args(["--runtime", "host", "--agent-command", &agent("write.sh")])
+        .arg("--service-branch=a..b")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("--service-branch \"a..b\""), "{}", text(&out));
+    assert!(!state.join("inbox").exists(), "no inbox is set up");
+}

@@ -117,6 +117,12 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
 /// never leaves half a plan behind.
 pub fn write_plan(dir: &Path, plan: &Plan, force: bool) -> Result<()> {
     plan.validate()?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(usage(format!(
+            "-o {}: not a directory; -o names the directory that gets tasks.txt and prompt.txt",
+            dir.display()
+        )));
+    }
     let tasks_path = dir.join("tasks.txt");
     let prompt_path = dir.join("prompt.txt");
     if !force {
@@ -129,24 +135,56 @@ pub fn write_plan(dir: &Path, plan: &Plan, force: bool) -> Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Nothing is written yet: a directory that cannot be made is the -o argument's problem.
+    std::fs::create_dir_all(dir).map_err(|e| usage(format!("-o {}: cannot create it: {e}", dir.display())))?;
     let write = |content: &str| -> Result<tempfile::NamedTempFile> {
-        let mut f = tempfile::NamedTempFile::new_in(dir)?;
+        let mut f = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("cannot write a file in {}", dir.display()))?;
         f.write_all(content.as_bytes())?;
         f.as_file().sync_all()?;
         Ok(f)
     };
     let tasks = write(&(plan.tasks.join("\n") + "\n"))?;
     let prompt = write(&plan.template)?;
-    tasks.persist(&tasks_path)?;
-    prompt.persist(&prompt_path)?;
+    // Two renames are not one atomic step: an old tasks.txt is moved aside
+    // first, so a failed second rename can put it back (and a new one is
+    // removed), leaving the directory as it was.
+    let old_tasks = match std::fs::symlink_metadata(&tasks_path) {
+        Ok(_) => {
+            let aside = tempfile::Builder::new()
+                .prefix(".tasks.txt.old")
+                .tempfile_in(dir)?
+                .into_temp_path();
+            std::fs::rename(&tasks_path, &aside).with_context(|| format!("cannot replace {}", tasks_path.display()))?;
+            Some(aside)
+        }
+        Err(_) => None,
+    };
+    // Puts the old tasks.txt back, or removes the new one when there was none.
+    let restore = || match &old_tasks {
+        Some(aside) => std::fs::rename(aside, &tasks_path),
+        None => std::fs::remove_file(&tasks_path),
+    };
+    if let Err(e) = tasks.persist(&tasks_path) {
+        let _ = restore();
+        return Err(e.error).with_context(|| format!("cannot write {}", tasks_path.display()));
+    }
+    if let Err(e) = prompt.persist(&prompt_path) {
+        let what = match restore() {
+            Ok(()) => "tasks.txt was left as it was",
+            Err(_) => "tasks.txt could not be put back either; check both files",
+        };
+        return Err(e.error).with_context(|| format!("cannot write {} ({what})", prompt_path.display()));
+    }
+    // The old tasks.txt (moved aside) is removed when `old_tasks` is dropped.
+    drop(old_tasks);
     Ok(())
 }
 
 /// Reads a task list (one task per line; blank lines skipped) and a template.
 pub fn read_plan_files(tasks: &Path, prompt: &Path) -> Result<Plan> {
     let text = plan::read_document(tasks)?;
-    let template = std::fs::read_to_string(prompt).with_context(|| format!("cannot read {}", prompt.display()))?;
+    let template = plan::read_text(prompt)?;
     let plan = Plan {
         tasks: text
             .lines()
@@ -163,4 +201,43 @@ pub fn read_plan_files(tasks: &Path, prompt: &Path) -> Result<Plan> {
         other => other,
     })?;
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            tasks: vec!["new task".into()],
+            template: "new {task}\n".into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_second_rename_leaves_the_old_plan_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tasks.txt"), "old task\n").unwrap();
+        // prompt.txt is a directory: renaming the new prompt onto it fails.
+        std::fs::create_dir(dir.path().join("prompt.txt")).unwrap();
+        assert!(write_plan(dir.path(), &plan(), true).is_err());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("tasks.txt")).unwrap(),
+            "old task\n"
+        );
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["prompt.txt", "tasks.txt"], "no temporary files are left");
+    }
+
+    #[test]
+    fn a_failed_second_rename_removes_a_new_tasks_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("prompt.txt")).unwrap();
+        assert!(write_plan(dir.path(), &plan(), true).is_err());
+        assert!(!dir.path().join("tasks.txt").exists());
+    }
 }

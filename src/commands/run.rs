@@ -34,6 +34,7 @@ pub struct Args {
     #[arg(long)]
     pub no_sync: bool,
     /// Let the secret scan pass this file (path relative to the repository root); repeatable.
+    /// A path that matches no new or changed file gets a warning.
     #[arg(long, value_name = "PATH")]
     pub allow_file: Vec<String>,
 }
@@ -131,11 +132,7 @@ pub fn build_engine(
         (None, Some(t)) => Some(parse_duration("[run] timeout", t)?),
         _ => stored["timeout_secs"].as_u64().map(std::time::Duration::from_secs),
     };
-    let service_branch = flags
-        .service_branch
-        .clone()
-        .or(config.run.service_branch.clone())
-        .unwrap_or_else(|| "cohort/service".into());
+    let service_branch = service_branch(flags, config)?;
 
     let runtime: Arc<dyn Runtime> = match select_runtime(flags, config, stored)? {
         RuntimeKind::Host => Arc::new(HostRuntime::new()?),
@@ -203,6 +200,23 @@ pub fn build_engine(
         },
         cancel: CancellationToken::new(),
     })
+}
+
+/// The service branch from `--service-branch`, else `[run] service_branch`, else
+/// `cohort/service`; a name git would refuse is a usage error here, before the
+/// sync changes anything.
+pub fn service_branch(flags: &EngineFlags, config: &Config) -> Result<String> {
+    let (name, source) = match (&flags.service_branch, &config.run.service_branch) {
+        (Some(n), _) => (n.clone(), "--service-branch"),
+        (None, Some(n)) => (n.clone(), "[run] service_branch"),
+        (None, None) => return Ok("cohort/service".into()),
+    };
+    crate::git::names::check_service_branch(&name).map_err(|why| {
+        usage(format!(
+            "{source} {name:?} is not a usable branch name: {why}; pick another"
+        ))
+    })?;
+    Ok(name)
 }
 
 /// `--runtime`, else `[run] runtime`, else podman when a podman socket is found (see
@@ -359,7 +373,13 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     stored["agent"] = engine.agent.name().into();
     handle_signals(engine.cancel.clone());
     let key = api_key(&config)?;
-    let sync = (!args.no_sync && config.run.sync != Some(false)).then(|| SyncSettings {
+    let syncing = !args.no_sync && config.run.sync != Some(false);
+    if !syncing && !args.allow_file.is_empty() {
+        eprintln!(
+            "cohort: warning: --allow-file has no effect without the sync step (--no-sync or [run] sync = false)"
+        );
+    }
+    let sync = syncing.then(|| SyncSettings {
         key,
         allow_files: args.allow_file.clone(),
     });

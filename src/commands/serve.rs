@@ -92,6 +92,8 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
     let paths = RepoPaths::discover(&std::env::current_dir()?)?;
     let config = Config::load(config_path, Some(&paths.workdir))?;
     let poll = crate::config::parse_duration("--poll", &args.poll)?;
+    // A bad name would fail every request; say so at start.
+    super::run::service_branch(&args.engine, &config)?;
     // Find the key now, so a credential that cannot be decrypted here (a stolen file, a
     // cleared TPM) stops the service at start with that message, not at the first task.
     let needs_key = args.engine.agent_command.is_none()

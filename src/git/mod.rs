@@ -48,6 +48,11 @@ pub enum GitError {
          merge it by hand or pass --service-branch with a new name (nothing was changed)"
     )]
     ServiceConflict { service: String, paths: String },
+    #[error(
+        "the repository is in the middle of {what}: {fix}, then run cohort again; or pass --no-sync \
+         to run on the last commit without touching your branch (nothing was changed)"
+    )]
+    Unfinished { what: String, fix: String },
     #[error("{0}")]
     Secrets(scan::Findings),
 }

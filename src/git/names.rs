@@ -41,9 +41,50 @@ pub fn task_branch(run_id: &str, index: usize, task: &str) -> String {
     format!("cohort/task/{run_id}/{index:03}-{}", slug(task))
 }
 
+/// Why `name` cannot be the service branch, if it cannot: it must be a
+/// branch name git accepts, and must not clash with cohort's task branches.
+pub fn check_service_branch(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("it is empty".into());
+    }
+    if name.starts_with('-') || name == "HEAD" {
+        return Err("git does not allow a branch of that name".into());
+    }
+    if gix::refs::FullName::try_from(format!("refs/heads/{name}")).is_err() {
+        return Err(
+            "git does not allow it in a branch name (spaces, `..`, `~^:?*[\\`, a trailing `.lock` or `/`, ...)".into(),
+        );
+    }
+    if name == "cohort/task" || name.starts_with("cohort/task/") {
+        return Err("cohort/task/ holds the task branches".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_branch_names() {
+        for ok in ["cohort/service", "main-2", "team/x.y", "cohort/tasks"] {
+            assert_eq!(check_service_branch(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-x",
+            "HEAD",
+            "a..b",
+            "a b",
+            "x.lock",
+            "x/",
+            "a~1",
+            "cohort/task",
+            "cohort/task/x",
+        ] {
+            assert!(check_service_branch(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn slugs_are_ref_safe() {

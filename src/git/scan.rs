@@ -18,7 +18,12 @@ pub struct Finding {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Findings(pub Vec<Finding>);
+pub struct Findings {
+    pub found: Vec<Finding>,
+    /// `--allow-file` paths that matched no scanned file: a typo, or a path
+    /// not relative to the repository root. Said, so the user is not misled.
+    pub unmatched_allow: Vec<String>,
+}
 
 impl fmt::Display for Findings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -26,8 +31,11 @@ impl fmt::Display for Findings {
             f,
             "refusing to commit files that look like they hold secrets (nothing was changed):"
         )?;
-        for x in &self.0 {
+        for x in &self.found {
             writeln!(f, "  {}: {}", x.path, x.what)?;
+        }
+        for a in &self.unmatched_allow {
+            writeln!(f, "  (--allow-file {a} matched no new or changed file)")?;
         }
         write!(
             f,
@@ -65,13 +73,17 @@ static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
 /// Only the start of very large files is scanned.
 const SCAN_LIMIT: usize = 8 * 1024 * 1024;
 
-/// True for `.env`-style files, which hold secrets by convention; example
-/// and template variants are meant to be committed.
+/// True for `.env`-style files, which hold secrets by convention: `.env`,
+/// `.env.local` and other `.env.*`, `prod.env` and other `*.env`, and
+/// direnv's `.envrc` (it usually exports the same secrets). Example and
+/// template variants (`.env.example`, `example.env`, ...) are meant to be
+/// committed; other names that merely contain "env" are not matched.
 pub fn is_env_file(name: &str) -> bool {
-    let templated = [".example", ".sample", ".template", ".dist", ".defaults"]
+    const TEMPLATE: [&str; 5] = ["example", "sample", "template", "dist", "defaults"];
+    let templated = TEMPLATE
         .iter()
-        .any(|s| name.ends_with(s));
-    !templated && (name == ".env" || name == ".envrc" || name.starts_with(".env."))
+        .any(|t| name.ends_with(&format!(".{t}")) || name == format!("{t}.env"));
+    !templated && (name == ".env" || name == ".envrc" || name.starts_with(".env.") || name.ends_with(".env"))
 }
 
 /// Scans the files at `paths` (relative to `workdir`) for secrets, skipping
@@ -83,10 +95,12 @@ pub fn scan<'a>(
     allowed: &[String],
 ) -> Findings {
     let allowed: Vec<&str> = allowed.iter().map(|a| a.trim_start_matches("./")).collect();
+    let mut used = vec![false; allowed.len()];
     let key = key.filter(|k| k.expose().len() >= 8);
     let mut out = Vec::new();
     for path in paths {
-        if allowed.contains(&path) {
+        if let Some(i) = allowed.iter().position(|a| *a == path) {
+            used[i] = true;
             continue;
         }
         let name = path.rsplit('/').next().unwrap_or(path);
@@ -117,7 +131,16 @@ pub fn scan<'a>(
             });
         }
     }
-    Findings(out)
+    let unmatched_allow = allowed
+        .iter()
+        .zip(used)
+        .filter(|(_, used)| !used)
+        .map(|(a, _)| a.to_string())
+        .collect();
+    Findings {
+        found: out,
+        unmatched_allow,
+    }
 }
 
 fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
@@ -150,13 +173,45 @@ mod tests {
             "aws.txt",
         ];
         let f = scan(dir.path(), all, Some(&key), &[]);
-        let hits: Vec<&str> = f.0.iter().map(|x| x.path.as_str()).collect();
+        let hits: Vec<&str> = f.found.iter().map(|x| x.path.as_str()).collect();
         assert_eq!(hits, ["id", "conf.py", "notes.txt", ".env", "aws.txt"]);
         assert!(
             !f.to_string().contains("test-key-1234567890"),
             "the message must not repeat the key"
         );
-        let f = scan(dir.path(), all, Some(&key), &["./.env".into(), "id".into()]);
-        assert_eq!(f.0.len(), 3);
+        let f = scan(
+            dir.path(),
+            all,
+            Some(&key),
+            &["./.env".into(), "id".into(), "nope".into()],
+        );
+        assert_eq!(f.found.len(), 3);
+        assert_eq!(f.unmatched_allow, ["nope"]);
+        assert!(f.to_string().contains("--allow-file nope matched no"), "{f}");
+    }
+
+    #[test]
+    fn env_file_names() {
+        for name in [".env", ".env.local", ".env.production", ".envrc", "prod.env", "app.env"] {
+            assert!(is_env_file(name), "{name}");
+        }
+        let templates = [
+            ".env.example",
+            ".env.sample",
+            "prod.env.example",
+            "example.env",
+            "sample.env",
+        ];
+        let others = [
+            "env",
+            "environment.rs",
+            ".environment",
+            "dotenv.rs",
+            "prod.env.rs",
+            "my.envelope",
+        ];
+        for name in templates.iter().chain(&others) {
+            assert!(!is_env_file(name), "{name}");
+        }
     }
 }

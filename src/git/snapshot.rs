@@ -36,26 +36,40 @@ pub struct Snapshot {
     pub changed: Vec<Changed>,
 }
 
-impl Snapshot {
-    /// Paths whose new content comes from the working tree (what a secret
-    /// scan must look at).
-    pub fn written_paths(&self) -> impl Iterator<Item = &BString> {
-        self.changed
-            .iter()
-            .filter(|c| c.kind != ChangeKind::Deleted)
-            .map(|c| &c.path)
-    }
-}
-
 /// Builds the tree of the working tree of `repo`, starting from the tree
 /// `base` (the HEAD tree), applying staged changes and then every worktree
 /// change: modified, deleted, and untracked files that are not ignored.
 /// Writes blobs and trees, moves no ref and leaves the index alone.
 pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
-    let workdir = repo
-        .workdir()
-        .context("the repository has no working tree")?
-        .to_path_buf();
+    plan(repo, base)?.write(repo)
+}
+
+/// One step of building the snapshot tree, in the order they are applied.
+#[derive(Debug, Clone)]
+enum Edit {
+    /// A staged entry: its blob is already in the object store.
+    Staged {
+        path: BString,
+        kind: EntryKind,
+        id: Oid,
+    },
+    Remove(BString),
+    /// Whatever the path holds on disk (a file, a symlink, or nothing).
+    FromDisk(BString),
+}
+
+/// A snapshot worked out from the status, before anything is written: what
+/// a secret scan must look at comes from here, so a refused file's content
+/// never becomes a blob (task checkouts share the object store).
+#[derive(Debug, Clone)]
+pub struct SnapshotPlan {
+    base: Oid,
+    edits: Vec<Edit>,
+}
+
+/// Computes what [`snapshot`] would do, reading the status only: no object
+/// is written.
+pub fn plan(repo: &gix::Repository, base: Oid) -> Result<SnapshotPlan> {
     let items: Vec<Item> = repo
         .status(gix::progress::Discard)?
         .head_tree(base)
@@ -67,11 +81,18 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
         .collect::<Result<_, _>>()
         .context("cannot compute the status of the working tree")?;
 
-    let mut editor = repo.edit_tree(base)?;
+    let mut edits = Vec::new();
     // Staged changes first; the working tree wins where both touch a path.
     for item in &items {
         if let Item::TreeIndex(change) = item {
             use gix::diff::index::ChangeRef;
+            let staged = |location: &gix::bstr::BStr, mode: gix::index::entry::Mode, id: &gix::oid| {
+                mode.to_tree_entry_mode().map(|m| Edit::Staged {
+                    path: location.to_owned(),
+                    kind: m.kind(),
+                    id: id.to_owned(),
+                })
+            };
             match change {
                 ChangeRef::Addition {
                     location,
@@ -84,14 +105,8 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
                     entry_mode,
                     id,
                     ..
-                } => {
-                    if let Some(mode) = entry_mode.to_tree_entry_mode() {
-                        editor.upsert(location.as_ref(), mode.kind(), id.as_ref())?;
-                    }
-                }
-                ChangeRef::Deletion { location, .. } => {
-                    editor.remove(location.as_ref())?;
-                }
+                } => edits.extend(staged(location.as_ref(), *entry_mode, id.as_ref())),
+                ChangeRef::Deletion { location, .. } => edits.push(Edit::Remove(location.as_ref().to_owned())),
                 ChangeRef::Rewrite {
                     source_location,
                     location,
@@ -99,10 +114,8 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
                     id,
                     ..
                 } => {
-                    editor.remove(source_location.as_ref())?;
-                    if let Some(mode) = entry_mode.to_tree_entry_mode() {
-                        editor.upsert(location.as_ref(), mode.kind(), id.as_ref())?;
-                    }
+                    edits.push(Edit::Remove(source_location.as_ref().to_owned()));
+                    edits.extend(staged(location.as_ref(), *entry_mode, id.as_ref()));
                 }
             }
         }
@@ -113,14 +126,10 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
         };
         match item {
             WorktreeItem::Modification { rela_path, status, .. } => match status {
-                EntryStatus::Change(Change::Removed) => {
-                    editor.remove(rela_path.as_bstr())?;
-                }
+                EntryStatus::Change(Change::Removed) => edits.push(Edit::Remove(rela_path.clone())),
                 EntryStatus::Change(Change::Modification { .. } | Change::Type { .. })
                 | EntryStatus::Conflict { .. }
-                | EntryStatus::IntentToAdd => {
-                    add_from_disk(repo, &mut editor, &workdir, rela_path.as_bstr())?;
-                }
+                | EntryStatus::IntentToAdd => edits.push(Edit::FromDisk(rela_path.clone())),
                 EntryStatus::Change(Change::SubmoduleModification(_)) | EntryStatus::NeedsUpdate(_) => {}
             },
             WorktreeItem::DirectoryContents { .. } => {}
@@ -132,13 +141,54 @@ pub fn snapshot(repo: &gix::Repository, base: Oid) -> Result<Snapshot> {
     for item in &items {
         if let Item::IndexWorktree(WorktreeItem::DirectoryContents { entry, .. }) = item {
             if entry.status == gix::dir::entry::Status::Untracked {
-                add_from_disk(repo, &mut editor, &workdir, entry.rela_path.as_bstr())?;
+                edits.push(Edit::FromDisk(entry.rela_path.clone()));
             }
         }
     }
-    let tree = editor.write()?.detach();
-    let changed = diff_paths(repo, base, tree)?;
-    Ok(Snapshot { tree, changed })
+    Ok(SnapshotPlan { base, edits })
+}
+
+impl SnapshotPlan {
+    /// The paths whose new content the snapshot would take from the index
+    /// or the working tree, sorted: what a secret scan must look at. A path
+    /// the last step removes is not listed; one whose content turns out to
+    /// equal the base may be (the scan errs on the side of looking).
+    pub fn paths_to_scan(&self) -> Vec<BString> {
+        let mut last: std::collections::BTreeMap<&BString, bool> = Default::default();
+        for e in &self.edits {
+            match e {
+                Edit::Staged { path, .. } | Edit::FromDisk(path) => last.insert(path, true),
+                Edit::Remove(path) => last.insert(path, false),
+            };
+        }
+        last.into_iter()
+            .filter(|(_, kept)| *kept)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Writes the blobs and trees: the snapshot.
+    pub fn write(self, repo: &gix::Repository) -> Result<Snapshot> {
+        let workdir = repo
+            .workdir()
+            .context("the repository has no working tree")?
+            .to_path_buf();
+        let mut editor = repo.edit_tree(self.base)?;
+        for e in &self.edits {
+            match e {
+                Edit::Staged { path, kind, id } => {
+                    editor.upsert(path.as_bstr(), *kind, *id)?;
+                }
+                Edit::Remove(path) => {
+                    editor.remove(path.as_bstr())?;
+                }
+                Edit::FromDisk(path) => add_from_disk(repo, &mut editor, &workdir, path.as_bstr())?,
+            }
+        }
+        let tree = editor.write()?.detach();
+        let changed = diff_paths(repo, self.base, tree)?;
+        Ok(Snapshot { tree, changed })
+    }
 }
 
 /// Reads one file (or symlink) from disk into a blob and records it in the

@@ -2,8 +2,9 @@
 //! changes, pull from origin, and the service branch.
 //!
 //! Everything is computed first (objects may be written, which is
-//! harmless); refs and files move only once every check has passed, so a
-//! refusal touches nothing.
+//! harmless, except for files the secret scan refuses: it runs before any
+//! blob is written); refs and files move only once every check has passed,
+//! so a refusal touches nothing.
 
 use std::sync::atomic::AtomicBool;
 
@@ -41,6 +42,8 @@ pub struct SyncReport {
     pub upstream: Upstream,
     /// The branch tip after the sync.
     pub head: Oid,
+    /// `--allow-file` paths that matched no new or changed file.
+    pub unmatched_allow: Vec<String>,
 }
 
 /// The checked-out branch: its full ref name and tip.
@@ -54,17 +57,58 @@ pub fn current_branch(repo: &gix::Repository) -> Result<(String, Oid)> {
     Ok((name, id))
 }
 
-pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport> {
+/// A sync worked out in full (commits written, no ref or file moved yet),
+/// so the caller can check what else must hold (the service branch merge)
+/// before the user's branch and files move.
+#[derive(Debug)]
+pub struct PreparedSync {
+    report: SyncReport,
+    old_head: Oid,
+    snapshot_tree: Oid,
+}
+
+impl PreparedSync {
+    /// The branch tip once the sync is applied.
+    pub fn head(&self) -> Oid {
+        self.report.head
+    }
+
+    /// Moves the branch (compare-and-swap on its old tip) and the files.
+    pub fn apply(self, repo: &gix::Repository) -> Result<SyncReport> {
+        let r = self.report;
+        if r.head != self.old_head {
+            refs::cas(repo, &r.branch, Some(self.old_head), r.head, "cohort: sync")?;
+        }
+        if r.head != self.old_head || r.snapshot.is_some() {
+            // The files already hold the snapshot; write what the pull brought
+            // and refresh the index so `git status` is clean.
+            checkout::move_to(repo, tree_of(repo, r.head)?, Untracked::Keep, Some(self.snapshot_tree))?;
+        }
+        Ok(r)
+    }
+}
+
+/// Works out the sync: refusals (unfinished merge, secrets, divergence)
+/// come from here, before anything moved.
+pub fn prepare(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<PreparedSync> {
+    refuse_unfinished(repo)?;
     let (branch, head) = current_branch(repo)?;
     let head_tree = tree_of(repo, head)?;
     let workdir = repo.workdir().ok_or(GitError::Bare)?.to_path_buf();
 
-    let snap = snapshot::snapshot(repo, head_tree)?;
-    let written: Vec<String> = snap.written_paths().map(|p| p.to_str_lossy().into_owned()).collect();
-    let findings = scan::scan(&workdir, written.iter().map(String::as_str), opts.key, opts.allow_files);
-    if !findings.0.is_empty() {
+    // Scan before any blob is written: a refused file must not end up in the
+    // object store, which every task checkout shares.
+    let plan = snapshot::plan(repo, head_tree)?;
+    let to_scan: Vec<String> = plan
+        .paths_to_scan()
+        .iter()
+        .map(|p| p.to_str_lossy().into_owned())
+        .collect();
+    let findings = scan::scan(&workdir, to_scan.iter().map(String::as_str), opts.key, opts.allow_files);
+    if !findings.found.is_empty() {
         return Err(GitError::Secrets(findings).into());
     }
+    let snap = plan.write(repo)?;
     let (local, snapshot_commit) = if snap.tree != head_tree {
         let msg = format!("cohort: snapshot before run {}\n", opts.run_id);
         let c = write_commit(repo, snap.tree, &[head], &msg)?;
@@ -74,21 +118,72 @@ pub fn sync(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<SyncReport
     };
 
     let (upstream, target) = pull_target(repo, &branch, local)?;
-    if target != head {
-        refs::cas(repo, &branch, Some(head), target, "cohort: sync")?;
-    }
-    if target != head || snapshot_commit.is_some() {
-        // The files already hold the snapshot; write what the pull brought
-        // and refresh the index so `git status` is clean.
-        checkout::move_to(repo, tree_of(repo, target)?, Untracked::Keep, Some(snap.tree))?;
-    }
-    Ok(SyncReport {
-        branch,
-        snapshot: snapshot_commit,
-        snapshot_files: snap.changed.len(),
-        upstream,
-        head: target,
+    Ok(PreparedSync {
+        report: SyncReport {
+            branch,
+            snapshot: snapshot_commit,
+            snapshot_files: snap.changed.len(),
+            upstream,
+            head: target,
+            unmatched_allow: findings.unmatched_allow,
+        },
+        old_head: head,
+        snapshot_tree: snap.tree,
     })
+}
+
+/// Refuses a repository in the middle of a merge, rebase, cherry-pick (…),
+/// or with unresolved conflicts in its index: a snapshot would commit the
+/// conflict markers, and the operation is the user's to finish or abort.
+fn refuse_unfinished(repo: &gix::Repository) -> Result<()> {
+    use gix::state::InProgress as P;
+    if let Some(state) = repo.state() {
+        let (what, fix) = match state {
+            P::Merge => (
+                "a merge",
+                "finish it (resolve, `git add`, `git commit`) or abort it (`git merge --abort`)",
+            ),
+            P::Rebase | P::RebaseInteractive | P::ApplyMailboxRebase => (
+                "a rebase",
+                "finish it (`git rebase --continue`) or abort it (`git rebase --abort`)",
+            ),
+            P::CherryPick | P::CherryPickSequence => (
+                "a cherry-pick",
+                "finish it (`git cherry-pick --continue`) or abort it (`git cherry-pick --abort`)",
+            ),
+            P::Revert | P::RevertSequence => (
+                "a revert",
+                "finish it (`git revert --continue`) or abort it (`git revert --abort`)",
+            ),
+            P::ApplyMailbox => (
+                "`git am`",
+                "finish it (`git am --continue`) or abort it (`git am --abort`)",
+            ),
+            P::Bisect => ("a bisect", "end it with `git bisect reset`"),
+        };
+        return Err(GitError::Unfinished {
+            what: what.into(),
+            fix: fix.into(),
+        }
+        .into());
+    }
+    // A conflicting `git stash pop` (or `checkout -m`) leaves conflicts but no operation.
+    let index = repo.index_or_empty().context("cannot read the index")?;
+    let mut paths: Vec<String> = index
+        .entries()
+        .iter()
+        .filter(|e| e.stage() != gix::index::entry::Stage::Unconflicted)
+        .map(|e| e.path(&index).to_str_lossy().into_owned())
+        .collect();
+    paths.dedup();
+    if !paths.is_empty() {
+        return Err(GitError::Unfinished {
+            what: format!("resolving conflicts in {}", paths.join(", ")),
+            fix: "resolve them (edit the files, then `git add` them)".into(),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Fetches the branch's upstream on `origin` and works out where the branch
@@ -147,34 +242,54 @@ pub enum Service {
     Merged,
 }
 
-/// Makes sure the service branch exists and contains `head`: created from
+/// The service branch's update, worked out (a merge commit may be written)
+/// but not made: a conflict is found before the user's branch moves.
+#[derive(Debug)]
+pub struct ServiceUpdate {
+    pub how: Service,
+    name: String,
+    old: Option<Oid>,
+    pub tip: Oid,
+}
+
+/// Works out how the service branch comes to contain `head`: created from
 /// it when missing, otherwise `head` is merged in (fast-forward if possible).
-pub fn ensure_service_branch(repo: &gix::Repository, service: &str, head: Oid) -> Result<(Service, Oid)> {
+/// The name was checked up front (`names::check_service_branch`).
+pub fn plan_service_branch(repo: &gix::Repository, service: &str, head: Oid) -> Result<ServiceUpdate> {
     let name = format!("refs/heads/{service}");
-    gix::refs::FullName::try_from(name.as_str())
-        .map_err(|_| anyhow::anyhow!("--service-branch {service:?} is not a valid branch name"))?;
-    let Some(tip) = refs::read(repo, &name)? else {
-        refs::cas(repo, &name, None, head, "cohort: create service branch")?;
-        return Ok((Service::Created, head));
+    let old = refs::read(repo, &name)?;
+    let (how, tip) = match old {
+        None => (Service::Created, head),
+        Some(tip) if is_ancestor(repo, head, tip)? => (Service::UpToDate, tip),
+        Some(tip) if is_ancestor(repo, tip, head)? => (Service::FastForwarded, head),
+        Some(tip) => match merge_trees_of(repo, tip, head)? {
+            Ok(tree) => {
+                let msg = format!("cohort: merge {} into {service}\n", short(head));
+                (Service::Merged, write_commit(repo, tree, &[tip, head], &msg)?)
+            }
+            Err(paths) => {
+                return Err(GitError::ServiceConflict {
+                    service: service.into(),
+                    paths: paths.join(", "),
+                }
+                .into())
+            }
+        },
     };
-    if is_ancestor(repo, head, tip)? {
-        return Ok((Service::UpToDate, tip));
-    }
-    if is_ancestor(repo, tip, head)? {
-        refs::cas(repo, &name, Some(tip), head, "cohort: fast-forward service branch")?;
-        return Ok((Service::FastForwarded, head));
-    }
-    match merge_trees_of(repo, tip, head)? {
-        Ok(tree) => {
-            let msg = format!("cohort: merge {} into {service}\n", short(head));
-            let commit = write_commit(repo, tree, &[tip, head], &msg)?;
-            refs::cas(repo, &name, Some(tip), commit, "cohort: merge HEAD into service branch")?;
-            Ok((Service::Merged, commit))
+    Ok(ServiceUpdate { how, name, old, tip })
+}
+
+impl ServiceUpdate {
+    /// Moves the service branch, by compare-and-swap on the tip it was worked out from.
+    pub fn apply(self, repo: &gix::Repository) -> Result<(Service, Oid)> {
+        if self.old != Some(self.tip) {
+            let reason = match self.how {
+                Service::Created => "cohort: create service branch",
+                Service::FastForwarded => "cohort: fast-forward service branch",
+                _ => "cohort: merge HEAD into service branch",
+            };
+            refs::cas(repo, &self.name, self.old, self.tip, reason)?;
         }
-        Err(paths) => Err(GitError::ServiceConflict {
-            service: service.into(),
-            paths: paths.join(", "),
-        }
-        .into()),
+        Ok((self.how, self.tip))
     }
 }

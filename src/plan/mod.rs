@@ -72,14 +72,23 @@ pub fn check_template(template: &str) -> Result<(), PlanError> {
 
 /// Reads a request document, refusing empty and binary files.
 pub fn read_document(path: &Path) -> Result<String, PlanError> {
+    let text = read_text(path)?;
+    if text.trim().is_empty() {
+        return Err(PlanError::Empty {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(text)
+}
+
+/// Reads a text file (a document, task list or prompt template): one that
+/// cannot be read, or is not UTF-8 text, is an input error.
+pub fn read_text(path: &Path) -> Result<String, PlanError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| PlanError::Read {
         path: shown.clone(),
         source,
     })?;
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(PlanError::Empty { path: shown });
-    }
     if bytes.contains(&0) {
         return Err(PlanError::Binary { path: shown });
     }

@@ -5,10 +5,12 @@
 //! - list items (`-`, `*`, `+`, `1.`, `1)`) are tasks; checked checkboxes
 //!   (`[x]`) are done and skipped, with everything nested under them;
 //! - an item nested under another becomes part of its parent's task;
-//! - continuation lines are folded into their item;
+//! - continuation lines are folded into their item, and so is a paragraph
+//!   indented under an item after a blank line;
 //! - the nearest heading above an item is kept as context: `Heading: item`;
 //! - a document with no list at all gives one task per paragraph;
-//! - code fences, tables, HTML comments, rules and front matter are skipped;
+//! - code fences, tables, HTML comments, rules and front matter (a leading
+//!   `---` block with its closing `---` or `...`) are skipped;
 //! - whitespace is collapsed and duplicates dropped.
 
 use super::{Plan, PlanError};
@@ -26,6 +28,21 @@ struct Item {
     checked: bool,
     heading: Option<String>,
     children: Vec<String>,
+    /// Indent of the last nested item, to tell whose paragraph an indented one is.
+    child_indent: usize,
+}
+
+/// Where a line of text that is not a list item goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cont {
+    /// Not in a list item: a paragraph of its own.
+    None,
+    /// The open top-level item's text.
+    Text,
+    /// Its last nested item.
+    Child,
+    /// A checked-off item (or one nested under it): dropped with it.
+    Skip,
 }
 
 /// A list marker at the start of `line` (after indentation): returns the
@@ -87,20 +104,22 @@ pub fn plan(document: &str, path: &str) -> Result<Plan, PlanError> {
     let mut current_heading: Option<String> = None;
     let mut in_fence = false;
     let mut in_comment = false;
-    // Index into `items` of the open top-level item, and whether the last
-    // line continued a list item (for lazy continuation lines).
+    // Index into `items` of the open top-level item, and where a following
+    // text line goes (lazy continuation lines continue the last item line).
     let mut open: Option<usize> = None;
-    let mut in_item = false;
+    let mut cont = Cont::None;
+    // A blank line ended an item: an indented paragraph next still belongs to it.
+    let mut after_item_blank = false;
     // Indent of a checked-off nested item: what is nested under it is done too.
     let mut skip_below: Option<usize> = None;
 
-    let mut lines = document.lines().peekable();
-    if lines.peek().map(|l| l.trim_end()) == Some("---") {
-        lines.next();
-        for l in lines.by_ref() {
-            if matches!(l.trim_end(), "---" | "...") {
-                break;
-            }
+    let lines: Vec<&str> = document.lines().collect();
+    // Front matter only when it is closed: a lone leading `---` is a rule,
+    // and swallowing the whole document as front matter would lose every task.
+    let mut start = 0;
+    if lines.first().map(|l| l.trim_end()) == Some("---") {
+        if let Some(end) = lines[1..].iter().position(|l| matches!(l.trim_end(), "---" | "...")) {
+            start = end + 2;
         }
     }
     let flush = |para: &mut String, paragraphs: &mut Vec<String>| {
@@ -109,7 +128,7 @@ pub fn plan(document: &str, path: &str) -> Result<Plan, PlanError> {
         }
         para.clear();
     };
-    for raw in lines {
+    for raw in &lines[start..] {
         let line = raw.trim_end();
         let t = line.trim_start();
         if t.starts_with("```") || t.starts_with("~~~") {
@@ -125,19 +144,22 @@ pub fn plan(document: &str, path: &str) -> Result<Plan, PlanError> {
         }
         if t.is_empty() {
             flush(&mut para, &mut paragraphs);
-            in_item = false;
+            after_item_blank |= cont != Cont::None;
+            cont = Cont::None;
             continue;
         }
         if let Some(h) = heading(t) {
             flush(&mut para, &mut paragraphs);
             current_heading = Some(collapse(h)).filter(|h| !h.is_empty());
             open = None;
-            in_item = false;
+            cont = Cont::None;
+            after_item_blank = false;
             continue;
         }
         if is_rule(t) || t.starts_with('|') {
             flush(&mut para, &mut paragraphs);
-            in_item = false;
+            cont = Cont::None;
+            after_item_blank = false;
             continue;
         }
         let t = t.trim_start_matches('>').trim_start();
@@ -146,17 +168,29 @@ pub fn plan(document: &str, path: &str) -> Result<Plan, PlanError> {
             let indent = indent_of(line);
             let (cb, text) = checkbox(rest);
             let text = collapse(text);
+            after_item_blank = false;
             match open {
                 Some(i) if indent > items[i].indent => {
                     // Nested: part of the parent task, unless checked off.
                     if skip_below.is_some_and(|k| indent > k) {
+                        cont = Cont::Skip;
                         continue;
                     }
                     skip_below = None;
                     if cb == Some(true) {
                         skip_below = Some(indent);
+                        cont = Cont::Skip;
                     } else if !text.is_empty() {
                         items[i].children.push(text);
+                        items[i].child_indent = indent;
+                        cont = Cont::Child;
+                    } else {
+                        // An empty nested item: lines after it go where they did before it.
+                        cont = if items[i].children.is_empty() {
+                            Cont::Text
+                        } else {
+                            Cont::Child
+                        };
                     }
                 }
                 _ => {
@@ -167,21 +201,41 @@ pub fn plan(document: &str, path: &str) -> Result<Plan, PlanError> {
                         checked: cb == Some(true),
                         heading: current_heading.clone(),
                         children: Vec::new(),
+                        child_indent: 0,
                     });
                     open = Some(items.len() - 1);
+                    cont = Cont::Text;
                 }
             }
-            in_item = true;
             continue;
         }
-        if in_item {
-            // A continuation line: fold it into the last item or child.
+        if cont == Cont::None && after_item_blank {
+            // A paragraph after a blank line: part of the open item when it is
+            // indented under it (whose part, its indent says), else not a task.
+            let indent = indent_of(line);
+            if let Some(i) = open.filter(|&i| indent > items[i].indent) {
+                cont = if skip_below.is_some_and(|k| indent > k) {
+                    Cont::Skip
+                } else if !items[i].children.is_empty() && indent > items[i].child_indent {
+                    Cont::Child
+                } else {
+                    Cont::Text
+                };
+            }
+        }
+        if cont != Cont::None {
+            // A continuation line: fold it into its item, or drop it with a checked one.
             let item = &mut items[open.expect("an item is open")];
-            let target = item.children.last_mut().unwrap_or(&mut item.text);
+            let target = match cont {
+                Cont::Text => &mut item.text,
+                Cont::Child => item.children.last_mut().expect("a nested item"),
+                _ => continue,
+            };
             target.push(' ');
             target.push_str(&collapse(t));
             continue;
         }
+        after_item_blank = false;
         para.push(' ');
         para.push_str(t);
     }
@@ -269,6 +323,29 @@ mod tests {
     fn skips_fences_tables_comments_rules_and_front_matter() {
         let doc = "---\ntitle: x\n---\n- real\n```\n- not an item\n```\n| a | b |\n<!-- - hidden\n-->\n***\n- real\n- second\n";
         assert_eq!(tasks(doc), ["real", "second"]);
+    }
+
+    #[test]
+    fn indented_paragraphs_after_a_blank_line_stay_in_their_item() {
+        let doc = "- task\n\n  more detail\n  on two lines\n- next\n\nNot indented: not part of the list.\n";
+        assert_eq!(tasks(doc), ["task more detail on two lines", "next"]);
+        let doc = "1. parent\n   - child\n\n     child detail\n\n   parent detail\n2. second\n";
+        assert_eq!(tasks(doc), ["parent parent detail: child child detail", "second"]);
+    }
+
+    #[test]
+    fn continuation_lines_of_checked_items_are_skipped_with_them() {
+        let doc = "- parent\n  - [x] done\n    more words\n  - open\n- next\n";
+        assert_eq!(tasks(doc), ["parent: open", "next"]);
+        let doc = "- parent\n  - [x] done\n\n    about done\n\n  about parent\n";
+        assert_eq!(tasks(doc), ["parent about parent"]);
+    }
+
+    #[test]
+    fn a_leading_rule_without_a_closing_line_is_not_front_matter() {
+        assert_eq!(tasks("---\n- one\n- two\n"), ["one", "two"]);
+        assert_eq!(tasks("---\nFix the build.\n"), ["Fix the build."]);
+        assert_eq!(tasks("---\ntitle: x\n...\n- only\n"), ["only"]);
     }
 
     #[test]

@@ -117,20 +117,35 @@ pub async fn start(
                  your own branch first (or pass --service-branch with another name)"
             )));
         }
-        let head = match sync_settings {
+        let prepared = match &sync_settings {
             Some(s) => {
                 let opts = sync::SyncOptions {
                     run_id: &id,
                     key: s.key.as_ref(),
                     allow_files: &s.allow_files,
                 };
-                let report = sync::sync(&repo, &opts)?;
-                notes.push(describe_sync(&report));
-                report.head
+                Some(sync::prepare(&repo, &opts)?)
             }
+            None => None,
+        };
+        let head = match &prepared {
+            Some(p) => p.head(),
             None => sync::current_branch(&repo)?.1,
         };
-        let (how, tip) = sync::ensure_service_branch(&repo, &service, head)?;
+        // Both outcomes are decided before either ref moves: a service branch
+        // that conflicts with HEAD leaves the user's branch and files as they were.
+        let service_update = sync::plan_service_branch(&repo, &service, head)?;
+        if let Some(p) = prepared {
+            let report = p.apply(&repo)?;
+            notes.push(describe_sync(&report));
+            for a in &report.unmatched_allow {
+                notes.push(format!(
+                    "warning: --allow-file {a} matches no new or changed file, so it has no effect \
+                     (paths are relative to the repository root)"
+                ));
+            }
+        }
+        let (how, tip) = service_update.apply(&repo)?;
         notes.push(format!("service branch {service}: {how:?} at {}", git::short(tip)).to_lowercase());
         Ok((notes, tip))
     })
