@@ -42,6 +42,18 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
+/// A line outside any run's display: on stderr, timestamped unless stderr
+/// is a terminal (as the run's own lines are), or an event for the service.
+pub fn say(msg: &str) {
+    if EVENTS.load(Ordering::SeqCst) {
+        tracing::info!("{msg}");
+    } else if std::io::stderr().is_terminal() {
+        eprintln!("{msg}");
+    } else {
+        eprintln!("{} {msg}", stamp());
+    }
+}
+
 impl Progress {
     /// Bars when stderr is a terminal, plain lines otherwise (or events, see [`use_events`]).
     pub fn new(total: usize, run_id: &str) -> Progress {

@@ -168,3 +168,26 @@ fn live_progress_bars_on_a_terminal() {
     }
     assert_eq!(s.merged_tasks("cohort/service").len(), 3);
 }
+
+/// Not on a terminal (under systemd, in a pipe), a run writes plain lines,
+/// each with its time.
+#[test]
+fn plain_timestamped_lines_elsewhere() {
+    let s = Scratch::new();
+    let out = run_within(run_cmd(&s, &tasks_doc(2), &agent("write.sh"), &[]), 120);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "terminal control sequences in a pipe: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 6, "{stderr}");
+    for line in lines {
+        let stamp = line.split(' ').next().unwrap();
+        assert!(
+            humantime::parse_rfc3339(stamp).is_ok(),
+            "a line without its time: {line:?}"
+        );
+    }
+}

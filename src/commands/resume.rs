@@ -40,7 +40,7 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     let engine = Arc::new(build_engine(paths, &config, &flags, &stored)?);
     engine.agent.preflight().await?;
     handle_signals(engine.cancel.clone());
-    eprintln!("resuming run {}: {left} unfinished task(s)", row.id);
+    crate::progress::say(&format!("resuming run {}: {left} unfinished task(s)", row.id));
     let summary = run::execute(engine, &row.id).await?;
     print_summary(&summary);
     Ok(summary.exit_code())

@@ -250,14 +250,14 @@ fn select_runtime(flags: &EngineFlags, config: &Config, stored: &serde_json::Val
     .map_err(|e| usage(e.to_string()))?;
     match candidates.iter().find(|p| p.exists()) {
         Some(sock) => {
-            eprintln!(
+            crate::progress::say(&format!(
                 "cohort: runtime podman (socket {}); agents run in containers (--runtime host runs them here)",
                 sock.display()
-            );
+            ));
             Ok(RuntimeKind::Podman)
         }
         None => {
-            eprintln!("cohort: runtime host (no podman socket found); agents run directly on this machine");
+            crate::progress::say("cohort: runtime host (no podman socket found); agents run directly on this machine");
             Ok(RuntimeKind::Host)
         }
     }
@@ -334,10 +334,12 @@ pub fn handle_signals(cancel: CancellationToken) {
             }
             times += 1;
             if times > 1 {
-                eprintln!("cohort: interrupted again, exiting now");
+                crate::progress::say("cohort: interrupted again, exiting now");
                 std::process::exit(130);
             }
-            eprintln!("cohort: interrupted; stopping agents and saving state (`cohort resume` continues the run)");
+            crate::progress::say(
+                "cohort: interrupted; stopping agents and saving state (`cohort resume` continues the run)",
+            );
             cancel.cancel();
         }
     });
@@ -346,7 +348,7 @@ pub fn handle_signals(cancel: CancellationToken) {
 pub fn print_summary(summary: &run::Summary) {
     let count = |s: run::state::TaskStatus| summary.tasks.iter().filter(|t| t.status == s).count();
     use run::state::TaskStatus::*;
-    eprintln!(
+    crate::progress::say(&format!(
         "run {}: {} merged, {} unchanged, {} failed, {} conflict, {} not finished",
         summary.run_id,
         count(Merged),
@@ -354,9 +356,9 @@ pub fn print_summary(summary: &run::Summary) {
         count(Failed),
         count(Conflict),
         run::unfinished(&summary.tasks)
-    );
+    ));
     if summary.exit_code() != 0 {
-        eprintln!("see `cohort report {}` for details", summary.run_id);
+        crate::progress::say(&format!("see `cohort report {}` for details", summary.run_id));
     }
 }
 

@@ -154,7 +154,6 @@ pub async fn start(
     for n in &notes {
         progress.note(n);
     }
-    progress.finish();
 
     let tasks: Vec<(String, String)> = plan
         .tasks
@@ -187,11 +186,12 @@ pub async fn start(
     std::fs::create_dir_all(&dir.0)?;
     std::fs::write(dir.0.join("tasks.txt"), plan.tasks.join("\n") + "\n")?;
     std::fs::write(dir.0.join("prompt.txt"), &plan.template)?;
-    eprintln!(
+    progress.note(&format!(
         "run {run_id}: {} tasks, {} at a time",
         plan.tasks.len(),
         engine.opts.jobs
-    );
+    ));
+    progress.finish();
     execute(engine, &run_id).await
 }
 
