@@ -289,6 +289,14 @@ impl State {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Runs `f`'s writes as one transaction: all of them, or none after a crash.
+    pub fn atomically<T>(&self, f: impl FnOnce(&State) -> Result<T>) -> Result<T> {
+        let tx = self.conn.unchecked_transaction()?;
+        let out = f(self)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Starts attempt `n` of a task and marks the task running.
     pub fn start_attempt(&self, run_id: &str, idx: usize, n: u32, base: &str) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
@@ -421,5 +429,30 @@ impl State {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomically_keeps_all_writes_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = State::open(&dir.path().join("state.db")).unwrap();
+        st.create_run("r", "cohort/service", "{task}", "{}", &[("t".into(), "b".into())])
+            .unwrap();
+        let failed: Result<()> = st.atomically(|st| {
+            st.set_committed("r", 1, "abc", &[], Some(0))?;
+            anyhow::bail!("a crash between the writes")
+        });
+        assert!(failed.is_err());
+        assert_eq!(st.tasks("r").unwrap()[0].status, TaskStatus::Pending, "rolled back");
+        st.atomically(|st| {
+            st.set_committed("r", 1, "abc", &[], Some(0))?;
+            st.set_status("r", 1, TaskStatus::Unchanged, None, None)
+        })
+        .unwrap();
+        assert_eq!(st.tasks("r").unwrap()[0].status, TaskStatus::Unchanged);
     }
 }

@@ -294,30 +294,38 @@ async fn attempt_once(
         exit_code: exit.code(),
         reason,
     };
+    // Each outcome is one transaction: a crash between its writes would
+    // leave, say, an unchanged task as committed, which resume would merge.
     {
         let st = e.state.lock().unwrap();
         if let Some(reason) = failure {
-            st.end_attempt(&s.run_id, idx, attempt, &end("failed", Some(reason.clone())))?;
-            let commit = (!tc.is_empty()).then_some(tip.as_str());
-            st.set_failure(&s.run_id, idx, commit, &tc.files_changed, exit.code(), &reason)?;
+            st.atomically(|st| {
+                st.end_attempt(&s.run_id, idx, attempt, &end("failed", Some(reason.clone())))?;
+                let commit = (!tc.is_empty()).then_some(tip.as_str());
+                st.set_failure(&s.run_id, idx, commit, &tc.files_changed, exit.code(), &reason)
+            })?;
             s.progress.task_finished(idx, "failed", &reason);
             return Ok(AttemptResult::Finished);
         }
         if tc.is_empty() {
-            st.end_attempt(&s.run_id, idx, attempt, &end("unchanged", None))?;
-            st.set_committed(&s.run_id, idx, &tip, &[], exit.code())?;
-            st.set_status(
-                &s.run_id,
-                idx,
-                TaskStatus::Unchanged,
-                None,
-                Some("the agent changed nothing"),
-            )?;
+            st.atomically(|st| {
+                st.end_attempt(&s.run_id, idx, attempt, &end("unchanged", None))?;
+                st.set_committed(&s.run_id, idx, &tip, &[], exit.code())?;
+                st.set_status(
+                    &s.run_id,
+                    idx,
+                    TaskStatus::Unchanged,
+                    None,
+                    Some("the agent changed nothing"),
+                )
+            })?;
             s.progress.task_finished(idx, "unchanged", "the agent changed nothing");
             return Ok(AttemptResult::Finished);
         }
-        st.end_attempt(&s.run_id, idx, attempt, &end("committed", None))?;
-        st.set_committed(&s.run_id, idx, &tip, &tc.files_changed, exit.code())?;
+        st.atomically(|st| {
+            st.end_attempt(&s.run_id, idx, attempt, &end("committed", None))?;
+            st.set_committed(&s.run_id, idx, &tip, &tc.files_changed, exit.code())
+        })?;
     }
     merge_task(e, s, row, tc.tip).await
 }
