@@ -267,3 +267,29 @@ fn refuses_to_run_with_the_service_branch_checked_out() {
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(text(&out).contains("is checked out here"), "{}", text(&out));
 }
+
+#[test]
+fn a_retry_that_conflicts_again_ends_as_conflict() {
+    // Three tasks write one file from the same base: one merges, the other
+    // two conflict and retry from the new tip at about the same time, where
+    // one merges and the other conflicts again; it is not retried twice.
+    let s = Scratch::new();
+    let out = run_with(&s, "- alpha\n- beta\n- gamma\n", "shared-file.sh", &["-j", "3"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let report = s.status_json();
+    let mut seen: Vec<(String, u64)> = report["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["status"].as_str().unwrap().to_string(),
+                t["attempts"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want = [("conflict", 2), ("merged", 1), ("merged", 2)].map(|(s, n)| (s.to_string(), n));
+    assert_eq!(seen, want, "{report}");
+    assert_eq!(s.merged_tasks("cohort/service").len(), 2);
+}
