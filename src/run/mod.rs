@@ -311,8 +311,10 @@ fn whole_file_lock(kind: i32) -> libc::flock {
 /// A run whose state says `running` but that no process holds was stopped
 /// by a crash or `kill -9`; `resume` finishes it.
 pub fn is_active(paths: &RepoPaths, run_id: &str) -> bool {
-    let Ok(file) = std::fs::File::open(RunDir::new(paths, run_id).0.join("lock")) else {
-        return false;
+    let file = match std::fs::File::open(RunDir::new(paths, run_id).0.join("lock")) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(_) => return true, // cannot tell (another user's run): do not call it stopped
     };
     let mut lock = whole_file_lock(libc::F_WRLCK);
     nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut lock)).is_ok()
