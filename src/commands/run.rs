@@ -377,8 +377,8 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     let key = api_key(&config)?;
     let syncing = !args.no_sync && config.run.sync != Some(false);
     if !syncing && !args.allow_file.is_empty() {
-        eprintln!(
-            "cohort: warning: --allow-file has no effect without the sync step (--no-sync or [run] sync = false)"
+        crate::progress::say(
+            "cohort: warning: --allow-file has no effect without the sync step (--no-sync or [run] sync = false)",
         );
     }
     let sync = syncing.then(|| SyncSettings {
