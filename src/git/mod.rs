@@ -6,13 +6,17 @@
 
 pub mod checkout;
 pub mod commit;
+pub mod import;
 pub mod merge;
 pub mod names;
 pub mod pool;
+pub mod private;
 pub mod refs;
+pub mod safefs;
 pub mod scan;
 pub mod snapshot;
 pub mod stage;
+pub mod status;
 pub mod sync;
 
 use std::path::{Path, PathBuf};
