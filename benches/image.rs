@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use cohort::agent::Invocation;
 use cohort::runtime::podman::{NetworkMode, Podman, PodmanRuntime, PodmanSettings};
-use cohort::runtime::{Exit, Runtime, Spawn};
+use cohort::runtime::{Bind, Exit, Runtime, Spawn};
 use podman_support::PodmanService;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -200,8 +200,9 @@ fn stats(times: &mut [Duration]) -> (Duration, Duration) {
 }
 
 /// `runs` tasks of `true` through cohort's podman runtime: what `cohort run --runtime podman`
-/// does per task attempt (container from the image with the checkout and git dir mounted and
-/// `true` as its main process, attach, start, its exit code; removal in the background).
+/// does per task attempt (container from the image with the checkout at /workspace, a private
+/// git dir and an attempt directory read-write and the object store read-only, `true` as its
+/// main process, attach, start, its exit code; removal in the background).
 /// Returns each task's start-to-exit and the whole block's time including every removal.
 fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -213,7 +214,6 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
             memory_bytes: None,
             pids_limit: None,
             mounts: Vec::new(),
-            common_dir: b.repo.join(".git"),
         };
         let runtime = PodmanRuntime::new(podman, settings).await.expect("podman runtime");
         eprintln!(
@@ -224,6 +224,25 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
                 "host user namespace"
             }
         );
+        // What a task's container gets besides its checkout (see `run::task::agent`).
+        let (git_dir, attempt) = (b.tmp.path().join("gitdir"), b.tmp.path().join("attempt"));
+        for d in [&git_dir, &attempt] {
+            std::fs::create_dir_all(d).expect("bench dirs");
+        }
+        let binds = vec![
+            Bind {
+                path: git_dir,
+                writable: true,
+            },
+            Bind {
+                path: attempt,
+                writable: true,
+            },
+            Bind {
+                path: b.repo.join(".git/objects"),
+                writable: false,
+            },
+        ];
         let mut times = Vec::new();
         let block = Instant::now();
         for _ in 0..runs {
@@ -234,6 +253,9 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
                 },
                 workdir: b.repo.clone(),
                 timeout: None,
+                binds: binds.clone(),
+                run_id: "bench".into(),
+                task: 1,
             };
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
             let start = Instant::now();

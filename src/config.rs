@@ -64,21 +64,7 @@ pub struct ContainerSection {
 impl ContainerSection {
     pub fn memory_bytes(&self) -> Result<Option<i64>, ConfigError> {
         let Some(m) = &self.memory else { return Ok(None) };
-        let t = m.trim().to_ascii_lowercase();
-        let t = t.strip_suffix('b').unwrap_or(&t);
-        let (num, mult) = match t.chars().last() {
-            Some('k') => (&t[..t.len() - 1], 1i64 << 10),
-            Some('m') => (&t[..t.len() - 1], 1 << 20),
-            Some('g') => (&t[..t.len() - 1], 1 << 30),
-            _ => (t, 1),
-        };
-        match num.trim().parse::<i64>() {
-            Ok(n) if n > 0 => Ok(Some(n * mult)),
-            _ => Err(ConfigError::Value {
-                what: "[container] memory".into(),
-                message: format!("{m:?} is not a size; write e.g. 2g or 512m"),
-            }),
-        }
+        parse_size("[container] memory", m).map(Some)
     }
 
     /// `[container] mounts` as (host, container, read_only).
@@ -124,6 +110,19 @@ pub struct RunSection {
     pub timeout: Option<String>,
     pub runtime: Option<String>,
     pub sync: Option<bool>,
+    /// The largest file a task may commit (bytes, or with a suffix `k`, `m`, `g`; default
+    /// 100m). A task that leaves a larger one fails, naming it; the rest of its work is kept
+    /// on its branch.
+    pub max_file_size: Option<String>,
+}
+
+impl RunSection {
+    pub fn max_file_size(&self) -> Result<u64, ConfigError> {
+        match &self.max_file_size {
+            None => Ok(crate::git::commit::Limits::default().max_file_size),
+            Some(v) => parse_size("[run] max_file_size", v).map(|n| n as u64),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -187,6 +186,28 @@ impl Config {
             path,
             message: e.to_string(),
         })
+    }
+}
+
+/// Parses a size: bytes, or with a suffix `k`, `m`, `g` (`2g`, `512m`).
+pub fn parse_size(what: &str, v: &str) -> Result<i64, ConfigError> {
+    let t = v.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<i64>() {
+        Ok(n) if n > 0 => n.checked_mul(mult).ok_or_else(|| ConfigError::Value {
+            what: what.into(),
+            message: format!("{v:?} is too large"),
+        }),
+        _ => Err(ConfigError::Value {
+            what: what.into(),
+            message: format!("{v:?} is not a size; write e.g. 2g or 512m"),
+        }),
     }
 }
 

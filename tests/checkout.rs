@@ -31,7 +31,6 @@ fn commit_shape(s: &Scratch, branch: &str, files: &[(&str, &str)]) -> git::Oid {
 /// A checkout leased from a new pool, with branch `t` at `at` (the
 /// checkout itself is not prepared yet).
 struct Leased {
-    paths: git::RepoPaths,
     repo: gix::Repository,
     pool: Arc<Pool>,
     co: git::pool::Lease,
@@ -43,7 +42,7 @@ fn lease(s: &Scratch, at: git::Oid) -> Leased {
     let co = pool.lease().unwrap();
     let repo = paths.open().unwrap();
     refs::cas(&repo, "refs/heads/t", None, at, "test").unwrap();
-    Leased { paths, repo, pool, co }
+    Leased { repo, pool, co }
 }
 
 fn assert_matches(checkout: &std::path::Path, files: &[(&str, &str)]) {
@@ -52,6 +51,25 @@ fn assert_matches(checkout: &std::path::Path, files: &[(&str, &str)]) {
     for (p, c) in files {
         assert_eq!(std::fs::read_to_string(checkout.join(p)).unwrap(), *c, "{p}");
     }
+}
+
+/// What cohort's own index of the checkout (in its admin dir, which the agent never sees) says
+/// differs from the files: changed and untracked paths. Empty when they match exactly.
+fn cohort_status(co: &git::pool::Checkout) -> String {
+    let dir = co.path.parent().unwrap();
+    let (gd, wt) = (co.admin.display().to_string(), co.path.display().to_string());
+    let changed = git_in(dir, &["--git-dir", &gd, "--work-tree", &wt, "diff", "--name-only"]);
+    let untracked = git_in(dir, &["--git-dir", &gd, "--work-tree", &wt, "ls-files", "--others"]);
+    changed + &untracked
+}
+
+/// The tree of cohort's index of the checkout equals `commit`'s.
+fn index_holds(co: &git::pool::Checkout, commit: git::Oid) -> bool {
+    let dir = co.path.parent().unwrap();
+    let gd = co.admin.display().to_string();
+    let tree = git_in(dir, &["--git-dir", &gd, "write-tree"]);
+    let want = git_in(dir, &["--git-dir", &gd, "rev-parse", &format!("{commit}^{{tree}}")]);
+    tree == want
 }
 
 #[test]
@@ -83,7 +101,7 @@ fn checkouts_move_between_trees_by_both_paths() {
     co.prepare("refs/heads/t", a).unwrap();
     assert_matches(&co.path, &a_files);
     // Commit (nothing changed), which marks it clean; then move by tree diff.
-    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m", Default::default()).unwrap();
     assert!(tc.is_empty());
     assert!(co.admin.join(git::pool::CLEAN_MARK).exists());
     refs::cas(&repo, "refs/heads/t", Some(a), b, "test").unwrap();
@@ -119,7 +137,9 @@ fn checkouts_move_between_trees_by_both_paths() {
 
     drop(co);
     pool.remove_all().unwrap();
-    assert!(!s.tmp.path().join("pool").exists());
+    for d in ["checkouts", "admin", "gitdirs"] {
+        assert!(!s.tmp.path().join("pool").join(d).exists(), "{d}");
+    }
     assert_eq!(s.git(&["worktree", "list"]).lines().count(), 1);
 }
 
@@ -152,29 +172,29 @@ fn commits_update_the_index_in_place_and_stay_clean() {
     std::os::unix::fs::symlink("a.txt", co.path.join("link")).unwrap();
     std::fs::remove_file(co.path.join("thing")).unwrap();
 
-    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
-    let tree = git_in(&co.path, &["ls-tree", "-r", "--format=%(objectmode) %(path)", "HEAD"]);
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m", Default::default()).unwrap();
+    let tree = s.git(&["ls-tree", "-r", "--format=%(objectmode) %(path)", "t"]);
     assert_eq!(
         tree,
         "100644 a.txt\n100644 dir/x.txt\n120000 link\n100644 new.txt\n100644 new/deep/n.txt\n100755 run.sh\n"
     );
     assert_eq!(tc.files_changed.len(), 7, "{:?}", tc.files_changed);
-    let status = git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]);
-    assert_eq!(status, "", "index and files match the commit");
-    assert_eq!(git_in(&co.path, &["diff", "--cached", "--name-only", "HEAD"]), "");
+    assert_eq!(cohort_status(&co), "", "index and files match the commit");
+    assert!(index_holds(&co, tc.tip));
 
-    // An agent that stages and commits by itself: the slow path.
+    // An agent that stages by itself (in its private index): the same result.
     let tip = tc.tip;
     co.prepare("refs/heads/t", tip).unwrap();
+    assert_matches(&co.path, &[("a.txt", "changed\n")]);
     std::fs::write(co.path.join("a.txt"), "staged\n").unwrap();
     git_in(&co.path, &["add", "a.txt"]);
     std::fs::write(co.path.join("b.txt"), "unstaged\n").unwrap();
-    let tc = git::commit::commit_all(&co, "refs/heads/t", tip, "m2").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", tip, "m2", Default::default()).unwrap();
     assert_eq!(tc.files_changed, ["a.txt", "b.txt"]);
-    let status = git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]);
-    assert_eq!(status, "");
+    assert_eq!(cohort_status(&co), "");
+    assert!(index_holds(&co, tc.tip));
     // Nothing changed since: an empty commit step, still clean.
-    let again = git::commit::commit_all(&co, "refs/heads/t", tc.tip, "m3").unwrap();
+    let again = git::commit::commit_all(&co, "refs/heads/t", tc.tip, "m3", Default::default()).unwrap();
     assert!(again.is_empty() && again.tip == tc.tip);
 
     drop(co);
@@ -191,19 +211,16 @@ fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
     s.git(&["checkout", "-q", "main"]);
     let Leased { pool, co, .. } = lease(&s, a);
     co.prepare("refs/heads/t", a).unwrap();
-    let ls = |co: &std::path::Path| git_in(co, &["ls-tree", "-r", "--format=%(path)", "HEAD"]);
+    let ls = |repo: &std::path::Path| git_in(repo, &["ls-tree", "-r", "--format=%(path)", "t"]);
 
     std::fs::remove_file(co.path.join("thing")).unwrap();
     std::fs::create_dir_all(co.path.join("thing/deep")).unwrap();
     std::fs::write(co.path.join("thing/inner.txt"), "i\n").unwrap();
     std::fs::write(co.path.join("thing/deep/d.txt"), "d\n").unwrap();
-    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
-    assert_eq!(ls(&co.path), "a.txt\nother\nthing/deep/d.txt\nthing/inner.txt\n");
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m", Default::default()).unwrap();
+    assert_eq!(ls(&s.work), "a.txt\nother\nthing/deep/d.txt\nthing/inner.txt\n");
     assert_eq!(tc.files_changed.len(), 3, "{:?}", tc.files_changed);
-    assert_eq!(
-        git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]),
-        ""
-    );
+    assert_eq!(cohort_status(&co), "");
 
     // The slow path: the agent staged a change itself.
     let tip = tc.tip;
@@ -213,13 +230,10 @@ fn a_file_replaced_by_a_directory_is_committed_with_its_contents() {
     std::fs::remove_file(co.path.join("other")).unwrap();
     std::fs::create_dir(co.path.join("other")).unwrap();
     std::fs::write(co.path.join("other/o.txt"), "o2\n").unwrap();
-    let tc = git::commit::commit_all(&co, "refs/heads/t", tip, "m2").unwrap();
-    assert_eq!(ls(&co.path), "a.txt\nother/o.txt\nthing/deep/d.txt\nthing/inner.txt\n");
+    let tc = git::commit::commit_all(&co, "refs/heads/t", tip, "m2", Default::default()).unwrap();
+    assert_eq!(ls(&s.work), "a.txt\nother/o.txt\nthing/deep/d.txt\nthing/inner.txt\n");
     assert_eq!(tc.files_changed, ["a.txt", "other", "other/o.txt"]);
-    assert_eq!(
-        git_in(&co.path, &["status", "--porcelain", "--untracked-files=all"]),
-        ""
-    );
+    assert_eq!(cohort_status(&co), "");
 
     drop(co);
     pool.remove_all().unwrap();
@@ -242,7 +256,7 @@ fn ignored_files_do_not_outlive_their_task() {
     std::fs::create_dir_all(co.path.join("build/deep")).unwrap();
     std::fs::write(co.path.join("build/deep/out.o"), "object\n").unwrap();
     std::fs::write(co.path.join("work.txt"), "work\n").unwrap();
-    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m", Default::default()).unwrap();
     assert_eq!(tc.files_changed, ["work.txt"]);
     assert!(!co.path.join("notes.log").exists() && !co.path.join("build").exists());
 
@@ -251,7 +265,7 @@ fn ignored_files_do_not_outlive_their_task() {
     std::fs::write(co.path.join("again.log"), "more notes\n").unwrap();
     std::fs::write(co.path.join("a.txt"), "staged\n").unwrap();
     git_in(&co.path, &["add", "a.txt"]);
-    let tc = git::commit::commit_all(&co, "refs/heads/t", tc.tip, "m2").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", tc.tip, "m2", Default::default()).unwrap();
     assert_eq!(tc.files_changed, ["a.txt"]);
     assert!(!co.path.join("again.log").exists());
 
@@ -264,35 +278,38 @@ fn ignored_files_do_not_outlive_their_task() {
     refs::cas(&repo, "refs/heads/t", Some(tc.tip), bare, "test").unwrap();
     co.prepare("refs/heads/t", bare).unwrap();
     assert!(!co.path.join("left.log").exists());
-    let tc = git::commit::commit_all(&co, "refs/heads/t", bare, "m3").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", bare, "m3", Default::default()).unwrap();
     assert!(tc.is_empty(), "{:?}", tc.files_changed);
 
     drop(co);
     pool.remove_all().unwrap();
 }
 
-/// A killed agent's git leaves lock files and half-done operations behind;
-/// the commit step and the next task's checkout cope with them.
+/// A killed cohort leaves lock files in its admin dir, and a killed agent's git leaves half-done
+/// operations and locks in its private git dir; the commit step and the next task's checkout
+/// cope with both.
 #[test]
 fn stale_locks_and_unfinished_operations_are_cleared() {
     let s = Scratch::new();
     let a = commit_shape(&s, "shape-a", &[("a.txt", "a\n")]);
     s.git(&["checkout", "-q", "main"]);
-    let Leased { paths, pool, co, .. } = lease(&s, a);
+    let Leased { pool, co, .. } = lease(&s, a);
     co.prepare("refs/heads/t", a).unwrap();
 
     std::fs::write(co.path.join("a.txt"), "work\n").unwrap();
     std::fs::write(co.admin.join("index.lock"), "").unwrap();
     std::fs::write(co.admin.join("HEAD.lock"), "").unwrap();
-    std::fs::write(paths.common_dir.join("refs/heads/t.lock"), "").unwrap();
-    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m").unwrap();
+    std::fs::write(co.git_dir.join("index.lock"), "").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "m", Default::default()).unwrap();
     assert_eq!(tc.files_changed, ["a.txt"]);
 
     std::fs::write(co.admin.join("index.lock"), "").unwrap();
-    std::fs::write(co.admin.join("MERGE_HEAD"), format!("{a}\n")).unwrap();
-    std::fs::create_dir_all(co.admin.join("rebase-merge")).unwrap();
+    std::fs::write(co.git_dir.join("MERGE_HEAD"), format!("{a}\n")).unwrap();
+    std::fs::create_dir_all(co.git_dir.join("rebase-merge")).unwrap();
     co.prepare("refs/heads/t", tc.tip).unwrap();
-    assert!(!co.admin.join("MERGE_HEAD").exists() && !co.admin.join("rebase-merge").exists());
+    for leftover in ["MERGE_HEAD", "rebase-merge", "index.lock"] {
+        assert!(!co.git_dir.join(leftover).exists(), "{leftover}");
+    }
     assert_eq!(git_in(&co.path, &["status", "--porcelain"]), "");
 
     drop(co);
@@ -316,10 +333,15 @@ fn an_agents_detached_commits_are_kept() {
     let agent_commit = git_in(&co.path, &["rev-parse", "HEAD"]).trim().to_string();
     std::fs::write(co.path.join("c.txt"), "c\n").unwrap();
 
-    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "task").unwrap();
+    let tc = git::commit::commit_all(&co, "refs/heads/t", a, "task", Default::default()).unwrap();
     assert_eq!(tc.files_changed, ["b.txt", "c.txt"]);
     assert_eq!(s.git(&["rev-parse", &format!("{}^", tc.tip)]).trim(), agent_commit);
+    // The agent's commit object came into the repository, checked; the next task's git dir
+    // is on its branch again.
+    assert_eq!(s.git(&["cat-file", "-t", &agent_commit]).trim(), "commit");
+    co.prepare("refs/heads/t", tc.tip).unwrap();
     assert_eq!(git_in(&co.path, &["symbolic-ref", "HEAD"]).trim(), "refs/heads/t");
+    assert_eq!(git_in(&co.path, &["rev-parse", "HEAD"]).trim(), tc.tip.to_string());
 
     drop(co);
     pool.remove_all().unwrap();

@@ -147,7 +147,7 @@ fn image_build_run_in_containers_and_dev_container() {
                  test -f /opt/cohort/repo/README.md && echo image-ok >> out-$COHORT_TASK_ID.txt; \
                  id -u >> out-$COHORT_TASK_ID.txt; head -n1 /proc/self/uid_map | tr -s \" \" >> out-$COHORT_TASK_ID.txt; \
                  ls /sys/class/net >> out-$COHORT_TASK_ID.txt; \
-                 touch \"$(git rev-parse --path-format=absolute --git-common-dir)/agent-$COHORT_TASK_ID\"; sleep 2'";
+                 touch \"$(dirname $COHORT_PROMPT_FILE)/agent-$COHORT_TASK_ID\"; sleep 2'";
     let done = AtomicBool::new(false);
     let (out, seen) = std::thread::scope(|scope| {
         let watcher = scope.spawn(|| {
@@ -201,7 +201,11 @@ fn image_build_run_in_containers_and_dev_container() {
         assert!(map[0] == "0" && map[1] != "0", "not an auto range: {file}");
         assert_eq!(lines[5..].to_vec(), vec!["lo"], "network none: {file}");
         use std::os::unix::fs::MetadataExt;
-        let written = std::fs::metadata(s.work.join(format!(".git/agent-00{i}"))).unwrap();
+        let written = files_under(&s.work.join(".git/cohort/runs"))
+            .into_iter()
+            .find(|p| p.ends_with(format!("attempts/00{i}-1/agent-00{i}")))
+            .unwrap_or_else(|| panic!("task {i} wrote nothing into its attempt directory"));
+        let written = std::fs::metadata(written).unwrap();
         let owner = std::fs::metadata(s.work.join(".git")).unwrap();
         assert_eq!(
             (written.uid(), written.gid()),

@@ -54,14 +54,13 @@ pub struct EnterArgs {
 }
 
 /// Task-container settings from `[image]` and `[container]`.
-pub fn podman_settings(config: &Config, paths: &RepoPaths) -> Result<PodmanSettings> {
+pub fn podman_settings(config: &Config) -> Result<PodmanSettings> {
     Ok(PodmanSettings {
         image: config.image.tag.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
         network: config.container.network.unwrap_or(NetworkMode::Private),
         memory_bytes: config.container.memory_bytes()?,
         pids_limit: config.container.pids,
         mounts: config_mounts(config)?,
-        common_dir: paths.common_dir.clone(),
     })
 }
 

@@ -137,7 +137,7 @@ pub fn build_engine(
     let runtime: Arc<dyn Runtime> = match select_runtime(flags, config, stored)? {
         RuntimeKind::Host => Arc::new(HostRuntime::new()?),
         RuntimeKind::Podman => {
-            let settings = crate::commands::container::podman_settings(config, &paths)?;
+            let settings = crate::commands::container::podman_settings(config)?;
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(async {
                     let podman = crate::runtime::podman::Podman::connect().await?;
@@ -197,6 +197,9 @@ pub fn build_engine(
             service_branch,
             on_conflict,
             timeout,
+            limits: crate::git::commit::Limits {
+                max_file_size: config.run.max_file_size()?,
+            },
         },
         cancel: CancellationToken::new(),
     })

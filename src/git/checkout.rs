@@ -341,6 +341,14 @@ pub fn write_index(
 /// returns the stat data of the files written.
 fn write_entries(repo: &gix::Repository, workdir: &Path, entries: &[FlatEntry]) -> Result<FreshStats> {
     const PARALLEL_FROM: usize = 64;
+    // Trees come from origin and from agents: a name that would leave the checkout or write
+    // into a git dir is refused before anything is written.
+    for e in entries {
+        for comp in e.path.split(|b| *b == b'/') {
+            super::import::check_name(comp.as_bstr(), false)
+                .with_context(|| format!("cannot check out {}", e.path.to_str_lossy()))?;
+        }
+    }
     let mut dirs: Vec<&Path> = entries
         .iter()
         .filter_map(|e| super::rela_path(e.path.as_bstr()).parent())
@@ -457,9 +465,8 @@ fn clear_unless(path: &Path, keep: impl Fn(&std::fs::Metadata) -> bool) -> Resul
 /// Creates `dir` and its parents, replacing a file that stands where a
 /// directory must be.
 fn ensure_dir(workdir: &Path, dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
+    // Component by component, never `is_dir()`: a symlink to a directory is replaced, not
+    // written through.
     let mut cur = workdir.to_path_buf();
     for comp in dir.strip_prefix(workdir).unwrap_or(dir).components() {
         cur.push(comp);
@@ -504,6 +511,10 @@ pub(super) fn remove_path(workdir: &Path, rela: &BStr) -> Result<()> {
 /// work evenly; each piece is removed with `remove_dir_all`, which works
 /// relative to directory descriptors (`openat`/`unlinkat`).
 pub fn remove_tree(root: &Path) -> Result<()> {
+    // A symlink where the tree was is removed itself, never followed.
+    if std::fs::symlink_metadata(root).is_ok_and(|m| !m.is_dir()) {
+        return super::safefs::remove_path(root).with_context(|| format!("cannot remove {}", root.display()));
+    }
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
     let mut pieces: Vec<std::path::PathBuf> = Vec::new();
     let mut dirs = vec![root.to_path_buf()];

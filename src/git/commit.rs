@@ -1,10 +1,9 @@
-//! Committing what an agent left in its checkout onto the task branch.
+//! Committing what an agent left in its checkout onto the task branch, trusting none of it.
 
 use anyhow::{Context, Result};
 
-use super::checkout;
 use super::pool::{Checkout, CLEAN_MARK};
-use super::{is_ancestor, refs, snapshot, stage, tree_of, write_commit, Oid};
+use super::{import, is_ancestor, private, refs, snapshot, stage, status, tree_of, write_commit, Oid};
 
 #[derive(Debug, Clone)]
 pub struct TaskCommit {
@@ -12,6 +11,14 @@ pub struct TaskCommit {
     pub tip: Oid,
     /// Files that differ between the task's base and `tip`.
     pub files_changed: Vec<String>,
+    /// Files left out of the commit for being over `[run] max_file_size`, with their sizes.
+    /// The checkout then holds more than its tree: the caller must not reuse it.
+    pub oversized: Vec<(String, u64)>,
+    /// Why the agent's own commits were not kept (their content is still committed, from
+    /// the checkout's files).
+    pub commits_refused: Option<String>,
+    /// What was removed from the checkout because git would not keep it, and why.
+    pub dropped: Vec<(String, &'static str)>,
 }
 
 impl TaskCommit {
@@ -20,65 +27,152 @@ impl TaskCommit {
     }
 }
 
-/// Commits every change in `checkout` (tracked, deleted and untracked files,
-/// honouring .gitignore) on top of the task branch. Commits the agent made
-/// itself are kept: the branch tip, wherever the agent moved it, is the parent.
-pub fn commit_all(checkout: &Checkout, branch_ref: &str, base: Oid, message: &str) -> Result<TaskCommit> {
-    checkout.clear_leftovers(branch_ref, false)?;
-    let repo = checkout.open()?;
-    let mut tip = refs::read(&repo, branch_ref)?.with_context(|| format!("task branch {branch_ref} is missing"))?;
-    // The agent may have committed on a detached HEAD or another branch:
-    // when that builds on the task branch, the task branch takes it.
-    if let Some(head) = agent_head(&repo, branch_ref) {
-        if head != tip && is_ancestor(&repo, tip, head)? {
-            refs::cas(&repo, branch_ref, Some(tip), head, "cohort: take the agent's commits")?;
-            tip = head;
-        }
-    }
-    // The task branch is what counts.
-    refs::set_head_symbolic(&repo, branch_ref)?;
-    let tip_tree = tree_of(&repo, tip)?;
-    // Usually the index is the one cohort wrote and only what the agent
-    // touched is looked at; otherwise the tree is built from a full status
-    // and the index rebuilt from it. Either way the checkout then holds
-    // exactly `tree` in its files and index.
-    let tree = match stage::stage_all(&repo, &checkout.admin, tip_tree)? {
-        Some(tree) => tree,
-        None => {
-            tracing::debug!(checkout = %checkout.path.display(), "index changed by the agent; full status");
-            let snap = snapshot::snapshot(&repo, tip_tree)?;
-            checkout::remove_ignored(&repo)?;
-            let old = repo.index().ok();
-            let from_tree = repo.index_from_tree(&snap.tree)?;
-            let index = checkout::write_index(&repo, from_tree, old.as_ref().map(|i| &***i), &Default::default())?;
-            stage::record(&checkout.admin, snap.tree, index.checksum())?;
-            snap.tree
-        }
-    };
-    let tip = if tree != tip_tree {
-        let commit = write_commit(&repo, tree, &[tip], message)?;
-        refs::cas(&repo, branch_ref, Some(tip), commit, "cohort: commit task")?;
-        commit
-    } else {
-        tip
-    };
-    // Mark it clean, so the next task moves it by a tree diff.
-    std::fs::write(checkout.admin.join(CLEAN_MARK), tree.to_string())?;
-    let files_changed = snapshot::diff_paths(&repo, tree_of(&repo, base)?, tree_of(&repo, tip)?)?
-        .into_iter()
-        .map(|c| super::rela_path(c.path.as_ref()).display().to_string())
-        .collect();
-    Ok(TaskCommit { tip, files_changed })
+/// Limits on what one task may hand back.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest file (and git object) taken from a checkout.
+    pub max_file_size: u64,
 }
 
-/// The commit the checkout's HEAD points to when it is not the task branch
-/// (detached, or another branch), if any.
-fn agent_head(repo: &gix::Repository, branch_ref: &str) -> Option<Oid> {
-    let head = repo.head().ok()?;
-    if head.referent_name().is_some_and(|n| n.as_bstr() == branch_ref) {
-        return None;
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_size: 100 * 1024 * 1024,
+        }
     }
-    head.id().map(|id| id.detach())
+}
+
+/// What a checkout held after its agent, taken without trusting it.
+#[derive(Debug, Clone)]
+pub struct Collected {
+    /// The task branch's tip, the agent's own commits included.
+    pub tip: Oid,
+    /// The checkout's files as a tree (blobs written).
+    pub tree: Oid,
+    pub base: Oid,
+    /// See [`TaskCommit::oversized`].
+    pub oversized: Vec<(String, u64)>,
+    pub commits_refused: Option<String>,
+    pub dropped: Vec<(String, &'static str)>,
+}
+
+/// Takes what the agent left: its own commits, when they build on the task branch (their
+/// objects imported one by one, checked, from its private git dir; the branch then moves to
+/// its head by compare-and-swap), and every change in the checkout (tracked, deleted and
+/// untracked files, honouring .gitignore) as a tree.
+pub fn collect(checkout: &Checkout, branch_ref: &str, base: Oid, limits: Limits) -> Result<Collected> {
+    checkout.clear_leftovers()?;
+    let root = checkout.root()?;
+    let repo = checkout.open()?;
+    let mut tip = refs::read(&repo, branch_ref)?.with_context(|| format!("task branch {branch_ref} is missing"))?;
+    let mut commits_refused = None;
+    if let Some(head) = private::read_head(&checkout.git_dir)? {
+        if head != tip {
+            match take_commits(&repo, checkout, head, limits) {
+                Ok(()) => {
+                    if is_ancestor(&repo, tip, head).unwrap_or(false) {
+                        refs::cas(&repo, branch_ref, Some(tip), head, "cohort: take the agent's commits")?;
+                        tip = head;
+                    }
+                }
+                Err(e) => commits_refused = Some(format!("{e:#}")),
+            }
+        }
+    }
+    let mut settings = status::Settings {
+        hash: repo.object_hash(),
+        stat: repo.stat_options()?,
+        file_mode: repo.config_snapshot().boolean("core.fileMode").unwrap_or(true),
+        excludes: excludes(&repo, &checkout.common_dir)?,
+        max_file_size: limits.max_file_size,
+        observe: None,
+    };
+    let staged = stage::stage(&repo, &checkout.admin, &root, tree_of(&repo, base)?, &mut settings)?;
+    let show = |p: &gix::bstr::BString| super::rela_path(p.as_ref()).display().to_string();
+    Ok(Collected {
+        tip,
+        tree: staged.tree,
+        base,
+        oversized: staged.changes.oversized.iter().map(|(p, n)| (show(p), *n)).collect(),
+        commits_refused,
+        dropped: staged.changes.dropped.iter().map(|(p, why)| (show(p), *why)).collect(),
+    })
+}
+
+/// Commits what was collected on top of the task branch (compare-and-swap) and marks the
+/// checkout clean when it holds exactly that tree.
+pub fn commit(checkout: &Checkout, branch_ref: &str, c: Collected, message: &str) -> Result<TaskCommit> {
+    let repo = checkout.open()?;
+    let tip = if c.tree != tree_of(&repo, c.tip)? {
+        let commit = write_commit(&repo, c.tree, &[c.tip], message)?;
+        refs::cas(&repo, branch_ref, Some(c.tip), commit, "cohort: commit task")?;
+        commit
+    } else {
+        c.tip
+    };
+    if c.oversized.is_empty() {
+        // Mark it clean, so the next task moves it by a tree diff.
+        std::fs::write(checkout.admin.join(CLEAN_MARK), c.tree.to_string())?;
+    }
+    let files_changed = snapshot::diff_paths(&repo, tree_of(&repo, c.base)?, tree_of(&repo, tip)?)?
+        .into_iter()
+        .map(|d| super::rela_path(d.path.as_ref()).display().to_string())
+        .collect();
+    Ok(TaskCommit {
+        tip,
+        files_changed,
+        oversized: c.oversized,
+        commits_refused: c.commits_refused,
+        dropped: c.dropped,
+    })
+}
+
+/// [`collect`] then [`commit`].
+pub fn commit_all(
+    checkout: &Checkout,
+    branch_ref: &str,
+    base: Oid,
+    message: &str,
+    limits: Limits,
+) -> Result<TaskCommit> {
+    let c = collect(checkout, branch_ref, base, limits)?;
+    commit(checkout, branch_ref, c, message)
+}
+
+/// Imports the objects of the agent's commits up to `head`.
+fn take_commits(repo: &gix::Repository, checkout: &Checkout, head: Oid, limits: Limits) -> Result<()> {
+    let max_total = limits.max_file_size.saturating_mul(16);
+    let (objects, size) = private::sanitize_objects(&checkout.git_dir)?;
+    anyhow::ensure!(
+        size <= max_total,
+        "the agent's git objects take {size} bytes, over {max_total}"
+    );
+    let limits = import::Limits {
+        max_object: limits.max_file_size,
+        max_total,
+    };
+    let done = import::import(repo, &objects, head, limits)?;
+    tracing::debug!(
+        objects = done.objects,
+        bytes = done.bytes,
+        "imported the agent's commits"
+    );
+    Ok(())
+}
+
+/// The user's ignore patterns: the repository's `info/exclude` and `core.excludesFile`
+/// (default `$XDG_CONFIG_HOME/git/ignore`), as git reads them.
+fn excludes(repo: &gix::Repository, common_dir: &std::path::Path) -> Result<gix::ignore::Search> {
+    let configured = repo.config_snapshot().trusted_path("core.excludesFile").ok().flatten();
+    let file = configured.or_else(|| {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))?;
+        Some(base.join("git").join("ignore"))
+    });
+    let mut buf = Vec::new();
+    gix::ignore::Search::from_git_dir(common_dir, file, &mut buf, Default::default())
+        .context("cannot read the repository's ignore patterns")
 }
 
 /// The commit message for a task: subject plus trailers that tie the commit

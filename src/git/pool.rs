@@ -1,24 +1,32 @@
-//! A pool of reusable checkouts (linked worktrees sharing the repository's
-//! object store), at most one per concurrently running task.
+//! A pool of reusable checkouts, at most one per concurrently running task, each sealed
+//! from the repository's git dir.
+//!
+//! A slot is three directories of the run: the checkout the agent works in, the agent's
+//! private git dir (see `private`; the checkout's `.git` file points there), and cohort's own
+//! admin dir for it (its index of the checkout, the clean mark), which the agent never sees.
+//! cohort opens the admin dir as a linked worktree of the repository, so its view of the
+//! checkout uses the repository's objects and the user's config, never the agent's.
 //!
 //! A checkout is made once per slot and then moved from task to task with
-//! [`checkout::move_to`], which writes only the files that differ. The pool
-//! lives in the git dir, outside the user's working tree, and is removed at
-//! the end of the run.
+//! [`checkout::move_to`], which writes only the files that differ. Everything lives in the
+//! run's directory inside the git dir, outside the user's working tree, and is removed at the
+//! end of the run.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
-use super::{checkout, refs, stage, Oid};
+use super::safefs::{self, Dir};
+use super::{checkout, private, stage, Oid};
 
-/// A file in a checkout's private git dir naming the tree its files and
-/// index hold exactly; written after cohort commits, emptied before an
-/// agent runs. Without it, a checkout is compared with its index first.
-/// (Emptied in place rather than removed: on a file system without a
-/// journal, ext4 skips over recently freed inodes when it allocates one,
-/// so every file removed makes the next files created a little slower.)
+/// A file in a checkout's admin dir naming the tree its files and index hold exactly;
+/// written after cohort commits, emptied before an agent runs. Without it, the checkout's
+/// files are not trusted and it is made anew.
+/// (Emptied in place rather than removed: on a file system without a journal, ext4 skips
+/// over recently freed inodes when it allocates one, so every file removed makes the next
+/// files created a little slower.)
 pub const CLEAN_MARK: &str = "cohort-clean";
 
 #[derive(Debug, Clone)]
@@ -26,84 +34,104 @@ pub struct Checkout {
     pub slot: usize,
     /// The working tree the agent runs in.
     pub path: PathBuf,
-    /// The worktree's private git dir (`<common>/worktrees/<name>`).
+    /// cohort's own git dir for the checkout: its index and clean mark. Never shown to an agent.
     pub admin: PathBuf,
-    /// The repository's git dir, shared by all its worktrees.
+    /// The agent's private git dir (the checkout's `.git` file names it).
+    pub git_dir: PathBuf,
+    /// The repository's git dir.
     pub common_dir: PathBuf,
+    /// Device and inode of `path` when cohort made it: a checkout the agent swapped for
+    /// another directory or a symlink is told apart.
+    id: (u64, u64),
 }
 
 impl Checkout {
-    /// Opens the checkout as a repository, first restoring its `.git` link
-    /// in case the agent deleted it.
+    /// cohort's view of the checkout: the admin dir as a worktree of the repository.
     pub fn open(&self) -> Result<gix::Repository> {
-        std::fs::create_dir_all(&self.path)?;
-        let link = self.path.join(".git");
-        let want = format!("gitdir: {}\n", self.admin.display());
-        if std::fs::read_to_string(&link).ok().as_deref() != Some(want.as_str()) {
-            if link.is_dir() {
-                std::fs::remove_dir_all(&link)?;
-            }
-            std::fs::write(&link, want)?;
-        }
-        super::open(&self.path)
+        super::open(&self.admin)
     }
 
-    /// Removes what a killed agent's git may have left in the checkout's
-    /// git dir: lock files (gix, like git, refuses to write while one
-    /// exists, so one stale `index.lock` would fail every later task in
-    /// this slot) and, with `unfinished`, a merge, rebase, cherry-pick,
-    /// revert or bisect the agent began. Only for a leased checkout whose
-    /// agent has ended: then no one else can hold these.
-    pub fn clear_leftovers(&self, branch_ref: &str, unfinished: bool) -> Result<()> {
-        const LOCKS: [&str; 2] = ["index.lock", "HEAD.lock"];
-        const UNFINISHED: [&str; 10] = [
-            "MERGE_HEAD",
-            "MERGE_MSG",
-            "MERGE_MODE",
-            "AUTO_MERGE",
-            "CHERRY_PICK_HEAD",
-            "REVERT_HEAD",
-            "BISECT_LOG",
-            "rebase-merge",
-            "rebase-apply",
-            "sequencer",
-        ];
-        let branch_lock = self.common_dir.join(format!("{branch_ref}.lock"));
-        let mut paths: Vec<PathBuf> = LOCKS.iter().map(|n| self.admin.join(n)).collect();
-        paths.push(branch_lock);
-        if unfinished {
-            paths.extend(UNFINISHED.iter().map(|n| self.admin.join(n)));
-        }
-        for p in paths {
-            let gone = match std::fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
-                Ok(_) => std::fs::remove_file(&p),
-                Err(_) => continue,
-            };
-            gone.with_context(|| format!("cannot remove {}", p.display()))?;
-            tracing::debug!(path = %p.display(), "removed an agent's leftover");
+    /// The checkout directory, opened without following a symlink, if it is still the one
+    /// cohort made.
+    pub fn root(&self) -> Result<Dir> {
+        let replaced = || {
+            format!(
+                "the agent replaced its checkout directory {} (with a symlink or another directory); \
+                 nothing from it is taken",
+                self.path.display()
+            )
+        };
+        let dir = Dir::open(&self.path).with_context(replaced)?;
+        anyhow::ensure!(dir.id()? == self.id, replaced());
+        Ok(dir)
+    }
+
+    /// Removes lock files a killed cohort may have left in the admin dir (gix, like git,
+    /// refuses to write while one exists).
+    pub fn clear_leftovers(&self) -> Result<()> {
+        for name in ["index.lock", "HEAD.lock"] {
+            safefs::remove_path(&self.admin.join(name))
+                .with_context(|| format!("cannot remove {}", self.admin.join(name).display()))?;
         }
         Ok(())
     }
 
-    /// Points the checkout at `branch_ref` and makes its files match `base`.
+    /// Points the checkout at `branch_ref` and makes its files match `base`, and sets up the
+    /// agent's private git dir for that branch.
     pub fn prepare(&self, branch_ref: &str, base: Oid) -> Result<checkout::MoveStats> {
-        self.clear_leftovers(branch_ref, true)?;
+        self.clear_leftovers()?;
+        let root = self.root()?;
         let repo = self.open()?;
-        refs::set_head_symbolic(&repo, branch_ref)?;
         let tree = super::tree_of(&repo, base)?;
         // Trust the clean mark once: from here on the agent may change anything.
         let mark = self.admin.join(CLEAN_MARK);
         let known = std::fs::read_to_string(&mark)
             .ok()
             .and_then(|s| s.trim().parse::<Oid>().ok());
-        if known.is_some() {
-            std::fs::write(&mark, "")?;
+        match known {
+            Some(_) => std::fs::write(&mark, "")?,
+            None => self.wipe(&root)?,
         }
         let stats = checkout::move_to(&repo, tree, checkout::Untracked::Remove, known)
             .with_context(|| format!("cannot update checkout {}", self.path.display()))?;
         stage::record(&self.admin, tree, stats.index_checksum)?;
+        let link = format!("gitdir: {}\n", self.git_dir.display());
+        root.write_file(OsStr::new(".git"), link.as_bytes(), 0o644)
+            .with_context(|| format!("cannot write {}/.git", self.path.display()))?;
+        let index = std::fs::read(self.admin.join("index")).context("cannot read the checkout's index")?;
+        let who = super::signature(&repo);
+        private::prepare(
+            &self.git_dir,
+            &private::Setup {
+                branch_ref,
+                base,
+                index: &index,
+                objects: &self.common_dir.join("objects"),
+                name: &who.name.to_string(),
+                email: &who.email.to_string(),
+            },
+        )?;
         Ok(stats)
+    }
+
+    /// Empties a checkout whose content cohort cannot vouch for (an agent ran in it and no
+    /// commit step finished), and its index, so it is written anew.
+    fn wipe(&self, root: &Dir) -> Result<()> {
+        for (name, _) in root.entries()? {
+            root.remove(&name)?;
+        }
+        for name in ["index", stage::INDEX_RECORD] {
+            safefs::remove_path(&self.admin.join(name))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the slot's directories (a checkout that must not be used again).
+    fn remove(&self) -> Result<()> {
+        for p in [&self.path, &self.admin, &self.git_dir] {
+            safefs::remove_path(p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+        Ok(())
     }
 }
 
@@ -122,6 +150,18 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Removes the checkout instead of returning it to the pool: what is in it cannot be
+    /// trusted or used again (a swapped checkout directory, a failed commit step). The next
+    /// lease makes a new one.
+    pub fn discard(mut self) -> Result<()> {
+        match self.checkout.take() {
+            Some(c) => c.remove(),
+            None => Ok(()),
+        }
+    }
+}
+
 impl std::ops::Deref for Lease {
     type Target = Checkout;
     fn deref(&self) -> &Checkout {
@@ -134,7 +174,7 @@ impl std::ops::Deref for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(c) = self.checkout.take() {
-            self.pool.state.lock().unwrap().free.push(c);
+            self.pool.state.lock().unwrap_or_else(|e| e.into_inner()).free.push(c);
         }
     }
 }
@@ -142,7 +182,8 @@ impl Drop for Lease {
 pub struct Pool {
     common_dir: PathBuf,
     name_prefix: String,
-    root: PathBuf,
+    /// Checkouts, admin dirs and private git dirs are made in subdirectories of this.
+    base: PathBuf,
     state: Mutex<PoolState>,
 }
 
@@ -152,13 +193,17 @@ struct PoolState {
     made: usize,
 }
 
+const CHECKOUTS: &str = "checkouts";
+const ADMIN: &str = "admin";
+const GIT_DIRS: &str = "gitdirs";
+
 impl Pool {
-    /// A pool for one run; `root` is where checkouts are made.
-    pub fn new(common_dir: &Path, run_id: &str, root: PathBuf) -> Pool {
+    /// A pool for one run, making its slots under `base` (the run's directory).
+    pub fn new(common_dir: &Path, run_id: &str, base: PathBuf) -> Pool {
         Pool {
             common_dir: common_dir.to_path_buf(),
             name_prefix: format!("cohort-{run_id}-"),
-            root,
+            base,
             state: Mutex::new(PoolState::default()),
         }
     }
@@ -168,7 +213,7 @@ impl Pool {
     /// concurrency, so the pool grows to at most that many slots.
     pub fn lease(self: &Arc<Self>) -> Result<Lease> {
         let slot = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             match st.free.pop() {
                 Some(c) => return Ok(Lease::new(self, c)),
                 None => {
@@ -182,58 +227,59 @@ impl Pool {
     }
 
     fn make(&self, slot: usize) -> Result<Checkout> {
-        let path = self.root.join(slot.to_string());
-        let admin = self
-            .common_dir
-            .join("worktrees")
-            .join(format!("{}{slot}", self.name_prefix));
-        if !self.root.is_dir() {
-            std::fs::create_dir_all(&self.root).with_context(|| format!("cannot create {}", self.root.display()))?;
-            spread_subdirectories(&self.root);
+        let roots = [CHECKOUTS, ADMIN, GIT_DIRS].map(|d| self.base.join(d));
+        for root in &roots {
+            if !root.is_dir() {
+                std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+                if root.ends_with(CHECKOUTS) {
+                    spread_subdirectories(root);
+                }
+            }
         }
-        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        std::fs::create_dir_all(&admin).with_context(|| format!("cannot create {}", admin.display()))?;
-        // The linked-worktree layout git itself uses, so the agent's own git
-        // commands work in the checkout.
-        write_if_changed(&admin.join("commondir"), "../..\n")?;
-        write_if_changed(&admin.join("gitdir"), &format!("{}\n", path.join(".git").display()))?;
-        if !admin.join("HEAD").exists() {
-            // Placeholder until `prepare` points it at a task branch.
-            let repo = super::open(&self.common_dir)?;
-            let head = repo.head_id().context("the repository has no HEAD commit")?;
-            std::fs::write(admin.join("HEAD"), format!("{}\n", head.detach()))?;
+        let [path, admin, git_dir] = roots.map(|r| r.join(slot.to_string()));
+        // What an earlier process of this run left in a slot (a crash while an agent ran) is
+        // not trusted: the slot starts empty.
+        for p in [&path, &admin, &git_dir] {
+            safefs::remove_path(p).with_context(|| format!("cannot remove {}", p.display()))?;
+            std::fs::create_dir(p).with_context(|| format!("cannot create {}", p.display()))?;
         }
+        // The admin dir has the layout of a linked worktree's git dir, so gix opens it as a
+        // worktree of the repository at `path`; git's own worktree list does not know it.
+        std::fs::write(admin.join("commondir"), format!("{}\n", self.common_dir.display()))?;
+        std::fs::write(admin.join("gitdir"), format!("{}\n", path.join(".git").display()))?;
+        let repo = super::open(&self.common_dir)?;
+        let head = repo.head_id().context("the repository has no HEAD commit")?;
+        std::fs::write(admin.join("HEAD"), format!("{}\n", head.detach()))?;
+        let id = Dir::open(&path)?.id()?;
         Ok(Checkout {
             slot,
             path,
             admin,
+            git_dir,
             common_dir: self.common_dir.clone(),
+            id,
         })
     }
 
-    /// Removes every checkout this pool made (and any left from an earlier
-    /// process of the same run).
+    /// Removes every checkout this pool made (and any left from an earlier process of the
+    /// same run, also by an older cohort that kept them under `worktrees/`).
     pub fn remove_all(&self) -> Result<()> {
-        checkout::remove_tree(&self.root)?;
+        checkout::remove_tree(&self.base.join(CHECKOUTS))?;
+        for d in [ADMIN, GIT_DIRS] {
+            safefs::remove_path(&self.base.join(d))?;
+        }
         let worktrees = self.common_dir.join("worktrees");
         if let Ok(rd) = std::fs::read_dir(&worktrees) {
             for entry in rd.flatten() {
                 if entry.file_name().to_string_lossy().starts_with(&self.name_prefix) {
-                    std::fs::remove_dir_all(entry.path())?;
+                    safefs::remove_path(&entry.path())?;
                 }
             }
         }
         let _ = std::fs::remove_dir(&worktrees); // only if now empty
-        self.state.lock().unwrap().free.clear();
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).free.clear();
         Ok(())
     }
-}
-
-fn write_if_changed(path: &Path, content: &str) -> Result<()> {
-    if std::fs::read_to_string(path).ok().as_deref() != Some(content) {
-        std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    Ok(())
 }
 
 /// Marks `dir` as the top of independent directory hierarchies (the `T`

@@ -1,30 +1,26 @@
-//! Committing a pool checkout by updating its index in place: the fast
-//! path of [`super::commit::commit_all`].
+//! Turning a pool checkout's files into a tree, and cohort's index of it into one that holds
+//! that tree: the commit step's work on the checkout.
 //!
-//! Rebuilding the index from the new tree and re-reading stat data for
-//! every file costs a tree traversal and a few thousand `lstat`s per task
-//! on a large repository. When the checkout's index is exactly the one
-//! cohort last wrote (its checksum says so), the index holds a known tree,
-//! so the worktree status alone says what the agent changed: only those
-//! entries are hashed, written to the tree and updated in the index, and
-//! their stat data comes from the open file (`fstat`), not another lookup.
+//! cohort keeps its own index of each checkout in the checkout's admin dir, where the agent
+//! cannot reach it; the agent's git has a copy in its private git dir. When the admin index is
+//! the one cohort last wrote (its checksum is recorded), it holds the task's base tree with
+//! fresh stat data, so only what the agent touched is hashed (see `status`). Only those
+//! entries are written to the tree and updated in the index.
 
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use gix::bstr::{BStr, BString, ByteSlice};
-use gix::index::entry::{Flags, Mode, Stat};
+use gix::bstr::{BStr, ByteSlice};
+use gix::index::entry::{Flags, Mode};
 use gix::objs::tree::EntryKind;
-use gix::status::index_worktree::Item as WorktreeItem;
-use gix::status::plumbing::index_as_worktree::{Change, EntryStatus};
-use gix::status::UntrackedFiles;
+use gix::objs::Write;
 
+use super::safefs::Dir;
+use super::status::{self, Changes, Upsert};
 use super::Oid;
 
-/// A file in a checkout's private git dir: `<tree> <index checksum>`, the
-/// tree the index held when cohort last wrote it, and that index's checksum.
+/// A file in a checkout's admin dir: `<tree> <index checksum>`, the tree the index held when
+/// cohort last wrote it, and that index's checksum.
 pub const INDEX_RECORD: &str = "cohort-index";
 
 /// Remembers that the index just written (with `checksum`) holds `tree` exactly.
@@ -47,116 +43,58 @@ pub fn recorded_tree(admin: &Path, index: &gix::index::File) -> Option<Oid> {
     (index.checksum() == Some(sum)).then(|| tree.parse().ok()).flatten()
 }
 
-/// The working tree of `repo` as a tree, plus the index updated to hold it
-/// (written, with fresh stat data for what changed), or `None` when the
-/// index is not the one cohort recorded for `base` (the agent ran `git add`,
-/// `git commit`, `git status`...): then the caller takes the slow path.
-pub fn stage_all(repo: &gix::Repository, admin: &Path, base: Oid) -> Result<Option<Oid>> {
-    let current = repo.index_or_empty()?;
-    if recorded_tree(admin, &current) != Some(base) {
-        return Ok(None);
+/// The checkout as a tree.
+pub struct Staged {
+    pub tree: Oid,
+    pub changes: Changes,
+}
+
+/// Compares the checkout at `root` with cohort's index of it (which holds `base`), writes the
+/// new blobs and the tree, and updates the index to hold that tree. Files over the size
+/// limit stay out of the tree (the caller fails the task); everything else is in it.
+pub fn stage(
+    repo: &gix::Repository,
+    admin: &Path,
+    root: &Dir,
+    base: Oid,
+    settings: &mut status::Settings<'_>,
+) -> Result<Staged> {
+    let mut index: gix::index::File = (**repo.index_or_empty()?).clone();
+    if recorded_tree(admin, &index) != Some(base) {
+        // Not the index cohort wrote (a crash while writing it): without stat data every
+        // file is hashed, which is slow but exact.
+        tracing::debug!(admin = %admin.display(), "index not as recorded; hashing every file");
+        index = repo.index_from_tree(&base)?;
     }
-    let workdir = repo
-        .workdir()
-        .context("the checkout has no working tree")?
-        .to_path_buf();
-    // Ignored entries are listed too (whole directories as one), to be
-    // removed: a pool checkout goes to the next task with nothing in it but
-    // its tree, or a file an agent ignored could reach a later task's commit
-    // once a `.gitignore` no longer covers it.
-    let mut iter = repo
-        .status(gix::progress::Discard)?
-        .untracked_files(UntrackedFiles::Files)
-        .dirwalk_options(|o| o.emit_ignored(Some(gix::dir::walk::EmissionMode::CollapseDirectory)))
-        .index_worktree_rewrites(None)
-        .index_worktree_submodules(None)
-        .into_index_worktree_iter(None)?;
-    let mut items = Vec::new();
-    for item in iter.by_ref() {
-        items.push(item.context("cannot compute the status of a checkout")?);
-    }
-    // The status ran against the index it loaded itself; that is the one
-    // to update, and it must still be the recorded one.
-    let outcome = iter.into_outcome().context("the status did not finish")?;
-    let mut index: gix::index::File = match &outcome.worktree_index {
-        gix::worktree::IndexPersistedOrInMemory::Persisted(i) => (***i).clone(),
-        gix::worktree::IndexPersistedOrInMemory::InMemory(i) => i.clone(),
-    };
-    if index.checksum() != current.checksum() {
-        return Ok(None);
-    }
+    let changes = status::compare(root, &index, settings)?;
+    write_blobs(repo, root, &changes.upserts)?;
 
     let mut editor = repo.edit_tree(base)?;
-    let mut removed = vec![false; index.entries().len()];
-    let mut added: Vec<(BString, Oid, Mode, Stat)> = Vec::new();
-    let mut touched = false;
-    let mut ignored = Vec::new();
-    for item in items {
-        match item {
-            WorktreeItem::Modification {
-                entry_index,
-                rela_path,
-                status,
-                ..
-            } => match status {
-                // Same content, newer stat data (a racily clean file).
-                EntryStatus::NeedsUpdate(stat) => {
-                    index.entries_mut()[entry_index].stat = stat;
-                    touched = true;
-                }
-                EntryStatus::Change(Change::Removed) => {
-                    editor.remove(rela_path.as_bstr())?;
-                    removed[entry_index] = true;
-                }
-                EntryStatus::Change(Change::Modification { .. } | Change::Type { .. }) => {
-                    match read_from_disk(repo, &workdir, rela_path.as_bstr())? {
-                        Some((id, mode, stat)) => {
-                            editor.upsert(rela_path.as_bstr(), kind_of(mode), id)?;
-                            let e = &mut index.entries_mut()[entry_index];
-                            (e.id, e.mode, e.stat) = (id, mode, stat);
-                        }
-                        None => {
-                            // Gone or now a directory: its files show up as untracked.
-                            editor.remove(rela_path.as_bstr())?;
-                            removed[entry_index] = true;
-                        }
-                    }
-                }
-                EntryStatus::Change(Change::SubmoduleModification(_)) => {}
-                // cohort never writes conflicts or intent-to-add entries.
-                EntryStatus::Conflict { .. } | EntryStatus::IntentToAdd => return Ok(None),
-            },
-            WorktreeItem::DirectoryContents { entry, .. } => {
-                if matches!(entry.status, gix::dir::entry::Status::Ignored(_)) {
-                    ignored.push(entry.rela_path);
-                    continue;
-                }
-                if entry.status != gix::dir::entry::Status::Untracked {
-                    continue;
-                }
-                if let Some((id, mode, stat)) = read_from_disk(repo, &workdir, entry.rela_path.as_bstr())? {
-                    added.push((entry.rela_path, id, mode, stat));
-                }
-            }
-            WorktreeItem::Rewrite { .. } => unreachable!("rewrite tracking is disabled"),
-        }
+    for path in &changes.removed {
+        editor.remove(path.as_bstr())?;
     }
-    // New files after the removals: a tracked file that became a directory is removed from
-    // the tree, and its path with it, so the directory's files must come afterwards (the
-    // status may list them first).
-    for (path, id, mode, _) in &added {
-        editor.upsert(path.as_bstr(), kind_of(*mode), *id)?;
-    }
-    for path in &ignored {
-        super::checkout::remove_path(&workdir, path.as_bstr())?;
+    // New entries after the removals: a tracked file that became a directory is removed
+    // from the tree first, then the directory's files are added under its name.
+    for u in &changes.upserts {
+        editor.upsert(u.path.as_bstr(), kind_of(u.mode), u.id)?;
     }
     let tree = editor.write()?.detach();
-    if tree == base && !touched {
-        return Ok(Some(tree)); // nothing changed; the index stays as it is
+    if tree == base && changes.refreshed.is_empty() {
+        return Ok(Staged { tree, changes });
     }
-    index.remove_entries(|i, _, _| removed.get(i).copied().unwrap_or(false));
-    for (path, id, mode, stat) in &added {
-        index.dangerously_push_entry(*stat, *id, Flags::empty(), *mode, path.as_bstr());
+    for (i, stat) in &changes.refreshed {
+        index.entries_mut()[*i].stat = *stat;
+    }
+    let gone: std::collections::HashSet<&BStr> = changes.removed.iter().map(|p| p.as_bstr()).collect();
+    index.remove_entries(|_, path, _| gone.contains(path));
+    for u in &changes.upserts {
+        match index.entry_index_by_path(u.path.as_bstr()) {
+            Ok(i) => {
+                let e = &mut index.entries_mut()[i];
+                (e.id, e.mode, e.stat) = (u.id, u.mode, u.stat);
+            }
+            Err(_) => index.dangerously_push_entry(u.stat, u.id, Flags::empty(), u.mode, u.path.as_bstr()),
+        }
     }
     index.sort_entries();
     index.remove_tree(); // never stale: cohort's index carries no tree cache
@@ -164,7 +102,45 @@ pub fn stage_all(repo: &gix::Repository, admin: &Path, base: Oid) -> Result<Opti
         .write(gix::index::write::Options::default())
         .context("cannot write the index")?;
     record(admin, tree, index.checksum())?;
-    Ok(Some(tree))
+    Ok(Staged { tree, changes })
+}
+
+/// Writes the blobs of new and changed files, streaming each file from the checkout again
+/// (reached without symlinks) and checking it still hashes to what the status found.
+fn write_blobs(repo: &gix::Repository, root: &Dir, upserts: &[Upsert]) -> Result<()> {
+    for u in upserts {
+        if repo.has_object(u.id) {
+            continue;
+        }
+        let err = || format!("cannot store {}", u.path.to_str_lossy());
+        let written = match &u.link {
+            Some(target) => repo
+                .objects
+                .write_buf(gix::objs::Kind::Blob, target)
+                .with_context(err)?,
+            None => {
+                let (file, st) = root
+                    .open_beneath(super::rela_path(u.path.as_bstr()))
+                    .with_context(err)?
+                    .with_context(|| format!("{} went away while it was committed", u.path.to_str_lossy()))?;
+                anyhow::ensure!(
+                    st.st_size as u64 == u.size,
+                    "{} changed while it was committed",
+                    u.path.to_str_lossy()
+                );
+                let mut limited = std::io::Read::take(file, u.size);
+                repo.objects
+                    .write_stream(gix::objs::Kind::Blob, u.size, &mut limited)
+                    .with_context(err)?
+            }
+        };
+        anyhow::ensure!(
+            written == u.id,
+            "{} changed while it was committed",
+            u.path.to_str_lossy()
+        );
+    }
+    Ok(())
 }
 
 fn kind_of(mode: Mode) -> EntryKind {
@@ -173,55 +149,4 @@ fn kind_of(mode: Mode) -> EntryKind {
         Mode::FILE_EXECUTABLE => EntryKind::BlobExecutable,
         _ => EntryKind::Blob,
     }
-}
-
-/// Hashes one file or symlink into the object store. Stat data is taken
-/// before the content is read, so a later write shows up as a change.
-/// `None` when the path is gone or is not a file (a directory, a nested
-/// repository).
-fn read_from_disk(repo: &gix::Repository, workdir: &Path, rela: &BStr) -> Result<Option<(Oid, Mode, Stat)>> {
-    let path = workdir.join(super::rela_path(rela));
-    let err = || format!("cannot read {}", path.display());
-    let meta = match gix::index::fs::Metadata::from_path_no_follow(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(err),
-    };
-    let (mode, bytes, meta) = if meta.is_symlink() {
-        let target = std::fs::read_link(&path).with_context(err)?;
-        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()).to_vec();
-        (Mode::SYMLINK, bytes, meta)
-    } else if meta.is_file() {
-        let mut file = match open_no_follow(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(err),
-        };
-        let meta = gix::index::fs::Metadata::from_file(&file).with_context(err)?;
-        if !meta.is_file() {
-            return Ok(None);
-        }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut bytes).with_context(err)?;
-        let mode = if meta.is_executable() {
-            Mode::FILE_EXECUTABLE
-        } else {
-            Mode::FILE
-        };
-        (mode, bytes, meta)
-    } else {
-        return Ok(None);
-    };
-    let id = repo.write_blob(&bytes)?.detach();
-    let stat = Stat::from_fs(&meta).with_context(err)?;
-    Ok(Some((id, mode, stat)))
-}
-
-/// Opens a file for reading without following a symlink that replaced it
-/// after it was looked at.
-fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
 }

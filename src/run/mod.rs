@@ -1,6 +1,7 @@
 //! The run: sync and service branch, then every task through
 //! checkout → agent → commit → merge, N at a time.
 
+mod record;
 pub mod state;
 mod task;
 
@@ -26,6 +27,8 @@ pub struct RunOptions {
     pub service_branch: String,
     pub on_conflict: ConflictPolicy,
     pub timeout: Option<Duration>,
+    /// What one task may hand back (`[run] max_file_size`).
+    pub limits: crate::git::commit::Limits,
 }
 
 /// The outside systems and settings a run works with.
@@ -36,6 +39,19 @@ pub struct Engine {
     pub runtime: Arc<dyn Runtime>,
     pub opts: RunOptions,
     pub cancel: CancellationToken,
+}
+
+impl Engine {
+    /// The state DB. A task that panicked while holding it leaves it poisoned: then the
+    /// run stops with this error rather than a second panic.
+    pub fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| {
+            anyhow::anyhow!(
+                "the state database was left mid-update by a task that crashed; the run stops here \
+                 (`cohort resume` continues it)"
+            )
+        })
+    }
 }
 
 /// Settings of the sync step (absent with `--no-sync`).
@@ -172,7 +188,7 @@ pub async fn start(
         o.extend(x);
     }
     {
-        let st = engine.state.lock().unwrap();
+        let st = engine.state()?;
         st.create_run(
             &run_id,
             &engine.opts.service_branch,
@@ -220,12 +236,12 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     let _lock = lock_run(&dir)?;
     engine.runtime.cleanup_run(run_id).await?;
     let (run, rows) = {
-        let st = engine.state.lock().unwrap();
+        let st = engine.state()?;
         let run = st.run(Some(run_id))?.with_context(|| format!("no run {run_id}"))?;
         (run, st.tasks(run_id)?)
     };
     let progress = Arc::new(Progress::new(rows.len(), run_id));
-    let pool = Arc::new(Pool::new(&engine.paths.common_dir, run_id, dir.0.join("checkouts")));
+    let pool = Arc::new(Pool::new(&engine.paths.common_dir, run_id, dir.0.clone()));
     let shared = Arc::new(task::Shared {
         run_id: run_id.to_string(),
         template: run.template.clone(),
@@ -250,7 +266,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         let (engine, shared, queue) = (engine.clone(), shared.clone(), queue.clone());
         set.spawn(async move {
             loop {
-                let Some(row) = queue.lock().unwrap().pop_front() else {
+                let Some(row) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
                     break;
                 };
                 task::run_task(engine.clone(), shared.clone(), row).await;
@@ -267,7 +283,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     engine.runtime.cleanup_run(run_id).await?;
 
     let interrupted = engine.cancel.is_cancelled();
-    let tasks = engine.state.lock().unwrap().tasks(run_id)?;
+    let tasks = engine.state()?.tasks(run_id)?;
     let status = if interrupted {
         "interrupted"
     } else if tasks.iter().all(|t| t.status.is_success()) {
@@ -275,7 +291,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     } else {
         "done-with-failures"
     };
-    engine.state.lock().unwrap().finish_run(run_id, status)?;
+    engine.state()?.finish_run(run_id, status)?;
     Ok(Summary {
         run_id: run_id.to_string(),
         tasks,

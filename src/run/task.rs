@@ -1,19 +1,29 @@
-//! One task's life: checkout → agent → commit → merge, with a retry from
-//! the new service tip after a conflict.
+//! One task's life, as named phases, each one function:
+//!
+//! ```text
+//! prepare → agent → collect → commit → merge
+//! ```
+//!
+//! with a retry from the new service tip after a conflict. [`Record`] writes each outcome to
+//! the state DB and the progress display.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::state::{AttemptEnd, TaskRow, TaskStatus};
+use super::record::Record;
+use super::state::{TaskRow, TaskStatus};
 use super::{blocking, Engine, RunDir};
 use crate::agent::{AgentEvent, TaskContext};
 use crate::config::ConflictPolicy;
-use crate::git::{self, commit, merge, pool::Pool, refs, Oid};
+use crate::git::commit::{self, Collected, TaskCommit};
+use crate::git::pool::{Lease, Pool};
+use crate::git::{self, merge, refs, Oid};
 use crate::plan::Plan;
 use crate::progress::Progress;
-use crate::runtime::{Exit, Output, Spawn};
+use crate::runtime::{Bind, Exit, Output, Spawn};
 
 /// What the tasks of one run share.
 pub(super) struct Shared {
@@ -39,15 +49,16 @@ pub(super) async fn run_task(e: Arc<Engine>, s: Arc<Shared>, row: TaskRow) {
     if let Err(err) = drive(&e, &s, &row).await {
         let reason = format!("{err:#}");
         s.progress.task_finished(idx, "failed", &reason);
-        let st = e.state.lock().unwrap();
-        let _ = st.set_failure(
-            &s.run_id,
-            idx,
-            row.task_commit.as_deref(),
-            &row.files_changed,
-            None,
-            &reason,
-        );
+        if let Ok(st) = e.state() {
+            let _ = st.set_failure(
+                &s.run_id,
+                idx,
+                row.task_commit.as_deref(),
+                &row.files_changed,
+                None,
+                &reason,
+            );
+        }
     }
     if !e.cancel.is_cancelled() {
         s.progress.advance();
@@ -58,87 +69,100 @@ async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
     let idx = row.index;
     // A task retries once after a conflict, even across a crash and `resume`:
     // an earlier conflicted attempt means the retry is under way or done.
-    let earlier = e.state.lock().unwrap().last_conflict(&s.run_id, idx)?;
+    let earlier = e.state()?.last_conflict(&s.run_id, idx)?;
     let mut conflicted: Option<Vec<String>> = earlier.map(|r| r.split(", ").map(String::from).collect());
     let mut attempt = row.attempts + 1;
     // Resume after a crash between commit and merge: merge, don't re-run.
     if row.status == TaskStatus::Committed {
         if let Some(tip) = row.task_commit.as_deref().and_then(|c| c.parse::<Oid>().ok()) {
-            match merge_task(e, s, row, tip).await? {
-                AttemptResult::Finished => return Ok(()),
-                AttemptResult::Conflict(paths) => {
-                    record_conflict(e, s, idx, row.attempts, &paths)?;
-                    if e.opts.on_conflict == ConflictPolicy::Keep || conflicted.is_some() {
-                        return mark_conflict(e, s, idx, &paths);
-                    }
-                    conflicted = Some(paths);
+            let rec = Record::new(e, s, idx, row.attempts);
+            if let AttemptResult::Conflict(paths) = merge(e, s, row, tip, &rec).await? {
+                rec.conflicted(&paths)?;
+                if e.opts.on_conflict == ConflictPolicy::Keep || conflicted.is_some() {
+                    return rec.conflict(&paths);
                 }
+                conflicted = Some(paths);
+            } else {
+                return Ok(());
             }
         }
     }
     loop {
-        match attempt_once(e, s, row, attempt, conflicted.as_deref()).await? {
+        let rec = Record::new(e, s, idx, attempt);
+        match attempt_once(e, s, row, &rec, conflicted.as_deref()).await? {
             AttemptResult::Finished => return Ok(()),
             AttemptResult::Conflict(paths) => {
-                record_conflict(e, s, idx, attempt, &paths)?;
+                rec.conflicted(&paths)?;
                 if e.opts.on_conflict == ConflictPolicy::Retry && conflicted.is_none() {
                     if e.cancel.is_cancelled() {
                         // Stopping: the retry is left to `resume`, which finds the conflict.
-                        e.state.lock().unwrap().set_status(
-                            &s.run_id,
-                            idx,
-                            TaskStatus::Pending,
-                            None,
-                            Some("interrupted before its retry after a conflict"),
-                        )?;
-                        return Ok(());
+                        return rec.retry_left_to_resume();
                     }
-                    s.progress
-                        .task_finished(idx, "conflicted, retrying from the new service tip", &paths.join(", "));
+                    rec.retrying(&paths);
                     conflicted = Some(paths);
                     attempt += 1;
                     continue;
                 }
-                return mark_conflict(e, s, idx, &paths);
+                return rec.conflict(&paths);
             }
         }
     }
-}
-
-/// Ends attempt `attempt` as a conflict, naming the paths.
-fn record_conflict(e: &Engine, s: &Shared, idx: usize, attempt: u32, paths: &[String]) -> Result<()> {
-    let end = AttemptEnd {
-        status: "conflict",
-        reason: Some(paths.join(", ")),
-        ..Default::default()
-    };
-    e.state.lock().unwrap().end_attempt(&s.run_id, idx, attempt, &end)
-}
-
-fn mark_conflict(e: &Engine, s: &Shared, idx: usize, paths: &[String]) -> Result<()> {
-    let reason = format!("conflicts in: {}", paths.join(", "));
-    e.state
-        .lock()
-        .unwrap()
-        .set_status(&s.run_id, idx, TaskStatus::Conflict, None, Some(&reason))?;
-    s.progress.task_finished(idx, "conflict (branch kept)", &reason);
-    Ok(())
 }
 
 async fn attempt_once(
     e: &Arc<Engine>,
     s: &Arc<Shared>,
     row: &TaskRow,
-    attempt: u32,
+    rec: &Record<'_>,
     conflicted: Option<&[String]>,
 ) -> Result<AttemptResult> {
-    let idx = row.index;
-    let branch_ref = format!("refs/heads/{}", row.branch);
-    let service_ref = format!("refs/heads/{}", e.opts.service_branch);
+    let mut task = prepare(e, s, row, rec, conflicted).await?;
+    let ran = agent(e, row, rec, &mut task).await?;
+    if ran.exit == Exit::Cancelled {
+        // Not committed: `resume` redoes the task from a clean checkout.
+        drop(task);
+        rec.interrupted()?;
+        return Ok(AttemptResult::Finished);
+    }
+    let Prepared {
+        checkout,
+        base,
+        branch_ref,
+        mut log,
+        ..
+    } = task;
+    let collected = collect(e, checkout, &branch_ref, base, &mut log).await?;
+    match commit(e, s, row, rec, &ran, collected, &branch_ref, &mut log).await? {
+        Some(tip) => merge(e, s, row, tip, rec).await,
+        None => Ok(AttemptResult::Finished),
+    }
+}
 
-    // A checkout at the current service tip, on a task branch reset to it.
+/// A task attempt, ready for its agent.
+struct Prepared {
+    checkout: Lease,
+    base: Oid,
+    branch_ref: String,
+    prompt: String,
+    /// The attempt's own directory: its prompt file and scratch space.
+    attempt_dir: PathBuf,
+    log: std::fs::File,
+}
+
+/// prepare: the task branch at the current service tip, a checkout of it with the agent's
+/// private git dir, the prompt, the attempt's directory and the log.
+async fn prepare(
+    e: &Arc<Engine>,
+    s: &Arc<Shared>,
+    row: &TaskRow,
+    rec: &Record<'_>,
+    conflicted: Option<&[String]>,
+) -> Result<Prepared> {
+    let (idx, attempt) = (row.index, rec.attempt);
+    let branch_ref = format!("refs/heads/{}", row.branch);
     let t0 = std::time::Instant::now();
     let (checkout, base) = {
+        let service_ref = format!("refs/heads/{}", e.opts.service_branch);
         let (paths, pool, branch_ref, run_id) = (e.paths.clone(), s.pool.clone(), branch_ref.clone(), s.run_id.clone());
         blocking(move || {
             let repo = paths.open()?;
@@ -167,12 +191,7 @@ async fn attempt_once(
         })
         .await?
     };
-    e.state
-        .lock()
-        .unwrap()
-        .start_attempt(&s.run_id, idx, attempt, &base.to_string())?;
     tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "checkout prepared");
-    let t0 = std::time::Instant::now();
 
     let mut prompt = Plan::prompt_for(&s.template, &row.text);
     if let Some(paths) = conflicted {
@@ -182,41 +201,79 @@ async fn attempt_once(
             paths.join(", ")
         ));
     }
-    let prompt_file = s.dir.sub("prompts")?.join(format!("{idx:03}-{attempt}.txt"));
-    std::fs::write(&prompt_file, &prompt)?;
-    let scratch = s.dir.sub("scratch")?.join(format!("{idx:03}-{attempt}"));
-    std::fs::create_dir_all(&scratch)?;
-    let ctx = TaskContext {
-        run_id: s.run_id.clone(),
-        index: idx,
-        task: row.text.clone(),
-        prompt: prompt.clone(),
-        prompt_file,
-        checkout: checkout.path.clone(),
-        scratch,
-        attempt,
-    };
-    let invocation = e.agent.invocation(&ctx)?;
+    // One directory per attempt, the only one of the run's files its agent can reach.
+    let attempt_dir = s.dir.sub("attempts")?.join(format!("{idx:03}-{attempt}"));
+    std::fs::create_dir_all(&attempt_dir).with_context(|| format!("cannot create {}", attempt_dir.display()))?;
     std::fs::create_dir_all(s.dir.0.join("logs"))?;
-    let mut log = std::fs::OpenOptions::new()
+    let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(s.dir.log(idx))?;
+    rec.started(&base.to_string(), &row.text)?;
+    Ok(Prepared {
+        checkout,
+        base,
+        branch_ref,
+        prompt,
+        attempt_dir,
+        log,
+    })
+}
+
+/// What the agent did: how it ended and what it reported.
+struct Ran {
+    exit: Exit,
+    events: Vec<AgentEvent>,
+}
+
+/// agent: runs the agent in its runtime, logging its output and recording its events.
+async fn agent(e: &Arc<Engine>, row: &TaskRow, rec: &Record<'_>, task: &mut Prepared) -> Result<Ran> {
+    let t0 = std::time::Instant::now();
+    let prompt_file = task.attempt_dir.join("prompt.txt");
+    std::fs::write(&prompt_file, &task.prompt)?;
+    let ctx = TaskContext {
+        run_id: rec.run_id().to_string(),
+        index: row.index,
+        task: row.text.clone(),
+        prompt: task.prompt.clone(),
+        prompt_file,
+        checkout: task.checkout.path.clone(),
+        scratch: task.attempt_dir.clone(),
+        attempt: rec.attempt,
+    };
+    let invocation = e.agent.invocation(&ctx)?;
+    let log = &mut task.log;
     writeln!(
         log,
-        "=== attempt {attempt} at {} (agent {}; runtime {})",
+        "=== attempt {} at {} (agent {}; runtime {})",
+        rec.attempt,
         super::state::now(),
         e.agent.describe(),
         e.runtime.name()
     )?;
-    writeln!(log, "--- prompt\n{prompt}\n--- output")?;
+    writeln!(log, "--- prompt\n{}\n--- output", task.prompt)?;
 
-    s.progress.task_started(idx, &row.text, attempt);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let spawn = Spawn {
         invocation,
-        workdir: checkout.path.clone(),
+        workdir: task.checkout.path.clone(),
+        binds: vec![
+            Bind {
+                path: task.checkout.git_dir.clone(),
+                writable: true,
+            },
+            Bind {
+                path: task.attempt_dir.clone(),
+                writable: true,
+            },
+            Bind {
+                path: task.checkout.common_dir.join("objects"),
+                writable: false,
+            },
+        ],
         timeout: e.opts.timeout,
+        run_id: ctx.run_id.clone(),
+        task: row.index,
     };
     let runtime = e.runtime.clone();
     let cancel = e.cancel.child_token();
@@ -230,7 +287,7 @@ async fn attempt_once(
     let mut trouble: Option<anyhow::Error> = None;
     while let Some(line) = rx.recv().await {
         if trouble.is_none() {
-            if let Err(err) = record_line(e, s, row, attempt, &mut log, &line, &mut events) {
+            if let Err(err) = record_line(e, rec, log, &line, &mut events) {
                 cancel.cancel();
                 trouble = Some(err.context("cannot record the agent's output; it was stopped"));
             }
@@ -244,99 +301,15 @@ async fn attempt_once(
         writeln!(log, "--- final message\n{text}")?;
     }
     writeln!(log, "--- exit: {exit:?}")?;
-
-    if exit == Exit::Cancelled {
-        // Not committed: `resume` redoes the task from a clean checkout.
-        drop(checkout);
-        {
-            let st = e.state.lock().unwrap();
-            let end = AttemptEnd {
-                status: "interrupted",
-                reason: Some("interrupted".into()),
-                ..Default::default()
-            };
-            st.end_attempt(&s.run_id, idx, attempt, &end)?;
-            st.set_status(&s.run_id, idx, TaskStatus::Pending, None, Some("interrupted"))?;
-        }
-        s.progress.task_finished(idx, "interrupted", "");
-        return Ok(AttemptResult::Finished);
-    }
-
-    // Whatever the agent did is committed on the task branch, even when it
-    // failed, so no work is lost.
-    let message = commit::task_message(&s.run_id, idx, &row.text);
-    tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "agent finished");
-    let t0 = std::time::Instant::now();
-    let committed = {
-        let (co, br) = ((*checkout).clone(), branch_ref.clone());
-        blocking(move || commit::commit_all(&co, &br, base, &message)).await
-    };
-    drop(checkout);
-    let tc = committed?;
-    tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "committed");
-    let tip = tc.tip.to_string();
-    writeln!(
-        log,
-        "--- committed {} ({} files changed)",
-        git::short(tc.tip),
-        tc.files_changed.len()
-    )?;
-
-    let failure = match exit {
-        Exit::Code(c) => e.agent.failure(c, &events),
-        Exit::Signal(sig) => Some(format!("the agent was killed by signal {sig}")),
-        Exit::TimedOut(d) => Some(format!("the agent timed out after {}", humantime::format_duration(d))),
-        Exit::Cancelled => unreachable!(),
-    };
-    let end = |status, reason: Option<String>| AttemptEnd {
-        status,
-        tip_commit: Some(tip.clone()),
-        exit_code: exit.code(),
-        reason,
-    };
-    // Each outcome is one transaction: a crash between its writes would
-    // leave, say, an unchanged task as committed, which resume would merge.
-    {
-        let st = e.state.lock().unwrap();
-        if let Some(reason) = failure {
-            st.atomically(|st| {
-                st.end_attempt(&s.run_id, idx, attempt, &end("failed", Some(reason.clone())))?;
-                let commit = (!tc.is_empty()).then_some(tip.as_str());
-                st.set_failure(&s.run_id, idx, commit, &tc.files_changed, exit.code(), &reason)
-            })?;
-            s.progress.task_finished(idx, "failed", &reason);
-            return Ok(AttemptResult::Finished);
-        }
-        if tc.is_empty() {
-            st.atomically(|st| {
-                st.end_attempt(&s.run_id, idx, attempt, &end("unchanged", None))?;
-                st.set_committed(&s.run_id, idx, &tip, &[], exit.code())?;
-                st.set_status(
-                    &s.run_id,
-                    idx,
-                    TaskStatus::Unchanged,
-                    None,
-                    Some("the agent changed nothing"),
-                )
-            })?;
-            s.progress.task_finished(idx, "unchanged", "the agent changed nothing");
-            return Ok(AttemptResult::Finished);
-        }
-        st.atomically(|st| {
-            st.end_attempt(&s.run_id, idx, attempt, &end("committed", None))?;
-            st.set_committed(&s.run_id, idx, &tip, &tc.files_changed, exit.code())
-        })?;
-    }
-    merge_task(e, s, row, tc.tip).await
+    tracing::debug!(task = row.index, ms = t0.elapsed().as_millis() as u64, "agent finished");
+    Ok(Ran { exit, events })
 }
 
 /// Writes one line of the agent's output to the task's log and, when the
 /// agent makes an event of it, to the state DB and the progress display.
 fn record_line(
     e: &Engine,
-    s: &Shared,
-    row: &TaskRow,
-    attempt: u32,
+    rec: &Record<'_>,
     log: &mut std::fs::File,
     line: &Output,
     events: &mut Vec<AgentEvent>,
@@ -348,19 +321,121 @@ fn record_line(
     writeln!(log, "{tag}| {text}")?;
     if let Output::Stdout(t) = line {
         if let Some(ev) = e.agent.parse_line(t) {
-            s.progress.task_action(row.index, &ev.summary());
-            let data = serde_json::to_string(&ev)?;
-            e.state
-                .lock()
-                .unwrap()
-                .event(&s.run_id, row.index, attempt, "agent", &data)?;
+            rec.event(&ev.summary(), &serde_json::to_string(&ev)?)?;
             events.push(ev);
         }
     }
     Ok(())
 }
 
-async fn merge_task(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid) -> Result<AttemptResult> {
+/// collect: takes the result from the checkout and the agent's private git dir, trusting
+/// neither (see `git::commit::collect`). A checkout whose result cannot be taken is removed,
+/// not reused.
+async fn collect(
+    e: &Arc<Engine>,
+    checkout: Lease,
+    branch_ref: &str,
+    base: Oid,
+    log: &mut std::fs::File,
+) -> Result<(Lease, Collected)> {
+    let t0 = std::time::Instant::now();
+    let (limits, br) = (e.opts.limits, branch_ref.to_string());
+    let (checkout, collected) = blocking(move || {
+        let c = commit::collect(&checkout, &br, base, limits);
+        Ok((checkout, c))
+    })
+    .await?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "collected");
+    let collected = match collected {
+        Ok(c) => c,
+        Err(err) => {
+            discard(checkout).await;
+            return Err(err);
+        }
+    };
+    for (path, why) in &collected.dropped {
+        writeln!(log, "--- removed {path}: {why}")?;
+    }
+    if let Some(why) = &collected.commits_refused {
+        writeln!(
+            log,
+            "--- the agent's own commits were not kept (their files were): {why}"
+        )?;
+    }
+    Ok((checkout, collected))
+}
+
+/// Removes a checkout that must not be used again.
+async fn discard(checkout: Lease) {
+    if let Err(e) = blocking(move || checkout.discard()).await {
+        tracing::warn!("cannot remove a checkout: {e:#}");
+    }
+}
+
+/// commit: what was collected becomes the task commit on its branch (compare-and-swap), and
+/// the outcome is recorded: failed, unchanged, or committed (then the tip to merge).
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    e: &Arc<Engine>,
+    s: &Arc<Shared>,
+    row: &TaskRow,
+    rec: &Record<'_>,
+    ran: &Ran,
+    (checkout, collected): (Lease, Collected),
+    branch_ref: &str,
+    log: &mut std::fs::File,
+) -> Result<Option<Oid>> {
+    let message = commit::task_message(&s.run_id, row.index, &row.text);
+    let oversized = collected.oversized.clone();
+    let br = branch_ref.to_string();
+    let (checkout, tc) = blocking(move || {
+        let tc = commit::commit(&checkout, &br, collected, &message);
+        Ok((checkout, tc))
+    })
+    .await?;
+    if tc.is_err() || !oversized.is_empty() {
+        discard(checkout).await; // it holds files its tree does not
+    } else {
+        drop(checkout); // back to the pool
+    }
+    let tc: TaskCommit = tc?;
+    let tip = tc.tip.to_string();
+    writeln!(
+        log,
+        "--- committed {} ({} files changed)",
+        git::short(tc.tip),
+        tc.files_changed.len()
+    )?;
+    let failure = if !oversized.is_empty() {
+        let list: Vec<String> = oversized.iter().map(|(p, n)| format!("{p} ({n} bytes)")).collect();
+        Some(format!(
+            "files over [run] max_file_size ({} bytes) were not committed: {}",
+            e.opts.limits.max_file_size,
+            list.join(", ")
+        ))
+    } else {
+        match ran.exit {
+            Exit::Code(c) => e.agent.failure(c, &ran.events),
+            Exit::Signal(sig) => Some(format!("the agent was killed by signal {sig}")),
+            Exit::TimedOut(d) => Some(format!("the agent timed out after {}", humantime::format_duration(d))),
+            Exit::Cancelled => Some("interrupted".into()),
+        }
+    };
+    if let Some(reason) = failure {
+        let commit = (!tc.is_empty()).then_some(tip.as_str());
+        rec.failed(&tip, commit, &tc.files_changed, ran.exit.code(), &reason)?;
+        return Ok(None);
+    }
+    if tc.is_empty() {
+        rec.unchanged(&tip, ran.exit.code())?;
+        return Ok(None);
+    }
+    rec.committed(&tip, &tc.files_changed, ran.exit.code())?;
+    Ok(Some(tc.tip))
+}
+
+/// merge: the task's tip into the service branch (a merge commit; compare-and-swap).
+async fn merge(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid, rec: &Record<'_>) -> Result<AttemptResult> {
     let idx = row.index;
     let _merging = s.merge_lock.lock().await;
     let (paths, service_ref) = (e.paths.clone(), format!("refs/heads/{}", e.opts.service_branch));
@@ -373,22 +448,12 @@ async fn merge_task(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid) -
     tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "merged");
     match outcome {
         merge::MergeOutcome::Merged { commit } => {
-            let c = commit.to_string();
-            e.state
-                .lock()
-                .unwrap()
-                .set_status(&s.run_id, idx, TaskStatus::Merged, Some(&c), None)?;
-            s.progress
-                .task_finished(idx, "merged", &format!("as {}", git::short(commit)));
+            rec.merged(Some(&commit.to_string()), &format!("as {}", git::short(commit)))?;
             Ok(AttemptResult::Finished)
         }
         merge::MergeOutcome::AlreadyContained { merge } => {
             let merge = merge.map(|c| c.to_string());
-            e.state
-                .lock()
-                .unwrap()
-                .set_status(&s.run_id, idx, TaskStatus::Merged, merge.as_deref(), None)?;
-            s.progress.task_finished(idx, "merged", "already in the service branch");
+            rec.merged(merge.as_deref(), "already in the service branch")?;
             Ok(AttemptResult::Finished)
         }
         merge::MergeOutcome::Conflict { paths } => Ok(AttemptResult::Conflict(paths)),

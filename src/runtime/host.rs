@@ -5,7 +5,7 @@ use std::process::Stdio;
 use anyhow::{Context, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
@@ -40,17 +40,13 @@ async fn stop(guard: &mut tokio::process::Child, pgid: u32) {
     }
 }
 
+/// Reads one of the agent's pipes to its end, as bytes (see `lines`).
 fn forward<R: AsyncRead + Unpin + Send + 'static>(
     reader: R,
     tx: UnboundedSender<Output>,
     wrap: fn(String) -> Output,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(reader).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = tx.send(wrap(line));
-        }
-    })
+    tokio::spawn(super::lines::forward(reader, tx, wrap))
 }
 
 #[async_trait::async_trait]

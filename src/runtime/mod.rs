@@ -4,6 +4,7 @@
 
 pub mod guard;
 pub mod host;
+pub mod lines;
 pub mod podman;
 
 use std::path::PathBuf;
@@ -20,7 +21,21 @@ pub struct Spawn {
     pub invocation: Invocation,
     /// The working directory (the task checkout).
     pub workdir: PathBuf,
+    /// Besides the checkout, all the agent may reach of cohort's files, each at its host path:
+    /// its private git dir and its attempt's directory (prompt, scratch), and the repository's
+    /// object store read-only. A container mounts exactly these; nothing else of the
+    /// repository's git dir.
+    pub binds: Vec<Bind>,
     pub timeout: Option<Duration>,
+    /// The run and task this is for (container names and labels).
+    pub run_id: String,
+    pub task: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub path: PathBuf,
+    pub writable: bool,
 }
 
 /// How an agent process ended.

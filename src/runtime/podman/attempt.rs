@@ -8,6 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::runtime::lines::LineSplitter;
 
 /// Why an attempt failed: starting the container, or anything else.
 pub(super) enum Failed {
@@ -38,10 +39,7 @@ impl PodmanRuntime {
         output: UnboundedSender<Output>,
         cancel: &CancellationToken,
     ) -> std::result::Result<Exit, Failed> {
-        let stage = prepared
-            .idmapped
-            .first()
-            .and_then(|(_, p)| p.parent().map(Path::to_owned));
+        let stage = prepared.stage.clone();
         let created = {
             let _one_at_a_time = self.creates.lock().await;
             #[cfg(test)]
@@ -137,17 +135,19 @@ impl PodmanRuntime {
 /// takes a pipe byte by byte, so none of the agent's input is consumed.
 pub(super) const READ_SECRETS: &str = r#"while IFS= read -r kv && [ -n "$kv" ]; do export "$kv"; done; exec "$@""#;
 
-/// Reads the multiplexed exec stream, sending complete lines per stream; a last partial line
-/// is sent at the end. Engine errors (stream 3) become an error.
+/// Reads the multiplexed exec stream, sending complete lines per stream (see `lines`: bytes,
+/// not text); a last partial line is sent at the end. Engine errors (stream 3) become an error.
 async fn pump_output<R: AsyncRead + Unpin>(reader: &mut R, output: UnboundedSender<Output>) -> Result<()> {
-    let mut bufs: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-    let send = |which: usize, line: &[u8]| {
-        let text = String::from_utf8_lossy(line).into_owned();
-        let _ = output.send(if which == 0 {
-            Output::Stdout(text)
-        } else {
-            Output::Stderr(text)
-        });
+    let mut splitters: [LineSplitter; 2] = Default::default();
+    let send = |which: usize| {
+        let output = output.clone();
+        move |text: String| {
+            let _ = output.send(if which == 0 {
+                Output::Stdout(text)
+            } else {
+                Output::Stderr(text)
+            });
+        }
     };
     loop {
         let mut header = [0u8; 8];
@@ -163,30 +163,36 @@ async fn pump_output<R: AsyncRead + Unpin>(reader: &mut R, output: UnboundedSend
             .await
             .context("reading the agent's output")?;
         let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let mut data = vec![0u8; len];
-        reader
-            .read_exact(&mut data)
-            .await
-            .context("reading the agent's output")?;
+        // Frames are read in bounded pieces: a frame's length is the engine's, its bytes the agent's.
         let which = match header[0] {
-            1 => 0,
-            2 => 1,
-            3 => anyhow::bail!("podman: {}", String::from_utf8_lossy(&data).trim()),
-            _ => continue,
+            1 => Some(0),
+            2 => Some(1),
+            3 => {
+                let mut data = vec![0u8; len.min(64 * 1024)];
+                reader
+                    .read_exact(&mut data)
+                    .await
+                    .context("reading the agent's output")?;
+                anyhow::bail!("podman: {}", String::from_utf8_lossy(&data).trim());
+            }
+            _ => None,
         };
-        let buf = &mut bufs[which];
-        buf.extend_from_slice(&data);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line = line.strip_suffix(b"\n").unwrap_or(&line);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            send(which, line);
+        let mut left = len;
+        let mut chunk = vec![0u8; len.min(64 * 1024)];
+        while left > 0 {
+            let n = left.min(chunk.len());
+            reader
+                .read_exact(&mut chunk[..n])
+                .await
+                .context("reading the agent's output")?;
+            if let Some(w) = which {
+                splitters[w].push(&chunk[..n], send(w));
+            }
+            left -= n;
         }
     }
-    for (which, buf) in bufs.iter().enumerate() {
-        if !buf.is_empty() {
-            send(which, buf);
-        }
+    for (which, s) in splitters.iter_mut().enumerate() {
+        s.finish(send(which));
     }
     Ok(())
 }

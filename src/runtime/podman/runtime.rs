@@ -1,29 +1,30 @@
 //! `--runtime podman`: each task attempt runs in its own container made from the cohort image.
 //!
-//! The container: the task checkout at `/workspace`, the repository's common git dir at the
-//! same absolute path as on the host (the checkout's `.git` file, the prompt file, the agent's
-//! scratch dir and the checkout itself all live under it, so every host path an agent is given
-//! resolves inside too), network/memory/pids from `[container]`, labels `cohort.run` and
-//! `cohort.task`, and the agent as its main process: cohort attaches to the created container,
-//! starts it, streams its output, and takes the exit code from `wait` (no exec session, no
-//! kill: what `podman run` does, minus its client). The API key never goes into the create
-//! spec, which podman stores and `podman inspect` shows: it goes down the attached stdin, where
-//! `/bin/sh` (in every cohort image) reads `KEY=VALUE` lines into its environment up to an
-//! empty line and then execs the agent, whose stdin is the rest. Whatever happens the
-//! container is removed afterwards, in the background (off the task's critical path) but
-//! always before the run ends (`cleanup_run` waits for it).
+//! The container sees the task checkout at `/workspace` and, each at its host path, exactly
+//! the spawn's binds: the task's private git dir and its attempt directory (prompt, scratch,
+//! codex home) read-write, the repository's object store read-only. Never the repository's
+//! git dir (config, hooks, refs, cohort's state, other tasks' files): the checkout's `.git`
+//! file names the private git dir, whose alternates reach the objects. Also network, memory
+//! and pids from `[container]`, labels `cohort.run` and `cohort.task`, and the agent as its
+//! main process: cohort attaches to the created container, starts it, streams its output, and
+//! takes the exit code from `wait` (no exec session, no kill: what `podman run` does, minus
+//! its client). The API key never goes into the create spec, which podman stores and `podman
+//! inspect` shows: it goes down the attached stdin, where `/bin/sh` (in every cohort image)
+//! reads `KEY=VALUE` lines into its environment up to an empty line and then execs the agent,
+//! whose stdin is the rest. Whatever happens the container is removed afterwards, in the
+//! background (off the task's critical path) but always before the run ends (`cleanup_run`
+//! waits for it).
 //!
 //! Paths: invocation arguments, environment values and the working directory that point into
 //! the checkout are rewritten to `/workspace` (the image's WORKDIR, what an agent and a human
-//! in `cohort container enter` expect). Paths we do not rewrite still work, since the checkout
-//! is also visible at its host path through the git-dir mount. An absolute program path that
-//! is not under a mount (e.g. the host's codex) becomes its file name, found on the image's
-//! PATH, where `cohort image build` put it.
+//! in `cohort container enter` expect). An absolute program path that is not under a mount
+//! (e.g. the host's codex) becomes its file name, found on the image's PATH, where `cohort
+//! image build` put it.
 //!
 //! User namespaces: rootless engines use `keep-id` mapped onto the image user (files written
 //! belong to the invoking user). Rootful engines use `userns=auto`: each container gets its
 //! own unprivileged host id range. The git dir and the checkout are then bind-mounted from
-//! idmapped views of them (see `idmap`), made after the container is created (its id range is
+//! idmapped views of them and of the other binds (see `idmap`), made after the container is created (its id range is
 //! known then) and before it starts: the checkout's owner on disk appears as the image's user,
 //! which runs the agent, so it can write, git sees no "dubious ownership", and files it writes
 //! belong to the checkout's owner on the host. Nothing is chowned. Where cohort cannot make
@@ -68,8 +69,6 @@ pub struct PodmanSettings {
     pub pids_limit: Option<i64>,
     /// Extra bind mounts (`[container] mounts`).
     pub mounts: Vec<BindMount>,
-    /// The repository's common git dir, mounted at its host path.
-    pub common_dir: PathBuf,
 }
 
 pub struct PodmanRuntime {
@@ -94,11 +93,20 @@ pub struct PodmanRuntime {
     pub(crate) creating: (std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize),
 }
 
+/// A task container's main process: argv, environment (never a secret) and its stdin.
+struct MainProcess {
+    command: Vec<String>,
+    env: Vec<String>,
+    stdin: Option<Vec<u8>>,
+}
+
 /// A container spec plus the idmapped views it needs before it starts.
 struct Prepared {
     spec: ContainerSpec,
     /// `(host source, staging path)`, mounted with the checkout owner → image user mapping.
     idmapped: Vec<(PathBuf, PathBuf)>,
+    /// The staging directory of those views.
+    stage: Option<PathBuf>,
     /// The checkout's owner on the host.
     owner: (u32, u32),
     /// For the main process's stdin (secrets first, see [`READ_SECRETS`]).
@@ -201,39 +209,35 @@ impl PodmanRuntime {
 
     fn container_spec(&self, spawn: &Spawn, labels: BTreeMap<String, String>) -> Result<Prepared> {
         let checkout = &spawn.workdir;
-        let common = &self.settings.common_dir;
         let name = sanitize_name(&format!(
-            "cohort-{}-{}-{:08x}",
-            labels.get(LABEL_RUN).map(String::as_str).unwrap_or("run"),
-            labels.get(LABEL_TASK).map(String::as_str).unwrap_or("task"),
+            "cohort-{}-{:03}-{:08x}",
+            spawn.run_id,
+            spawn.task,
             rand::random::<u32>()
         ));
         let meta = std::fs::metadata(checkout).with_context(|| format!("cannot read {}", checkout.display()))?;
         let owner = (meta.uid(), meta.gid());
-        // Host paths stay where they are inside (see the module doc); with idmapped views the
-        // sources are the staging paths instead.
-        let (git_src, work_src, idmapped) = match &self.idmap_root {
-            Some(root) => {
-                let stage = root.join(&name);
-                let (git, work) = (stage.join("git"), stage.join("workspace"));
-                // podman checks at create time that bind sources exist; the views come later.
-                for d in [&git, &work] {
-                    std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-                }
-                let pairs = vec![(common.clone(), git.clone()), (checkout.clone(), work.clone())];
-                (git, work, pairs)
-            }
-            None => (common.clone(), checkout.clone(), Vec::new()),
+        // With idmapped views, every source is a view under the staging directory instead.
+        let stage = self.idmap_root.as_ref().map(|root| root.join(&name));
+        let mut idmapped = Vec::new();
+        let mut source = |host: &Path, label: &str| -> Result<String> {
+            let Some(stage) = &stage else {
+                return Ok(host.display().to_string());
+            };
+            // podman checks at create time that bind sources exist; the views come later.
+            let view = stage.join(label);
+            std::fs::create_dir_all(&view).with_context(|| format!("cannot create {}", view.display()))?;
+            idmapped.push((host.to_path_buf(), view.clone()));
+            Ok(view.display().to_string())
         };
-        let mut mounts = vec![BindMount::new(
-            git_src.display().to_string(),
-            common.display().to_string(),
-        )];
-        if !checkout.starts_with(common) {
-            mounts.push(BindMount::new(
-                work_src.display().to_string(),
-                checkout.display().to_string(),
-            ));
+        let work_src = source(checkout, "workspace")?;
+        let mut mounts = Vec::new();
+        for (i, bind) in spawn.binds.iter().enumerate() {
+            let src = source(&bind.path, &format!("bind{i}"))?;
+            mounts.push(BindMount {
+                read_only: !bind.writable,
+                ..BindMount::new(src, bind.path.display().to_string())
+            });
         }
         mounts.extend(self.settings.mounts.iter().cloned());
         let (userns, user) = if self.podman.rootless() {
@@ -249,7 +253,7 @@ impl PodmanRuntime {
             let runs_as = if mode == UsernsMode::Host { owner } else { user };
             (Some(mode), Some(format!("{}:{}", runs_as.0, runs_as.1)))
         };
-        let (command, env, stdin) = self.main_process(spawn)?;
+        let MainProcess { command, env, stdin } = self.main_process(spawn)?;
         let spec = ContainerSpec {
             name: Some(name),
             command: Some(command),
@@ -257,7 +261,7 @@ impl PodmanRuntime {
             stdin: stdin.is_some(),
             no_log: true,
             image: self.settings.image.clone(),
-            workspace: Some(work_src.display().to_string()),
+            workspace: Some(work_src),
             mounts,
             userns,
             image_user: self.image_user,
@@ -272,6 +276,7 @@ impl PodmanRuntime {
         Ok(Prepared {
             spec,
             idmapped,
+            stage,
             owner,
             stdin,
         })
@@ -304,7 +309,7 @@ impl PodmanRuntime {
     }
 
     /// The main process (argv, environment without secrets) and what goes down its stdin.
-    fn main_process(&self, spawn: &Spawn) -> Result<(Vec<String>, Vec<String>, Option<Vec<u8>>)> {
+    fn main_process(&self, spawn: &Spawn) -> Result<MainProcess> {
         let inv = &spawn.invocation;
         let tr = |s: &str| translate(s, &spawn.workdir);
         let program = if Path::new(&inv.program).is_absolute() && !self.mounted(Path::new(&inv.program), spawn) {
@@ -319,7 +324,11 @@ impl PodmanRuntime {
         cmd.extend(inv.args.iter().map(|a| tr(a)));
         let env = inv.env.iter().map(|(k, v)| format!("{k}={}", tr(v))).collect();
         if inv.secret_env.is_empty() {
-            return Ok((cmd, env, inv.stdin.clone()));
+            return Ok(MainProcess {
+                command: cmd,
+                env,
+                stdin: inv.stdin.clone(),
+            });
         }
         let mut stdin = Vec::new();
         for (k, v) in &inv.secret_env {
@@ -335,12 +344,16 @@ impl PodmanRuntime {
         stdin.extend_from_slice(inv.stdin.as_deref().unwrap_or_default());
         let mut wrapped: Vec<String> = ["/bin/sh", "-c", READ_SECRETS, "sh"].map(String::from).into();
         wrapped.extend(cmd);
-        Ok((wrapped, env, Some(stdin)))
+        Ok(MainProcess {
+            command: wrapped,
+            env,
+            stdin: Some(stdin),
+        })
     }
 
     fn mounted(&self, p: &Path, spawn: &Spawn) -> bool {
-        p.starts_with(&self.settings.common_dir)
-            || p.starts_with(&spawn.workdir)
+        p.starts_with(&spawn.workdir)
+            || spawn.binds.iter().any(|b| p.starts_with(&b.path))
             || self.settings.mounts.iter().any(|m| p.starts_with(&m.source))
     }
 }
@@ -368,8 +381,8 @@ pub async fn cleanup_run(podman: &Podman, run_id: &str) -> Result<usize> {
 /// `rmdir`: a recursive delete could reach through a view that is still mounted into the
 /// user's checkout.
 fn remove_stage(stage: &Path) {
-    for sub in ["git", "workspace"] {
-        idmap::unmount(&stage.join(sub));
+    for entry in std::fs::read_dir(stage).into_iter().flatten().flatten() {
+        idmap::unmount(&entry.path());
     }
     let _ = std::fs::remove_dir(stage);
 }
@@ -418,37 +431,13 @@ fn translate(s: &str, checkout: &Path) -> String {
     }
 }
 
-/// The run id and task number an invocation belongs to: from `COHORT_RUN_ID`/`COHORT_TASK_ID`
-/// (command agent), else from a path under `…/cohort/runs/<run>/{prompts,scratch}/<NNN>-<attempt>`
-/// (every agent gets such a path: the prompt file or its scratch dir).
+/// The labels of a task's container: `cohort=task`, its run and its task number.
 pub fn task_labels(spawn: &Spawn) -> BTreeMap<String, String> {
-    let inv = &spawn.invocation;
-    let env = |k: &str| inv.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let mut run = env("COHORT_RUN_ID");
-    let mut task = env("COHORT_TASK_ID");
-    if run.is_none() || task.is_none() {
-        let candidates = inv.args.iter().chain(inv.env.iter().map(|(_, v)| v));
-        for c in candidates {
-            let parts: Vec<&str> = c.split('/').collect();
-            if let Some(i) = parts.windows(2).position(|w| w == ["cohort", "runs"]) {
-                if let (Some(r), Some(kind), Some(leaf)) = (parts.get(i + 2), parts.get(i + 3), parts.get(i + 4)) {
-                    if *kind == "prompts" || *kind == "scratch" {
-                        run.get_or_insert_with(|| r.to_string());
-                        let num = leaf.split(['-', '.']).next().unwrap_or("");
-                        if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()) {
-                            task.get_or_insert_with(|| num.to_string());
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    let mut labels = BTreeMap::new();
-    labels.insert("cohort".to_string(), "task".to_string());
-    labels.insert(LABEL_RUN.to_string(), run.unwrap_or_else(|| "unknown".into()));
-    labels.insert(LABEL_TASK.to_string(), task.unwrap_or_else(|| "unknown".into()));
-    labels
+    BTreeMap::from([
+        ("cohort".to_string(), "task".to_string()),
+        (LABEL_RUN.to_string(), spawn.run_id.clone()),
+        (LABEL_TASK.to_string(), format!("{:03}", spawn.task)),
+    ])
 }
 
 #[async_trait::async_trait]

@@ -16,28 +16,17 @@ fn paths_into_the_checkout_become_workspace() {
 }
 
 #[test]
-fn labels_from_env_or_paths() {
-    let spawn = |inv: Invocation| Spawn {
-        invocation: inv,
+fn labels_from_the_spawn() {
+    let spawn = Spawn {
+        invocation: Invocation::default(),
         workdir: PathBuf::from("/w"),
         timeout: None,
+        binds: Vec::new(),
+        run_id: "r1".into(),
+        task: 3,
     };
-    let l = task_labels(&spawn(Invocation {
-        env: vec![
-            ("COHORT_RUN_ID".into(), "r1".into()),
-            ("COHORT_TASK_ID".into(), "003".into()),
-        ],
-        ..Default::default()
-    }));
+    let l = task_labels(&spawn);
     assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));
-    let l = task_labels(&spawn(Invocation {
-        env: vec![(
-            "CODEX_HOME".into(),
-            "/r/.git/cohort/runs/20250101-x/scratch/007-1/codex-home".into(),
-        )],
-        ..Default::default()
-    }));
-    assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("20250101-x", "007"));
     assert_eq!(parse_image_user("1000:1001"), Some((1000, 1001)));
 }
 

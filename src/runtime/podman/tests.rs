@@ -31,15 +31,14 @@ pub(super) fn build_image(dir: &Path, store: &str) -> (cohort_oci::BuiltImage, P
     (image, archive)
 }
 
-/// Runtime settings for a test checkout: `image`, no network, no limits, no mounts.
-pub(super) fn test_settings(image: &str, checkout: &Path) -> PodmanSettings {
+/// Runtime settings for tests: `image`, no network, no limits, no mounts.
+pub(super) fn test_settings(image: &str) -> PodmanSettings {
     PodmanSettings {
         image: image.into(),
         network: NetworkMode::None,
         memory_bytes: None,
         pids_limit: None,
         mounts: Vec::new(),
-        common_dir: checkout.join(".git"),
     }
 }
 
@@ -427,7 +426,6 @@ async fn runtime_runs_one_container_per_spawn() {
         memory_bytes: Some(512 << 20),
         pids_limit: Some(128),
         mounts: Vec::new(),
-        common_dir: checkout.join(".git"),
     };
     let rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
     let spawn = |script: &str, stdin: Option<&str>, timeout: Option<std::time::Duration>| Spawn {
@@ -443,6 +441,9 @@ async fn runtime_runs_one_container_per_spawn() {
             stdin: stdin.map(|s| s.as_bytes().to_vec()),
         },
         workdir: checkout.clone(),
+        binds: Vec::new(),
+        run_id: "rt-test".into(),
+        task: 1,
         timeout,
     };
     let leftovers = |podman: Podman| async move { podman.list_containers(&[("cohort.run", "rt-test")]).await.unwrap() };
@@ -554,9 +555,7 @@ async fn runtime_rootless_keep_id() {
     assert!(podman.rootless());
     podman.load_image(&archive).await.unwrap();
     let checkout = rootless_repo(tmp.path(), &[("a.txt", "a\n")]);
-    let rt = PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout))
-        .await
-        .unwrap();
+    let rt = PodmanRuntime::new(podman.clone(), test_settings(TAG)).await.unwrap();
     let spawn = Spawn {
         invocation: Invocation {
             program: "sh".into(),
@@ -569,6 +568,9 @@ async fn runtime_rootless_keep_id() {
         },
         workdir: checkout.clone(),
         timeout: None,
+        binds: Vec::new(),
+        run_id: "rootless".into(),
+        task: 1,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();

@@ -20,11 +20,7 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
     let podman = Podman::connect_to(service.socket()).await.unwrap();
     podman.load_image(&archive).await.unwrap();
     let checkout = rootless_repo(tmp.path(), &[]);
-    let rt = std::sync::Arc::new(
-        PodmanRuntime::new(podman.clone(), test_settings(TAG, &checkout))
-            .await
-            .unwrap(),
-    );
+    let rt = std::sync::Arc::new(PodmanRuntime::new(podman.clone(), test_settings(TAG)).await.unwrap());
 
     // Each agent announces itself in the shared checkout, then waits (up to 60 s) until all
     // have: it exits 0 only if every container was running at the same time.
@@ -43,6 +39,9 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
             },
             workdir: checkout.clone(),
             timeout: Some(std::time::Duration::from_secs(120)),
+            binds: Vec::new(),
+            run_id: "parallel".into(),
+            task: 1,
         };
         let rt = rt.clone();
         runs.spawn(async move {

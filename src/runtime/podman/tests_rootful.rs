@@ -5,8 +5,7 @@
 //! chowned. Needs podman + runc and a `containers` entry in /etc/subuid and /etc/subgid:
 //! `fixtures/podman-service.sh install`.
 
-#[path = "../../../tests/support/podman.rs"]
-mod support;
+use super::tests::support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -85,7 +84,7 @@ async fn agent_writes_as_owner(idmap: bool) {
         .unwrap()
         .success());
     let checkout = repo.canonicalize().unwrap();
-    let settings = super::tests::test_settings(TAG, &checkout);
+    let settings = super::tests::test_settings(TAG);
     let mut rt = PodmanRuntime::new(podman.clone(), settings).await.unwrap();
     assert!(rt.uses_idmap(), "running as root here, idmapped mounts must work");
     if !idmap {
@@ -107,6 +106,9 @@ async fn agent_writes_as_owner(idmap: bool) {
         },
         workdir: checkout.clone(),
         timeout: None,
+        binds: Vec::new(),
+        run_id: run_id.into(),
+        task: 1,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();

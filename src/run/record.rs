@@ -1,0 +1,172 @@
+//! Where one task attempt stands, written to the state DB and the progress display in one
+//! place, so the phases of a task's life need not pass `(run_id, index)` to both at every
+//! step. Each outcome is one transaction: a crash between its writes would leave, say, an
+//! unchanged task as committed, which `resume` would then merge.
+
+use std::sync::MutexGuard;
+
+use anyhow::Result;
+
+use super::state::{AttemptEnd, State, TaskStatus};
+use super::task::Shared;
+use super::Engine;
+
+/// One attempt of one task.
+pub(super) struct Record<'a> {
+    e: &'a Engine,
+    s: &'a Shared,
+    pub idx: usize,
+    pub attempt: u32,
+}
+
+impl<'a> Record<'a> {
+    pub fn new(e: &'a Engine, s: &'a Shared, idx: usize, attempt: u32) -> Record<'a> {
+        Record { e, s, idx, attempt }
+    }
+
+    fn state(&self) -> Result<MutexGuard<'a, State>> {
+        self.e.state()
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.s.run_id
+    }
+
+    pub fn started(&self, base: &str, task: &str) -> Result<()> {
+        self.state()?
+            .start_attempt(self.run_id(), self.idx, self.attempt, base)?;
+        self.s.progress.task_started(self.idx, task, self.attempt);
+        Ok(())
+    }
+
+    /// An event the agent reported (JSON), and its one-line summary for the display.
+    pub fn event(&self, summary: &str, data: &str) -> Result<()> {
+        self.s.progress.task_action(self.idx, summary);
+        self.state()?
+            .event(self.run_id(), self.idx, self.attempt, "agent", data)
+    }
+
+    /// Stopped by Ctrl-C or SIGTERM before anything was committed: `resume` redoes it.
+    pub fn interrupted(&self) -> Result<()> {
+        self.state()?.atomically(|st| {
+            let end = AttemptEnd {
+                status: "interrupted",
+                reason: Some("interrupted".into()),
+                ..Default::default()
+            };
+            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
+            st.set_status(self.run_id(), self.idx, TaskStatus::Pending, None, Some("interrupted"))
+        })?;
+        self.s.progress.task_finished(self.idx, "interrupted", "");
+        Ok(())
+    }
+
+    /// Failed; what it changed is committed on its branch (`commit`, when it changed anything).
+    pub fn failed(
+        &self,
+        tip: &str,
+        commit: Option<&str>,
+        files: &[String],
+        code: Option<i32>,
+        reason: &str,
+    ) -> Result<()> {
+        self.state()?.atomically(|st| {
+            let end = AttemptEnd {
+                status: "failed",
+                tip_commit: Some(tip.to_string()),
+                exit_code: code,
+                reason: Some(reason.to_string()),
+            };
+            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
+            st.set_failure(self.run_id(), self.idx, commit, files, code, reason)
+        })?;
+        self.s.progress.task_finished(self.idx, "failed", reason);
+        Ok(())
+    }
+
+    pub fn unchanged(&self, tip: &str, code: Option<i32>) -> Result<()> {
+        self.state()?.atomically(|st| {
+            let end = AttemptEnd {
+                status: "unchanged",
+                tip_commit: Some(tip.to_string()),
+                exit_code: code,
+                reason: None,
+            };
+            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
+            st.set_committed(self.run_id(), self.idx, tip, &[], code)?;
+            st.set_status(
+                self.run_id(),
+                self.idx,
+                TaskStatus::Unchanged,
+                None,
+                Some("the agent changed nothing"),
+            )
+        })?;
+        self.s
+            .progress
+            .task_finished(self.idx, "unchanged", "the agent changed nothing");
+        Ok(())
+    }
+
+    pub fn committed(&self, tip: &str, files: &[String], code: Option<i32>) -> Result<()> {
+        self.state()?.atomically(|st| {
+            let end = AttemptEnd {
+                status: "committed",
+                tip_commit: Some(tip.to_string()),
+                exit_code: code,
+                reason: None,
+            };
+            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
+            st.set_committed(self.run_id(), self.idx, tip, files, code)
+        })
+    }
+
+    /// Merged into the service branch (`merge`: the merge commit, when there is one).
+    pub fn merged(&self, merge: Option<&str>, detail: &str) -> Result<()> {
+        self.state()?
+            .set_status(self.run_id(), self.idx, TaskStatus::Merged, merge, None)?;
+        self.s.progress.task_finished(self.idx, "merged", detail);
+        Ok(())
+    }
+
+    /// This attempt's merge conflicted in `paths`.
+    pub fn conflicted(&self, paths: &[String]) -> Result<()> {
+        let end = AttemptEnd {
+            status: "conflict",
+            reason: Some(paths.join(", ")),
+            ..Default::default()
+        };
+        self.state()?.end_attempt(self.run_id(), self.idx, self.attempt, &end)
+    }
+
+    /// The task ends as a conflict; its branch is kept.
+    pub fn conflict(&self, paths: &[String]) -> Result<()> {
+        let reason = format!("conflicts in: {}", paths.join(", "));
+        self.state()?
+            .set_status(self.run_id(), self.idx, TaskStatus::Conflict, None, Some(&reason))?;
+        self.s
+            .progress
+            .task_finished(self.idx, "conflict (branch kept)", &reason);
+        Ok(())
+    }
+
+    /// A retry after a conflict: the display says so.
+    pub fn retrying(&self, paths: &[String]) {
+        self.s.progress.task_finished(
+            self.idx,
+            "conflicted, retrying from the new service tip",
+            &paths.join(", "),
+        );
+    }
+
+    /// Stopping between a conflict and its retry: the retry is left to `resume`.
+    pub fn retry_left_to_resume(&self) -> Result<()> {
+        self.state()?.set_status(
+            self.run_id(),
+            self.idx,
+            TaskStatus::Pending,
+            None,
+            Some("interrupted before its retry after a conflict"),
+        )
+    }
+}
