@@ -3,6 +3,8 @@
 //! cohort binary, and the agent fixtures.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -21,8 +23,18 @@ pub struct Scratch {
     pub work: PathBuf,
 }
 
+/// The git CLI for test set-up and inspection, as a user who also reads repositories that
+/// another test user owns (the rootless podman tests).
+pub fn git_cmd() -> Command {
+    let mut c = Command::new("git");
+    c.env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "safe.directory")
+        .env("GIT_CONFIG_VALUE_0", "*");
+    c
+}
+
 pub fn git_in(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
+    let out = git_cmd()
         .args(args)
         .current_dir(dir)
         .env("GIT_AUTHOR_NAME", "Test")
