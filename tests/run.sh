@@ -24,6 +24,10 @@ sh fixtures/install-codex.sh
 echo "== podman and runc for the disposable podman services the tests start"
 bash fixtures/podman-service.sh install
 
+echo "== formatting and lints (cargo fmt --check; clippy with warnings as errors)"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked 2>&1
 
