@@ -2,7 +2,7 @@
 # The service end to end on "machine A" (systemd 257, podman 5, swtpm): for the system
 # scope (rootful, hardened, LoadCredentialEncrypted=) and then the user scope (rootless,
 # lingering alice): place the key with --tpm2 require, build the image, install the
-# service, submit a request of 3 tasks, wait until all 3 are merged into the service
+# service, submit a request of 4 tasks (the last one hostile), wait until all 4 are merged into the service
 # branch, and scan everything for the key. Leaves both credentials, the host key and the
 # machine ID in out/ for the stolen-file boot. Runs as root; inputs in /scenario/in.
 set -euo pipefail
@@ -34,24 +34,40 @@ make_repo() { # dir network; run as the repo's owner
   printf '[agent]\nkind = "codex"\nmodel = "gpt-5-codex"\nbase_url = "http://192.0.2.1:8080/v1"\n\n[run]\njobs = 3\n\n[container]\nnetwork = "%s"\n' "$network" >cohort.toml
   git add -A && git commit -q -m initial
 }
-wait_merged() { # repo, as-function, seconds: until 3 task merges are on cohort/service
+wait_merged() { # repo, as-function, seconds: until 4 task merges are on cohort/service
   local repo="$1" as="$2" limit="$3" t0=$SECONDS n=0 last=0
   while ((SECONDS - t0 < limit)); do
     n=$($as git -C "$repo" log --first-parent --format=%s cohort/service 2>/dev/null | grep -c '^Merge task' || true)
-    [[ "$n" == 3 ]] && return 0
+    [[ "$n" == 4 ]] && return 0
     if $as cohort -C "$repo" status 2>/dev/null | head -1 | grep -q '(done'; then
-      echo "the run finished with $n of 3 merged; its task logs:"
+      echo "the run finished with $n of 4 merged; its task logs:"
       $as cohort -C "$repo" status
       for f in "$repo"/.git/cohort/runs/*/logs/*.log; do echo "--- $f"; tail -40 "$f"; done
       return 1
     fi
     if ((SECONDS - last >= 60)); then
       last=$SECONDS
-      echo "  $((SECONDS - t0))s: $n of 3 merged; $($as cohort -C "$repo" status 2>&1 | tail -4 | tr '\n' ' ')"
+      echo "  $((SECONDS - t0))s: $n of 4 merged; $($as cohort -C "$repo" status 2>&1 | tail -4 | tr '\n' ' ')"
     fi
     sleep 5
   done
-  echo "only $n of 3 tasks merged after ${limit}s"; return 1
+  echo "only $n of 4 tasks merged after ${limit}s"; return 1
+}
+# The hostile fourth task (request.md) plants hooks and an fsmonitor command in its git dir and,
+# by path, in the repository's, and moves refs. None of it may reach the repository.
+guard() { # repo, as-function: what the hostile task must not change
+  local repo="$1" as="$2"
+  { sha256sum "$repo/.git/config"; ls -la "$repo/.git/hooks" | awk '{print $1, $5, $9}'
+    $as git -C "$repo" for-each-ref --format='%(refname) %(objectname) %(symref)' refs/heads/main; } 2>&1
+}
+check_sealed() { # repo, as-function, guard-before
+  local repo="$1" as="$2" before="$3"
+  [[ "$(guard "$repo" "$as")" == "$before" ]] || { echo "the repository's config, hooks or main changed:"; diff <(echo "$before") <(guard "$repo" "$as"); return 1; }
+  $as git -C "$repo" symbolic-ref -q refs/heads/cohort/service && { echo "cohort/service became a symbolic ref"; return 1; }
+  $as git -C "$repo" show cohort/service:honest.txt >/dev/null || { echo "the hostile task's honest file was not merged"; return 1; }
+  $as git -C "$repo" status >/dev/null && $as git -C "$repo" merge -q --no-edit cohort/service >/dev/null
+  ls /tmp/PWNED-* 2>/dev/null && { echo "something the hostile task planted ran on the host"; return 1; }
+  echo "the hostile task changed nothing outside its branch, and its honest file was merged"
 }
 scan_for_key() { # paths...
   if grep -rIl --binary-files=text -F "$KEY" "$@" 2>/dev/null; then echo "the key leaked into the files above"; return 1; fi
@@ -88,14 +104,16 @@ systemctl show -p ActiveState -p SubState -p User -p DynamicUser -p PrivateUsers
 systemd-analyze security --no-pager cohort.service | tee "$OUT/security-system.txt" | tail -3
 grep -o 'Overall exposure level for cohort.service: [0-9.]*' "$OUT/security-system.txt" | tee "$OUT/exposure"
 
-step "system scope: submit 3 tasks and wait"
+step "system scope: submit 4 tasks (one hostile) and wait"
 t=$(date +%s)
+before=$(guard /srv/cohort/repo as_cohort)
 cohort -C /srv/cohort/repo submit /scenario/request.md
 wait_merged /srv/cohort/repo as_cohort 900 || { cohort service logs --scope system -n 80; journalctl -u cohort.service --no-pager | tail -60; exit 1; }
-timer three_tasks_system "$t"
+timer four_tasks_system "$t"
 as_cohort git -C /srv/cohort/repo log --first-parent --format=%s cohort/service | tee "$OUT/system-service-branch.txt"
-[[ $(grep -c '^Merge task' "$OUT/system-service-branch.txt") == 3 ]]
+[[ $(grep -c '^Merge task' "$OUT/system-service-branch.txt") == 4 ]]
 as_cohort cohort -C /srv/cohort/repo status --json >"$OUT/system-status.json"
+check_sealed /srv/cohort/repo as_cohort "$before"
 
 step "system scope: the task containers had their own user and network namespaces"
 # The third task wrote its container's uid_map and network namespace (request.md).
@@ -134,13 +152,15 @@ step "user scope: doctor, install"
 as_alice cohort -C /home/alice/repo doctor --scope user | tee "$OUT/doctor-user.txt" || true
 as_alice cohort service install --scope user --repo /home/alice/repo
 
-step "user scope: submit 3 tasks and wait"
+step "user scope: submit 4 tasks (one hostile) and wait"
 t=$(date +%s)
+before=$(guard /home/alice/repo as_alice)
 as_alice cohort -C /home/alice/repo submit /scenario/request.md
 wait_merged /home/alice/repo as_alice 900 || { as_alice cohort service logs --scope user -n 80; exit 1; }
-timer three_tasks_user "$t"
+timer four_tasks_user "$t"
 as_alice git -C /home/alice/repo log --first-parent --format=%s cohort/service | tee "$OUT/user-service-branch.txt"
-[[ $(grep -c '^Merge task' "$OUT/user-service-branch.txt") == 3 ]]
+[[ $(grep -c '^Merge task' "$OUT/user-service-branch.txt") == 4 ]]
+check_sealed /home/alice/repo as_alice "$before"
 as_alice cohort service status --scope user
 journalctl -b --no-pager >"$OUT/journal-for-scan.txt"
 scan_for_key /home/alice/repo /home/alice/.local/state/cohort "$OUT/journal-for-scan.txt"
