@@ -85,6 +85,7 @@ attacks! {
     endless_line => "endless",
     invalid_utf8 => "utf8",
     git_gc_prune_now => "gc",
+    the_agents_own_git_works => "gitworks",
 }
 
 /// Every attack in ATTACKS has its test here.

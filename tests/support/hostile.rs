@@ -42,6 +42,8 @@ pub const ATTACKS: &[(&str, Expect, Expect)] = &[
     ("endless", Expect::Merged, Expect::Merged),
     ("utf8", Expect::Merged, Expect::Merged),
     ("gc", Expect::Merged, Expect::Merged),
+    // Not an attack: the agent's own git works (status, log, stash, diff, add, commit, branch, gc).
+    ("gitworks", Expect::Merged, Expect::Merged),
 ];
 
 /// Puts the hostile agent into the repository (so it is in every checkout) and the sentinels
@@ -219,6 +221,14 @@ pub fn check_task(s: &Scratch, report: &serde_json::Value, n: usize, attack: &st
             "gc: the agent's commit is lost:\n{log}"
         );
         assert!(show(s, &format!("cohort/service:agent-commit-{n:03}.txt")).is_some());
+    }
+    if attack == "gitworks" {
+        let log = s.git(&["log", "--format=%s", "cohort/service"]);
+        assert!(
+            log.contains("the agent's git works"),
+            "gitworks: the agent's commit is lost:\n{log}"
+        );
+        assert!(show(s, "cohort/service:wip.txt").is_some());
     }
     if attack == "config" {
         // What the agent committed is data: its .gitattributes arrives, its drivers do not run.
