@@ -186,6 +186,8 @@ pub fn build_engine(
             )))
         }
     };
+    // Looked for in what every task hands back (with token shapes, private keys, .env files).
+    let scan_key = api_key(config).ok().flatten();
     let state = State::open(&run::state_path(&paths))?;
     Ok(Engine {
         paths,
@@ -199,6 +201,7 @@ pub fn build_engine(
             timeout,
             limits: crate::git::commit::Limits {
                 max_file_size: config.run.max_file_size()?,
+                key: scan_key,
             },
         },
         cancel: CancellationToken::new(),

@@ -49,23 +49,15 @@ pub fn run(args: Args) -> Result<u8> {
 }
 
 fn run_json(row: &RunRow, tasks: &[TaskRow]) -> serde_json::Value {
-    let counts: serde_json::Map<String, serde_json::Value> = [
-        TaskStatus::Pending,
-        TaskStatus::Running,
-        TaskStatus::Committed,
-        TaskStatus::Merged,
-        TaskStatus::Unchanged,
-        TaskStatus::Failed,
-        TaskStatus::Conflict,
-    ]
-    .iter()
-    .map(|s| {
-        (
-            s.as_str().to_string(),
-            tasks.iter().filter(|t| t.status == *s).count().into(),
-        )
-    })
-    .collect();
+    let counts: serde_json::Map<String, serde_json::Value> = TaskStatus::ALL
+        .iter()
+        .map(|s| {
+            (
+                s.as_str().to_string(),
+                tasks.iter().filter(|t| t.status == *s).count().into(),
+            )
+        })
+        .collect();
     let request = serde_json::from_str::<serde_json::Value>(&row.options)
         .ok()
         .and_then(|o| o["request"].as_str().map(String::from));

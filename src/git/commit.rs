@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 
 use super::pool::{Checkout, CLEAN_MARK};
+use super::scan::{Finding, StreamScan};
 use super::{import, is_ancestor, private, refs, snapshot, stage, status, tree_of, write_commit, Oid};
+use crate::secret::Secret;
 
 #[derive(Debug, Clone)]
 pub struct TaskCommit {
@@ -28,16 +30,20 @@ impl TaskCommit {
 }
 
 /// Limits on what one task may hand back.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// The largest file (and git object) taken from a checkout.
     pub max_file_size: u64,
+    /// The API key, looked for (with token shapes, private keys and `.env` files) in
+    /// everything a task hands back.
+    pub key: Option<Secret>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_file_size: 100 * 1024 * 1024,
+            key: None,
         }
     }
 }
@@ -54,21 +60,42 @@ pub struct Collected {
     pub oversized: Vec<(String, u64)>,
     pub commits_refused: Option<String>,
     pub dropped: Vec<(String, &'static str)>,
+    /// Secrets in what the agent hands back: then nothing of the checkout was written (its
+    /// blobs are in no object of the repository) and `tree` is the branch's.
+    pub secrets: Vec<Finding>,
+}
+
+impl Collected {
+    /// The task's reason when it holds secrets: the files and what was found.
+    pub fn secret_reason(&self) -> Option<String> {
+        (!self.secrets.is_empty()).then(|| {
+            let list: Vec<String> = self
+                .secrets
+                .iter()
+                .map(|f| format!("{} ({})", f.path, f.what))
+                .collect();
+            format!(
+                "the task's change holds secrets, so it was not committed: {}",
+                list.join(", ")
+            )
+        })
+    }
 }
 
 /// Takes what the agent left: its own commits, when they build on the task branch (their
 /// objects imported one by one, checked, from its private git dir; the branch then moves to
 /// its head by compare-and-swap), and every change in the checkout (tracked, deleted and
 /// untracked files, honouring .gitignore) as a tree.
-pub fn collect(checkout: &Checkout, branch_ref: &str, base: Oid, limits: Limits) -> Result<Collected> {
+pub fn collect(checkout: &Checkout, branch_ref: &str, base: Oid, limits: &Limits) -> Result<Collected> {
     checkout.clear_leftovers()?;
     let root = checkout.root()?;
     let repo = checkout.open()?;
     let mut tip = refs::read(&repo, branch_ref)?.with_context(|| format!("task branch {branch_ref} is missing"))?;
+    let mut scan = StreamScan::new(limits.key.as_ref());
     let mut commits_refused = None;
     if let Some(head) = private::read_head(&checkout.git_dir)? {
         if head != tip {
-            match take_commits(&repo, checkout, head, limits) {
+            match take_commits(&repo, checkout, head, limits, &mut scan) {
                 Ok(()) => {
                     if is_ancestor(&repo, tip, head).unwrap_or(false) {
                         refs::cas(&repo, branch_ref, Some(tip), head, "cohort: take the agent's commits")?;
@@ -79,23 +106,38 @@ pub fn collect(checkout: &Checkout, branch_ref: &str, base: Oid, limits: Limits)
             }
         }
     }
-    let mut settings = status::Settings {
-        hash: repo.object_hash(),
-        stat: repo.stat_options()?,
-        file_mode: repo.config_snapshot().boolean("core.fileMode").unwrap_or(true),
-        excludes: excludes(&repo, &checkout.common_dir)?,
-        max_file_size: limits.max_file_size,
-        observe: None,
-    };
-    let staged = stage::stage(&repo, &checkout.admin, &root, tree_of(&repo, base)?, &mut settings)?;
     let show = |p: &gix::bstr::BString| super::rela_path(p.as_ref()).display().to_string();
+    let base_tree = tree_of(&repo, base)?;
+    let compared = {
+        let mut observe = |path: &gix::bstr::BStr, chunk: &[u8]| scan.chunk(path, chunk);
+        let mut settings = status::Settings {
+            hash: repo.object_hash(),
+            stat: repo.stat_options()?,
+            file_mode: repo.config_snapshot().boolean("core.fileMode").unwrap_or(true),
+            excludes: excludes(&repo, &checkout.common_dir)?,
+            max_file_size: limits.max_file_size,
+            observe: Some(&mut observe),
+        };
+        stage::compare(&repo, &checkout.admin, &root, base_tree, &mut settings)?
+    };
+    for u in &compared.changes.upserts {
+        scan.name(&show(&u.path));
+    }
+    // Nothing of a change that holds a secret is written.
+    let tree = if scan.found.is_empty() {
+        stage::write(&repo, &checkout.admin, &root, base_tree, &compared)?
+    } else {
+        tree_of(&repo, tip)?
+    };
+    let changes = &compared.changes;
     Ok(Collected {
         tip,
-        tree: staged.tree,
+        tree,
         base,
-        oversized: staged.changes.oversized.iter().map(|(p, n)| (show(p), *n)).collect(),
+        oversized: changes.oversized.iter().map(|(p, n)| (show(p), *n)).collect(),
         commits_refused,
-        dropped: staged.changes.dropped.iter().map(|(p, why)| (show(p), *why)).collect(),
+        dropped: changes.dropped.iter().map(|(p, why)| (show(p), *why)).collect(),
+        secrets: scan.found,
     })
 }
 
@@ -110,7 +152,7 @@ pub fn commit(checkout: &Checkout, branch_ref: &str, c: Collected, message: &str
     } else {
         c.tip
     };
-    if c.oversized.is_empty() {
+    if c.oversized.is_empty() && c.secrets.is_empty() {
         // Mark it clean, so the next task moves it by a tree diff.
         std::fs::write(checkout.admin.join(CLEAN_MARK), c.tree.to_string())?;
     }
@@ -135,12 +177,19 @@ pub fn commit_all(
     message: &str,
     limits: Limits,
 ) -> Result<TaskCommit> {
-    let c = collect(checkout, branch_ref, base, limits)?;
+    let c = collect(checkout, branch_ref, base, &limits)?;
     commit(checkout, branch_ref, c, message)
 }
 
-/// Imports the objects of the agent's commits up to `head`.
-fn take_commits(repo: &gix::Repository, checkout: &Checkout, head: Oid, limits: Limits) -> Result<()> {
+/// Imports the objects of the agent's commits up to `head`, each scanned for secrets before
+/// it is written.
+fn take_commits(
+    repo: &gix::Repository,
+    checkout: &Checkout,
+    head: Oid,
+    limits: &Limits,
+    scan: &mut StreamScan,
+) -> Result<()> {
     let max_total = limits.max_file_size.saturating_mul(16);
     let (objects, size) = private::sanitize_objects(&checkout.git_dir)?;
     anyhow::ensure!(
@@ -151,7 +200,7 @@ fn take_commits(repo: &gix::Repository, checkout: &Checkout, head: Oid, limits: 
         max_object: limits.max_file_size,
         max_total,
     };
-    let done = import::import(repo, &objects, head, limits)?;
+    let done = import::import(repo, &objects, head, limits, scan)?;
     tracing::debug!(
         objects = done.objects,
         bytes = done.bytes,

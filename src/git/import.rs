@@ -7,13 +7,14 @@
 //! walk stops at objects the repository already has. Then the caller moves the task branch
 //! by compare-and-swap, as for any commit.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use gix::bstr::ByteSlice;
 use gix::objs::{Find, FindHeader, Write};
 
+use super::scan::StreamScan;
 use super::Oid;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +33,15 @@ pub struct Limits {
 }
 
 /// Copies the objects reachable from `head` in the private store at `objects` (already
-/// sanitized) that `repo` does not have.
-pub fn import(repo: &gix::Repository, objects: &Path, head: Oid, limits: Limits) -> Result<Imported> {
+/// sanitized) that `repo` does not have. Each is shown to `scan` before it is written; on the
+/// first secret the import stops, and that object is not written.
+pub fn import(
+    repo: &gix::Repository,
+    objects: &Path,
+    head: Oid,
+    limits: Limits,
+    scan: &mut StreamScan,
+) -> Result<Imported> {
     let mut done = Imported::default();
     if repo.has_object(head) {
         return Ok(done);
@@ -42,6 +50,8 @@ pub fn import(repo: &gix::Repository, objects: &Path, head: Oid, limits: Limits)
         .with_context(|| format!("cannot open the agent's object store {}", objects.display()))?;
     let mut queue = VecDeque::from([head]);
     let mut seen = HashSet::from([head]);
+    // Where a blob or tree sits in a commit's tree, to name it in a finding.
+    let mut paths: HashMap<Oid, String> = HashMap::new();
     let mut buf = Vec::new();
     while let Some(id) = queue.pop_front() {
         let header = store
@@ -72,6 +82,13 @@ pub fn import(repo: &gix::Repository, objects: &Path, head: Oid, limits: Limits)
             actual == id,
             "object {id} in the agent's git holds other content ({actual})"
         );
+        let here = paths.get(&id).cloned();
+        let label = match &here {
+            Some(p) if !p.is_empty() => p.clone(),
+            _ => format!("{kind} {id}"),
+        };
+        scan.chunk(label.as_bytes(), bytes);
+        anyhow::ensure!(scan.found.is_empty(), "the agent's commits hold secrets ({label})");
         let mut next = |child: Oid| {
             if seen.insert(child) && !repo.has_object(child) {
                 queue.push_back(child);
@@ -91,9 +108,19 @@ pub fn import(repo: &gix::Repository, objects: &Path, head: Oid, limits: Limits)
                     check_name(e.filename, e.mode.is_link()).with_context(|| format!("tree {id}"))?;
                     // A submodule's commit lives in another repository.
                     if !e.mode.is_commit() {
+                        let name = e.filename.to_str_lossy();
+                        let path = match &here {
+                            Some(p) if !p.is_empty() => format!("{p}/{name}"),
+                            _ => name.into_owned(),
+                        };
+                        if e.mode.is_blob() {
+                            scan.name(&path);
+                        }
+                        paths.entry(e.oid.to_owned()).or_insert(path);
                         next(e.oid.to_owned());
                     }
                 }
+                anyhow::ensure!(scan.found.is_empty(), "the agent's commits hold secrets");
             }
             gix::objs::Kind::Tag => {
                 let t = gix::objs::TagRef::from_bytes(bytes, repo.object_hash())

@@ -143,6 +143,77 @@ pub fn scan<'a>(
     }
 }
 
+/// The secret scan of what a task hands back, fed as its files stream past (chunk by chunk,
+/// file after file, as they are hashed) and with the objects of the agent's own commits.
+/// The end of each chunk is kept, so a secret split between two chunks is still found.
+#[derive(Debug, Default)]
+pub struct StreamScan {
+    key: Option<Vec<u8>>,
+    path: Vec<u8>,
+    tail: Vec<u8>,
+    pub found: Vec<Finding>,
+}
+
+/// More than the longest secret looked for (keys are at most a few hundred bytes).
+const OVERLAP: usize = 4096;
+
+impl StreamScan {
+    pub fn new(key: Option<&Secret>) -> StreamScan {
+        StreamScan {
+            key: key
+                .filter(|k| k.expose().len() >= 8)
+                .map(|k| k.expose().as_bytes().to_vec()),
+            ..Default::default()
+        }
+    }
+
+    /// A file (or object) named `path` is handed back: `.env`-style names are findings.
+    pub fn name(&mut self, path: &str) {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if is_env_file(name) {
+            self.add(path, "a .env-style file");
+        }
+    }
+
+    /// The next chunk of `path`'s content.
+    pub fn chunk(&mut self, path: &[u8], data: &[u8]) {
+        if path != self.path.as_slice() {
+            self.path = path.to_vec();
+            self.tail.clear();
+        }
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(data);
+        let shown = String::from_utf8_lossy(path).into_owned();
+        if let Some(k) = &self.key {
+            if memfind(&window, k) {
+                self.add(&shown, "the configured API key");
+            }
+        }
+        for (re, what) in PATTERNS.iter() {
+            if re.is_match(&window) {
+                self.add(&shown, what);
+            }
+        }
+        let keep = window.len().min(OVERLAP);
+        self.tail = window.split_off(window.len() - keep);
+    }
+
+    fn add(&mut self, path: &str, what: &'static str) {
+        if !self.found.iter().any(|f| f.path == path && f.what == what) {
+            self.found.push(Finding {
+                path: path.into(),
+                what,
+            });
+        }
+    }
+
+    /// The findings as one line for a task's reason: where, and what (never the secret).
+    pub fn describe(&self) -> String {
+        let list: Vec<String> = self.found.iter().map(|f| format!("{} ({})", f.path, f.what)).collect();
+        format!("the task's change holds secrets: {}", list.join(", "))
+    }
+}
+
 fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -188,6 +259,33 @@ mod tests {
         assert_eq!(f.found.len(), 3);
         assert_eq!(f.unmatched_allow, ["nope"]);
         assert!(f.to_string().contains("--allow-file nope matched no"), "{f}");
+    }
+
+    #[test]
+    fn streamed_secrets_are_found_across_chunks() {
+        let key = Secret::new("test-key-1234567890");
+        let mut s = StreamScan::new(Some(&key));
+        s.chunk(b"a.txt", b"nothing here, but the key starts: test-key-12");
+        s.chunk(b"a.txt", b"34567890 and ends here");
+        s.chunk(b"b.txt", b"ghp_abcdefghijklmnopqrstuvwxyz0123456789\n");
+        s.chunk(b"c.txt", b"clean");
+        s.name("dir/.env");
+        s.name("dir/.env.example");
+        let hits: Vec<(&str, &str)> = s.found.iter().map(|f| (f.path.as_str(), f.what)).collect();
+        assert_eq!(
+            hits,
+            [
+                ("a.txt", "the configured API key"),
+                ("b.txt", "a GitHub token"),
+                ("dir/.env", "a .env-style file")
+            ]
+        );
+        assert!(!s.describe().contains("test-key"), "{}", s.describe());
+        // A split across files is not a secret.
+        let mut s = StreamScan::new(Some(&key));
+        s.chunk(b"x", b"test-key-12");
+        s.chunk(b"y", b"34567890");
+        assert!(s.found.is_empty());
     }
 
     #[test]

@@ -43,22 +43,23 @@ pub fn recorded_tree(admin: &Path, index: &gix::index::File) -> Option<Oid> {
     (index.checksum() == Some(sum)).then(|| tree.parse().ok()).flatten()
 }
 
-/// The checkout as a tree.
-pub struct Staged {
-    pub tree: Oid,
+/// What the agent changed in a checkout, before anything of it is written.
+pub struct Compared {
+    /// cohort's index of the checkout (at the task's base).
+    index: gix::index::File,
     pub changes: Changes,
 }
 
-/// Compares the checkout at `root` with cohort's index of it (which holds `base`), writes the
-/// new blobs and the tree, and updates the index to hold that tree. Files over the size
-/// limit stay out of the tree (the caller fails the task); everything else is in it.
-pub fn stage(
+/// Compares the checkout at `root` with cohort's index of it, which holds `base`. Nothing is
+/// written yet: what was found can still be refused (the secret scan) before any blob of it
+/// reaches the object store.
+pub fn compare(
     repo: &gix::Repository,
     admin: &Path,
     root: &Dir,
     base: Oid,
     settings: &mut status::Settings<'_>,
-) -> Result<Staged> {
+) -> Result<Compared> {
     let mut index: gix::index::File = (**repo.index_or_empty()?).clone();
     if recorded_tree(admin, &index) != Some(base) {
         // Not the index cohort wrote (a crash while writing it): without stat data every
@@ -67,8 +68,14 @@ pub fn stage(
         index = repo.index_from_tree(&base)?;
     }
     let changes = status::compare(root, &index, settings)?;
-    write_blobs(repo, root, &changes.upserts)?;
+    Ok(Compared { index, changes })
+}
 
+/// Writes the new blobs and the tree of a compared checkout (files over the size limit stay
+/// out of it), and updates cohort's index to hold that tree. Returns the tree.
+pub fn write(repo: &gix::Repository, admin: &Path, root: &Dir, base: Oid, compared: &Compared) -> Result<Oid> {
+    let changes = &compared.changes;
+    write_blobs(repo, root, &changes.upserts)?;
     let mut editor = repo.edit_tree(base)?;
     for path in &changes.removed {
         editor.remove(path.as_bstr())?;
@@ -80,8 +87,9 @@ pub fn stage(
     }
     let tree = editor.write()?.detach();
     if tree == base && changes.refreshed.is_empty() {
-        return Ok(Staged { tree, changes });
+        return Ok(tree);
     }
+    let mut index = compared.index.clone();
     for (i, stat) in &changes.refreshed {
         index.entries_mut()[*i].stat = *stat;
     }
@@ -102,7 +110,7 @@ pub fn stage(
         .write(gix::index::write::Options::default())
         .context("cannot write the index")?;
     record(admin, tree, index.checksum())?;
-    Ok(Staged { tree, changes })
+    Ok(tree)
 }
 
 /// Writes the blobs of new and changed files, streaming each file from the checkout again

@@ -84,6 +84,22 @@ impl<'a> Record<'a> {
         Ok(())
     }
 
+    /// Its change held secrets: nothing of it was committed or merged.
+    pub fn secret(&self, tip: &str, code: Option<i32>, reason: &str) -> Result<()> {
+        self.state()?.atomically(|st| {
+            let end = AttemptEnd {
+                status: "secret",
+                tip_commit: Some(tip.to_string()),
+                exit_code: code,
+                reason: Some(reason.to_string()),
+            };
+            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
+            st.set_status(self.run_id(), self.idx, TaskStatus::Secret, None, Some(reason))
+        })?;
+        self.s.progress.task_finished(self.idx, "secret", reason);
+        Ok(())
+    }
+
     pub fn unchanged(&self, tip: &str, code: Option<i32>) -> Result<()> {
         self.state()?.atomically(|st| {
             let end = AttemptEnd {

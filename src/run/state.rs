@@ -75,9 +75,23 @@ pub enum TaskStatus {
     Unchanged,
     Failed,
     Conflict,
+    /// Its change held a secret: not committed, not merged.
+    Secret,
 }
 
 impl TaskStatus {
+    /// Every status, in display order.
+    pub const ALL: [TaskStatus; 8] = [
+        TaskStatus::Pending,
+        TaskStatus::Running,
+        TaskStatus::Committed,
+        TaskStatus::Merged,
+        TaskStatus::Unchanged,
+        TaskStatus::Failed,
+        TaskStatus::Conflict,
+        TaskStatus::Secret,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TaskStatus::Pending => "pending",
@@ -87,6 +101,7 @@ impl TaskStatus {
             TaskStatus::Unchanged => "unchanged",
             TaskStatus::Failed => "failed",
             TaskStatus::Conflict => "conflict",
+            TaskStatus::Secret => "secret",
         }
     }
 
@@ -98,6 +113,7 @@ impl TaskStatus {
             "unchanged" => TaskStatus::Unchanged,
             "failed" => TaskStatus::Failed,
             "conflict" => TaskStatus::Conflict,
+            "secret" => TaskStatus::Secret,
             _ => TaskStatus::Pending,
         }
     }
@@ -106,7 +122,7 @@ impl TaskStatus {
     pub fn is_done(self) -> bool {
         matches!(
             self,
-            TaskStatus::Merged | TaskStatus::Unchanged | TaskStatus::Failed | TaskStatus::Conflict
+            TaskStatus::Merged | TaskStatus::Unchanged | TaskStatus::Failed | TaskStatus::Conflict | TaskStatus::Secret
         )
     }
 

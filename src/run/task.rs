@@ -339,9 +339,9 @@ async fn collect(
     log: &mut std::fs::File,
 ) -> Result<(Lease, Collected)> {
     let t0 = std::time::Instant::now();
-    let (limits, br) = (e.opts.limits, branch_ref.to_string());
+    let (limits, br) = (e.opts.limits.clone(), branch_ref.to_string());
     let (checkout, collected) = blocking(move || {
-        let c = commit::collect(&checkout, &br, base, limits);
+        let c = commit::collect(&checkout, &br, base, &limits);
         Ok((checkout, c))
     })
     .await?;
@@ -385,6 +385,13 @@ async fn commit(
     branch_ref: &str,
     log: &mut std::fs::File,
 ) -> Result<Option<Oid>> {
+    if let Some(reason) = collected.secret_reason() {
+        // Not committed, not merged; the checkout holds the secret, so it goes.
+        discard(checkout).await;
+        writeln!(log, "--- not committed: {reason}")?;
+        rec.secret(&collected.tip.to_string(), ran.exit.code(), &reason)?;
+        return Ok(None);
+    }
     let message = commit::task_message(&s.run_id, row.index, &row.text);
     let oversized = collected.oversized.clone();
     let br = branch_ref.to_string();
