@@ -235,6 +235,21 @@ fn image_build_run_in_containers_and_dev_container() {
             .any(|(_, j)| j.contains("\"/workspace\"") && j.contains("1073741824")),
         "checkout at /workspace and the memory limit"
     );
+    // What a task container mounts: its checkout at /workspace, its private git dir and its
+    // attempt's directory, and the object store read-only; nothing else of the git dir.
+    let git_dir = s.work.join(".git").canonicalize().unwrap().display().to_string();
+    for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        for m in v[0]["Mounts"].as_array().unwrap() {
+            let dst = m["Destination"].as_str().unwrap();
+            let rw = m["RW"].as_bool().unwrap();
+            let ok = dst == "/workspace"
+                || (dst == format!("{git_dir}/objects") && !rw)
+                || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
+                    && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
+            assert!(ok, "task container {id} mounts {dst} (rw {rw})");
+        }
+    }
     let left = cli_out(&service, &["ps", "-a", "-q", "--filter", "label=cohort.run"]);
     assert_eq!(left.trim(), "", "task containers left behind");
     for f in ["state.db", "state.db-wal"] {
@@ -414,6 +429,21 @@ fn codex_runs_inside_task_containers() {
     );
     for (id, json) in &seen {
         assert!(!json.contains(KEY), "the key is in podman inspect of {id}");
+    }
+    // What a task container mounts: its checkout at /workspace, its private git dir and its
+    // attempt's directory, and the object store read-only; nothing else of the git dir.
+    let git_dir = s.work.join(".git").canonicalize().unwrap().display().to_string();
+    for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        for m in v[0]["Mounts"].as_array().unwrap() {
+            let dst = m["Destination"].as_str().unwrap();
+            let rw = m["RW"].as_bool().unwrap();
+            let ok = dst == "/workspace"
+                || (dst == format!("{git_dir}/objects") && !rw)
+                || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
+                    && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
+            assert!(ok, "task container {id} mounts {dst} (rw {rw})");
+        }
     }
     let left = cli_out(&service, &["ps", "-a", "-q", "--filter", "label=cohort.run"]);
     assert_eq!(left.trim(), "", "task containers left behind");
