@@ -18,3 +18,4 @@ pub mod run;
 pub mod runtime;
 pub mod secret;
 pub mod service;
+pub mod trust;
