@@ -13,9 +13,10 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0    every task merged into the service branch (or had nothing to change)
   1    some task failed or conflicted (`cohort report` says which), or an unexpected error
-  2    usage, config or input error (bad flag, bad cohort.toml, bad request document,
-       secrets found in files to commit, diverged branch, unfinished merge or rebase,
-       service branch that conflicts with HEAD); nothing was changed
+  2    usage, config or input error (bad flag, bad cohort.toml, untrusted settings in the
+       repository's cohort.toml (see `cohort trust`), bad request document, secrets found in
+       files to commit, diverged branch, unfinished merge or rebase, service branch that
+       conflicts with HEAD); nothing was changed
   130  interrupted (Ctrl-C / SIGTERM); `cohort resume` finishes the run";
 
 #[derive(Parser, Debug)]
@@ -36,7 +37,10 @@ pub struct Cli {
     /// Run as if cohort was started in REPO (like git -C); relative paths are taken from there.
     #[arg(short = 'C', global = true, value_name = "REPO")]
     pub repo: Option<PathBuf>,
-    /// Settings file (default: cohort.toml at the repository root, if present).
+    /// Settings file, trusted, in the place of the repository's cohort.toml (default: cohort.toml
+    /// at the repository root, whose settings that run programs, choose where the key goes or
+    /// widen the sandbox count only once trusted: see `cohort trust --help`). Under both:
+    /// ~/.config/cohort/config.toml.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
@@ -87,6 +91,7 @@ pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.is::<UsageError>()
             || cause.is::<crate::config::ConfigError>()
+            || cause.is::<crate::trust::TrustError>()
             || cause.is::<crate::plan::PlanError>()
             || cause.is::<crate::models::ModelError>()
         {

@@ -1,9 +1,15 @@
-//! `cohort.toml`: optional settings at the repository root (or `--config`).
-//! Flags override it. Unknown keys are an error, so a typo is never ignored.
+//! Settings, resolved once into [`Config`]: flags > `--config FILE` or the repository's
+//! `cohort.toml` (its sensitive keys only once trusted) > the user's
+//! `~/.config/cohort/config.toml` (system service: `/etc/cohort/config.toml`); see
+//! [`sources`]. Unknown keys are an error in every file, so a typo is never ignored.
+
+mod sources;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+pub use sources::{sensitive_settings, user_config_file, Loaded, Sources, Untrusted, SENSITIVE, SYSTEM_CONFIG};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -13,6 +19,22 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value in {what}: {message}")]
     Value { what: String, message: String },
+    #[error(
+        "{path} sets {keys}, which cohort takes from a repository's settings only once you trust \
+         the file's exact content{changed}. Review the file, then run `{command}` (or set these \
+         in {own}, or pass them as flags)",
+        keys = keys.join(", "),
+        changed = if *changed { " (it changed since you trusted it)" } else { "" }
+    )]
+    Untrusted {
+        path: PathBuf,
+        keys: Vec<String>,
+        changed: bool,
+        command: String,
+        own: String,
+    },
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -59,6 +81,8 @@ pub struct ContainerSection {
     pub memory: Option<String>,
     /// Process limit.
     pub pids: Option<i64>,
+    /// Hosts agents may reach through cohort's egress proxy; default none.
+    pub allow: Option<Vec<String>>,
 }
 
 impl ContainerSection {
@@ -170,22 +194,20 @@ impl Price {
 }
 
 impl Config {
-    /// Loads `explicit` (which must exist) or else `<repo>/cohort.toml` if
-    /// present, or defaults.
+    /// The user's settings for a command that runs agents or programs, or sends the key
+    /// (`run`, `resume`, `image build`, `container run`, the LLM planner): `explicit`
+    /// (`--config`, which must exist) or `<repo_root>/cohort.toml` over the user's
+    /// config.toml. A sensitive key the repository's file sets without trust is an error
+    /// ([`ConfigError::Untrusted`], exit 2). The system service uses [`Sources::new`].
     pub fn load(explicit: Option<&Path>, repo_root: Option<&Path>) -> Result<Config, ConfigError> {
-        let path = match (explicit, repo_root) {
-            (Some(p), _) => p.to_path_buf(),
-            (None, Some(root)) if root.join("cohort.toml").is_file() => root.join("cohort.toml"),
-            _ => return Ok(Config::default()),
-        };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path,
-            message: e.to_string(),
-        })
+        Sources::user(explicit, repo_root).load()?.trusted()
+    }
+
+    /// Like [`Config::load`], for commands that run nothing and send no key (`report`,
+    /// `keys`, `doctor`, `service install`, the rules planner): untrusted sensitive keys
+    /// are left out, with a note, instead of refused.
+    pub fn load_lenient(explicit: Option<&Path>, repo_root: Option<&Path>) -> Result<Config, ConfigError> {
+        Ok(Sources::user(explicit, repo_root).load()?.lenient())
     }
 }
 
@@ -223,19 +245,32 @@ pub fn parse_duration(what: &str, s: &str) -> Result<std::time::Duration, Config
 mod tests {
     use super::*;
 
+    /// One explicit file and nothing else (never the developer's own settings).
+    fn load_file(p: &Path) -> Result<Config, ConfigError> {
+        Sources {
+            scope: crate::service::ServiceScope::User,
+            explicit: Some(p.to_path_buf()),
+            repo_file: None,
+            base: None,
+            trust_store: None,
+        }
+        .load()?
+        .trusted()
+    }
+
     #[test]
     fn unknown_keys_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "[run]\njobs = 3\njbos = 4\n").unwrap();
-        let e = Config::load(Some(&p), None).unwrap_err().to_string();
+        let e = load_file(&p).unwrap_err().to_string();
         assert!(e.contains("jbos"), "{e}");
         std::fs::write(
             &p,
             "[run]\njobs = 3\non_conflict = \"keep\"\n[agent]\ncommand = [\"a\", \"{task}\"]\n",
         )
         .unwrap();
-        let c = Config::load(Some(&p), None).unwrap();
+        let c = load_file(&p).unwrap();
         assert_eq!(c.run.jobs, Some(3));
         assert_eq!(c.run.on_conflict, Some(ConflictPolicy::Keep));
         assert!(parse_duration("--timeout", "soon").is_err());
@@ -259,7 +294,7 @@ mod tests {
              [container]\nnetwork = \"none\"\nstartup = [\"echo hi\"]\nmounts = [\"/a:/b:ro\"]\nmemory = \"2g\"\npids = 100\n",
         )
         .unwrap();
-        let c = Config::load(Some(&p), None).unwrap();
+        let c = load_file(&p).unwrap();
         assert_eq!(c.image.tag.as_deref(), Some("localhost/x:1"));
         assert_eq!(c.container.network, Some(crate::runtime::podman::NetworkMode::None));
         assert_eq!(c.container.memory_bytes().unwrap(), Some(2 << 30));
@@ -268,8 +303,8 @@ mod tests {
             vec![("/a".into(), "/b".into(), true)]
         );
         std::fs::write(&p, "[container]\nnetwork = \"bridge\"\n").unwrap();
-        assert!(Config::load(Some(&p), None).is_err());
+        assert!(load_file(&p).is_err());
         std::fs::write(&p, "[image]\ntags = \"x\"\n").unwrap();
-        assert!(Config::load(Some(&p), None).unwrap_err().to_string().contains("tags"));
+        assert!(load_file(&p).unwrap_err().to_string().contains("tags"));
     }
 }

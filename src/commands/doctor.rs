@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use cohort_systemd::{Credentials, Systemd};
 
-use crate::config::Config;
 use crate::service::unit::SYSTEM_PODMAN_SOCKET;
 use crate::service::ServiceScope;
 
@@ -39,9 +38,20 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     let root = crate::git::RepoPaths::discover(&std::env::current_dir()?)
         .ok()
         .map(|p| p.workdir);
-    let config = Config::load(config_path, root.as_deref())?;
+    let loaded = crate::config::Sources::new(scope, config_path, root.as_deref()).load()?;
     let mut r = Report { failed: 0 };
     println!("checking for the {} service", scope.as_str());
+
+    // settings: the service refuses every request while the repository's are untrusted.
+    match &loaded.untrusted {
+        None => r.ok("settings", "nothing untrusted"),
+        Some(u) => r.fail(
+            "settings",
+            format!("{} sets {} without trust", u.path.display(), u.keys.join(", ")),
+            &u.command(),
+        ),
+    }
+    let config = loaded.config;
 
     // podman
     let socket = match scope {

@@ -261,7 +261,7 @@ pub fn configured_key_name(config: Option<&std::path::Path>) -> Result<String> {
     let root = crate::git::RepoPaths::discover(&std::env::current_dir()?)
         .ok()
         .map(|p| p.workdir);
-    let config = crate::config::Config::load(config, root.as_deref())?;
+    let config = crate::config::Config::load_lenient(config, root.as_deref())?;
     Ok(config.agent.key.unwrap_or_else(|| keys::DEFAULT_KEY.into()))
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::cli::usage;
-use crate::config::Config;
+use crate::config::{Config, Sources};
 use crate::plan::{self, Plan};
 
 #[derive(clap::Args, Debug)]
@@ -52,18 +52,21 @@ pub struct PlannerFlags {
     pub planner_base_url: Option<String>,
 }
 
+/// Which planner the flags and settings choose.
+fn planner_kind(flags: &PlannerFlags, config: &Config) -> Result<PlannerKind> {
+    match (flags.planner, config.planner.backend.as_deref()) {
+        (Some(k), _) => Ok(k),
+        (None, None | Some("rules")) => Ok(PlannerKind::Rules),
+        (None, Some("llm")) => Ok(PlannerKind::Llm),
+        (None, Some(other)) => Err(usage(format!(
+            "[planner] backend = {other:?} is unknown; use \"rules\" or \"llm\""
+        ))),
+    }
+}
+
 /// Plans a document with the configured planner.
 pub async fn make_plan(input: &Path, flags: &PlannerFlags, config: &Config) -> Result<Plan> {
-    let kind = match (flags.planner, config.planner.backend.as_deref()) {
-        (Some(k), _) => k,
-        (None, None | Some("rules")) => PlannerKind::Rules,
-        (None, Some("llm")) => PlannerKind::Llm,
-        (None, Some(other)) => {
-            return Err(usage(format!(
-                "[planner] backend = {other:?} is unknown; use \"rules\" or \"llm\""
-            )));
-        }
-    };
+    let kind = planner_kind(flags, config)?;
     let doc = plan::read_document(input)?;
     match kind {
         PlannerKind::Rules => Ok(plan::rules::plan(&doc, &input.display().to_string())?),
@@ -82,11 +85,17 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     let root = crate::git::RepoPaths::discover(&std::env::current_dir()?)
         .ok()
         .map(|p| p.workdir);
-    let config = Config::load(config_path, root.as_deref())?;
+    let loaded = Sources::user(config_path, root.as_deref()).load()?;
     let flags = PlannerFlags {
         planner: args.planner,
         planner_model: args.model.clone(),
         planner_base_url: args.base_url.clone(),
+    };
+    // The model planner sends the key ([planner] base_url decides where): it needs trusted
+    // settings. The rule planner uses none of the sensitive ones.
+    let config = match planner_kind(&flags, &loaded.config)? {
+        PlannerKind::Llm => loaded.trusted()?,
+        PlannerKind::Rules => loaded.lenient(),
     };
     let plan = make_plan(&args.input, &flags, &config).await?;
     match &args.out {

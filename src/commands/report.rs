@@ -22,7 +22,7 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     let (row, tasks) = super::load_run(&state, args.run.as_deref())?;
     let row = super::shown(&paths, row);
     let totals = state.agent_totals(&row.id)?;
-    let price = crate::config::Config::load(config_path, Some(&paths.workdir))?
+    let price = crate::config::Config::load_lenient(config_path, Some(&paths.workdir))?
         .agent
         .price;
     let cost = |t: &crate::run::state::AgentTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));

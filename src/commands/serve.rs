@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::run::{api_key, build_engine, stored_options, EngineFlags};
 use crate::cli::usage;
-use crate::config::Config;
+use crate::config::{Config, Sources};
 use crate::git::RepoPaths;
 use crate::run::{self, state::State, SyncSettings};
 use crate::service::inbox::{Inbox, Outcome};
@@ -65,7 +65,7 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
             let token = CancellationToken::new();
             spawn_watchdog(notifier.clone());
             super::run::handle_signals(token.clone());
-            let code = serve_loop(&args, config_path, &s, token, &notify).await;
+            let code = serve_loop(&args, &s, token, &notify).await;
             if let Some(n) = &notifier {
                 let _ = n.stopping();
             }
@@ -85,12 +85,28 @@ struct Setup {
     paths: RepoPaths,
     inbox: Inbox,
     poll: Duration,
+    /// Where each request's settings come from; loaded anew per request, so a changed
+    /// cohort.toml (pulled from origin, or merged from a task) is seen, and judged.
+    sources: Sources,
+}
+
+/// The system service's state directory is /var/lib/cohort (`StateDirectory=cohort` in
+/// the system manager); its settings are /etc/cohort/config.toml and its trust store is
+/// the one root writes there. Any other state directory is a user's service.
+fn serve_scope(state: &Path) -> ServiceScope {
+    match state_dir(ServiceScope::System) {
+        Some(system) if system == state => ServiceScope::System,
+        _ => ServiceScope::User,
+    }
 }
 
 async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
     let state = resolve_state_dir(args).ok_or_else(|| usage("no state directory: pass --state-dir, or set HOME"))?;
     let paths = RepoPaths::discover(&std::env::current_dir()?)?;
-    let config = Config::load(config_path, Some(&paths.workdir))?;
+    let sources = Sources::new(serve_scope(&state), config_path, Some(&paths.workdir));
+    // Untrusted repository settings stop each request (into failed/), not the service:
+    // trusting the file, or a fix pushed to origin, must not need a restart.
+    let config = sources.load()?.lenient();
     let poll = crate::config::parse_duration("--poll", &args.poll)?;
     // A bad name would fail every request; say so at start.
     super::run::service_branch(&args.engine, &config)?;
@@ -112,19 +128,18 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
     }
     .write(&state)
     .with_context(|| format!("cannot write into {}", state.display()))?;
-    tracing::info!(repo = %paths.workdir.display(), state = %state.display(), "serving");
-    Ok(Setup { paths, inbox, poll })
+    tracing::info!(repo = %paths.workdir.display(), state = %state.display(), scope = sources.scope.as_str(), "serving");
+    Ok(Setup {
+        paths,
+        inbox,
+        poll,
+        sources,
+    })
 }
 
-async fn serve_loop(
-    args: &Args,
-    config_path: Option<&Path>,
-    s: &Setup,
-    token: CancellationToken,
-    notify: &dyn Fn(&str),
-) -> Result<u8> {
+async fn serve_loop(args: &Args, s: &Setup, token: CancellationToken, notify: &dyn Fn(&str)) -> Result<u8> {
     // Runs a restart interrupted come first; their requests are still in processing/.
-    resume_unfinished(args, config_path, s, &token, notify).await?;
+    resume_unfinished(args, s, &token, notify).await?;
     for orphan in s.inbox.waiting("processing")? {
         // Claimed, but the service stopped before its run existed: queue it again.
         s.inbox.requeue(&orphan)?;
@@ -147,7 +162,7 @@ async fn serve_loop(
         let claimed = s.inbox.claim(&waiting[0])?;
         let name = claimed.file_name().unwrap_or_default().to_string_lossy().into_owned();
         notify(&format!("running request {name}"));
-        let (run_id, result) = run_request(args, config_path, s, &claimed, &name, &token).await;
+        let (run_id, result) = run_request(args, s, &claimed, &name, &token).await;
         if token.is_cancelled() && run_id.is_some() {
             // Interrupted mid-run: the request stays in processing/ and is resumed on restart.
             return Ok(0);
@@ -179,13 +194,13 @@ async fn serve_loop(
 /// Plans and runs one request; returns the run id once the run exists.
 async fn run_request(
     args: &Args,
-    config_path: Option<&Path>,
     s: &Setup,
     path: &Path,
     name: &str,
     token: &CancellationToken,
 ) -> (Option<String>, Result<u8>) {
-    let config = match Config::load(config_path, Some(&s.paths.workdir)) {
+    // Untrusted sensitive keys fail this request (exit 2, into failed/ with the reason).
+    let config = match s.sources.load().and_then(|l| l.trusted()) {
         Ok(c) => c,
         Err(e) => return (None, Err(e.into())),
     };
@@ -223,13 +238,7 @@ async fn run_request(
 
 /// Finishes the service's own runs that a stop or crash left unfinished (runs started
 /// from the command line are the user's business: `cohort resume`).
-async fn resume_unfinished(
-    args: &Args,
-    config_path: Option<&Path>,
-    s: &Setup,
-    token: &CancellationToken,
-    notify: &dyn Fn(&str),
-) -> Result<()> {
+async fn resume_unfinished(args: &Args, s: &Setup, token: &CancellationToken, notify: &dyn Fn(&str)) -> Result<()> {
     let db = run::state_path(&s.paths);
     if !db.exists() {
         return Ok(());
@@ -254,7 +263,26 @@ async fn resume_unfinished(
         }
         notify(&format!("resuming run {run_id}"));
         tracing::info!(run_id = %run_id, request = %request, "resuming an interrupted run");
-        let config = Config::load(config_path, Some(&s.paths.workdir))?;
+        let processing = s.inbox.dir("processing").join(&request);
+        let config = match s.sources.load().and_then(|l| l.trusted()) {
+            Ok(c) => c,
+            Err(e) => {
+                // Settings changed without trust while the run was stopped: its request
+                // fails with the reason, and the service goes on with the others.
+                tracing::error!(run_id = %run_id, request = %request, "cannot resume: {e}");
+                if processing.exists() {
+                    let outcome = Outcome {
+                        request: request.clone(),
+                        run_id: Some(run_id.clone()),
+                        exit_code: 2,
+                        error: Some(e.to_string()),
+                        finished: crate::run::state::now(),
+                    };
+                    s.inbox.finish(&processing, &outcome)?;
+                }
+                continue;
+            }
+        };
         let flags = EngineFlags {
             service_branch: Some(service_branch),
             ..service_flags(&args.engine, &config)
@@ -270,7 +298,6 @@ async fn resume_unfinished(
         if token.is_cancelled() {
             return Ok(());
         }
-        let processing = s.inbox.dir("processing").join(&request);
         let outcome = Outcome {
             request: request.clone(),
             run_id: Some(run_id.clone()),

@@ -108,7 +108,11 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
     };
     let paths = RepoPaths::discover(&start_dir).map_err(|e| usage(format!("--repo: {e:#}")))?;
     let repo = std::fs::canonicalize(&paths.workdir)?;
-    let config = Config::load(config_path, Some(&repo))?;
+    // The settings the service will see; untrusted keys are noted here and refused per
+    // request by the service itself.
+    let config = crate::config::Sources::new(scope, config_path, Some(&repo))
+        .load()?
+        .lenient();
     let key = config
         .agent
         .key
