@@ -75,6 +75,9 @@ pub enum Command {
     Service(commands::service::Args),
     /// Check this host for what cohort's service needs, and say how to fix each problem.
     Doctor(commands::doctor::Args),
+    /// Trust a cohort.toml's exact content, so its settings that run programs, choose where the
+    /// key goes or widen the sandbox are honoured (like `direnv allow`); --list, --revoke.
+    Trust(commands::trust::Args),
 }
 
 /// An error the user caused and can fix (exit code 2).
@@ -152,6 +155,7 @@ pub fn main() -> ExitCode {
             Command::Submit(a) => commands::submit::run(a),
             Command::Service(a) => commands::service::run(a, cli.config.as_deref()).await,
             Command::Doctor(a) => commands::doctor::run(a, cli.config.as_deref()).await,
+            Command::Trust(a) => commands::trust::run(a),
         }
     });
     match result {

@@ -13,6 +13,7 @@ pub mod serve;
 pub mod service;
 pub mod status;
 pub mod submit;
+pub mod trust;
 
 use anyhow::Result;
 
