@@ -81,7 +81,7 @@ pub struct ContainerSection {
     pub memory: Option<String>,
     /// Process limit.
     pub pids: Option<i64>,
-    /// Hosts agents may reach through cohort's egress proxy; default none.
+    /// The egress allow-list: hosts agents may reach through cohort's gateway; default none.
     pub allow: Option<Vec<String>>,
 }
 
