@@ -121,7 +121,11 @@ impl Scratch {
             .env_remove("COHORT_LOG")
             // The host runtime unless a test points cohort at a podman socket:
             // a socket on the test machine must not change what these tests run.
-            .env("CONTAINER_HOST", "unix:///nonexistent/cohort-tests/podman.sock");
+            .env("CONTAINER_HOST", "unix:///nonexistent/cohort-tests/podman.sock")
+            // The user's settings, credentials and trust store are the scratch's own (where
+            // HOME=<scratch> would put them): the developer's are never read or written.
+            .env("XDG_CONFIG_HOME", self.tmp.path().join(".config"))
+            .env("XDG_STATE_HOME", self.tmp.path().join(".local/state"));
         c
     }
 
