@@ -92,6 +92,8 @@ impl Bench {
         cmd.args(["image", "build"])
             .current_dir(&self.repo)
             .env("XDG_CACHE_HOME", self.tmp.path().join("cache"))
+            .env("XDG_CONFIG_HOME", self.tmp.path().join("config"))
+            .env("XDG_STATE_HOME", self.tmp.path().join("state"))
             .env("CONTAINER_HOST", self.service.container_host())
             .env_remove("SOURCE_DATE_EPOCH");
         timed(&mut cmd, "cohort image build")
@@ -150,10 +152,18 @@ fn setup() -> Bench {
     std::fs::write(
         repo.join("cohort.toml"),
         format!(
-            "[agent]\ncodex_path = \"{}\"\n\n[image]\ntag = \"{TAG}\"\n\
-             include = [\"src/**\", \"oci/**\", \"Cargo.toml\", \"Cargo.lock\", \"README.md\"]\n",
-            codex.display()
+            "[image]\ntag = \"{TAG}\"\n\
+             include = [\"src/**\", \"oci/**\", \"Cargo.toml\", \"Cargo.lock\", \"README.md\"]\n"
         ),
+    )
+    .unwrap();
+    // Which codex to run is a sensitive setting: it goes in the (bench's own) user settings,
+    // which need no trust, rather than the repository's file.
+    let user_config = tmp.path().join("config/cohort");
+    std::fs::create_dir_all(&user_config).unwrap();
+    std::fs::write(
+        user_config.join("config.toml"),
+        format!("[agent]\ncodex_path = \"{}\"\n", codex.display()),
     )
     .unwrap();
     let service = PodmanService::start();

@@ -62,6 +62,9 @@ fn image_build_on_a_base_image() {
     );
     s.git(&["add", "cohort.toml"]);
     s.git(&["commit", "-q", "-m", "cohort.toml"]);
+    // `[image] base` is a sensitive setting: honoured once the file is trusted.
+    let out = s.run(&["trust"]);
+    assert_eq!(code(&out), 0, "trust: {}", text(&out));
     let out = s
         .cohort()
         .env("CONTAINER_HOST", service.container_host())

@@ -108,6 +108,9 @@ fn image_build_run_in_containers_and_dev_container() {
     s.git(&["add", "cohort.toml"]);
     s.git(&["commit", "-q", "-m", "cohort.toml"]);
     s.git(&["push", "-q"]);
+    // `[container] network` is a sensitive setting: honoured once the file is trusted.
+    let out = s.run(&["trust"]);
+    assert_eq!(code(&out), 0, "trust: {}", text(&out));
     // Ignored (never tracked): must not reach the image even though `*.log` is included.
     s.write("secret.log", &format!("OPENAI_API_KEY={KEY}\n"));
 
