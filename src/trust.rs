@@ -5,10 +5,17 @@
 //! The store is a small TOML file written whole, through a temporary file and a rename:
 //! - user scope: `$XDG_STATE_HOME/cohort/trusted.toml` (or `~/.local/state/cohort/…`),
 //!   mode 0600; the user's own runs and the user service read it;
-//! - system scope: `/var/lib/cohort/trusted.toml`, the system service's state directory,
+//! - system scope: `/etc/cohort/trusted.toml`, beside the system service's own settings,
 //!   written by root only (`sudo cohort trust --scope system FILE`), mode 0644 so the
 //!   service's user can read it but not add to it. A system store that is not root's, or
 //!   that others can write, is refused rather than believed.
+//!
+//! Why not the system service's state directory (/var/lib/cohort): systemd makes it only at
+//! the service's first start, and with `DynamicUser=` it hands a directory it adopts, content
+//! and all, to the service's user (the repository's owner). A trust store there would be
+//! missing before the install, or writable by the very user whose repository it judges.
+//! /etc/cohort exists whenever root makes it, and `ProtectSystem=strict` keeps it read-only
+//! to the service.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -68,6 +75,9 @@ pub struct TrustStore {
     entries: Vec<Entry>,
 }
 
+/// The system service's trust store (see the module's comment for why here).
+pub const SYSTEM_STORE: &str = "/etc/cohort/trusted.toml";
+
 const HEADER: &str = "# Settings files trusted with `cohort trust`: the SHA-256 of each file's exact content.\n\
                       # A file whose content no longer matches is untrusted again. Change this with `cohort trust`.\n\n";
 
@@ -78,10 +88,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl TrustStore {
-    /// Where the store of `scope` lives: the state directory the service of that scope
-    /// uses, so `cohort trust` and `cohort serve` agree on it.
+    /// Where the store of `scope` lives. User scope: the user's state directory, which is
+    /// also the user service's, so `cohort trust` and `cohort serve` agree on it.
     pub fn default_path(scope: ServiceScope) -> Option<PathBuf> {
-        crate::service::state_dir(scope).map(|d| d.join("trusted.toml"))
+        match scope {
+            ServiceScope::User => crate::service::state_dir(scope).map(|d| d.join("trusted.toml")),
+            ServiceScope::System => Some(PathBuf::from(SYSTEM_STORE)),
+        }
     }
 
     /// Reads the store at `path`; a missing file is an empty store.
@@ -157,18 +170,16 @@ impl TrustStore {
             source,
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let mode = match self.scope {
-            ServiceScope::User => {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(err)?;
-                0o600
-            }
-            // Hashes and paths only; the service's user must read it, only root write it.
-            ServiceScope::System => 0o644,
+        // System: hashes and paths only; the service's user must read it, only root write it.
+        let (dir_mode, mode) = match self.scope {
+            ServiceScope::User => (0o700, 0o600),
+            ServiceScope::System => (0o755, 0o644),
         };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(dir)
+            .map_err(err)?;
         let body = toml::to_string(&StoreFile {
             files: self.entries.clone(),
         })

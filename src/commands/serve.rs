@@ -90,9 +90,10 @@ struct Setup {
     sources: Sources,
 }
 
-/// The system service's state directory is /var/lib/cohort (`StateDirectory=cohort` in
-/// the system manager); its settings are /etc/cohort/config.toml and its trust store is
-/// the one root writes there. Any other state directory is a user's service.
+/// The system service is the one whose state directory is /var/lib/cohort
+/// (`StateDirectory=cohort` in the system manager): its settings are
+/// /etc/cohort/config.toml and its trust store /etc/cohort/trusted.toml, both root's. Any
+/// other state directory is a user's service, with the user's settings and trust store.
 fn serve_scope(state: &Path) -> ServiceScope {
     match state_dir(ServiceScope::System) {
         Some(system) if system == state => ServiceScope::System,

@@ -2,7 +2,7 @@
 //! file's exact content, so its sensitive keys are honoured (as `direnv allow` and
 //! `mise trust` do). See `crate::trust` for the store and `crate::config` for the keys.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 
@@ -24,9 +24,9 @@ untrusted again, and cohort says so (exit 2) naming the keys and this command.
 Where trust is kept:
   user:   $XDG_STATE_HOME/cohort/trusted.toml (~/.local/state/cohort/trusted.toml), mode 0600; your \
 own runs and your user service (`cohort service install`) read it.
-  system: /var/lib/cohort/trusted.toml, the system service's state directory; root writes it \
-(`sudo cohort trust --scope system /srv/repo/cohort.toml`), the service only reads it. The system \
-service's own settings go in /etc/cohort/config.toml, which needs no trust.")]
+  system: /etc/cohort/trusted.toml, beside the system service's own settings \
+(/etc/cohort/config.toml, which needs no trust); root writes it \
+(`sudo cohort trust --scope system /srv/repo/cohort.toml`), the service only reads it.")]
 pub struct Args {
     /// The settings file (default: cohort.toml at the repository root).
     pub file: Option<PathBuf>,
@@ -47,22 +47,10 @@ pub fn run(args: Args) -> Result<u8> {
     if args.list {
         return list(&TrustStore::open(&store_path, args.scope)?);
     }
-    if args.scope == ServiceScope::System {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(usage(
-                "--scope system changes what the system service trusts and needs root (sudo)",
-            ));
-        }
-        // Made by systemd (StateDirectory=cohort, with DynamicUser=); cohort does not
-        // create it behind systemd's back.
-        let dir = store_path.parent().unwrap_or(Path::new("/"));
-        if !dir.is_dir() {
-            return Err(usage(format!(
-                "{} does not exist yet: install the system service first \
-                 (`sudo cohort service install --scope system --no-start`)",
-                dir.display()
-            )));
-        }
+    if args.scope == ServiceScope::System && !nix::unistd::geteuid().is_root() {
+        return Err(usage(
+            "--scope system changes what the system service trusts and needs root (sudo)",
+        ));
     }
     let file = match &args.file {
         Some(f) => f.clone(),
