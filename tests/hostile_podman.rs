@@ -58,6 +58,9 @@ fn cohort_as(s: &Scratch, service: &PodmanService, user: Option<&str>, args: &[&
 }
 
 fn suite(service: &PodmanService, s: &Scratch, user: Option<&str>) {
+    // `[image] programs` and `[container] network` are sensitive: the file is trusted first.
+    let out = cohort_as(s, service, user, &["trust"]);
+    assert_eq!(code(&out), 0, "trust: {}", text(&out));
     let out = cohort_as(s, service, user, &["image", "build"]);
     assert_eq!(code(&out), 0, "image build: {}", text(&out));
     let before = hostile::guard(s);

@@ -81,6 +81,12 @@ step "system scope: a service user owns the repository"
 useradd --system --create-home --home-dir /srv/cohort --shell /usr/sbin/nologin cohort
 as_cohort bash -c "$(declare -f make_repo); make_repo /srv/cohort/repo private"
 
+step "system scope: trust the repository's settings (base_url, network)"
+# For root's own commands here (image build), and for the system service (/etc/cohort).
+cohort trust /srv/cohort/repo/cohort.toml
+cohort trust --scope system /srv/cohort/repo/cohort.toml
+stat -c '%U %a %n' /etc/cohort/trusted.toml
+
 step "system scope: place the key, TPM2 required"
 printf '%s' "$KEY" | cohort keys place openai_api_key --scope system --tpm2 require
 cohort keys list
@@ -136,6 +142,7 @@ step "user scope: lingering alice"
 loginctl enable-linger alice
 for _ in $(seq 180); do [[ -S /run/user/1000/bus ]] && break; sleep 1; done
 as_alice bash -c "$(declare -f make_repo); make_repo /home/alice/repo host"
+as_alice cohort trust /home/alice/repo/cohort.toml
 
 step "user scope: place the key, TPM2 required"
 printf '%s' "$KEY" | as_alice cohort keys place openai_api_key --scope user --tpm2 require
