@@ -246,7 +246,11 @@ fn image_build_run_in_containers_and_dev_container() {
         for m in v[0]["Mounts"].as_array().unwrap() {
             let dst = m["Destination"].as_str().unwrap();
             let rw = m["RW"].as_bool().unwrap();
-            let ok = dst == "/workspace"
+            let src = m["Source"].as_str().unwrap_or("");
+            // Engine mounts (/sys with network = "host", ...) are not the repository's.
+            let of_repo = dst == "/workspace" || dst.starts_with(&git_dir) || src.starts_with(&git_dir);
+            let ok = !of_repo
+                || dst == "/workspace"
                 || (dst == format!("{git_dir}/objects") && !rw)
                 || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
                     && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
@@ -441,7 +445,11 @@ fn codex_runs_inside_task_containers() {
         for m in v[0]["Mounts"].as_array().unwrap() {
             let dst = m["Destination"].as_str().unwrap();
             let rw = m["RW"].as_bool().unwrap();
-            let ok = dst == "/workspace"
+            let src = m["Source"].as_str().unwrap_or("");
+            // Engine mounts (/sys with network = "host", ...) are not the repository's.
+            let of_repo = dst == "/workspace" || dst.starts_with(&git_dir) || src.starts_with(&git_dir);
+            let ok = !of_repo
+                || dst == "/workspace"
                 || (dst == format!("{git_dir}/objects") && !rw)
                 || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
                     && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
