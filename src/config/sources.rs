@@ -34,6 +34,8 @@ pub const SENSITIVE: &[(&str, &str)] = &[
     ("container", "allow"),
     ("image", "programs"),
     ("image", "base"),
+    // `host` takes agents out of their containers.
+    ("run", "runtime"),
 ];
 
 /// The system service's own settings (system scope's lowest layer).
