@@ -136,11 +136,21 @@ fn tracked(root: &Dir, index: &gix::index::File, s: &mut Settings<'_>, out: &mut
         if want_mode == entry.mode && stat.matches(&entry.stat, s.stat) && !stat.is_racy(timestamp, s.stat) {
             continue;
         }
-        match read_entry(dir, name, path, kind, want_mode, stat, s)? {
+        // Hashed unobserved: only what changed is shown to the observer (the secret scan must
+        // not see a tracked file the agent did not touch), then, when changed, once more.
+        let observe = s.observe.take();
+        let looked = read_entry(dir, name, path, kind, want_mode, stat, s);
+        s.observe = observe;
+        match looked? {
             Looked::Gone => out.removed.push(path.to_owned()),
             Looked::Oversized(size) => out.oversized.push((path.to_owned(), size)),
             Looked::Hashed(u) if u.id == entry.id && u.mode == entry.mode => out.refreshed.push((i, u.stat)),
-            Looked::Hashed(u) => out.upserts.push(u),
+            Looked::Hashed(u) => {
+                if let Some(observe) = s.observe.as_mut() {
+                    show_to(dir, name, path, &u, &mut **observe)?;
+                }
+                out.upserts.push(u);
+            }
         }
     }
     Ok(())
@@ -298,6 +308,26 @@ fn read_entry(
         link: None,
         size,
     }))
+}
+
+/// Streams a changed file (or a symlink's target) past `observe`.
+fn show_to(dir: &Dir, name: &OsStr, path: &BStr, u: &Upsert, observe: &mut Observer<'_>) -> Result<()> {
+    if let Some(target) = &u.link {
+        observe(path, target);
+        return Ok(());
+    }
+    let err = || format!("cannot read {}", show(path));
+    let Some((mut file, _)) = dir.open_file(name).with_context(err)? else {
+        return Ok(());
+    };
+    let mut buf = vec![0u8; (u.size as usize).clamp(1, 256 * 1024)];
+    loop {
+        let n = file.read(&mut buf).with_context(err)?;
+        if n == 0 {
+            return Ok(());
+        }
+        observe(path, &buf[..n]);
+    }
 }
 
 /// The blob id of exactly `size` bytes from `reader`, read in pieces.
