@@ -4,6 +4,7 @@
 # must refuse it and say why: `keys check`, the system service (LoadCredentialEncrypted=)
 # and `cohort serve` in the user scope.
 set -euo pipefail
+export HOME=/root  # the unit running this gives root none
 IN=/scenario/in
 step() { echo; echo "=== $*"; }
 as_alice() { runuser -u alice -- env HOME=/home/alice XDG_RUNTIME_DIR=/run/user/1000 PATH=/usr/local/bin:/usr/bin:/bin "$@"; }

@@ -6,6 +6,9 @@
 # branch, and scan everything for the key. Leaves both credentials, the host key and the
 # machine ID in out/ for the stolen-file boot. Runs as root; inputs in /scenario/in.
 set -euo pipefail
+# The unit that runs this gives root no HOME; root's own cohort commands keep their user-scope
+# trust store under it.
+export HOME=/root
 OUT=/scenario/out
 KEY="sk-cohort-vm-test-0123456789abcdef"
 step() { echo; echo "=== $(cut -d' ' -f1 /proc/uptime)s $*"; }
