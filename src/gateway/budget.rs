@@ -114,7 +114,12 @@ impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Budget::Tokens(n) => write!(f, "{n} tokens"),
-            Budget::Dollars(d) => write!(f, "${d:.2}"),
+            // Cents when that is exact ("$2.50"), else up to four decimals ("$0.0021").
+            Budget::Dollars(d) if ((d * 100.0).round() - d * 100.0).abs() < 1e-9 => write!(f, "${d:.2}"),
+            Budget::Dollars(d) => {
+                let s = format!("{d:.4}");
+                write!(f, "${}", s.trim_end_matches('0').trim_end_matches('.'))
+            }
         }
     }
 }
@@ -156,6 +161,8 @@ mod tests {
         assert_eq!(Budget::parse("$2.50"), Ok(Budget::Dollars(2.5)));
         assert_eq!(Budget::parse("$1k"), Ok(Budget::Dollars(1000.0)));
         assert_eq!(Budget::Dollars(2.5).to_string(), "$2.50");
+        assert_eq!(Budget::Dollars(0.002).to_string(), "$0.002");
+        assert_eq!(Budget::Dollars(0.0021000000000000003).to_string(), "$0.0021");
         assert_eq!(Budget::Tokens(300_000).to_string(), "300000 tokens");
     }
 

@@ -152,14 +152,20 @@ fn admit(
     headers: &HeaderMap,
     host: &str,
     port: u16,
-) -> Result<(TaskKey, CancellationToken), Response<Body>> {
+) -> Result<(TaskKey, CancellationToken), Box<Response<Body>>> {
     let found = proxy_token(headers).and_then(|t| shared.task_for(&t).ok_or(RefusalReason::BadToken));
     let (task, revoked) = match found {
         Ok(found) => found,
-        Err(reason) => return Err(refuse(shared, None, host, port, reason)),
+        Err(reason) => return Err(Box::new(refuse(shared, None, host, port, reason))),
     };
     if !shared.allow.allows(host, port) {
-        return Err(refuse(shared, Some(task), host, port, RefusalReason::NotAllowed));
+        return Err(Box::new(refuse(
+            shared,
+            Some(task),
+            host,
+            port,
+            RefusalReason::NotAllowed,
+        )));
     }
     Ok((task, revoked))
 }
@@ -193,14 +199,14 @@ fn refuse(shared: &Shared, task: Option<TaskKey>, host: &str, port: u16, reason:
 }
 
 /// Connects to an allowed destination, with a time limit.
-async fn dial(host: &str, port: u16) -> Result<TcpStream, Response<Body>> {
+async fn dial(host: &str, port: u16) -> Result<TcpStream, Box<Response<Body>>> {
     let target = normal_host(host);
     let failed = |why: String| {
         tracing::info!(host, port, "egress connect failed: {why}");
-        text(
+        Box::new(text(
             StatusCode::BAD_GATEWAY,
             format!("cohort: cannot connect to {host}:{port}: {why}"),
-        )
+        ))
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((target.as_str(), port))).await {
         Ok(Ok(stream)) => {
@@ -223,11 +229,11 @@ pub(crate) async fn connect(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
     };
     let (task, revoked) = match admit(shared, req.headers(), &host, port) {
         Ok(found) => found,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let mut upstream = match dial(&host, port).await {
         Ok(s) => s,
-        Err(failed) => return failed,
+        Err(failed) => return *failed,
     };
     tracing::debug!(%task, host, port, "tunnel");
     let stop = shared.stop.clone();
@@ -261,11 +267,11 @@ pub(crate) async fn plain(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
     let (host, port) = (authority.host().to_string(), authority.port_u16().unwrap_or(80));
     let (task, revoked) = match admit(shared, req.headers(), &host, port) {
         Ok(found) => found,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let stream = match dial(&host, port).await {
         Ok(s) => s,
-        Err(failed) => return failed,
+        Err(failed) => return *failed,
     };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
