@@ -28,7 +28,7 @@ fn task(index: usize) -> TaskKey {
 async fn start(standin: &Standin, configure: impl FnOnce(&mut GatewayConfig)) -> Gateway {
     let mut config = GatewayConfig::new(standin.base_url(), Secret::new(KEY));
     configure(&mut config);
-    Gateway::start(config).await.unwrap()
+    Gateway::start(config).unwrap()
 }
 
 fn client() -> reqwest::Client {
@@ -625,4 +625,36 @@ async fn real_codex_through_the_gateway_holds_only_its_token() {
     assert_eq!(counted.requests, records.len() as u64);
     assert!(stdout.contains("\"input_tokens\":2200"), "{stdout}");
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_configurations_are_refused_at_start() {
+    let base = |f: &dyn Fn(&mut GatewayConfig)| {
+        let mut c = GatewayConfig::new("http://127.0.0.1:9/v1", Secret::new(KEY));
+        f(&mut c);
+        c
+    };
+    let err = |c: GatewayConfig| async move { Gateway::start(c).err().unwrap().to_string() };
+    assert!(err(base(&|c| c.tcp = None))
+        .await
+        .contains("needs a loopback address or a unix socket"));
+    assert!(err(base(&|c| c.tcp = Some("0.0.0.0:0".parse().unwrap())))
+        .await
+        .contains("loopback addresses only"));
+    assert!(err(base(&|c| c.task_budget = Some(Budget::Dollars(1.0))))
+        .await
+        .contains("needs a price"));
+    assert!(err(base(&|c| c.allow = vec!["https://github.com".into()]))
+        .await
+        .contains("not a URL"));
+    let e = err(base(&|c| c.upstream = "ftp://x/v1".into())).await;
+    assert!(e.contains("http or https"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, "keep me").unwrap();
+    let e = err(base(&|c| c.socket = Some(file.clone()))).await;
+    assert!(e.contains("is not a socket"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    // The key is in no error.
+    assert!(!e.contains(KEY));
 }

@@ -104,6 +104,8 @@ pub enum GatewayError {
     Allow { entry: String, reason: &'static str },
     #[error("cannot set up the HTTP client: {0}")]
     Client(String),
+    #[error("cannot start the gateway's thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Which task (and attempt) a request belongs to.
@@ -179,6 +181,8 @@ pub struct Gateway {
     addr: Option<SocketAddr>,
     socket: Option<PathBuf>,
     events: Mutex<Option<UnboundedReceiver<GatewayEvent>>>,
+    /// Fires when the gateway's thread has finished its work after a stop.
+    done: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 /// The per-task token an agent sends as `Authorization: Bearer <token>` and
@@ -250,8 +254,8 @@ pub fn base_url(addr: SocketAddr) -> String {
 }
 
 impl Gateway {
-    /// Binds the listeners and starts serving on the current tokio runtime.
-    pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+    /// Binds the listeners and starts serving, on a thread of its own (see `server::start`).
+    pub fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         if config.tcp.is_none() && config.socket.is_none() {
             return Err(GatewayError::NoListener);
         }
@@ -279,35 +283,14 @@ impl Gateway {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        let mut addr = None;
-        if let Some(want) = config.tcp {
-            let listener = tokio::net::TcpListener::bind(want)
-                .await
-                .map_err(|source| GatewayError::Listen {
-                    addr: want.to_string(),
-                    source,
-                })?;
-            addr = Some(listener.local_addr().map_err(|source| GatewayError::Listen {
-                addr: want.to_string(),
-                source,
-            })?);
-            server::serve_tcp(listener, shared.clone());
-        }
-        if let Some(path) = &config.socket {
-            match server::bind_unix(path) {
-                Ok(listener) => server::serve_unix(listener, shared.clone()),
-                Err(e) => {
-                    shared.stop.cancel();
-                    return Err(e);
-                }
-            }
-        }
+        let (addr, done) = server::start(shared.clone(), config.tcp, config.socket.as_deref())?;
         tracing::debug!(?addr, socket = ?config.socket, "the model gateway is listening");
         Ok(Gateway {
             shared,
             addr,
             socket: config.socket,
             events: Mutex::new(Some(rx)),
+            done: Mutex::new(Some(done)),
         })
     }
 
@@ -379,8 +362,11 @@ impl Gateway {
     /// Stops accepting, lets requests in flight finish for a few seconds, closes tunnels.
     pub async fn shutdown(self) {
         self.shared.stop.cancel();
-        self.shared.tasks.close();
-        self.shared.tasks.wait().await;
+        let done = lock(&self.done).take();
+        if let Some(done) = done {
+            // An error means the thread is gone already.
+            let _ = done.await;
+        }
         // Drop removes the socket file.
     }
 }

@@ -1,18 +1,19 @@
 //! Forwarding `/v1/...` to the real endpoint: the task's token is checked and
 //! replaced by the key, and the answer streams back through a meter that
-//! counts its token usage.
+//! counts its token usage (`pump`), as it arrives (`Coalesced`).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::Stream;
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream, StreamExt};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::{Request, Response, StatusCode};
+use tokio::sync::mpsc;
 
 use super::server::{api_error, Body, BoxError};
 use super::sse::UsageReader;
@@ -130,20 +131,6 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
              a token ends with its task",
         );
     };
-    if let Err((scope, budget, spent)) = shared.admit(&task) {
-        let whose = match scope {
-            BudgetScope::Task => "this task's",
-            BudgetScope::Run => "this run's",
-        };
-        let message = format!("cohort: {whose} budget of {budget} is spent ({spent} used); stop here");
-        tracing::info!(%task, %scope, "refused a model request: {message}");
-        return api_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "insufficient_quota",
-            "cohort_budget",
-            &message,
-        );
-    }
     let (parts, body) = req.into_parts();
     let Some(rest) = rest_of(parts.uri.path()) else {
         return api_error(
@@ -185,6 +172,21 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
             return api_error(status, "invalid_request_error", "invalid_body", &message);
         }
     };
+    // Checked (and the request counted) only for a request that will be sent.
+    if let Err((scope, budget, spent)) = shared.admit(&task) {
+        let whose = match scope {
+            BudgetScope::Task => "this task's",
+            BudgetScope::Run => "this run's",
+        };
+        let message = format!("cohort: {whose} budget of {budget} is spent ({spent} used); stop here");
+        tracing::info!(%task, %scope, "refused a model request: {message}");
+        return api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            "cohort_budget",
+            &message,
+        );
+    }
     let mut headers = parts.headers;
     strip(
         &mut headers,
@@ -206,12 +208,7 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
     let answer = match sent {
         Ok(a) => a,
         Err(e) => {
-            // A request that never got an answer still counted as a request in `admit`.
-            shared.emit(GatewayEvent::Usage {
-                task: task.clone(),
-                answer: Usage::default(),
-                total: shared.task_total(&task),
-            });
+            answered_without_usage(shared, &task);
             tracing::warn!(%task, "the model endpoint cannot be reached: {}", chain(&e));
             return api_error(
                 StatusCode::BAD_GATEWAY,
@@ -226,11 +223,7 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
     if status == StatusCode::UNAUTHORIZED {
         // The endpoint's message may quote part of the key; the agent gets ours.
         tracing::warn!("the model endpoint refused cohort's API key (HTTP 401)");
-        shared.emit(GatewayEvent::Usage {
-            task: task.clone(),
-            answer: Usage::default(),
-            total: shared.task_total(&task),
-        });
+        answered_without_usage(shared, &task);
         return api_error(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
@@ -245,11 +238,9 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let length = answer.content_length();
-    let metered = Metered {
-        inner: Box::pin(answer.bytes_stream()),
+    let meter = Meter {
         reader: UsageReader::for_content_type(&content_type),
-        remaining: length,
+        remaining: answer.content_length(),
         answer: Usage {
             requests: 1,
             ..Usage::default()
@@ -258,10 +249,24 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
         task,
         done: false,
     };
-    let mut response = Response::new(Body::new(metered));
+    let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
+    shared.tasks.spawn(pump(Box::pin(answer.bytes_stream()), meter, tx));
+    let mut response = Response::new(Body::new(Coalesced { rx, failed: None }));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// The usage event of a request that was sent but whose answer is not passed on.
+fn answered_without_usage(shared: &Shared, task: &TaskKey) {
+    shared.emit(GatewayEvent::Usage {
+        task: task.clone(),
+        answer: Usage {
+            requests: 1,
+            ..Usage::default()
+        },
+        total: shared.task_total(task),
+    });
 }
 
 /// An error and its causes, one line (reqwest's own text names no cause).
@@ -278,15 +283,17 @@ fn chain(e: &reqwest::Error) -> String {
 }
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+type Chunk = Result<Bytes, BoxError>;
 
-/// The answer's body on its way to the agent: each chunk is passed on as it
-/// comes, after its usage (if any) is counted, so that the agent cannot see
-/// the end of an answer before its tokens are on the task's account.
-struct Metered {
-    inner: ByteStream,
+/// Chunks read from the endpoint and not yet taken by the agent's connection.
+const QUEUED_CHUNKS: usize = 64;
+/// At most this many queued bytes go to the agent in one piece.
+const MAX_FRAME: usize = 256 << 10;
+
+/// Counts an answer's usage as its bytes pass.
+struct Meter {
     reader: UsageReader,
-    /// Bytes still to come when the length is known: the end is seen at the
-    /// last byte (hyper may not poll again once the length is complete).
+    /// Bytes still to come when the length is known: the end is seen at the last byte.
     remaining: Option<u64>,
     answer: Usage,
     shared: Arc<Shared>,
@@ -294,7 +301,23 @@ struct Metered {
     done: bool,
 }
 
-impl Metered {
+impl Meter {
+    fn feed(&mut self, chunk: &[u8]) {
+        let found = self.reader.feed(chunk);
+        self.count(found);
+        if let Some(left) = self.remaining.as_mut() {
+            *left = left.saturating_sub(chunk.len() as u64);
+            if *left == 0 {
+                self.finish();
+            }
+        }
+    }
+
+    /// Every byte of a body of known length has passed.
+    fn complete(&self) -> bool {
+        self.remaining == Some(0)
+    }
+
     fn count(&mut self, usage: Option<Usage>) {
         if let Some(u) = usage {
             self.answer.add(&u);
@@ -317,53 +340,117 @@ impl Metered {
     }
 }
 
-impl hyper::body::Body for Metered {
+/// Reads the answer from the endpoint, counts it, and queues it for the
+/// agent's connection. Each chunk is counted before it is queued, so the agent
+/// cannot see the end of an answer before its tokens are on the task's
+/// account (the next request's budget check sees them).
+///
+/// The endpoint's client hands over one chunk (one SSE event) per turn of its
+/// connection task. The pump takes every chunk that is already read before it
+/// queues them as one piece, so a fast stream costs one write to the agent per
+/// batch, not one per event; a slow one passes each event on at once.
+async fn pump(mut inner: ByteStream, mut meter: Meter, tx: mpsc::Sender<Chunk>) {
+    loop {
+        let next = tokio::select! {
+            next = inner.next() => next,
+            // The agent went away (or the gateway stopped): stop reading.
+            _ = tx.closed() => break,
+        };
+        let chunk = match next {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                meter.finish();
+                let _ = tx.send(Err(Box::new(e))).await;
+                break;
+            }
+            None => break,
+        };
+        meter.feed(&chunk);
+        // Take what the endpoint's connection has read already (it hands over
+        // one chunk per turn) before the agent's side is woken: one write to
+        // the agent for many events. Nothing waits for data not yet there.
+        let mut joined: Option<BytesMut> = None;
+        let mut ended = None;
+        while joined.as_ref().map_or(chunk.len(), BytesMut::len) < MAX_FRAME {
+            if meter.complete() {
+                // The whole length is here: no turn to wait for.
+                ended = Some(None);
+                break;
+            }
+            tokio::task::yield_now().await;
+            match inner.next().now_or_never() {
+                Some(Some(Ok(more))) => {
+                    meter.feed(&more);
+                    joined
+                        .get_or_insert_with(|| BytesMut::from(&chunk[..]))
+                        .extend_from_slice(&more);
+                }
+                Some(Some(Err(e))) => {
+                    ended = Some(Some(e));
+                    break;
+                }
+                Some(None) => {
+                    ended = Some(None);
+                    break;
+                }
+                None => break,
+            }
+        }
+        let data = joined.map_or(chunk, BytesMut::freeze);
+        if tx.send(Ok(data)).await.is_err() {
+            break;
+        }
+        match ended {
+            Some(Some(e)) => {
+                meter.finish();
+                let _ = tx.send(Err(Box::new(e))).await;
+                break;
+            }
+            Some(None) => break,
+            None => {}
+        }
+    }
+    meter.finish();
+}
+
+/// The answer's body on its way to the agent: what the pump queued, passed on
+/// as soon as it is there, the chunks queued meanwhile joined into one frame.
+struct Coalesced {
+    rx: mpsc::Receiver<Chunk>,
+    /// An error seen while joining, for the next poll.
+    failed: Option<BoxError>,
+}
+
+impl hyper::body::Body for Coalesced {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.done {
-            return Poll::Ready(None);
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Some(Err(e)));
         }
-        match self.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                let found = self.reader.feed(&chunk);
-                self.count(found);
-                if let Some(left) = self.remaining.as_mut() {
-                    *left = left.saturating_sub(chunk.len() as u64);
-                    if *left == 0 {
-                        self.finish();
-                    }
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(chunk))) => chunk,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let mut joined: Option<BytesMut> = None;
+        while joined.as_ref().map_or(first.len(), BytesMut::len) < MAX_FRAME {
+            match self.rx.try_recv() {
+                Ok(Ok(more)) => joined
+                    .get_or_insert_with(|| BytesMut::from(&first[..]))
+                    .extend_from_slice(&more),
+                Ok(Err(e)) => {
+                    self.failed = Some(e);
+                    break;
                 }
-                Poll::Ready(Some(Ok(Frame::data(chunk))))
+                // Empty, or the end, which the next poll reports.
+                Err(_) => break,
             }
-            Poll::Ready(Some(Err(e))) => {
-                self.finish();
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Ready(None) => {
-                self.finish();
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
-
-impl Drop for Metered {
-    fn drop(&mut self) {
-        self.finish();
+        let data = joined.map_or(first, BytesMut::freeze);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }
 

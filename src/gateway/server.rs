@@ -1,6 +1,7 @@
 //! Listeners, connections and the one dispatch every request goes through.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::oneshot;
 
 use super::{egress, proxy, GatewayError, Shared};
 
@@ -23,7 +25,98 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long shutdown lets a request in flight (a long SSE answer) go on.
 const GRACE: Duration = Duration::from_secs(5);
 
-pub(crate) fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
+/// Binds the listeners here (so that errors come back to the caller), then
+/// serves them from a thread of its own with a single-threaded runtime; the
+/// receiver fires when that thread has finished after a stop.
+///
+/// A thread of its own: streamed answers hop between the endpoint's
+/// connection, the meter and the agent's connection once per SSE event, and
+/// on one thread those hops are cheap, where on a multi-threaded runtime each
+/// may wake another thread. It also keeps the agents' model traffic from
+/// waiting behind whatever else the orchestrator's runtime is busy with. One
+/// thread is plenty: a few microseconds per event.
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    tcp: Option<SocketAddr>,
+    socket: Option<&Path>,
+) -> Result<(Option<SocketAddr>, oneshot::Receiver<()>), GatewayError> {
+    let tcp = match tcp {
+        Some(want) => {
+            let listen = |source| GatewayError::Listen {
+                addr: want.to_string(),
+                source,
+            };
+            let listener = std::net::TcpListener::bind(want).map_err(listen)?;
+            listener.set_nonblocking(true).map_err(listen)?;
+            let addr = listener.local_addr().map_err(listen)?;
+            Some((listener, addr))
+        }
+        None => None,
+    };
+    let addr = tcp.as_ref().map(|(_, addr)| *addr);
+    let unix = match socket {
+        Some(path) => Some(bind_unix(path)?),
+        None => None,
+    };
+    // The runtime is made on the new thread: dropping one (on an error) is
+    // not allowed inside another runtime, where the caller may well be.
+    let (ready, started) = std::sync::mpsc::sync_channel::<Result<(), GatewayError>>(1);
+    let (done, finished) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("cohort-gateway".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(GatewayError::Thread(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let registered = (|| -> std::io::Result<_> {
+                    let tcp = tcp.map(|(l, _)| TcpListener::from_std(l)).transpose()?;
+                    let unix = unix.map(UnixListener::from_std).transpose()?;
+                    Ok((tcp, unix))
+                })();
+                let (tcp, unix) = match registered {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        let _ = ready.send(Err(GatewayError::Thread(e)));
+                        return;
+                    }
+                };
+                if let Some(listener) = tcp {
+                    serve_tcp(listener, shared.clone());
+                }
+                if let Some(listener) = unix {
+                    serve_unix(listener, shared.clone());
+                }
+                let _ = ready.send(Ok(()));
+                shared.stop.cancelled().await;
+                shared.tasks.close();
+                shared.tasks.wait().await;
+            });
+            let _ = done.send(());
+        });
+    let outcome = match spawned {
+        Err(e) => Err(GatewayError::Thread(e)),
+        // A short wait, once per gateway: the thread's first steps.
+        Ok(_) => started.recv().unwrap_or_else(|_| {
+            Err(GatewayError::Thread(std::io::Error::other(
+                "the gateway's thread ended at start",
+            )))
+        }),
+    };
+    if let Err(e) = outcome {
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
+    Ok((addr, finished))
+}
+
+fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
     let tasks = shared.tasks.clone();
     tasks.spawn(async move {
         loop {
@@ -44,7 +137,7 @@ pub(crate) fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Binds `path`, replacing a stale socket (never another kind of file), mode 0666.
-pub(crate) fn bind_unix(path: &Path) -> Result<UnixListener, GatewayError> {
+fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, GatewayError> {
     let listen = |source| GatewayError::Listen {
         addr: path.display().to_string(),
         source,
@@ -59,13 +152,14 @@ pub(crate) fn bind_unix(path: &Path) -> Result<UnixListener, GatewayError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(listen(e)),
     }
-    let listener = UnixListener::bind(path).map_err(listen)?;
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(listen)?;
+    listener.set_nonblocking(true).map_err(listen)?;
     // A container's user has another uid; the per-task tokens keep others out.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(listen)?;
     Ok(listener)
 }
 
-pub(crate) fn serve_unix(listener: UnixListener, shared: Arc<Shared>) {
+fn serve_unix(listener: UnixListener, shared: Arc<Shared>) {
     let tasks = shared.tasks.clone();
     tasks.spawn(async move {
         loop {

@@ -206,7 +206,10 @@ impl SseReader {
 }
 
 fn mentions_usage(data: &[u8]) -> bool {
-    memchr::memmem::find(data, b"\"usage\"").is_some()
+    // Built once: building a searcher costs more than searching one event.
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE.find(data).is_some()
 }
 
 fn add(a: Option<Usage>, b: Option<Usage>) -> Option<Usage> {
