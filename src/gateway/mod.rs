@@ -331,7 +331,8 @@ impl Gateway {
         }
     }
 
-    /// The events so far and to come; the receiver can be taken once.
+    /// The events so far and to come; the receiver can be taken once. Events
+    /// queue until it is taken, so take it when the run starts.
     pub fn take_events(&self) -> Option<UnboundedReceiver<GatewayEvent>> {
         lock(&self.events).take()
     }
