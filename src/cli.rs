@@ -78,6 +78,9 @@ pub enum Command {
     /// Trust a cohort.toml's exact content, so its settings that run programs, choose where the
     /// key goes or widen the sandbox are honoured (like `direnv allow`); --list, --revoke.
     Trust(commands::trust::Args),
+    /// Inside a task container: carry a loopback port to the model gateway's unix socket.
+    #[command(name = "__bridge", hide = true)]
+    Bridge(commands::bridge::Args),
 }
 
 /// An error the user caused and can fix (exit code 2).
@@ -156,6 +159,7 @@ pub fn main() -> ExitCode {
             Command::Service(a) => commands::service::run(a, cli.config.as_deref()).await,
             Command::Doctor(a) => commands::doctor::run(a, cli.config.as_deref()).await,
             Command::Trust(a) => commands::trust::run(a),
+            Command::Bridge(a) => commands::bridge::run(a).await,
         }
     });
     match result {

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cli;
 mod commands;
 pub mod config;
+pub mod gateway;
 pub mod git;
 pub mod keys;
 pub mod models;

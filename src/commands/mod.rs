@@ -1,5 +1,6 @@
 //! One file per command; each drives the library and returns an exit code.
 
+pub mod bridge;
 pub mod container;
 pub mod doctor;
 pub mod image;

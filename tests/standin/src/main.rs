@@ -18,7 +18,7 @@ usage: cohort-standin [options]
   --host ADDR          IPv4 address to bind (default 127.0.0.1)
   --port-file FILE     also write `127.0.0.1:PORT` to FILE (atomically)
   --record FILE        append every request as one JSON line to FILE
-  --mode MODE          normal|fail|slow|malformed|malformed-body|429|500|invalid-plan
+  --mode MODE          normal|fail|slow|malformed|malformed-body|429|500|invalid-plan|large
                        (env STANDIN_MODE; default normal)
   --times N            apply --mode to the first N POSTs only (default: all)
   --delay-ms MS        delay for `slow` (default 3000)

@@ -13,6 +13,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// `large` without a count: 1024 deltas of 1 KiB.
+const DEFAULT_DELTAS: u64 = 1024;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Normal,
@@ -31,6 +34,9 @@ pub enum Mode {
     ServerError,
     /// Chat: a plan whose template lacks `{task}`.
     InvalidPlan,
+    /// Responses: a final message streamed as many 1 KiB text deltas (`large=N`:
+    /// N of them, default 1024), for throughput measurements.
+    Large,
 }
 
 impl Mode {
@@ -44,6 +50,7 @@ impl Mode {
             "429" | "rate-limit" => Mode::RateLimit,
             "500" | "server-error" => Mode::ServerError,
             "invalid-plan" => Mode::InvalidPlan,
+            "large" => Mode::Large,
             _ => return None,
         })
     }
@@ -58,6 +65,7 @@ impl Mode {
             Mode::RateLimit => "429",
             Mode::ServerError => "500",
             Mode::InvalidPlan => "invalid-plan",
+            Mode::Large => "large",
         }
     }
 }
@@ -67,6 +75,8 @@ impl Mode {
 pub struct Chosen {
     pub mode: Mode,
     pub delay: Duration,
+    /// For `large`: how many 1 KiB deltas.
+    pub deltas: u64,
 }
 
 /// Process-wide settings plus the counters that make "first n" work.
@@ -94,12 +104,21 @@ impl Selector {
             if let Some((mode, arg)) = find_marker(text) {
                 if mode == Mode::Slow {
                     let delay = arg.map(Duration::from_millis).unwrap_or(self.delay);
-                    return Chosen { mode, delay };
+                    return Chosen { mode, delay, deltas: 0 };
+                }
+                if mode == Mode::Large {
+                    let deltas = arg.unwrap_or(DEFAULT_DELTAS);
+                    return Chosen {
+                        mode,
+                        delay: self.delay,
+                        deltas,
+                    };
                 }
                 let Some(n) = arg else {
                     return Chosen {
                         mode,
                         delay: self.delay,
+                        deltas: 0,
                     };
                 };
                 // Key on the marker and the text that carries it, so distinct
@@ -110,6 +129,7 @@ impl Selector {
                 return Chosen {
                     mode,
                     delay: self.delay,
+                    deltas: 0,
                 };
             }
         }
@@ -121,6 +141,7 @@ impl Selector {
         Chosen {
             mode,
             delay: self.delay,
+            deltas: DEFAULT_DELTAS,
         }
     }
 
@@ -174,6 +195,7 @@ mod tests {
         assert_eq!(find_marker("x STANDIN:fail y"), Some((Mode::Fail, None)));
         assert_eq!(find_marker("STANDIN:429=2."), Some((Mode::RateLimit, Some(2))));
         assert_eq!(find_marker("STANDIN-CMD: echo"), None);
+        assert_eq!(find_marker("STANDIN:large=64"), Some((Mode::Large, Some(64))));
         let s = Selector::new(Mode::Normal, None, Duration::from_millis(5));
         let t = vec!["doc STANDIN:invalid-plan=1".to_string()];
         assert_eq!(s.choose(&t).mode, Mode::InvalidPlan);

@@ -170,6 +170,22 @@ pub fn answer(body: &Value, chosen: Chosen) -> Outcome {
                 "id": id, "object": "response", "status": "failed", "model": model,
                 "error": {"code": "server_error", "message": "scripted failure from the stand-in"}}})));
         }
+        Mode::Large => {
+            // Many small events, as a long answer streams: `deltas` KiB of text in all.
+            let msg_id = format!("msg_{id}");
+            let text: String = "All work and no play. ".repeat(47)[..1024].to_string();
+            let delta = sse(&json!({"type": "response.output_text.delta", "item_id": msg_id,
+                "output_index": 0, "content_index": 0, "delta": text}));
+            events.extend(std::iter::repeat_n(delta, chosen.deltas as usize));
+            let item = json!({"type": "message", "id": msg_id, "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": format!("({} KiB of text)", chosen.deltas), "annotations": []}]});
+            events.push(sse(
+                &json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+            ));
+            let u = usage_final();
+            events.push(completed(&id, &model, &u));
+            usage_out = Some(u);
+        }
         Mode::Malformed => {
             // Not JSON: a truncated object, then the stream just ends.
             events.push(Bytes::from(

@@ -141,3 +141,17 @@ fn chat_streams_when_asked() {
     let plan: Value = serde_json::from_str(&content).unwrap();
     assert_eq!(plan["tasks"], json!(["one", "two"]));
 }
+
+#[test]
+fn large_streams_many_text_deltas_then_completes() {
+    let s = Standin::start(Options::default()).unwrap();
+    let body = json!({"model": "gpt-5-codex", "stream": true, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go STANDIN:large=64"}]}]});
+    let (status, _, text) = send(&s, "POST", "/v1/responses", &body);
+    assert_eq!(status, 200);
+    let deltas = text.matches("event: response.output_text.delta").count();
+    assert_eq!(deltas, 64);
+    assert!(text.len() > 64 * 1024, "{}", text.len());
+    assert!(text.contains("response.completed"));
+    assert_eq!(s.records()[0]["mode"], "large");
+}
