@@ -526,6 +526,13 @@ async fn the_bridge_carries_a_loopback_port_to_the_gateway_socket() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/gw.sock"));
+    let not_socket = std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["__bridge", "--listen", "127.0.0.1:0", "--socket"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!not_socket.status.success());
+    assert!(String::from_utf8_lossy(&not_socket.stderr).contains("is not a socket"));
 
     // The working bridge printed nothing.
     let mut bridge = bridge;

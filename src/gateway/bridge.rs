@@ -4,6 +4,7 @@
 //! new connection on that socket, bytes both ways, unread.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use tokio::net::{TcpListener, UnixStream};
@@ -18,7 +19,11 @@ pub async fn bridge(listen: SocketAddr, socket: &Path) -> Result<(), GatewayErro
         source,
     };
     // Say so at once when the mount is missing, not at the first request.
-    std::fs::metadata(socket).map_err(missing)?;
+    if !std::fs::metadata(socket).map_err(missing)?.file_type().is_socket() {
+        return Err(GatewayError::NotASocket {
+            path: socket.to_path_buf(),
+        });
+    }
     let listener = TcpListener::bind(listen).await.map_err(|source| GatewayError::Listen {
         addr: listen.to_string(),
         source,

@@ -88,7 +88,7 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} exists and is not a socket; not replacing it with the gateway's socket")]
+    #[error("{path} is not a socket")]
     NotASocket { path: PathBuf },
     #[error("cannot connect to the gateway socket {path}: {source}")]
     Socket {
