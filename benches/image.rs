@@ -266,6 +266,7 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
                 binds: binds.clone(),
                 run_id: "bench".into(),
                 task: 1,
+                gateway_socket: None,
             };
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
             let start = Instant::now();

@@ -138,6 +138,9 @@ pub struct RunSection {
     /// 100m). A task that leaves a larger one fails, naming it; the rest of its work is kept
     /// on its branch.
     pub max_file_size: Option<String>,
+    /// Tokens or dollars a task and the whole run may spend at the model, e.g.
+    /// `budget = { task = "300k", run = "$5" }` (dollars use `[agent] price`).
+    pub budget: Option<crate::gateway::BudgetSpec>,
 }
 
 impl RunSection {

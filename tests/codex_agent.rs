@@ -20,18 +20,34 @@ fn codex() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// A config outside the repository (so the snapshot does not commit it).
+/// A config outside the repository (so the snapshot does not commit it). codex runs through
+/// a wrapper that records the environment it was given (outside the repository too).
 fn config(s: &Scratch) -> std::path::PathBuf {
+    let wrapper = s.tmp.path().join("codex-recording-env.sh");
+    let envs = s.tmp.path().join("envs");
+    std::fs::create_dir_all(&envs).unwrap();
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nenv > {}/$$.env\nexec {} \"$@\"\n", envs.display(), codex()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let p = s.tmp.path().join("cohort.toml");
     std::fs::write(
         &p,
-        format!(
-            "[agent]\nkind = \"codex\"\nmodel = \"gpt-5-codex\"\ncodex_path = {:?}\n",
-            codex()
-        ),
+        format!("[agent]\nkind = \"codex\"\nmodel = \"gpt-5-codex\"\ncodex_path = {wrapper:?}\n"),
     )
     .unwrap();
     p
+}
+
+/// The environments codex was started with, one per attempt.
+fn codex_envs(s: &Scratch) -> Vec<String> {
+    files_under(&s.tmp.path().join("envs"))
+        .into_iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect()
 }
 
 fn run_codex(s: &Scratch, standin: &Standin, doc: &str) -> std::process::Output {
@@ -100,6 +116,39 @@ fn codex_tasks_merge_and_the_key_goes_only_to_the_api() {
     }
     let all = s.git(&["log", "--all", "-p", "--format=%B"]);
     assert!(!all.contains(KEY));
+
+    // codex held no key: a per-task token for cohort's gateway, its base URL on loopback.
+    let envs = codex_envs(&s);
+    assert_eq!(envs.len(), 2, "one codex per task");
+    let mut tokens = Vec::new();
+    for env in &envs {
+        assert!(!env.contains(KEY), "codex was given the key:\n{env}");
+        let token = env
+            .lines()
+            .find_map(|l| l.strip_prefix("COHORT_CODEX_KEY="))
+            .expect("codex's provider token");
+        assert!(token.starts_with("cohort-") && token.len() > 40, "{token}");
+        assert!(env.contains("OPENAI_BASE_URL=http://127.0.0.1:"), "{env}");
+        tokens.push(token.to_string());
+    }
+    assert_ne!(tokens[0], tokens[1], "each task has its own token");
+    for r in &records {
+        let body = r.to_string();
+        assert!(
+            tokens.iter().all(|t| !body.contains(t.as_str())),
+            "a token reached the endpoint: {r}"
+        );
+    }
+    // The gateway counted what codex spent, request by request, beside codex's own figures.
+    for t in report["tasks"].as_array().unwrap() {
+        let g = &t["gateway"];
+        assert_eq!(g["requests"], 2, "{t}");
+        assert_eq!(g["input"], t["tokens"]["input"], "{t}");
+        assert_eq!(g["output"], t["tokens"]["output"], "{t}");
+    }
+    let spend = &report["spend"];
+    assert_eq!(spend["requests"], 4, "{report}");
+    assert_eq!(spend["output"], 2 * 75, "{report}");
 }
 
 #[test]

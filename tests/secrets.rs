@@ -29,9 +29,12 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 fn a_task_that_hands_back_a_secret_ends_as_secret() {
     let s = Scratch::new();
     let agent = s.tmp.path().join("agent.sh");
+    // The agent knows the key some way (a file it read, a prompt injection): cohort keeps the
+    // key out of its environment, so the script carries it.
     std::fs::write(
         &agent,
         r#"#!/bin/sh
+LEAK=sk-cohort-test-SECRET-0a1b2c3d4e5f6789
 echo "honest $1" > "work-$COHORT_TASK_ID.txt"
 case $1 in
 key) printf 'config: %s\n' "$LEAK" > leak.txt ;;
@@ -40,7 +43,7 @@ token) echo 'TOKEN = "ghp_abcdefghijklmnopqrstuvwxyz0123456789"' > conf.py ;;
 committed)
     printf 'key=%s\n' "$LEAK" > stash.txt
     git add stash.txt && git commit -q -m "keep this" && git rm -q stash.txt && git commit -q -m "and forget it" ;;
-clean) ;;
+clean) (env | grep -c sk-cohort-test-SECRET || true) >> "work-$COHORT_TASK_ID.txt" ;;
 esac
 "#,
     )
@@ -51,7 +54,7 @@ esac
     let out = s
         .cohort()
         .env("OPENAI_API_KEY", KEY)
-        .env("LEAK", KEY)
+        .env("LEAK", KEY) // never reaches the agent: it holds the key's value
         .args(["run", "--runtime", "host", "--agent", "command", "-j", "2"])
         .args(["--agent-command", &cmd, "--tasks"])
         .arg(&tasks)
@@ -83,6 +86,9 @@ esac
     assert!(!contains(&all_objects(&s), "ghp_abcdefghijklmnopqrstuvwxyz0123456789"));
     let logs = files_under(&s.work.join(".git/cohort"));
     for f in logs {
+        if f.ends_with("agent.sh") {
+            continue;
+        }
         let bytes = std::fs::read(&f).unwrap_or_default();
         assert!(!contains(&bytes, KEY), "the key is in {}", f.display());
     }

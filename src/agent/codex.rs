@@ -1,5 +1,7 @@
 //! The Codex CLI as the agent: `codex exec --json`, one private CODEX_HOME
-//! per attempt, the prompt on stdin, the key only in the child's environment.
+//! per attempt, the prompt on stdin. In a run it talks to cohort's model gateway with a
+//! per-task token and never holds the key; only a codex started without a gateway gets the
+//! key, in its own environment alone.
 
 use std::path::{Path, PathBuf};
 
@@ -62,7 +64,11 @@ impl Agent for CodexAgent {
     fn invocation(&self, ctx: &TaskContext) -> Result<Invocation> {
         let home = ctx.scratch.join("codex-home");
         std::fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
-        let config = events::render_config(&self.model, self.base_url.as_deref(), KEY_ENV);
+        let base_url = match &ctx.model {
+            Some(m) => Some(m.base_url.as_str()),
+            None => self.base_url.as_deref(),
+        };
+        let config = events::render_config(&self.model, base_url, KEY_ENV);
         std::fs::write(home.join("config.toml"), config)?;
         let last = ctx.scratch.join("last-message.txt");
         let args = vec![
@@ -77,11 +83,20 @@ impl Agent for CodexAgent {
             last.display().to_string(),
             "-".into(),
         ];
+        let mut env = vec![("CODEX_HOME".into(), home.display().to_string())];
+        let secret_env = match &ctx.model {
+            // The token is not the key: it dies with the task.
+            Some(m) => {
+                env.push((KEY_ENV.into(), m.token.clone()));
+                Vec::new()
+            }
+            None => vec![(KEY_ENV.into(), self.key.clone())],
+        };
         Ok(Invocation {
             program: self.codex.display().to_string(),
             args,
-            env: vec![("CODEX_HOME".into(), home.display().to_string())],
-            secret_env: vec![(KEY_ENV.into(), self.key.clone())],
+            env,
+            secret_env,
             stdin: Some(ctx.prompt.clone().into_bytes()),
         })
     }

@@ -69,6 +69,7 @@ mod tests {
             checkout: "/c".into(),
             scratch: "/s".into(),
             attempt: 1,
+            model: None,
         };
         let inv = agent.invocation(&ctx).unwrap();
         assert_eq!(inv.program, "prog");

@@ -27,6 +27,25 @@ pub struct TaskContext {
     /// A private directory for this attempt, outside the checkout.
     pub scratch: PathBuf,
     pub attempt: u32,
+    /// The model API as this agent reaches it: cohort's gateway, which holds the key.
+    pub model: Option<ModelAccess>,
+}
+
+/// The gateway's address for one agent, and the per-task token it sends there (never the key).
+#[derive(Clone)]
+pub struct ModelAccess {
+    /// `http://127.0.0.1:PORT/v1` as seen from where the agent runs.
+    pub base_url: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for ModelAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelAccess")
+            .field("base_url", &self.base_url)
+            .field("token", &"***")
+            .finish()
+    }
 }
 
 /// A program to start: argv without a shell, extra environment, and stdin.

@@ -57,7 +57,9 @@ pub struct EnterArgs {
 pub fn podman_settings(config: &Config) -> Result<PodmanSettings> {
     Ok(PodmanSettings {
         image: config.image.tag.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
-        network: config.container.network.unwrap_or(NetworkMode::Private),
+        // No network by default: agents reach the model and the allow-listed hosts through
+        // cohort's gateway only.
+        network: config.container.network.unwrap_or(NetworkMode::None),
         memory_bytes: config.container.memory_bytes()?,
         pids_limit: config.container.pids,
         mounts: config_mounts(config)?,
@@ -137,6 +139,7 @@ async fn run_container(args: RunArgs, config_path: Option<&Path>) -> Result<u8> 
         mounts,
         userns,
         image_user,
+        // A development shell is yours, not an agent's: it keeps a network of its own.
         network: config.container.network.unwrap_or(NetworkMode::Private),
         memory_bytes: config.container.memory_bytes()?,
         pids_limit: config.container.pids,

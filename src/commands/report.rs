@@ -22,10 +22,13 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     let (row, tasks) = super::load_run(&state, args.run.as_deref())?;
     let row = super::shown(&paths, row);
     let totals = state.agent_totals(&row.id)?;
+    // What the model gateway counted: every request of every attempt, as the endpoint answered.
+    let metered = state.gateway_totals(&row.id)?;
     let price = crate::config::Config::load_lenient(config_path, Some(&paths.workdir))?
         .agent
         .price;
     let cost = |t: &crate::run::state::AgentTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
+    let gateway_cost = |t: &crate::run::state::GatewayTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let code = crate::run::Summary {
         run_id: row.id.clone(),
         tasks: tasks.clone(),
@@ -33,6 +36,18 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     }
     .exit_code();
     if args.json {
+        let mut all = crate::run::state::GatewayTotals::default();
+        for g in metered.values() {
+            all.input += g.input;
+            all.cached_input += g.cached_input;
+            all.output += g.output;
+            all.requests += g.requests;
+        }
+        // The run's spend, as the gateway metered it.
+        let spend = serde_json::json!({
+            "tokens": all.input + all.output, "input": all.input, "cached_input": all.cached_input,
+            "output": all.output, "requests": all.requests, "cost_usd": gateway_cost(&all),
+        });
         let out = serde_json::json!({
             "run": row,
             "tasks": tasks.iter().map(|t| {
@@ -42,8 +57,14 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
                 v["thread_id"] = a.thread_id.clone().into();
                 v["tokens"] = serde_json::json!({"input": a.input, "cached_input": a.cached_input, "output": a.output});
                 v["cost_usd"] = cost(&a).into();
+                let g = metered.get(&t.index).cloned().unwrap_or_default();
+                v["gateway"] = serde_json::json!({
+                    "input": g.input, "cached_input": g.cached_input, "output": g.output,
+                    "requests": g.requests, "refused": g.refused, "cost_usd": gateway_cost(&g),
+                });
                 v
             }).collect::<Vec<_>>(),
+            "spend": spend,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(code);
@@ -65,8 +86,15 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
         if let Some(a) = totals.get(&t.index).filter(|a| a.input + a.output > 0) {
             let c = cost(a).map(|c| format!("  ~${c:.4}")).unwrap_or_default();
             println!(
-                "    tokens in {} (cached {}) out {}{c}",
+                "    tokens in {} (cached {}) out {}{c}  (as the agent reported them)",
                 a.input, a.cached_input, a.output
+            );
+        }
+        if let Some(g) = metered.get(&t.index).filter(|g| g.requests > 0 || g.refused > 0) {
+            let c = gateway_cost(g).map(|c| format!("  ~${c:.4}")).unwrap_or_default();
+            println!(
+                "    gateway: {} requests, tokens in {} (cached {}) out {}{c}; {} destinations refused",
+                g.requests, g.input, g.cached_input, g.output, g.refused
             );
         }
         if let Some(r) = &t.reason {

@@ -134,8 +134,11 @@ pub fn build_engine(
     };
     let service_branch = service_branch(flags, config)?;
 
+    // Looked for in what every task hands back (with token shapes, private keys, .env files),
+    // and kept from every agent's environment.
+    let scan_key = api_key(config).ok().flatten();
     let runtime: Arc<dyn Runtime> = match select_runtime(flags, config, stored)? {
-        RuntimeKind::Host => Arc::new(HostRuntime::new()?),
+        RuntimeKind::Host => Arc::new(HostRuntime::new(scan_key.iter().cloned().collect())?),
         RuntimeKind::Podman => {
             let settings = crate::commands::container::podman_settings(config)?;
             tokio::task::block_in_place(|| {
@@ -186,8 +189,20 @@ pub fn build_engine(
             )))
         }
     };
-    // Looked for in what every task hands back (with token shapes, private keys, .env files).
-    let scan_key = api_key(config).ok().flatten();
+    let gateway = gateway_settings(config, flags, stored, scan_key.clone())?;
+    if runtime.name() == "podman" {
+        if let Some(net) = config
+            .container
+            .network
+            .filter(|n| *n != crate::runtime::podman::NetworkMode::None)
+        {
+            crate::progress::say(&format!(
+                "cohort: warning: [container] network = {:?}: task containers have open egress (the allow-list \
+                 does not apply); the API key stays with cohort",
+                format!("{net:?}").to_lowercase()
+            ));
+        }
+    }
     let state = State::open(&run::state_path(&paths))?;
     Ok(Engine {
         paths,
@@ -205,7 +220,43 @@ pub fn build_engine(
             },
         },
         cancel: CancellationToken::new(),
+        gateway,
     })
+}
+
+/// The run's model gateway: the agent's endpoint (`--base-url`, `[agent] base_url`, what the
+/// run stored, else OpenAI's) with the key, the egress allow-list and the budgets. None when
+/// there is neither a key nor an allow-list: agents then reach nothing.
+fn gateway_settings(
+    config: &Config,
+    flags: &EngineFlags,
+    stored: &serde_json::Value,
+    key: Option<Secret>,
+) -> Result<Option<run::GatewaySettings>> {
+    let allow = config.container.allow.clone().unwrap_or_default();
+    if key.is_none() && allow.is_empty() {
+        return Ok(None);
+    }
+    let upstream = flags
+        .base_url
+        .clone()
+        .or(config.agent.base_url.clone())
+        .or(stored["base_url"].as_str().map(String::from))
+        .unwrap_or_else(|| crate::agent::codex_events::OPENAI_BASE_URL.to_string());
+    let budget = config.run.budget.unwrap_or_default();
+    let dollars = |b: Option<crate::gateway::Budget>| matches!(b, Some(crate::gateway::Budget::Dollars(_)));
+    if (dollars(budget.task) || dollars(budget.run)) && config.agent.price.is_none() {
+        return Err(usage(
+            "[run] budget in dollars needs the model's price: set [agent] price = { input = …, output = … }",
+        ));
+    }
+    Ok(Some(run::GatewaySettings {
+        upstream,
+        key: key.unwrap_or_else(|| Secret::new(String::new())),
+        allow,
+        budget,
+        price: config.agent.price,
+    }))
 }
 
 /// The service branch from `--service-branch`, else `[run] service_branch`, else

@@ -14,6 +14,13 @@ use super::GatewayError;
 /// Serves until the process ends. Fails only when it cannot listen (or the
 /// socket is missing at start); a connection that fails ends alone.
 pub async fn bridge(listen: SocketAddr, socket: &Path) -> Result<(), GatewayError> {
+    let listener = bind(listen, socket).await?;
+    serve(listener, socket).await
+}
+
+/// Listens on `listen` for a bridge to `socket`, which must be a socket. Once this returns,
+/// clients can connect (they wait in the backlog until [`serve`] takes them).
+pub async fn bind(listen: SocketAddr, socket: &Path) -> Result<TcpListener, GatewayError> {
     let missing = |source| GatewayError::Socket {
         path: socket.to_path_buf(),
         source,
@@ -24,10 +31,14 @@ pub async fn bridge(listen: SocketAddr, socket: &Path) -> Result<(), GatewayErro
             path: socket.to_path_buf(),
         });
     }
-    let listener = TcpListener::bind(listen).await.map_err(|source| GatewayError::Listen {
+    TcpListener::bind(listen).await.map_err(|source| GatewayError::Listen {
         addr: listen.to_string(),
         source,
-    })?;
+    })
+}
+
+/// Carries every connection on `listener` to a new connection on `socket`, until the process ends.
+pub async fn serve(listener: TcpListener, socket: &Path) -> Result<(), GatewayError> {
     loop {
         let (mut tcp, _) = match listener.accept().await {
             Ok(c) => c,

@@ -34,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use bridge::bridge;
+pub mod bridging {
+    //! The bridge in two steps, for a caller that starts something once it listens.
+    pub use super::bridge::{bind, serve};
+}
 pub use budget::{Budget, BudgetError, BudgetScope, BudgetSpec};
 pub use egress::AllowList;
 

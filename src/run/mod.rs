@@ -1,9 +1,12 @@
 //! The run: sync and service branch, then every task through
 //! checkout → agent → commit → merge, N at a time.
 
+mod gateway;
 mod record;
 pub mod state;
 mod task;
+
+pub use gateway::GatewaySettings;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,6 +42,9 @@ pub struct Engine {
     pub runtime: Arc<dyn Runtime>,
     pub opts: RunOptions,
     pub cancel: CancellationToken,
+    /// The model gateway each run starts for its agents (none: agents reach no model and,
+    /// in containers, nothing at all).
+    pub gateway: Option<GatewaySettings>,
 }
 
 impl Engine {
@@ -242,6 +248,10 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     };
     let progress = Arc::new(Progress::new(rows.len(), run_id));
     let pool = Arc::new(Pool::new(&engine.paths.common_dir, run_id, dir.0.clone()));
+    let gateway = match &engine.gateway {
+        Some(settings) => Some(gateway::RunGateway::start(&engine, settings, run_id, &dir)?),
+        None => None,
+    };
     let shared = Arc::new(task::Shared {
         run_id: run_id.to_string(),
         template: run.template.clone(),
@@ -249,6 +259,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         pool: pool.clone(),
         progress: progress.clone(),
         merge_lock: tokio::sync::Mutex::new(()),
+        gateway: gateway.as_ref().map(|g| g.gateway.clone()),
     });
     // N workers take tasks in document order from one queue.
     let mut queue = std::collections::VecDeque::new();
@@ -261,11 +272,17 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     }
     let workers = engine.opts.jobs.max(1).min(queue.len());
     let queue = Arc::new(Mutex::new(queue));
+    let over_budget = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (engine, shared, queue) = (engine.clone(), shared.clone(), queue.clone());
+        let (engine, shared, queue, over_budget) = (engine.clone(), shared.clone(), queue.clone(), over_budget.clone());
         set.spawn(async move {
             loop {
+                // A run whose budget is spent starts no new task; they stay pending.
+                if shared.gateway.as_ref().is_some_and(|g| g.run_over_budget()) {
+                    over_budget.store(true, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
                 let Some(row) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
                     break;
                 };
@@ -277,6 +294,16 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         res.context("a task panicked")?;
     }
     progress.finish();
+    let left = queue.lock().unwrap_or_else(|e| e.into_inner()).len();
+    if over_budget.load(std::sync::atomic::Ordering::Relaxed) && left > 0 {
+        progress.note(&format!(
+            "the run's budget ([run] budget) is spent: {left} task(s) were not started"
+        ));
+    }
+    drop(shared); // its handle on the gateway, which stops only once it holds the last
+    if let Some(g) = gateway {
+        g.stop().await;
+    }
     let t0 = std::time::Instant::now();
     blocking(move || pool.remove_all()).await?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "checkouts removed");
@@ -286,6 +313,8 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     let tasks = engine.state()?.tasks(run_id)?;
     let status = if interrupted {
         "interrupted"
+    } else if over_budget.load(std::sync::atomic::Ordering::Relaxed) && left > 0 {
+        "over budget"
     } else if tasks.iter().all(|t| t.status.is_success()) {
         "done"
     } else {

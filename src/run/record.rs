@@ -100,6 +100,37 @@ impl<'a> Record<'a> {
         Ok(())
     }
 
+    /// It ran into its budget (or the run's): committed on its branch, not merged.
+    pub fn over_budget(
+        &self,
+        tip: &str,
+        commit: Option<&str>,
+        files: &[String],
+        code: Option<i32>,
+        reason: &str,
+    ) -> Result<()> {
+        self.state()?.atomically(|st| {
+            let end = AttemptEnd {
+                status: "over budget",
+                tip_commit: Some(tip.to_string()),
+                exit_code: code,
+                reason: Some(reason.to_string()),
+            };
+            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
+            st.set_ended(
+                self.run_id(),
+                self.idx,
+                TaskStatus::OverBudget,
+                commit,
+                files,
+                code,
+                reason,
+            )
+        })?;
+        self.s.progress.task_finished(self.idx, "over budget", reason);
+        Ok(())
+    }
+
     pub fn unchanged(&self, tip: &str, code: Option<i32>) -> Result<()> {
         self.state()?.atomically(|st| {
             let end = AttemptEnd {

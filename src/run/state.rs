@@ -77,11 +77,13 @@ pub enum TaskStatus {
     Conflict,
     /// Its change held a secret: not committed, not merged.
     Secret,
+    /// It ran into its budget (or the run's): committed on its branch, not merged.
+    OverBudget,
 }
 
 impl TaskStatus {
     /// Every status, in display order.
-    pub const ALL: [TaskStatus; 8] = [
+    pub const ALL: [TaskStatus; 9] = [
         TaskStatus::Pending,
         TaskStatus::Running,
         TaskStatus::Committed,
@@ -90,6 +92,7 @@ impl TaskStatus {
         TaskStatus::Failed,
         TaskStatus::Conflict,
         TaskStatus::Secret,
+        TaskStatus::OverBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +105,7 @@ impl TaskStatus {
             TaskStatus::Failed => "failed",
             TaskStatus::Conflict => "conflict",
             TaskStatus::Secret => "secret",
+            TaskStatus::OverBudget => "over budget",
         }
     }
 
@@ -114,6 +118,7 @@ impl TaskStatus {
             "failed" => TaskStatus::Failed,
             "conflict" => TaskStatus::Conflict,
             "secret" => TaskStatus::Secret,
+            "over budget" => TaskStatus::OverBudget,
             _ => TaskStatus::Pending,
         }
     }
@@ -160,6 +165,16 @@ pub struct TaskRow {
     pub reason: Option<String>,
     pub started_at: Option<String>,
     pub ended_at: Option<String>,
+}
+
+/// What the model gateway counted for a task: tokens, requests, refused destinations.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GatewayTotals {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+    pub requests: u64,
+    pub refused: u64,
 }
 
 /// What ended an attempt, as recorded.
@@ -407,10 +422,25 @@ impl State {
         exit_code: Option<i32>,
         reason: &str,
     ) -> Result<()> {
+        self.set_ended(run_id, idx, TaskStatus::Failed, commit, files, exit_code, reason)
+    }
+
+    /// A task ended unmerged (`status`), with what it committed on its branch, if anything.
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_ended(
+        &self,
+        run_id: &str,
+        idx: usize,
+        status: TaskStatus,
+        commit: Option<&str>,
+        files: &[String],
+        exit_code: Option<i32>,
+        reason: &str,
+    ) -> Result<()> {
         self.conn.execute(
-            "UPDATE tasks SET status = 'failed', task_commit = ?3, files_changed = ?4, exit_code = ?5, reason = ?6, ended_at = ?7 \
+            "UPDATE tasks SET status = ?8, task_commit = ?3, files_changed = ?4, exit_code = ?5, reason = ?6, ended_at = ?7 \
              WHERE run_id = ?1 AND idx = ?2",
-            params![run_id, idx, commit, serde_json::to_string(files)?, exit_code, reason, now()],
+            params![run_id, idx, commit, serde_json::to_string(files)?, exit_code, reason, now(), status.as_str()],
         )?;
         Ok(())
     }
@@ -424,6 +454,31 @@ impl State {
     }
 
     /// Per task: the agent's thread id and summed token usage, from events.
+    /// Tokens per task as the model gateway counted them (kind `gateway` events).
+    pub fn gateway_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, GatewayTotals>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT idx, data FROM events WHERE run_id = ?1 AND kind = 'gateway' ORDER BY id")?;
+        let mut out = std::collections::BTreeMap::<usize, GatewayTotals>::new();
+        let rows = stmt.query_map([run_id], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (idx, data) = row?;
+            let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+            let t = out.entry(idx).or_default();
+            match v["kind"].as_str() {
+                Some("usage") => {
+                    t.input += v["input"].as_u64().unwrap_or(0);
+                    t.cached_input += v["cached_input"].as_u64().unwrap_or(0);
+                    t.output += v["output"].as_u64().unwrap_or(0);
+                    t.requests += v["requests"].as_u64().unwrap_or(0);
+                }
+                Some("refused") => t.refused += 1,
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
     pub fn agent_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, AgentTotals>> {
         let mut stmt = self
             .conn

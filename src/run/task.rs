@@ -8,7 +8,7 @@
 //! the state DB and the progress display.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -16,8 +16,9 @@ use anyhow::{Context, Result};
 use super::record::Record;
 use super::state::{TaskRow, TaskStatus};
 use super::{blocking, Engine, RunDir};
-use crate::agent::{AgentEvent, TaskContext};
+use crate::agent::{AgentEvent, ModelAccess, TaskContext};
 use crate::config::ConflictPolicy;
+use crate::gateway::TaskKey;
 use crate::git::commit::{self, Collected, TaskCommit};
 use crate::git::pool::{Lease, Pool};
 use crate::git::{self, merge, refs, Oid};
@@ -34,6 +35,8 @@ pub(super) struct Shared {
     pub progress: Arc<Progress>,
     /// Merges are serialised in-process; the ref CAS guards against others.
     pub merge_lock: tokio::sync::Mutex<()>,
+    /// The run's model gateway, when it has one.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 enum AttemptResult {
@@ -117,7 +120,7 @@ async fn attempt_once(
     conflicted: Option<&[String]>,
 ) -> Result<AttemptResult> {
     let mut task = prepare(e, s, row, rec, conflicted).await?;
-    let ran = agent(e, row, rec, &mut task).await?;
+    let ran = agent(e, s, row, rec, &mut task).await?;
     if ran.exit == Exit::Cancelled {
         // Not committed: `resume` redoes the task from a clean checkout.
         drop(task);
@@ -224,13 +227,26 @@ async fn prepare(
 struct Ran {
     exit: Exit,
     events: Vec<AgentEvent>,
+    /// The budget (the task's or the run's) it ran into at the gateway, said plainly.
+    over_budget: Option<String>,
 }
 
-/// agent: runs the agent in its runtime, logging its output and recording its events.
-async fn agent(e: &Arc<Engine>, row: &TaskRow, rec: &Record<'_>, task: &mut Prepared) -> Result<Ran> {
+/// agent: runs the agent in its runtime, logging its output and recording its events. It
+/// reaches the model through the run's gateway with a token of its own, which dies when the
+/// agent ends.
+async fn agent(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, rec: &Record<'_>, task: &mut Prepared) -> Result<Ran> {
     let t0 = std::time::Instant::now();
     let prompt_file = task.attempt_dir.join("prompt.txt");
     std::fs::write(&prompt_file, &task.prompt)?;
+    let key = TaskKey {
+        run_id: s.run_id.clone(),
+        index: row.index,
+        attempt: rec.attempt,
+    };
+    let access = s.gateway.as_ref().and_then(|gw| {
+        let addr = e.runtime.gateway_addr(gw.addr()?);
+        Some((gw.issue(key.clone()), addr))
+    });
     let ctx = TaskContext {
         run_id: rec.run_id().to_string(),
         index: row.index,
@@ -240,8 +256,20 @@ async fn agent(e: &Arc<Engine>, row: &TaskRow, rec: &Record<'_>, task: &mut Prep
         checkout: task.checkout.path.clone(),
         scratch: task.attempt_dir.clone(),
         attempt: rec.attempt,
+        model: access.as_ref().map(|(token, addr)| ModelAccess {
+            base_url: crate::gateway::base_url(*addr),
+            token: token.expose().to_string(),
+        }),
     };
-    let invocation = e.agent.invocation(&ctx)?;
+    let mut invocation = e.agent.invocation(&ctx)?;
+    if let (Some((token, addr)), Some(model)) = (&access, &ctx.model) {
+        // Any agent: OpenAI clients find the gateway, and egress goes through its allow-list.
+        invocation.env.push(("OPENAI_BASE_URL".into(), model.base_url.clone()));
+        invocation.env.push(("OPENAI_API_KEY".into(), model.token.clone()));
+        invocation
+            .env
+            .extend(token.proxy_env(*addr).into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
     let log = &mut task.log;
     writeln!(
         log,
@@ -274,6 +302,7 @@ async fn agent(e: &Arc<Engine>, row: &TaskRow, rec: &Record<'_>, task: &mut Prep
         timeout: e.opts.timeout,
         run_id: ctx.run_id.clone(),
         task: row.index,
+        gateway_socket: s.gateway.as_ref().and_then(|g| g.socket_path().map(Path::to_path_buf)),
     };
     let runtime = e.runtime.clone();
     let cancel = e.cancel.child_token();
@@ -301,8 +330,22 @@ async fn agent(e: &Arc<Engine>, row: &TaskRow, rec: &Record<'_>, task: &mut Prep
         writeln!(log, "--- final message\n{text}")?;
     }
     writeln!(log, "--- exit: {exit:?}")?;
+    let over_budget = s.gateway.as_ref().and_then(|gw| {
+        if gw.over_budget(&key) {
+            Some("over budget: the task spent its budget ([run] budget task)".to_string())
+        } else if gw.run_over_budget() {
+            Some("over budget: the run spent its budget ([run] budget run)".to_string())
+        } else {
+            None
+        }
+    });
+    drop(access); // the token dies with the agent
     tracing::debug!(task = row.index, ms = t0.elapsed().as_millis() as u64, "agent finished");
-    Ok(Ran { exit, events })
+    Ok(Ran {
+        exit,
+        events,
+        over_budget,
+    })
 }
 
 /// Writes one line of the agent's output to the task's log and, when the
@@ -413,6 +456,12 @@ async fn commit(
         git::short(tc.tip),
         tc.files_changed.len()
     )?;
+    if let Some(reason) = &ran.over_budget {
+        // What it changed stays committed on its branch; it is not merged.
+        let commit = (!tc.is_empty()).then_some(tip.as_str());
+        rec.over_budget(&tip, commit, &tc.files_changed, ran.exit.code(), reason)?;
+        return Ok(None);
+    }
     let failure = if !oversized.is_empty() {
         let list: Vec<String> = oversized.iter().map(|(p, n)| format!("{p} ({n} bytes)")).collect();
         Some(format!(

@@ -11,12 +11,17 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use super::{Exit, Output, Runtime, Spawn};
+use crate::secret::Secret;
 
-pub struct HostRuntime;
+pub struct HostRuntime {
+    /// Values no agent may inherit from cohort's environment (the API key, wherever the
+    /// user exported it): the agent reaches the model through the gateway instead.
+    hide: Vec<Secret>,
+}
 
 impl HostRuntime {
-    pub fn new() -> Result<HostRuntime> {
-        Ok(HostRuntime)
+    pub fn new(hide: Vec<Secret>) -> Result<HostRuntime> {
+        Ok(HostRuntime { hide })
     }
 }
 
@@ -60,14 +65,15 @@ impl Runtime for HostRuntime {
         let mut cmd = Command::new(&inv.program);
         cmd.args(&inv.args);
         cmd.current_dir(&spawn.workdir);
-        // A secret reaches the child only under the names the agent chose:
-        // drop inherited variables holding the same value (OPENAI_API_KEY
-        // for codex, which reads its key from its provider's env_key).
+        // A secret reaches the child only under the names the agent chose: drop inherited
+        // variables holding the same value, or the key (OPENAI_API_KEY in the user's shell).
         for (name, value) in std::env::vars_os() {
             if inv
                 .secret_env
                 .iter()
-                .any(|(_, s)| value.as_encoded_bytes() == s.expose().as_bytes())
+                .map(|(_, s)| s)
+                .chain(&self.hide)
+                .any(|s| !s.is_empty() && value.as_encoded_bytes() == s.expose().as_bytes())
             {
                 cmd.env_remove(name);
             }

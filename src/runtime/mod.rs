@@ -30,7 +30,14 @@ pub struct Spawn {
     /// The run and task this is for (container names and labels).
     pub run_id: String,
     pub task: usize,
+    /// The model gateway's unix socket, for a runtime whose agents cannot reach the host's
+    /// loopback (a container's own network namespace): it is mounted in and bridged to the
+    /// agent's loopback at [`BRIDGE_ADDR`].
+    pub gateway_socket: Option<PathBuf>,
 }
+
+/// Where an agent in a container of its own network namespace finds the model gateway.
+pub const BRIDGE_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8080);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
@@ -67,6 +74,11 @@ pub enum Output {
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync {
     fn name(&self) -> &'static str;
+    /// Where an agent of this runtime reaches the model gateway listening on `gateway`
+    /// (host loopback). The host runtime's agents use it as it is.
+    fn gateway_addr(&self, gateway: std::net::SocketAddr) -> std::net::SocketAddr {
+        gateway
+    }
     /// Removes what a run left behind in this runtime (e.g. the containers
     /// of a crashed process); called when a run (re)starts and ends.
     async fn cleanup_run(&self, _run_id: &str) -> Result<()> {

@@ -59,6 +59,8 @@ pub const LABEL_TASK: &str = "cohort.task";
 /// Where a rootful run puts the idmapped views of a task's git dir and checkout, one directory
 /// per container (named after it).
 pub const IDMAP_DIR: &str = "/run/cohort/idmap";
+/// Where a task container finds the model gateway's socket.
+pub const GATEWAY_SOCKET: &str = "/run/cohort/gateway.sock";
 
 /// Settings for task containers (from `[image]` and `[container]`).
 #[derive(Debug, Clone)]
@@ -239,6 +241,10 @@ impl PodmanRuntime {
                 ..BindMount::new(src, bind.path.display().to_string())
             });
         }
+        if let Some(sock) = self.bridged(spawn) {
+            // The socket file alone; a connect needs no idmapping (it is mode 0666).
+            mounts.push(BindMount::new(sock.display().to_string(), GATEWAY_SOCKET));
+        }
         mounts.extend(self.settings.mounts.iter().cloned());
         let (userns, user) = if self.podman.rootless() {
             (None, None)
@@ -320,7 +326,24 @@ impl PodmanRuntime {
         } else {
             tr(&inv.program)
         };
-        let mut cmd = vec![program];
+        let mut cmd = Vec::new();
+        if self.bridged(spawn).is_some() {
+            // The bridge listens first, then runs the agent and ends with it.
+            let listen = std::net::SocketAddr::from(crate::runtime::BRIDGE_ADDR).to_string();
+            cmd.extend(
+                [
+                    "cohort",
+                    "__bridge",
+                    "--listen",
+                    &listen,
+                    "--socket",
+                    GATEWAY_SOCKET,
+                    "--",
+                ]
+                .map(String::from),
+            );
+        }
+        cmd.push(program);
         cmd.extend(inv.args.iter().map(|a| tr(a)));
         let env = inv.env.iter().map(|(k, v)| format!("{k}={}", tr(v))).collect();
         if inv.secret_env.is_empty() {
@@ -349,6 +372,14 @@ impl PodmanRuntime {
             env,
             stdin: Some(stdin),
         })
+    }
+
+    /// The gateway socket to bridge into the container: not with `network = "host"`, where
+    /// the agent reaches the host's loopback itself.
+    fn bridged<'s>(&self, spawn: &'s Spawn) -> Option<&'s Path> {
+        (self.settings.network != NetworkMode::Host)
+            .then_some(spawn.gateway_socket.as_deref())
+            .flatten()
     }
 
     fn mounted(&self, p: &Path, spawn: &Spawn) -> bool {
@@ -444,6 +475,13 @@ pub fn task_labels(spawn: &Spawn) -> BTreeMap<String, String> {
 impl Runtime for PodmanRuntime {
     fn name(&self) -> &'static str {
         "podman"
+    }
+
+    fn gateway_addr(&self, gateway: std::net::SocketAddr) -> std::net::SocketAddr {
+        match self.settings.network {
+            NetworkMode::Host => gateway,
+            _ => std::net::SocketAddr::from(crate::runtime::BRIDGE_ADDR),
+        }
     }
 
     async fn cleanup_run(&self, run_id: &str) -> Result<()> {

@@ -24,6 +24,7 @@ fn labels_from_the_spawn() {
         binds: Vec::new(),
         run_id: "r1".into(),
         task: 3,
+        gateway_socket: None,
     };
     let l = task_labels(&spawn);
     assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));

@@ -444,6 +444,7 @@ async fn runtime_runs_one_container_per_spawn() {
         binds: Vec::new(),
         run_id: "rt-test".into(),
         task: 1,
+        gateway_socket: None,
         timeout,
     };
     let leftovers = |podman: Podman| async move { podman.list_containers(&[("cohort.run", "rt-test")]).await.unwrap() };
@@ -571,6 +572,7 @@ async fn runtime_rootless_keep_id() {
         binds: Vec::new(),
         run_id: "rootless".into(),
         task: 1,
+        gateway_socket: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();

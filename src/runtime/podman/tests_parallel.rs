@@ -42,6 +42,7 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
             binds: Vec::new(),
             run_id: "parallel".into(),
             task: 1,
+            gateway_socket: None,
         };
         let rt = rt.clone();
         runs.spawn(async move {

@@ -109,6 +109,7 @@ async fn agent_writes_as_owner(idmap: bool) {
         binds: Vec::new(),
         run_id: run_id.into(),
         task: 1,
+        gateway_socket: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();
