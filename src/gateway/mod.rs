@@ -358,6 +358,14 @@ impl Gateway {
         self.shared.reached(self.shared.task_budget, &used).is_some()
     }
 
+    /// The budget that refused a request of `task`, if one did (the task's own first).
+    pub fn refused_for_budget(&self, task: &TaskKey) -> Option<BudgetScope> {
+        let spend = lock(&self.shared.spend);
+        [BudgetScope::Task, BudgetScope::Run]
+            .into_iter()
+            .find(|scope| spend.reported.contains(&(task.clone(), *scope)))
+    }
+
     /// Whether the run has spent its budget (no new task should start).
     pub fn run_over_budget(&self) -> bool {
         let spend = lock(&self.shared.spend);

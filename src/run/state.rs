@@ -78,6 +78,7 @@ pub enum TaskStatus {
     /// Its change held a secret: not committed, not merged.
     Secret,
     /// It ran into its budget (or the run's): committed on its branch, not merged.
+    #[serde(rename = "over budget")]
     OverBudget,
 }
 

@@ -330,14 +330,9 @@ async fn agent(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, rec: &Record<'_>
         writeln!(log, "--- final message\n{text}")?;
     }
     writeln!(log, "--- exit: {exit:?}")?;
-    let over_budget = s.gateway.as_ref().and_then(|gw| {
-        if gw.over_budget(&key) {
-            Some("over budget: the task spent its budget ([run] budget task)".to_string())
-        } else if gw.run_over_budget() {
-            Some("over budget: the run spent its budget ([run] budget run)".to_string())
-        } else {
-            None
-        }
+    // Over budget when a request of its was refused for it, not merely for crossing it.
+    let over_budget = s.gateway.as_ref().and_then(|gw| gw.refused_for_budget(&key)).map(|scope| {
+        format!("over budget: the {scope}'s budget ([run] budget {scope}) is spent, and the model refused its next request")
     });
     drop(access); // the token dies with the agent
     tracing::debug!(task = row.index, ms = t0.elapsed().as_millis() as u64, "agent finished");
