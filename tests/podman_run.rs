@@ -191,10 +191,11 @@ fn image_build_run_in_containers_and_dev_container() {
         let file = s.git(&["show", &format!("cohort/service:out-00{i}.txt")]);
         let lines: Vec<&str> = file.lines().collect();
         assert_ne!(lines[0], host.trim(), "task {i} ran on the host: {file}");
-        // The agent is the container's main process (no exec session beside a keeper).
+        // The agent runs under the container's main process, the gateway's bridge, which
+        // listens first and ends with it (no exec session beside a keeper).
         assert!(
-            lines[1].starts_with("sh -c cat /proc/sys/kernel/hostname"),
-            "PID 1 is the agent: {file}"
+            lines[1].starts_with("cohort __bridge --listen 127.0.0.1:8080 --socket /run/cohort/gateway.sock -- sh -c cat /proc/sys/kernel/hostname"),
+            "PID 1 is the bridge running the agent: {file}"
         );
         assert_eq!(lines[2], "image-ok", "{file}");
         // Rootful engine: userns=auto, the agent is the image user (1000) in its own unprivileged
@@ -239,7 +240,8 @@ fn image_build_run_in_containers_and_dev_container() {
         "checkout at /workspace and the memory limit"
     );
     // What a task container mounts: its checkout at /workspace, its private git dir and its
-    // attempt's directory, and the object store read-only; nothing else of the git dir.
+    // attempt's directory, the object store read-only, and the gateway's socket; nothing else
+    // of the git dir.
     let git_dir = s.work.join(".git").canonicalize().unwrap().display().to_string();
     for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -251,6 +253,7 @@ fn image_build_run_in_containers_and_dev_container() {
             let of_repo = dst == "/workspace" || dst.starts_with(&git_dir) || src.starts_with(&git_dir);
             let ok = !of_repo
                 || dst == "/workspace"
+                || dst == "/run/cohort/gateway.sock"
                 || (dst == format!("{git_dir}/objects") && !rw)
                 || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
                     && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
@@ -438,7 +441,8 @@ fn codex_runs_inside_task_containers() {
         assert!(!json.contains(KEY), "the key is in podman inspect of {id}");
     }
     // What a task container mounts: its checkout at /workspace, its private git dir and its
-    // attempt's directory, and the object store read-only; nothing else of the git dir.
+    // attempt's directory, the object store read-only, and the gateway's socket; nothing else
+    // of the git dir.
     let git_dir = s.work.join(".git").canonicalize().unwrap().display().to_string();
     for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -450,6 +454,7 @@ fn codex_runs_inside_task_containers() {
             let of_repo = dst == "/workspace" || dst.starts_with(&git_dir) || src.starts_with(&git_dir);
             let ok = !of_repo
                 || dst == "/workspace"
+                || dst == "/run/cohort/gateway.sock"
                 || (dst == format!("{git_dir}/objects") && !rw)
                 || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
                     && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
