@@ -10,6 +10,7 @@ fn plan(s: &Scratch, standin: &Standin, doc: &str, out: &std::path::Path) -> std
     let req = s.request("req.md", doc);
     s.cohort()
         .env("OPENAI_API_KEY", KEY)
+        .env("COHORT_LOG", "cohort=debug")
         .args([
             "plan",
             req.to_str().unwrap(),
@@ -43,6 +44,13 @@ fn llm_plan_writes_a_validated_plan() {
     assert_eq!(chat["body"]["model"], "gpt-5-nano");
     assert_eq!(chat["body"]["response_format"]["type"], "json_schema");
     assert_eq!(chat["headers"]["authorization"], format!("Bearer {KEY}"));
+    // The planner spoke to cohort's gateway, which added the key on the way out.
+    assert!(
+        text(&out).contains("planning through the model gateway"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(KEY));
 }
 
 #[test]

@@ -73,10 +73,33 @@ pub async fn make_plan(input: &Path, flags: &PlannerFlags, config: &Config) -> R
         PlannerKind::Llm => {
             let model = flags.planner_model.clone().or(config.planner.model.clone());
             let mut planner = plan::llm::LlmPlanner::new(model.unwrap_or_else(|| plan::llm::DEFAULT_MODEL.into()));
-            planner.base_url = flags.planner_base_url.clone().or(config.planner.base_url.clone());
-            planner.key = super::run::api_key(config)?;
+            let upstream = flags.planner_base_url.clone().or(config.planner.base_url.clone());
             eprintln!("planning with model {}", planner.model);
-            Ok(planner.plan(&doc).await?)
+            // The planner's calls go through the same gateway client as the agents': it sends
+            // a token to the gateway on loopback, and the key goes only from there.
+            let Some(key) = super::run::api_key(config)? else {
+                planner.base_url = upstream;
+                return Ok(planner.plan(&doc).await?);
+            };
+            let gateway = crate::gateway::Gateway::start(crate::gateway::GatewayConfig::new(
+                upstream
+                    .clone()
+                    .unwrap_or_else(|| plan::llm::DEFAULT_BASE_URL.to_string()),
+                key,
+            ))?;
+            let token = gateway.issue(crate::gateway::TaskKey {
+                run_id: "plan".into(),
+                index: 0,
+                attempt: 1,
+            });
+            planner.base_url = gateway.base_url();
+            planner.shown_base = upstream;
+            planner.key = Some(crate::secret::Secret::new(token.expose()));
+            tracing::debug!(gateway = ?gateway.addr(), "planning through the model gateway");
+            let plan = planner.plan(&doc).await;
+            drop(token);
+            gateway.shutdown().await;
+            Ok(plan?)
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct LlmPlanner {
     pub base_url: Option<String>,
     /// Sent only as `Authorization: Bearer`; None sends an empty key (local servers).
     pub key: Option<Secret>,
+    /// The endpoint to name in messages when `base_url` is cohort's gateway in front of it.
+    pub shown_base: Option<String>,
     pub connect_timeout: Duration,
     /// Per HTTP request (each retry gets its own).
     pub request_timeout: Duration,
@@ -68,6 +70,7 @@ impl LlmPlanner {
             model: model.into(),
             base_url: None,
             key: None,
+            shown_base: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
             total_timeout: Duration::from_secs(300),
@@ -99,7 +102,11 @@ impl LlmPlanner {
     }
 
     fn endpoint(&self) -> String {
-        let base = self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
+        let base = self
+            .shown_base
+            .as_deref()
+            .or(self.base_url.as_deref())
+            .unwrap_or(DEFAULT_BASE_URL);
         format!("model `{}` at {}", self.model, base.trim_end_matches('/'))
     }
 
