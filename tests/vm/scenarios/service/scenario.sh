@@ -21,20 +21,22 @@ install -m 0755 /scenario/bin/cohort /scenario/bin/codex /scenario/bin/cohort-st
 cohort --version; codex --version; systemctl --version | head -1; podman --version
 
 step "test set-up: an address task containers can reach, the model stand-in, userns ranges"
-# The VM has no network; containers in their own network namespace reach the host's
-# 192.0.2.1 through podman's bridge. (Test set-up, not product.)
+# The VM has no network; the stand-in listens on 192.0.2.1, which cohort's model gateway on
+# this host reaches (task containers have no network: they reach the gateway through its
+# socket). (Test set-up, not product.)
 ip link add dummy0 type dummy && ip addr add 192.0.2.1/24 dev dummy0 && ip link set dummy0 up
 ip route add default via 192.0.2.254 dev dummy0 onlink
 cohort-standin --host 192.0.2.1 --port 8080 --record "$OUT/standin.jsonl" --max-seconds 3000 >/dev/null 2>"$OUT/standin.err" &
 grep -q '^containers:' /etc/subuid || echo containers:2147483647:2147483648 >>/etc/subuid
 grep -q '^containers:' /etc/subgid || echo containers:2147483647:2147483648 >>/etc/subgid
 
-make_repo() { # dir network; run as the repo's owner
-  local dir="$1" network="$2"
+make_repo() { # dir; run as the repo's owner. Task containers get the default network (none):
+  # codex reaches the stand-in through cohort's gateway only.
+  local dir="$1"
   mkdir -p "$dir" && cd "$dir" && git init -q -b main
   git config user.name "Repo Owner" && git config user.email owner@example.com
   printf '# demo\n' >README.md
-  printf '[agent]\nkind = "codex"\nmodel = "gpt-5-codex"\nbase_url = "http://192.0.2.1:8080/v1"\n\n[run]\njobs = 3\n\n[container]\nnetwork = "%s"\n' "$network" >cohort.toml
+  printf '[agent]\nkind = "codex"\nmodel = "gpt-5-codex"\nbase_url = "http://192.0.2.1:8080/v1"\n\n[run]\njobs = 3\n' >cohort.toml
   git add -A && git commit -q -m initial
 }
 wait_merged() { # repo, as-function, seconds: until 4 task merges are on cohort/service
@@ -72,6 +74,12 @@ check_sealed() { # repo, as-function, guard-before
   ls /tmp/PWNED-* 2>/dev/null && { echo "something the hostile task planted ran on the host"; return 1; }
   echo "the hostile task changed nothing outside its branch, and its honest file was merged"
 }
+check_environ() { # repo, as-function: the third task's container held a token, not the key
+  local environ; environ=$($2 git -C "$1" show cohort/service:environ.txt)
+  grep -q '^COHORT_CODEX_KEY=cohort-' <<<"$environ" || { echo "no gateway token in the container's environment"; return 1; }
+  grep -qF "$KEY" <<<"$environ" && { echo "the key is in a task container's environment"; return 1; }
+  echo "the task container's processes held a gateway token and no key"
+}
 scan_for_key() { # paths...
   if grep -rIl --binary-files=text -F "$KEY" "$@" 2>/dev/null; then echo "the key leaked into the files above"; return 1; fi
   echo "no trace of the key in: $*"
@@ -82,9 +90,9 @@ scan_for_key() { # paths...
 # someone else, and root opening the state DB could leave root-owned WAL files behind.
 step "system scope: a service user owns the repository"
 useradd --system --create-home --home-dir /srv/cohort --shell /usr/sbin/nologin cohort
-as_cohort bash -c "$(declare -f make_repo); make_repo /srv/cohort/repo private"
+as_cohort bash -c "$(declare -f make_repo); make_repo /srv/cohort/repo"
 
-step "system scope: trust the repository's settings (base_url, network)"
+step "system scope: trust the repository's settings (base_url)"
 # For root's own commands here (image build), and for the system service (/etc/cohort).
 cohort trust /srv/cohort/repo/cohort.toml
 cohort trust --scope system /srv/cohort/repo/cohort.toml
@@ -134,6 +142,12 @@ grep -qx "1000 $(id -u cohort) 1" "$OUT/system-userns.txt" \
 [[ "$(as_cohort git -C /srv/cohort/repo show cohort/service:netns.txt)" != "$(readlink /proc/1/ns/net)" ]] \
   || { echo "the task container shared the host's network namespace"; exit 1; }
 echo "userns=auto (image user = the repository's owner), own network namespace"
+check_environ /srv/cohort/repo as_cohort
+# The stand-in saw the key, from the gateway, on every request, and no gateway token.
+[[ $(grep -c . "$OUT/standin.jsonl") == $(grep -cF "\"authorization\":\"Bearer $KEY\"" "$OUT/standin.jsonl") ]] \
+  || { echo "a request reached the stand-in without the key"; exit 1; }
+grep -q 'cohort-[0-9a-f]\{64\}' "$OUT/standin.jsonl" && { echo "a gateway token reached the stand-in"; exit 1; }
+echo "the stand-in saw the key from the gateway only"
 cohort service status --scope system
 journalctl -u cohort.service -o verbose --no-pager | grep -m3 -E '^ *(RUN_ID|TASK_ID)=' || { echo "no structured fields in the journal"; exit 1; }
 journalctl -b --no-pager >"$OUT/journal-for-scan.txt"
@@ -144,7 +158,7 @@ as_cohort git -C /srv/cohort/repo log -p --all | grep -F "$KEY" && { echo "key i
 step "user scope: lingering alice"
 loginctl enable-linger alice
 for _ in $(seq 180); do [[ -S /run/user/1000/bus ]] && break; sleep 1; done
-as_alice bash -c "$(declare -f make_repo); make_repo /home/alice/repo host"
+as_alice bash -c "$(declare -f make_repo); make_repo /home/alice/repo"
 as_alice cohort trust /home/alice/repo/cohort.toml
 
 step "user scope: place the key, TPM2 required"
@@ -172,6 +186,7 @@ as_alice git -C /home/alice/repo log --first-parent --format=%s cohort/service |
 [[ $(grep -c '^Merge task' "$OUT/user-service-branch.txt") == 4 ]]
 check_sealed /home/alice/repo as_alice "$before"
 as_alice cohort service status --scope user
+check_environ /home/alice/repo as_alice
 journalctl -b --no-pager >"$OUT/journal-for-scan.txt"
 scan_for_key /home/alice/repo /home/alice/.local/state/cohort "$OUT/journal-for-scan.txt"
 rm -f "$OUT/journal-for-scan.txt"
