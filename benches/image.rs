@@ -210,9 +210,10 @@ fn stats(times: &mut [Duration]) -> (Duration, Duration) {
 }
 
 /// `runs` tasks of `true` through cohort's podman runtime: what `cohort run --runtime podman`
-/// does per task attempt (container from the image with the checkout at /workspace, a private
-/// git dir and an attempt directory read-write and the object store read-only, `true` as its
-/// main process, attach, start, its exit code; removal in the background).
+/// does per task attempt (container from the image with no network, the checkout at
+/// /workspace, a private git dir and an attempt directory read-write, the object store
+/// read-only and the run's gateway socket; `cohort __bridge` as its main process running
+/// `true`; attach, start, its exit code; removal in the background).
 /// Returns each task's start-to-exit and the whole block's time including every removal.
 fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -220,7 +221,8 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
         let podman = Podman::connect_to(b.service.socket()).await.expect("connect");
         let settings = PodmanSettings {
             image: TAG.into(),
-            network: NetworkMode::default(),
+            // What a task container gets by default: no network, the gateway through its socket.
+            network: NetworkMode::None,
             memory_bytes: None,
             pids_limit: None,
             mounts: Vec::new(),
@@ -234,6 +236,13 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
                 "host user namespace"
             }
         );
+        // The run's model gateway, bridged into every container as for a task.
+        let socket = b.tmp.path().join("gateway.sock");
+        let gateway = cohort::gateway::Gateway::start(cohort::gateway::GatewayConfig {
+            socket: Some(socket.clone()),
+            ..cohort::gateway::GatewayConfig::new("http://127.0.0.1:9/v1", cohort::secret::Secret::new("bench-key"))
+        })
+        .expect("the gateway");
         // What a task's container gets besides its checkout (see `run::task::agent`).
         let (git_dir, attempt) = (b.tmp.path().join("gitdir"), b.tmp.path().join("attempt"));
         for d in [&git_dir, &attempt] {
@@ -266,7 +275,7 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
                 binds: binds.clone(),
                 run_id: "bench".into(),
                 task: 1,
-                gateway_socket: None,
+                gateway_socket: Some(socket.clone()),
             };
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
             let start = Instant::now();
@@ -278,7 +287,9 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
             assert_eq!(exit, Exit::Code(0), "true in a task container");
         }
         runtime.removals_done().await;
-        (times, block.elapsed())
+        let elapsed = block.elapsed();
+        gateway.shutdown().await;
+        (times, elapsed)
     })
 }
 
