@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
@@ -58,6 +59,20 @@ const FILE_FLAGS: OFlags = OFlags::RDONLY
 const BENEATH: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
+
+/// Whether `openat2` may be used: a kernel before 5.6 lacks it, and a seccomp filter (the
+/// hardened system service's, a container engine's default profile) may answer ENOSYS or
+/// EPERM for it. Then paths are walked a component at a time instead.
+static OPENAT2: AtomicBool = AtomicBool::new(true);
+
+fn no_openat2(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    let missing = matches!(e, Errno::NOSYS | Errno::PERM);
+    if missing {
+        OPENAT2.store(false, Ordering::Relaxed);
+    }
+    missing
+}
 
 fn absent(e: &rustix::io::Errno) -> bool {
     use rustix::io::Errno;
@@ -137,10 +152,21 @@ impl Dir {
     /// Opens the regular file at the relative `path` (several components), refusing a
     /// symlink anywhere in it and never leaving this directory.
     pub fn open_beneath(&self, path: &Path) -> io::Result<Option<(File, rfs::Stat)>> {
-        match rfs::openat2(&self.fd, path, FILE_FLAGS, Mode::empty(), BENEATH) {
-            Ok(fd) => regular(fd),
-            Err(e) if absent(&e) || e == rustix::io::Errno::XDEV => Ok(None),
-            Err(e) => Err(e.into()),
+        let (parent, name) = match (path.parent(), path.file_name()) {
+            (Some(p), Some(n)) => (p, n),
+            _ => return Ok(None),
+        };
+        if OPENAT2.load(Ordering::Relaxed) {
+            match rfs::openat2(&self.fd, path, FILE_FLAGS, Mode::empty(), BENEATH) {
+                Ok(fd) => return regular(fd),
+                Err(e) if absent(&e) || e == rustix::io::Errno::XDEV => return Ok(None),
+                Err(e) if !no_openat2(e) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
+        match self.sub_beneath(parent)? {
+            Some(dir) => dir.open_file(name),
+            None => Ok(None),
         }
     }
 
@@ -151,11 +177,30 @@ impl Dir {
                 fd: self.fd.try_clone()?,
             }));
         }
-        match rfs::openat2(&self.fd, path, DIR_FLAGS, Mode::empty(), BENEATH) {
-            Ok(fd) => Ok(Some(Dir { fd })),
-            Err(e) if absent(&e) || e == rustix::io::Errno::XDEV => Ok(None),
-            Err(e) => Err(e.into()),
+        if OPENAT2.load(Ordering::Relaxed) {
+            match rfs::openat2(&self.fd, path, DIR_FLAGS, Mode::empty(), BENEATH) {
+                Ok(fd) => return Ok(Some(Dir { fd })),
+                Err(e) if absent(&e) || e == rustix::io::Errno::XDEV => return Ok(None),
+                Err(e) if !no_openat2(e) => return Err(e.into()),
+                Err(_) => {}
+            }
         }
+        // Component by component, each opened without following a symlink.
+        let mut dir: Option<Dir> = None;
+        for comp in path.components() {
+            let std::path::Component::Normal(name) = comp else {
+                return Ok(None); // `..`, `/`: never leave this directory
+            };
+            let next = match &dir {
+                None => self.sub(name)?,
+                Some(d) => d.sub(name)?,
+            };
+            match next {
+                Some(d) => dir = Some(d),
+                None => return Ok(None),
+            }
+        }
+        Ok(dir)
     }
 
     /// The whole content of a regular file of at most `cap` bytes; `None` when it is missing,
@@ -279,6 +324,24 @@ pub fn remove_path(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_beneath_without_openat2() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+        std::fs::write(tmp.path().join("a/b/f"), "x").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("a"), tmp.path().join("link")).unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        for openat2 in [true, false] {
+            OPENAT2.store(openat2, Ordering::Relaxed);
+            assert!(dir.open_beneath(Path::new("a/b/f")).unwrap().is_some());
+            assert!(dir.sub_beneath(Path::new("a/b")).unwrap().is_some());
+            assert!(dir.open_beneath(Path::new("link/b/f")).unwrap().is_none());
+            assert!(dir.sub_beneath(Path::new("link/b")).unwrap().is_none());
+            assert!(dir.sub_beneath(Path::new("a/../..")).unwrap().is_none());
+        }
+        OPENAT2.store(true, Ordering::Relaxed);
+    }
 
     #[test]
     fn never_follows_what_it_finds() {
