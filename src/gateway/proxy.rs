@@ -377,7 +377,7 @@ async fn pump(mut inner: ByteStream, mut meter: Meter, tx: mpsc::Sender<Chunk>) 
                 ended = Some(None);
                 break;
             }
-            tokio::task::yield_now().await;
+            YieldOnce(false).await;
             match inner.next().now_or_never() {
                 Some(Some(Ok(more))) => {
                     meter.feed(&more);
@@ -411,6 +411,24 @@ async fn pump(mut inner: ByteStream, mut meter: Meter, tx: mpsc::Sender<Chunk>) 
         }
     }
     meter.finish();
+}
+
+/// Lets the tasks that are ready run once (the endpoint's connection among
+/// them) before going on. Unlike `tokio::task::yield_now`, which also makes the
+/// runtime poll its I/O driver (an `epoll_wait` per SSE event), this only goes
+/// to the back of the queue; the driver is still polled every few dozen turns.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if std::mem::replace(&mut self.0, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }
 
 /// The answer's body on its way to the agent: what the pump queued, passed on
