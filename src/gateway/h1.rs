@@ -18,6 +18,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -276,6 +277,29 @@ async fn read_head(mut stream: TcpStream, head_request: bool) -> Result<Answer, 
         if stream.read_buf(&mut buf).await? == 0 {
             return Err(Error::Closed);
         }
+        quickack(&stream);
+    }
+}
+
+/// Asks the kernel to acknowledge what arrives next at once, not after its
+/// delayed-ACK timer (40 ms on Linux). An endpoint without `TCP_NODELAY` (the
+/// stand-in is one: hyper's default) holds each small write back until its
+/// last one is acknowledged (Nagle); with delayed ACKs on our side a fast
+/// stream then stalls for the timer, again and again. The kernel leaves
+/// quick-ACK mode by itself, so this is asked after every read. A failure
+/// only means ACKs may be delayed.
+fn quickack(stream: &TcpStream) {
+    let on: libc::c_int = 1;
+    // SAFETY: a socket descriptor that lives as long as `stream`, and an
+    // option value that is a c_int of the size given.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -423,6 +447,9 @@ impl Reader {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(Error::Io(e)),
             };
+            if n > 0 {
+                quickack(stream);
+            }
             if n == 0 {
                 if matches!(self.framing, Framing::Close) {
                     self.framing = Framing::Done;
