@@ -4,6 +4,8 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -664,4 +666,181 @@ async fn bad_configurations_are_refused_at_start() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
     // The key is in no error.
     assert!(!e.contains(KEY));
+}
+
+/// One scripted answer of `scripted()`: raw bytes, and whether the endpoint
+/// closes the connection after them.
+fn script(name: &str) -> (Vec<u8>, bool) {
+    let completed = |input: u64, output: u64| {
+        format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"usage\":\
+             {{\"input_tokens\":{input},\"input_tokens_details\":{{\"cached_tokens\":1}},\"output_tokens\":{output}}}}}}}\n\n"
+        )
+    };
+    let delta =
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n";
+    match name {
+        // No length, no chunks: the body ends when the connection does.
+        "close" => {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            (format!("{head}{delta}{}", completed(7, 3)).into_bytes(), true)
+        }
+        // An interim answer first, then a sized JSON body.
+        "continue" => {
+            let body = r#"{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":2}}"#;
+            let head = format!(
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            (format!("{head}{body}").into_bytes(), false)
+        }
+        // Chunks cut mid-event, with an extension and a trailer.
+        "chunked" => {
+            let text = format!("{delta}{}", completed(5, 4));
+            let (a, b) = text.split_at(30);
+            let body = format!(
+                "{:x};ext=1\r\n{a}\r\n{:X}\r\n{b}\r\n0\r\nx-trailer: yes\r\n\r\n",
+                a.len(),
+                b.len()
+            );
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            (format!("{head}{body}").into_bytes(), false)
+        }
+        // Kept alive by its headers, then closed by the endpoint while idle.
+        "stale" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec(), true),
+        // A stream that breaks off mid-chunk.
+        "cut" => {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            (format!("{head}400\r\n{delta}").into_bytes(), true)
+        }
+        _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(), false),
+    }
+}
+
+/// A raw HTTP/1.1 endpoint answering by the last segment of the path (see
+/// `script`), for the framings the stand-in (hyper) never uses. Returns its
+/// base URL, the request heads it got, and how many connections it accepted.
+async fn scripted() -> (String, Arc<Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (h, c) = (heads.clone(), conns.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let heads = h.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    // One request: its head, then its sized body.
+                    let end = loop {
+                        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while got.len() < end + len {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    got.drain(..end + len);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    heads.lock().unwrap().push(head);
+                    let (answer, close) = script(path.rsplit('/').next().unwrap_or(""));
+                    if s.write_all(&answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), heads, conns)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_http_endpoint_is_read_in_every_framing() {
+    let (base, heads, conns) = scripted().await;
+    let gw = Gateway::start(GatewayConfig::new(base, Secret::new(KEY))).unwrap();
+    let mut rx = gw.take_events().unwrap();
+    let token = gw.issue(task(1));
+    let send = |path: &str| {
+        client()
+            .post(format!("{}/{path}", gw.base_url().unwrap()))
+            .bearer_auth(token.expose())
+            .json(&json!({"model": "m"}))
+            .send()
+    };
+
+    let resp = send("close").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.starts_with("event: response.output_text.delta") && text.ends_with("}}}\n\n"),
+        "{text}"
+    );
+    assert_eq!(gw.usage(&task(1)), usage(7, 1, 3, 1));
+
+    let resp = send("continue").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("\"prompt_tokens\":11"));
+    assert_eq!(gw.usage(&task(1)), usage(18, 1, 5, 2));
+
+    let resp = send("chunked").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("ext=1") && !text.contains("x-trailer"), "{text}");
+    assert_eq!(text.matches("event: ").count(), 2, "{text}");
+    assert_eq!(gw.usage(&task(1)), usage(23, 2, 9, 3));
+    // "continue" and "chunked" went over one kept-alive connection.
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+
+    // A kept-alive connection the endpoint closed is not used again.
+    assert_eq!(send("stale").await.unwrap().text().await.unwrap(), "{}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = send("chunked").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap().matches("event: ").count(), 2);
+    assert_eq!(conns.load(Ordering::SeqCst), 3);
+
+    // A stream that breaks off is an error for the agent, and still counted.
+    // (The gateway may break its connection off before its client has the head.)
+    if let Ok(resp) = send("cut").await {
+        assert_eq!(resp.status(), 200);
+        assert!(resp.text().await.is_err(), "a cut stream read as whole");
+    }
+    let before = events(&mut rx).len();
+    assert!(before >= 6);
+    assert_eq!(gw.usage(&task(1)), usage(28, 3, 13, 6));
+
+    // What went upstream: the key, the endpoint's host, never the token.
+    for head in heads.lock().unwrap().iter() {
+        assert!(head.contains(&format!("authorization: Bearer {KEY}\r\n")), "{head}");
+        assert!(head.contains("\r\nhost: 127.0.0.1:"), "{head}");
+        assert!(!head.contains(token.expose()), "{head}");
+    }
+    gw.shutdown().await;
+
+    // Nothing listens: 502 in OpenAI's shape, without the key.
+    let gw = Gateway::start(GatewayConfig::new("http://127.0.0.1:1/v1", Secret::new(KEY))).unwrap();
+    let token = gw.issue(task(2));
+    let (status, body) = post(&gw, "/responses", Some(token.expose()), &first_turn("x")).await;
+    assert_eq!(status, 502, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unreachable", "{body}");
+    assert!(!body.contains(KEY));
+    assert_eq!(gw.usage(&task(2)), usage(0, 0, 0, 1));
+    gw.shutdown().await;
 }

@@ -18,6 +18,7 @@
 mod bridge;
 mod budget;
 mod egress;
+mod h1;
 mod proxy;
 mod server;
 mod sse;

@@ -15,6 +15,7 @@ use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
+use super::h1;
 use super::server::{api_error, Body, BoxError};
 use super::sse::UsageReader;
 use super::{BudgetScope, GatewayError, GatewayEvent, Shared, TaskKey, Usage};
@@ -24,11 +25,14 @@ use crate::secret::Secret;
 /// conversations, a few MB at most).
 const MAX_REQUEST: usize = 64 << 20;
 
-/// The real endpoint and the one client that talks to it.
+/// The real endpoint and the clients that talk to it.
 pub(crate) struct Upstream {
     /// Without a trailing slash, e.g. `https://api.openai.com/v1`.
     base: String,
     key: Secret,
+    /// For a plain-HTTP endpoint reached without a proxy (see `h1`).
+    direct: Option<h1::Endpoint>,
+    /// For the others: HTTPS, or a proxy from the environment.
     client: reqwest::Client,
 }
 
@@ -52,15 +56,30 @@ impl Upstream {
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(60));
         let host = url.host_str().unwrap_or("");
-        if matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+        let local = matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "::1");
+        if local {
             builder = builder.no_proxy(); // a proxy from the environment must not capture a local server
         }
         let client = builder.build().map_err(|e| GatewayError::Client(e.to_string()))?;
+        // What reqwest would send through a proxy stays with reqwest.
+        let proxied = !local
+            && ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+        let direct = if proxied { None } else { h1::Endpoint::new(&url) };
         Ok(Upstream {
             base: base.trim_end_matches('/').to_string(),
             key,
+            direct,
             client,
         })
+    }
+
+    /// Closes kept-alive connections (the gateway is stopping).
+    pub(crate) fn close_idle(&self) {
+        if let Some(direct) = &self.direct {
+            direct.close_idle();
+        }
     }
 }
 
@@ -197,28 +216,40 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
             header::ACCEPT_ENCODING,
         ],
     );
-    let sent = up
-        .client
-        .request(parts.method.clone(), url)
-        .headers(headers)
-        .bearer_auth(up.key.expose()) // the one place the key goes: marked sensitive by reqwest
-        .body(body)
-        .send()
-        .await;
-    let answer = match sent {
-        Ok(a) => a,
-        Err(e) => {
-            answered_without_usage(shared, &task);
-            tracing::warn!(%task, "the model endpoint cannot be reached: {}", chain(&e));
-            return api_error(
-                StatusCode::BAD_GATEWAY,
-                "server_error",
-                "upstream_unreachable",
-                &format!("cohort: the model endpoint cannot be reached: {}", chain(&e)),
-            );
+    let (status, mut headers, source) = match &up.direct {
+        Some(endpoint) => {
+            let mut target = url.path().to_string();
+            if let Some(q) = url.query() {
+                target.push('?');
+                target.push_str(q);
+            }
+            // The one place the key goes on this path; `h1::Error` never quotes the request.
+            match endpoint
+                .send(&parts.method, &target, &headers, up.key.expose(), &body)
+                .await
+            {
+                Ok(a) => (a.status, a.headers, Source::Direct(a.body)),
+                Err(e) => {
+                    let why = format!("error sending request for url ({url}): {e}");
+                    return unreachable(shared, &task, &why);
+                }
+            }
+        }
+        None => {
+            let sent = up
+                .client
+                .request(parts.method.clone(), url)
+                .headers(headers)
+                .bearer_auth(up.key.expose()) // the one place the key goes: marked sensitive by reqwest
+                .body(body)
+                .send()
+                .await;
+            match sent {
+                Ok(a) => (a.status(), a.headers().clone(), Source::Reqwest(a)),
+                Err(e) => return unreachable(shared, &task, &chain(&e)),
+            }
         }
     };
-    let status = answer.status();
     tracing::debug!(%task, method = %parts.method, path = parts.uri.path(), %status, "forwarded");
     if status == StatusCode::UNAUTHORIZED {
         // The endpoint's message may quote part of the key; the agent gets ours.
@@ -231,16 +262,19 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
             "cohort: the model endpoint refused cohort's API key (HTTP 401)",
         );
     }
-    let mut headers = answer.headers().clone();
     strip_hop_by_hop(&mut headers);
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let remaining = match &source {
+        Source::Reqwest(a) => a.content_length(),
+        Source::Direct(_) => None, // its reader knows where the body ends
+    };
     let meter = Meter {
         reader: UsageReader::for_content_type(&content_type),
-        remaining: answer.content_length(),
+        remaining,
         answer: Usage {
             requests: 1,
             ..Usage::default()
@@ -249,14 +283,43 @@ pub(crate) async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Res
         task,
         done: false,
     };
-    let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
-    shared.tasks.spawn(pump(Box::pin(answer.bytes_stream()), meter, tx));
-    let mut response = Response::new(Body::new(Coalesced { rx, failed: None }));
+    let body = match source {
+        Source::Direct(reader) => Body::new(Relay {
+            reader,
+            meter,
+            out: BytesMut::new(),
+            failed: None,
+            ended: false,
+        }),
+        Source::Reqwest(answer) => {
+            let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
+            shared.tasks.spawn(pump(Box::pin(answer.bytes_stream()), meter, tx));
+            Body::new(Coalesced { rx, failed: None })
+        }
+    };
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
 }
 
+/// Where an answer's body comes from.
+enum Source {
+    Direct(h1::Reader),
+    Reqwest(reqwest::Response),
+}
+
+/// The endpoint gave no answer: 502, and the request counted without usage.
+fn unreachable(shared: &Shared, task: &TaskKey, why: &str) -> Response<Body> {
+    answered_without_usage(shared, task);
+    tracing::warn!(%task, "the model endpoint cannot be reached: {why}");
+    api_error(
+        StatusCode::BAD_GATEWAY,
+        "server_error",
+        "upstream_unreachable",
+        &format!("cohort: the model endpoint cannot be reached: {why}"),
+    )
+}
 /// The usage event of a request that was sent but whose answer is not passed on.
 fn answered_without_usage(shared: &Shared, task: &TaskKey) {
     shared.emit(GatewayEvent::Usage {
@@ -340,6 +403,85 @@ impl Meter {
     }
 }
 
+impl Drop for Meter {
+    /// An answer whose reader went away (the agent hung up) still counts.
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// At most this many bytes go to the agent in one frame from `Relay`
+/// (hyper writes several frames with one call).
+const FRAME: usize = 64 << 10;
+
+/// The answer's body read straight from the endpoint's connection (`h1`),
+/// in the agent's connection task: each poll passes on all that has arrived
+/// (up to `FRAME` bytes) as one frame, counted before it is passed on, so
+/// the agent cannot see the end of an answer before its tokens are on the
+/// task's account.
+struct Relay {
+    reader: h1::Reader,
+    meter: Meter,
+    /// The next frame is built here (its spare room is reused once a frame
+    /// sent is dropped).
+    out: BytesMut,
+    /// An error met after bytes that go first.
+    failed: Option<h1::Error>,
+    ended: bool,
+}
+
+impl hyper::body::Body for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            this.ended = true;
+            return Poll::Ready(Some(Err(Box::new(e))));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.out.capacity() < FRAME / 4 {
+            this.out.reserve(FRAME);
+        }
+        let limit = this.out.capacity();
+        let read = this.reader.poll_read(cx, &mut this.out, limit);
+        if !this.out.is_empty() {
+            this.meter.feed(&this.out);
+        }
+        match read {
+            Ok(h1::Read::Pending) => return Poll::Pending,
+            Ok(h1::Read::More | h1::Read::End) => {}
+            Err(e) => {
+                this.meter.finish();
+                if this.out.is_empty() {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                this.failed = Some(e);
+            }
+        }
+        if this.reader.is_done() {
+            this.meter.finish();
+            this.ended = true;
+            if let (Some(conn), Some(direct)) = (this.reader.reusable(), &this.meter.shared.upstream.direct) {
+                direct.release(conn);
+            }
+        }
+        if this.out.is_empty() {
+            this.ended = true;
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(this.out.split().freeze()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.failed.is_none()
+    }
+}
+
 /// Reads the answer from the endpoint, counts it, and queues it for the
 /// agent's connection. Each chunk is counted before it is queued, so the agent
 /// cannot see the end of an answer before its tokens are on the task's
@@ -377,7 +519,7 @@ async fn pump(mut inner: ByteStream, mut meter: Meter, tx: mpsc::Sender<Chunk>) 
                 ended = Some(None);
                 break;
             }
-            tokio::task::yield_now().await;
+            YieldOnce(false).await;
             match inner.next().now_or_never() {
                 Some(Some(Ok(more))) => {
                     meter.feed(&more);
@@ -411,6 +553,24 @@ async fn pump(mut inner: ByteStream, mut meter: Meter, tx: mpsc::Sender<Chunk>) 
         }
     }
     meter.finish();
+}
+
+/// Lets the tasks that are ready run once (the endpoint's connection among
+/// them) before going on. Unlike `tokio::task::yield_now`, which also makes the
+/// runtime poll its I/O driver (an `epoll_wait` per SSE event), this only goes
+/// to the back of the queue; the driver is still polled every few dozen turns.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if std::mem::replace(&mut self.0, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }
 
 /// The answer's body on its way to the agent: what the pump queued, passed on

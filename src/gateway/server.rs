@@ -95,6 +95,7 @@ pub(crate) fn start(
                 shared.stop.cancelled().await;
                 shared.tasks.close();
                 shared.tasks.wait().await;
+                shared.upstream.close_idle();
             });
             let _ = done.send(());
         });
