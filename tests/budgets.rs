@@ -9,19 +9,6 @@ use support::*;
 
 const KEY: &str = "sk-cohort-test-key-budget-0123456789abcdef";
 
-fn codex() -> String {
-    let out = std::process::Command::new("sh")
-        .arg(fixture("install-codex.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "installing codex: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn run_with_budget(s: &Scratch, standin: &Standin, budget: &str, doc: &str) -> std::process::Output {
     let cfg = s.tmp.path().join("cohort.toml");
     std::fs::write(

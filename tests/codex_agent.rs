@@ -7,19 +7,6 @@ use support::*;
 
 const KEY: &str = "sk-cohort-test-key-5d41402abc4b2a76b9719d911017c592";
 
-fn codex() -> String {
-    let out = std::process::Command::new("sh")
-        .arg(fixture("install-codex.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "installing codex: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// A config outside the repository (so the snapshot does not commit it). codex runs through
 /// a wrapper that records the environment it was given (outside the repository too).
 fn config(s: &Scratch) -> std::path::PathBuf {

@@ -20,12 +20,6 @@ use support::*;
 
 const KEY: &str = "sk-cohort-test-key-gateway-podman-0f1e2d3c4b5a";
 
-fn codex() -> String {
-    let out = Command::new("sh").arg(fixture("install-codex.sh")).output().unwrap();
-    assert!(out.status.success(), "installing codex: {}", text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// A one-line HTTP server on `addr` answering every request with `body`, for the allowed host.
 fn tiny_server(addr: &str, body: &'static str) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind(addr).unwrap();
@@ -61,21 +55,7 @@ fn inspect_all(service: &PodmanService) -> Vec<String> {
 fn cohort_as(s: &Scratch, service: &PodmanService, user: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = match user {
         None => s.cohort(),
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", u, "--", "env"]);
-            c.arg(format!("HOME={}", service.dir().join("home").display()));
-            c.arg(format!("XDG_RUNTIME_DIR={}", service.dir().join("xdg").display()));
-            c.arg(format!("XDG_CONFIG_HOME={}", s.tmp.path().join(".config").display()));
-            c.arg(format!(
-                "XDG_STATE_HOME={}",
-                s.tmp.path().join(".local/state").display()
-            ));
-            c.arg(format!("OPENAI_API_KEY={KEY}"));
-            c.arg(env!("CARGO_BIN_EXE_cohort"));
-            c.current_dir(&s.work);
-            c
-        }
+        Some(u) => cohort_as_user(s, u, &service.dir().join("home"), &service.dir().join("xdg")),
     };
     cmd.env("CONTAINER_HOST", service.container_host())
         .env("OPENAI_API_KEY", KEY)

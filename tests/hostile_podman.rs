@@ -40,18 +40,9 @@ fn repo() -> Scratch {
 
 /// Runs cohort as `user` (None: as root) in the repository.
 fn cohort_as(s: &Scratch, service: &PodmanService, user: Option<&str>, args: &[&str]) -> Output {
-    let bin = env!("CARGO_BIN_EXE_cohort");
     let mut cmd = match user {
         None => s.cohort(),
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", u, "--", "env"]);
-            c.arg(format!("HOME={}", service.dir().join("home").display()));
-            c.arg(format!("XDG_RUNTIME_DIR={}", service.dir().join("xdg").display()));
-            c.arg(bin);
-            c.current_dir(&s.work);
-            c
-        }
+        Some(u) => cohort_as_user(s, u, &service.dir().join("home"), &service.dir().join("xdg")),
     };
     cmd.env("CONTAINER_HOST", service.container_host()).args(args);
     cmd.output().unwrap()

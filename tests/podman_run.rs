@@ -88,6 +88,30 @@ fn build(s: &Scratch, service: &PodmanService, archive: &Path) -> String {
         .to_string()
 }
 
+/// What a task container mounts: its checkout at /workspace, its private git dir and its
+/// attempt's directory, the object store read-only, and the gateway's socket; nothing else of
+/// the git dir.
+fn check_task_mounts(s: &Scratch, seen: &[(String, String)]) {
+    let git_dir = s.work.join(".git").canonicalize().unwrap().display().to_string();
+    for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        for m in v[0]["Mounts"].as_array().unwrap() {
+            let dst = m["Destination"].as_str().unwrap();
+            let rw = m["RW"].as_bool().unwrap();
+            let src = m["Source"].as_str().unwrap_or("");
+            // Engine mounts (/sys with network = "host", ...) are not the repository's.
+            let of_repo = dst == "/workspace" || dst.starts_with(&git_dir) || src.starts_with(&git_dir);
+            let ok = !of_repo
+                || dst == "/workspace"
+                || dst == "/run/cohort/gateway.sock"
+                || (dst == format!("{git_dir}/objects") && !rw)
+                || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
+                    && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
+            assert!(ok, "task container {id} mounts {dst} (rw {rw})");
+        }
+    }
+}
+
 fn with_stdin(mut cmd: Command, input: &str) -> Output {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
@@ -239,27 +263,7 @@ fn image_build_run_in_containers_and_dev_container() {
             .any(|(_, j)| j.contains("\"/workspace\"") && j.contains("1073741824")),
         "checkout at /workspace and the memory limit"
     );
-    // What a task container mounts: its checkout at /workspace, its private git dir and its
-    // attempt's directory, the object store read-only, and the gateway's socket; nothing else
-    // of the git dir.
-    let git_dir = s.work.join(".git").canonicalize().unwrap().display().to_string();
-    for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
-        let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        for m in v[0]["Mounts"].as_array().unwrap() {
-            let dst = m["Destination"].as_str().unwrap();
-            let rw = m["RW"].as_bool().unwrap();
-            let src = m["Source"].as_str().unwrap_or("");
-            // Engine mounts (/sys with network = "host", ...) are not the repository's.
-            let of_repo = dst == "/workspace" || dst.starts_with(&git_dir) || src.starts_with(&git_dir);
-            let ok = !of_repo
-                || dst == "/workspace"
-                || dst == "/run/cohort/gateway.sock"
-                || (dst == format!("{git_dir}/objects") && !rw)
-                || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
-                    && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
-            assert!(ok, "task container {id} mounts {dst} (rw {rw})");
-        }
-    }
+    check_task_mounts(&s, &seen);
     let left = cli_out(&service, &["ps", "-a", "-q", "--filter", "label=cohort.run"]);
     assert_eq!(left.trim(), "", "task containers left behind");
     for f in ["state.db", "state.db-wal"] {
@@ -379,9 +383,7 @@ fn image_build_run_in_containers_and_dev_container() {
 #[test]
 fn codex_runs_inside_task_containers() {
     use cohort_standin::{Options, Standin};
-    let installed = Command::new("sh").arg(fixture("install-codex.sh")).output().unwrap();
-    assert!(installed.status.success(), "installing codex: {}", text(&installed));
-    let codex = String::from_utf8(installed.stdout).unwrap().trim().to_string();
+    let codex = codex();
     let standin = Standin::start(Options::default()).unwrap();
     let service = PodmanService::start();
     let s = Scratch::new();
@@ -440,27 +442,7 @@ fn codex_runs_inside_task_containers() {
     for (id, json) in &seen {
         assert!(!json.contains(KEY), "the key is in podman inspect of {id}");
     }
-    // What a task container mounts: its checkout at /workspace, its private git dir and its
-    // attempt's directory, the object store read-only, and the gateway's socket; nothing else
-    // of the git dir.
-    let git_dir = s.work.join(".git").canonicalize().unwrap().display().to_string();
-    for (id, json) in seen.iter().filter(|(_, j)| j.contains("\"cohort.run\"")) {
-        let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        for m in v[0]["Mounts"].as_array().unwrap() {
-            let dst = m["Destination"].as_str().unwrap();
-            let rw = m["RW"].as_bool().unwrap();
-            let src = m["Source"].as_str().unwrap_or("");
-            // Engine mounts (/sys with network = "host", ...) are not the repository's.
-            let of_repo = dst == "/workspace" || dst.starts_with(&git_dir) || src.starts_with(&git_dir);
-            let ok = !of_repo
-                || dst == "/workspace"
-                || dst == "/run/cohort/gateway.sock"
-                || (dst == format!("{git_dir}/objects") && !rw)
-                || (dst.starts_with(&format!("{git_dir}/cohort/runs/"))
-                    && (dst.contains("/gitdirs/") || dst.contains("/attempts/")));
-            assert!(ok, "task container {id} mounts {dst} (rw {rw})");
-        }
-    }
+    check_task_mounts(&s, &seen);
     let left = cli_out(&service, &["ps", "-a", "-q", "--filter", "label=cohort.run"]);
     assert_eq!(left.trim(), "", "task containers left behind");
 }

@@ -70,34 +70,12 @@ impl<'a> Record<'a> {
         code: Option<i32>,
         reason: &str,
     ) -> Result<()> {
-        self.state()?.atomically(|st| {
-            let end = AttemptEnd {
-                status: "failed",
-                tip_commit: Some(tip.to_string()),
-                exit_code: code,
-                reason: Some(reason.to_string()),
-            };
-            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
-            st.set_failure(self.run_id(), self.idx, commit, files, code, reason)
-        })?;
-        self.s.progress.task_finished(self.idx, "failed", reason);
-        Ok(())
+        self.unmerged(TaskStatus::Failed, tip, commit, files, code, reason)
     }
 
     /// Its change held secrets: nothing of it was committed or merged.
     pub fn secret(&self, tip: &str, code: Option<i32>, reason: &str) -> Result<()> {
-        self.state()?.atomically(|st| {
-            let end = AttemptEnd {
-                status: "secret",
-                tip_commit: Some(tip.to_string()),
-                exit_code: code,
-                reason: Some(reason.to_string()),
-            };
-            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
-            st.set_status(self.run_id(), self.idx, TaskStatus::Secret, None, Some(reason))
-        })?;
-        self.s.progress.task_finished(self.idx, "secret", reason);
-        Ok(())
+        self.unmerged(TaskStatus::Secret, tip, None, &[], code, reason)
     }
 
     /// It ran into its budget (or the run's): committed on its branch, not merged.
@@ -109,25 +87,30 @@ impl<'a> Record<'a> {
         code: Option<i32>,
         reason: &str,
     ) -> Result<()> {
+        self.unmerged(TaskStatus::OverBudget, tip, commit, files, code, reason)
+    }
+
+    /// The task ends as `status` without a merge; its attempt with it.
+    fn unmerged(
+        &self,
+        status: TaskStatus,
+        tip: &str,
+        commit: Option<&str>,
+        files: &[String],
+        code: Option<i32>,
+        reason: &str,
+    ) -> Result<()> {
         self.state()?.atomically(|st| {
             let end = AttemptEnd {
-                status: "over budget",
+                status: status.as_str(),
                 tip_commit: Some(tip.to_string()),
                 exit_code: code,
                 reason: Some(reason.to_string()),
             };
             st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
-            st.set_ended(
-                self.run_id(),
-                self.idx,
-                TaskStatus::OverBudget,
-                commit,
-                files,
-                code,
-                reason,
-            )
+            st.set_ended(self.run_id(), self.idx, status, commit, files, code, reason)
         })?;
-        self.s.progress.task_finished(self.idx, "over budget", reason);
+        self.s.progress.task_finished(self.idx, status.as_str(), reason);
         Ok(())
     }
 

@@ -457,14 +457,8 @@ impl State {
     /// Per task: the agent's thread id and summed token usage, from events.
     /// Tokens per task as the model gateway counted them (kind `gateway` events).
     pub fn gateway_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, GatewayTotals>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT idx, data FROM events WHERE run_id = ?1 AND kind = 'gateway' ORDER BY id")?;
         let mut out = std::collections::BTreeMap::<usize, GatewayTotals>::new();
-        let rows = stmt.query_map([run_id], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (idx, data) = row?;
-            let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+        for (idx, v) in self.events_of(run_id, "gateway")? {
             let t = out.entry(idx).or_default();
             match v["kind"].as_str() {
                 Some("usage") => {
@@ -480,15 +474,25 @@ impl State {
         Ok(out)
     }
 
-    pub fn agent_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, AgentTotals>> {
+    /// The events of one kind of a run, in order: task index and JSON data.
+    fn events_of(&self, run_id: &str, kind: &str) -> Result<Vec<(usize, serde_json::Value)>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT idx, data FROM events WHERE run_id = ?1 AND kind = 'agent' ORDER BY id")?;
-        let mut out = std::collections::BTreeMap::<usize, AgentTotals>::new();
-        let rows = stmt.query_map([run_id], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, String>(1)?)))?;
+            .prepare("SELECT idx, data FROM events WHERE run_id = ?1 AND kind = ?2 ORDER BY id")?;
+        let rows = stmt.query_map(params![run_id, kind], |r| {
+            Ok((r.get::<_, i64>(0)? as usize, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
         for row in rows {
             let (idx, data) = row?;
-            let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+            out.push((idx, serde_json::from_str(&data).unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    pub fn agent_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, AgentTotals>> {
+        let mut out = std::collections::BTreeMap::<usize, AgentTotals>::new();
+        for (idx, v) in self.events_of(run_id, "agent")? {
             let t = out.entry(idx).or_default();
             match v["kind"].as_str() {
                 Some("thread") => t.thread_id = v["id"].as_str().map(String::from),

@@ -12,6 +12,17 @@ pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
 }
 
+/// The pinned codex CLI's path (installed by fixtures/install-codex.sh when missing).
+pub fn codex() -> String {
+    let out = Command::new("sh").arg(fixture("install-codex.sh")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "installing codex: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 pub fn agent(name: &str) -> String {
     fixture(&format!("agents/{name}")).display().to_string()
 }
@@ -158,6 +169,24 @@ impl Scratch {
         let out = self.run(&["report", "--json"]);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("report --json: {}", text(&out)))
     }
+}
+
+/// The cohort binary run as `user` (the rootless podman tests' developer) in `s`'s repository,
+/// with `home` and `runtime_dir` (the user's podman socket lives there) and `s`'s own settings
+/// and state directories, as `Scratch::cohort` gives root.
+pub fn cohort_as_user(s: &Scratch, user: &str, home: &Path, runtime_dir: &Path) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", user, "--", "env"]);
+    c.arg(format!("HOME={}", home.display()));
+    c.arg(format!("XDG_RUNTIME_DIR={}", runtime_dir.display()));
+    c.arg(format!("XDG_CONFIG_HOME={}", s.tmp.path().join(".config").display()));
+    c.arg(format!(
+        "XDG_STATE_HOME={}",
+        s.tmp.path().join(".local/state").display()
+    ));
+    c.arg(env!("CARGO_BIN_EXE_cohort"));
+    c.current_dir(&s.work);
+    c
 }
 
 pub fn text(out: &Output) -> String {
