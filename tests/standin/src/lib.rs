@@ -115,6 +115,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
                 continue;
             }
         };
+        // As a real endpoint does: a streamed answer's small writes go out at once, rather than
+        // waiting for the client's delayed ACK (Nagle's algorithm).
+        let _ = stream.set_nodelay(true);
         let st = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
