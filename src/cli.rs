@@ -104,6 +104,9 @@ pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
         {
             return 2;
         }
+        if let Some(r) = cause.downcast_ref::<crate::git::remote::RemoteError>() {
+            return r.exit_code();
+        }
         if let Some(g) = cause.downcast_ref::<GitError>() {
             return match g {
                 GitError::RefMoved { .. } => 1,

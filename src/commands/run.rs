@@ -102,6 +102,28 @@ pub fn api_key(config: &Config) -> Result<Option<Secret>> {
     Ok(found.map(|(secret, _)| secret))
 }
 
+/// The credentials for origin: a placed `git_token` (the credential store or systemd's
+/// `$CREDENTIALS_DIRECTORY`, never an environment variable, which is too easily meant for
+/// another host), and for the service (`with_ssh_key`) a placed deploy key, written for
+/// ssh into the service's private runtime directory.
+pub fn git_access(with_ssh_key: bool) -> Result<crate::git::remote::Access> {
+    let stored = |name: &str| {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(crate::keys::lookup_stored(name))
+        })
+        .map_err(|e| anyhow::anyhow!(super::keys::explain_key(e)))
+    };
+    let token = stored(crate::keys::GIT_TOKEN)?.map(|(s, _)| s);
+    let ssh_identity = match with_ssh_key {
+        true => match stored(crate::keys::GIT_SSH_KEY)? {
+            Some((key, _)) => Some(crate::keys::identity_file(&key)?),
+            None => None,
+        },
+        false => None,
+    };
+    Ok(crate::git::remote::Access { token, ssh_identity })
+}
+
 /// Builds the engine from flags over config over stored options (resume).
 pub fn build_engine(
     paths: RepoPaths,
@@ -221,6 +243,7 @@ pub fn build_engine(
         },
         cancel: CancellationToken::new(),
         gateway,
+        access: git_access(false)?,
     })
 }
 

@@ -88,6 +88,8 @@ struct Setup {
     /// Where each request's settings come from; loaded anew per request, so a changed
     /// cohort.toml (pulled from origin, or merged from a task) is seen, and judged.
     sources: Sources,
+    /// The git credentials for origin (token, deploy key), for every request.
+    access: crate::git::remote::Access,
 }
 
 /// The system service is the one whose state directory is /var/lib/cohort
@@ -120,6 +122,8 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
         let name = config.agent.key.as_deref().unwrap_or(crate::keys::DEFAULT_KEY);
         return Err(usage(crate::keys::missing_help(name)));
     }
+    // The git credentials, found (and the deploy key written for ssh) once at start.
+    let access = super::run::git_access(true).map_err(|e| usage(format!("{e:#}")))?;
     let inbox = Inbox::new(&state);
     inbox.create()?;
     Registration {
@@ -135,6 +139,7 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
         inbox,
         poll,
         sources,
+        access,
     })
 }
 
@@ -216,6 +221,7 @@ async fn run_request(
     let engine = match build_engine(s.paths.clone(), &config, &flags, &stored) {
         Ok(mut e) => {
             e.cancel = token.child_token();
+            e.access = s.access.clone();
             Arc::new(e)
         }
         Err(e) => return (None, Err(e)),
@@ -290,6 +296,7 @@ async fn resume_unfinished(args: &Args, s: &Setup, token: &CancellationToken, no
         };
         let mut engine = build_engine(s.paths.clone(), &config, &flags, &stored)?;
         engine.cancel = token.child_token();
+        engine.access = s.access.clone();
         let engine = Arc::new(engine);
         let result = async {
             engine.agent.preflight().await?;

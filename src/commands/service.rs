@@ -131,6 +131,7 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
         repo: repo.clone(),
         owner: owner.clone(),
         key,
+        extra_keys: placed_git_keys(scope)?,
         config: config_path.map(std::fs::canonicalize).transpose()?,
     };
     let text = unit::render(&spec)?;
@@ -189,6 +190,21 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
 }
 
 /// The checks that would make the service fail at once; each says how to fix it.
+/// The git credentials placed in the system store, for the unit to load (the user
+/// service decrypts its own store, as for the API key).
+fn placed_git_keys(scope: ServiceScope) -> Result<Vec<String>> {
+    if scope != ServiceScope::System {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for name in [crate::keys::GIT_TOKEN, crate::keys::GIT_SSH_KEY] {
+        if crate::keys::store::path(cohort_systemd::Scope::System, name)?.exists() {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
 async fn preflight(scope: ServiceScope, config: &Config, key: &str) -> Result<()> {
     let cred = crate::keys::store::path(
         match scope {

@@ -12,6 +12,7 @@ pub mod names;
 pub mod pool;
 pub mod private;
 pub mod refs;
+pub mod remote;
 pub mod safefs;
 pub mod scan;
 pub mod snapshot;

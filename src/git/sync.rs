@@ -13,6 +13,7 @@ use gix::bstr::ByteSlice;
 use gix::remote::Direction;
 
 use super::checkout::{self, Untracked};
+use super::remote::{self, Access, RemoteError};
 use super::merge::merge_trees_of;
 use super::{is_ancestor, refs, scan, short, snapshot, tree_of, write_commit, GitError, Oid};
 use crate::secret::Secret;
@@ -22,6 +23,8 @@ pub struct SyncOptions<'a> {
     /// The configured API key, so the scan can refuse a file that holds it.
     pub key: Option<&'a Secret>,
     pub allow_files: &'a [String],
+    /// The service's credentials for origin (default: the user's git credential config).
+    pub access: &'a Access,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +120,7 @@ pub fn prepare(repo: &gix::Repository, opts: &SyncOptions<'_>) -> Result<Prepare
         (head, None)
     };
 
-    let (upstream, target) = pull_target(repo, &branch, local)?;
+    let (upstream, target) = pull_target(repo, &branch, local, opts.access)?;
     Ok(PreparedSync {
         report: SyncReport {
             branch,
@@ -188,7 +191,7 @@ fn refuse_unfinished(repo: &gix::Repository) -> Result<()> {
 
 /// Fetches the branch's upstream on `origin` and works out where the branch
 /// should end up: `local`, the upstream (fast-forward), or a clean merge.
-fn pull_target(repo: &gix::Repository, branch: &str, local: Oid) -> Result<(Upstream, Oid)> {
+fn pull_target(repo: &gix::Repository, branch: &str, local: Oid, access: &Access) -> Result<(Upstream, Oid)> {
     let Ok(remote) = repo.find_remote("origin") else {
         return Ok((Upstream::NoRemote, local));
     };
@@ -201,12 +204,7 @@ fn pull_target(repo: &gix::Repository, branch: &str, local: Oid) -> Result<(Upst
         Some(Ok(name)) if on_origin => name.as_bstr().to_string(),
         _ => return Ok((Upstream::NoUpstream, local)),
     };
-    let interrupt = AtomicBool::new(false);
-    remote
-        .connect(Direction::Fetch)
-        .and_then(|c| c.prepare_fetch(gix::progress::Discard, Default::default()))
-        .and_then(|p| p.receive(gix::progress::Discard, &interrupt))
-        .with_context(|| format!("cannot fetch from origin for {short_name}; pass --no-sync to skip the pull"))?;
+    fetch(&remote, access)?;
     let Some(theirs) = refs::read(repo, &tracking)? else {
         return Ok((Upstream::NoUpstream, local));
     };
@@ -232,6 +230,26 @@ fn pull_target(repo: &gix::Repository, branch: &str, local: Oid) -> Result<(Upst
         }
         .into()),
     }
+}
+
+/// Fetches origin with its configured refspecs (remote-tracking refs move, as with `git
+/// fetch`; no branch of the user's does). Errors say whether the credentials or the
+/// network failed.
+pub fn fetch(remote: &gix::Remote<'_>, access: &Access) -> Result<(), RemoteError> {
+    let url = remote
+        .url(Direction::Fetch)
+        .cloned()
+        .ok_or_else(|| RemoteError::Other {
+            what: "fetch from",
+            url: "origin".into(),
+            cause: "it has no URL (`git remote set-url origin URL`)".into(),
+        })?;
+    let interrupt = AtomicBool::new(false);
+    let conn = remote::fetch_connection(remote, &url, access)?;
+    conn.prepare_fetch(gix::progress::Discard, Default::default())
+        .and_then(|p| p.receive(gix::progress::Discard, &interrupt))
+        .map(drop)
+        .map_err(|e| remote::classify("fetch from", &url, &e))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,12 @@ use crate::secret::Secret;
 /// The credential name used when `[agent] key` is not set.
 pub const DEFAULT_KEY: &str = "openai_api_key";
 
+/// An https token for origin's host, used as git's credential there.
+pub const GIT_TOKEN: &str = "git_token";
+
+/// An ssh deploy key for origin, handed to ssh by the service as an identity file.
+pub const GIT_SSH_KEY: &str = "git_ssh_key";
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("{0:?} is not a valid key name: use 1-64 of a-z, 0-9, '_', '-' (e.g. openai_api_key)")]
@@ -112,6 +118,13 @@ pub async fn lookup(name: &str) -> Result<Option<(Secret, Source)>, KeyError> {
     if let Some(v) = std::env::var(&var).ok().filter(|v| !v.is_empty()) {
         return Ok(Some((Secret::new(v), Source::Env(var))));
     }
+    lookup_stored(name).await
+}
+
+/// Like [`lookup`], without the environment: for keys whose variable name (`GIT_TOKEN`)
+/// is too likely to be set for some other purpose or host.
+pub async fn lookup_stored(name: &str) -> Result<Option<(Secret, Source)>, KeyError> {
+    validate_name(name)?;
     if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
         let path = Path::new(&dir).join(credential_id(name));
         match std::fs::read(&path) {
@@ -169,6 +182,45 @@ fn secret_from_bytes(mut bytes: Vec<u8>, path: &Path) -> Result<Secret, KeyError
         source: std::io::ErrorKind::InvalidData.into(),
     })?;
     Ok(Secret::new(text))
+}
+
+/// Writes the deploy key where ssh can read it: `$RUNTIME_DIRECTORY/git_ssh_key`, mode
+/// 0600, in the directory systemd gives the service and removes when it stops. Nowhere
+/// else: without that directory (a `serve` started by hand) this is an error.
+pub fn identity_file(key: &Secret) -> Result<PathBuf, KeyError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| KeyError::Io {
+            what: "using the deploy key git_ssh_key: there is no $RUNTIME_DIRECTORY to keep it in (it is only \
+                   used by the service, `cohort service install`)"
+                .into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+    // systemd may give several directories, separated by ':'; the first is cohort's.
+    let dir = PathBuf::from(std::ffi::OsString::from(
+        dir.to_string_lossy().split(':').next().unwrap_or_default(),
+    ));
+    let path = dir.join(GIT_SSH_KEY);
+    let tmp = dir.join(format!(".{GIT_SSH_KEY}.{}", std::process::id()));
+    let io = |what: &str, source| KeyError::Io {
+        what: format!("{what} {}", tmp.display()),
+        source,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("creating", e))?;
+    // ssh wants the key's last line ended; the store drops trailing newlines.
+    f.write_all(key.expose().as_bytes())
+        .and_then(|_| f.write_all(b"\n"))
+        .map_err(|e| io("writing", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io("renaming", e))?;
+    Ok(path)
 }
 
 /// What to tell a user who has no key at all.

@@ -45,6 +45,8 @@ pub struct Engine {
     /// The model gateway each run starts for its agents (none: agents reach no model and,
     /// in containers, nothing at all).
     pub gateway: Option<GatewaySettings>,
+    /// The credentials for origin, for the pull and the push.
+    pub access: crate::git::remote::Access,
 }
 
 impl Engine {
@@ -129,6 +131,7 @@ pub async fn start(
     let paths = engine.paths.clone();
     let service = engine.opts.service_branch.clone();
     let id = run_id.clone();
+    let engine_access = engine.access.clone();
     let notes = blocking(move || {
         let repo = paths.open()?;
         let mut notes = Vec::new();
@@ -145,6 +148,7 @@ pub async fn start(
                     run_id: &id,
                     key: s.key.as_ref(),
                     allow_files: &s.allow_files,
+                    access: &engine_access,
                 };
                 Some(sync::prepare(&repo, &opts)?)
             }

@@ -21,6 +21,10 @@ pub struct UnitSpec {
     pub owner: Option<(String, String)>,
     /// The credential with the agent's key (`cohort.NAME`).
     pub key: String,
+    /// Further credentials placed for the service (`git_token`, `git_ssh_key`), loaded
+    /// like the key. Only those that exist: systemd refuses to start a unit whose
+    /// encrypted credential is missing.
+    pub extra_keys: Vec<String>,
     /// An explicit `--config` to pass on.
     pub config: Option<PathBuf>,
 }
@@ -56,7 +60,11 @@ pub fn render(spec: &UnitSpec) -> anyhow::Result<String> {
         .raw("RestartPreventExitStatus", "2 243")
         .raw("WatchdogSec", "120s")
         .raw("TimeoutStopSec", "120s")
-        .raw("StateDirectory", "cohort");
+        .raw("StateDirectory", "cohort")
+        // The deploy key is written here for ssh (0600, in a 0700 directory that systemd
+        // removes when the service stops).
+        .raw("RuntimeDirectory", "cohort")
+        .raw("RuntimeDirectoryMode", "0700");
     match spec.scope {
         ServiceScope::User => {
             // LoadCredentialEncrypted= does not work in user units before systemd 258:
@@ -70,6 +78,9 @@ pub fn render(spec: &UnitSpec) -> anyhow::Result<String> {
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("a system unit needs the repository's owner"))?;
             harden_system(svc, &user, &group, &spec.repo, &spec.key);
+            for k in &spec.extra_keys {
+                svc.raw("LoadCredentialEncrypted", &crate::keys::credential_id(k));
+            }
             u.section("Install").raw("WantedBy", "multi-user.target");
         }
     }
@@ -82,8 +93,7 @@ fn harden_system(svc: &mut cohort_systemd::Section, user: &str, group: &str, rep
     // socket by its path, whatever its own mode. systemd (as root) binds the socket into
     // this service's runtime directory instead; the socket's group (the drop-in below)
     // decides who may connect.
-    svc.raw("RuntimeDirectory", "cohort")
-        .raw("BindPaths", &format!("{SYSTEM_PODMAN_SOCKET}:{SERVICE_PODMAN_SOCKET}"))
+    svc.raw("BindPaths", &format!("{SYSTEM_PODMAN_SOCKET}:{SERVICE_PODMAN_SOCKET}"))
         .env("CONTAINER_HOST", &format!("unix://{SERVICE_PODMAN_SOCKET}"))
         .raw("Environment", "HOME=%S/cohort")
         // systemd decrypts /etc/credstore.encrypted/cohort.NAME (TPM2-bound) into
@@ -158,6 +168,7 @@ mod tests {
             repo: "/srv/repo 100%".into(),
             owner: Some(("alice".into(), "alice".into())),
             key: "openai_api_key".into(),
+            extra_keys: vec!["git_token".into()],
             config: None,
         }
     }
@@ -172,6 +183,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("WantedBy=default.target"), "{text}");
+        assert!(text.contains("RuntimeDirectoryMode=0700\n"), "{text}");
         assert!(
             !text.contains("LoadCredentialEncrypted"),
             "broken in user units before 258: {text}"
@@ -185,6 +197,9 @@ mod tests {
         let text = render(&s).unwrap();
         for want in [
             "LoadCredentialEncrypted=cohort.openai_api_key",
+            "LoadCredentialEncrypted=cohort.git_token",
+            "RuntimeDirectory=cohort",
+            "RuntimeDirectoryMode=0700",
             "BindPaths=/run/podman/podman.sock:/run/cohort/podman.sock",
             "Environment=\"CONTAINER_HOST=unix:///run/cohort/podman.sock\"",
             "DynamicUser=yes",
