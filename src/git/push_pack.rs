@@ -65,8 +65,18 @@ pub(super) fn count(
     for &id in remote_has {
         if let Ok(Some(header)) = repo.try_find_header(id) {
             known.insert(id);
-            if header.kind() == gix::object::Kind::Commit {
-                hidden.push(id);
+            match header.kind() {
+                gix::object::Kind::Commit => hidden.push(id),
+                // receive-pack advertises annotated tags unpeeled; what they
+                // point to is the remote's too.
+                gix::object::Kind::Tag => {
+                    if let Ok(target) = repo.find_object(id).and_then(|o| o.peel_tags_to_end()) {
+                        if target.kind == gix::object::Kind::Commit {
+                            hidden.push(target.id);
+                        }
+                    }
+                }
+                _ => {}
             }
         }
     }

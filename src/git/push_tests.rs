@@ -419,6 +419,31 @@ fn two_refs_at_once_all_or_nothing() {
 }
 
 #[test]
+fn an_annotated_tag_is_pushed_with_what_it_points_to() {
+    let r = Repos::new();
+    let main = "refs/heads/main";
+    r.push(&[update(main, None, r.first)]).unwrap();
+    let tagged = r.commit("a.txt", "a\n", "tagged");
+    git(&r.work, &["tag", "-a", "v1", "-m", "release 1"]);
+    let tag = oid(&git(&r.work, &["rev-parse", "v1"]));
+
+    let pushed = r.push(&[update("refs/tags/v1", None, tag)]).unwrap();
+
+    assert_eq!(outcome(&pushed, "refs/tags/v1"), RefOutcome::Updated);
+    assert_eq!(git(&r.bare, &["cat-file", "-t", "refs/tags/v1"]), "tag");
+    assert_eq!(oid(&git(&r.bare, &["rev-parse", "v1^{commit}"])), tagged);
+    assert_eq!(pushed.objects, r.objects_between(tag, Some(r.first)));
+    r.fsck();
+
+    // The remote has the commit through the tag it advertises: nothing to send.
+    let pushed = r.push(&[update(main, Some(r.first), tagged)]).unwrap();
+    assert_eq!(outcome(&pushed, main), RefOutcome::Updated);
+    assert_eq!(pushed.objects, 0);
+    assert_eq!(r.remote(main), Some(tagged));
+    r.fsck();
+}
+
+#[test]
 fn a_ref_is_deleted_with_the_null_id() {
     let r = Repos::new();
     r.push(&[update(SERVICE, None, r.first)]).unwrap();
