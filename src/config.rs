@@ -141,6 +141,20 @@ pub struct RunSection {
     /// Tokens or dollars a task and the whole run may spend at the model, e.g.
     /// `budget = { task = "300k", run = "$5" }` (dollars use `[agent] price`).
     pub budget: Option<crate::gateway::BudgetSpec>,
+    /// Push the service branch to origin after each run (and each request of the
+    /// service), as a compare-and-swap on origin's value at the last fetch.
+    pub push: Option<bool>,
+    /// Which task branches to push as well: `"none"` (the default) or `"failed"` (those
+    /// of tasks that did not merge, for review).
+    pub push_tasks: Option<PushTasks>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PushTasks {
+    #[default]
+    None,
+    Failed,
 }
 
 impl RunSection {

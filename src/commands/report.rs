@@ -27,12 +27,15 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     let price = crate::config::Config::load_lenient(config_path, Some(&paths.workdir))?
         .agent
         .price;
+    // Each push of the run to origin (a resumed run may have pushed more than once).
+    let pushes = state.pushes(&row.id)?;
     let cost = |t: &crate::run::state::AgentTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let gateway_cost = |t: &crate::run::state::GatewayTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let code = crate::run::Summary {
         run_id: row.id.clone(),
         tasks: tasks.clone(),
         interrupted: false,
+        push: None,
     }
     .exit_code();
     if args.json {
@@ -65,6 +68,7 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
                 v
             }).collect::<Vec<_>>(),
             "spend": spend,
+            "pushes": pushes,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(code);
@@ -101,6 +105,11 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
             println!("    reason: {r}");
         }
     }
+    for p in &pushes {
+        for line in describe_push(p) {
+            println!("{line}");
+        }
+    }
     let mut all = crate::run::state::AgentTotals::default();
     for a in totals.values() {
         all.input += a.input;
@@ -117,4 +126,26 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
         );
     }
     Ok(code)
+}
+
+/// A recorded push (see `run/push.rs`), as lines.
+fn describe_push(p: &serde_json::Value) -> Vec<String> {
+    let url = p["url"].as_str().unwrap_or("origin");
+    if let Some(e) = p["error"].as_str() {
+        return vec![format!("push failed: {e}")];
+    }
+    let mut out = Vec::new();
+    for r in p["refs"].as_array().into_iter().flatten() {
+        let branch = r["branch"].as_str().unwrap_or("?");
+        let commit = r["commit"].as_str().unwrap_or("");
+        let commit = &commit[..10.min(commit.len())];
+        match (r["status"].as_str().unwrap_or("?"), r["reason"].as_str()) {
+            ("rejected", Some(why)) => out.push(format!("push of {branch} to {url} rejected: {why}")),
+            (status, _) => out.push(format!("{branch} {status} at {commit} on {url}")),
+        }
+    }
+    if let Some(c) = p["compare_url"].as_str() {
+        out.push(format!("compare: {c}"));
+    }
+    out
 }

@@ -28,6 +28,7 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
             run_id: row.id,
             tasks,
             interrupted: false,
+            push: None,
         };
         print_summary(&summary);
         return Ok(summary.exit_code());

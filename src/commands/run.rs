@@ -70,6 +70,10 @@ pub struct EngineFlags {
     /// An OpenAI-compatible endpoint for the codex agent (e.g. http://127.0.0.1:8080/v1).
     #[arg(long, value_name = "URL")]
     pub base_url: Option<String>,
+    /// After the run, push the service branch to origin (as `git push --force-with-lease`
+    /// would: only over the value cohort last fetched). Also `[run] push = true`.
+    #[arg(long)]
+    pub push: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,10 +112,8 @@ pub fn api_key(config: &Config) -> Result<Option<Secret>> {
 /// ssh into the service's private runtime directory.
 pub fn git_access(with_ssh_key: bool) -> Result<crate::git::remote::Access> {
     let stored = |name: &str| {
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(crate::keys::lookup_stored(name))
-        })
-        .map_err(|e| anyhow::anyhow!(super::keys::explain_key(e)))
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(crate::keys::lookup_stored(name)))
+            .map_err(|e| anyhow::anyhow!(super::keys::explain_key(e)))
     };
     let token = stored(crate::keys::GIT_TOKEN)?.map(|(s, _)| s);
     let ssh_identity = match with_ssh_key {
@@ -155,6 +157,7 @@ pub fn build_engine(
         _ => stored["timeout_secs"].as_u64().map(std::time::Duration::from_secs),
     };
     let service_branch = service_branch(flags, config)?;
+    let push = push_policy(&paths, flags, config, stored)?;
 
     // Looked for in what every task hands back (with token shapes, private keys, .env files),
     // and kept from every agent's environment.
@@ -240,11 +243,34 @@ pub fn build_engine(
                 max_file_size: config.run.max_file_size()?,
                 key: scan_key,
             },
+            push,
         },
         cancel: CancellationToken::new(),
         gateway,
         access: git_access(false)?,
     })
+}
+
+/// Whether (and what) to push after the run: `--push`, `[run] push`, or what the run was
+/// started with. Without an origin to push to, that is a usage error now, before the run.
+fn push_policy(
+    paths: &RepoPaths,
+    flags: &EngineFlags,
+    config: &Config,
+    stored: &serde_json::Value,
+) -> Result<Option<crate::config::PushTasks>> {
+    let wanted = flags.push || config.run.push.unwrap_or(false) || stored["push"].as_bool() == Some(true);
+    if !wanted {
+        return Ok(None);
+    }
+    let repo = paths.open()?;
+    if crate::git::remote::origin_url(&repo, gix::remote::Direction::Push).is_none() {
+        return Err(usage(
+            "--push (or [run] push): this repository has no remote 'origin' to push to; add one with \
+             `git remote add origin URL`, or drop --push",
+        ));
+    }
+    Ok(Some(config.run.push_tasks.unwrap_or_default()))
 }
 
 /// The run's model gateway: the agent's endpoint (`--base-url`, `[agent] base_url`, what the
@@ -393,6 +419,7 @@ pub fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value
         .and_then(shlex::split)
         .or_else(|| config.agent.command.clone());
     serde_json::json!({
+        "push": flags.push || config.run.push.unwrap_or(false),
         "agent_command": argv,
         "model": flags.model.clone().or(config.agent.model.clone()),
         "base_url": flags.base_url.clone().or(config.agent.base_url.clone()),
@@ -437,6 +464,11 @@ pub fn print_summary(summary: &run::Summary) {
         count(Conflict),
         run::unfinished(&summary.tasks)
     ));
+    if let Some(p) = &summary.push {
+        for line in p.describe() {
+            crate::progress::say(&line);
+        }
+    }
     if summary.exit_code() != 0 {
         crate::progress::say(&format!("see `cohort report {}` for details", summary.run_id));
     }

@@ -22,7 +22,8 @@ use crate::trust::{sha256_hex, TrustStore, Verdict};
 
 /// `[section] key`s a repository's `cohort.toml` sets only once trusted: they run programs
 /// (`kind`, `command`, `codex_path`, `programs`, `base`), choose where the key is sent
-/// (`base_url`) or widen the sandbox (`mounts`, `network`, `allow`).
+/// (`base_url`), widen the sandbox (`mounts`, `network`, `allow`) or write to origin with
+/// the user's credentials (`push`, `push_tasks`).
 pub const SENSITIVE: &[(&str, &str)] = &[
     ("agent", "kind"),
     ("agent", "command"),
@@ -36,6 +37,9 @@ pub const SENSITIVE: &[(&str, &str)] = &[
     ("image", "base"),
     // `host` takes agents out of their containers.
     ("run", "runtime"),
+    // Pushing writes to origin with the user's credentials.
+    ("run", "push"),
+    ("run", "push_tasks"),
 ];
 
 /// The system service's own settings (system scope's lowest layer).

@@ -11,6 +11,7 @@ pub mod merge;
 pub mod names;
 pub mod pool;
 pub mod private;
+pub mod publish;
 pub mod push;
 pub mod refs;
 pub mod remote;

@@ -13,7 +13,7 @@ use anyhow::Result;
 use super::merge::merge_trees_of;
 use super::push::{self, RefOutcome, Update};
 use super::remote::{self, Access, RemoteError};
-use super::{is_ancestor, refs, write_commit, Oid};
+use super::{is_ancestor, refs, write_commit};
 
 /// One branch as published.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -90,8 +90,7 @@ pub fn publish(
             reason: Some(reason),
         });
     }
-    let (to_send, up_to_date): (Vec<Update>, Vec<Update>) =
-        updates.into_iter().partition(|u| u.expect != Some(u.new));
+    let (to_send, up_to_date): (Vec<Update>, Vec<Update>) = updates.into_iter().partition(|u| u.expect != Some(u.new));
     for u in up_to_date {
         out.refs.push(published(&u, "up to date", None));
     }
@@ -101,8 +100,7 @@ pub fn publish(
     let mut transport = remote::connect(repo, &url, access)?;
     let mut auth = remote::authenticate(repo, &url, access)?;
     let interrupt = AtomicBool::new(false);
-    let pushed = push::push(repo, &mut *transport, &mut auth, &to_send, &interrupt)
-        .map_err(|e| push_error(&url, e))?;
+    let pushed = push::push(repo, &mut *transport, &mut auth, &to_send, &interrupt).map_err(|e| push_error(&url, e))?;
     for (u, (_, outcome)) in to_send.iter().zip(pushed.refs) {
         match outcome {
             RefOutcome::Updated | RefOutcome::UpToDate => {
@@ -149,7 +147,13 @@ fn service_update(repo: &gix::Repository, service: &str) -> Result<Result<Update
                 Ok(tree) => {
                     let msg = format!("Merge origin's {service} into {service}\n");
                     let merged = write_commit(repo, tree, &[local, theirs], &msg)?;
-                    refs::cas(repo, &name, Some(local), merged, "cohort: merge origin's service branch")?;
+                    refs::cas(
+                        repo,
+                        &name,
+                        Some(local),
+                        merged,
+                        "cohort: merge origin's service branch",
+                    )?;
                     local = merged;
                 }
                 Err(paths) => {
@@ -162,7 +166,11 @@ fn service_update(repo: &gix::Repository, service: &str) -> Result<Result<Update
             }
         }
     }
-    Ok(Ok(Update { name, expect, new: local }))
+    Ok(Ok(Update {
+        name,
+        expect,
+        new: local,
+    }))
 }
 
 /// A failed push, in the terms of the remote's errors (credentials: exit 2).
@@ -191,7 +199,10 @@ fn push_error(url: &gix::Url, e: push::PushError) -> RemoteError {
 pub fn compare_url(url: &gix::Url, base: &str, branch: &str) -> Option<String> {
     let host = url.host()?;
     let path = url.path.to_string();
-    let path = path.trim_start_matches('/').trim_end_matches('/').trim_end_matches(".git");
+    let path = path
+        .trim_start_matches('/')
+        .trim_end_matches('/')
+        .trim_end_matches(".git");
     if path.is_empty() || path.contains("..") {
         return None;
     }

@@ -35,14 +35,16 @@ pub struct Access {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    #[error(
-        "origin ({url}) refused cohort's credentials: {fix} (nothing was changed)"
-    )]
+    #[error("origin ({url}) refused cohort's credentials: {fix} (nothing was changed)")]
     Auth { url: String, fix: String },
     #[error("cannot reach origin ({url}): {cause}; check the network and the URL (`git remote -v`), or pass --no-sync to skip the pull (nothing was changed)")]
     Unreachable { url: String, cause: String },
     #[error("cannot {what} origin ({url}): {cause}")]
-    Other { what: &'static str, url: String, cause: String },
+    Other {
+        what: &'static str,
+        url: String,
+        cause: String,
+    },
 }
 
 impl RemoteError {
@@ -79,7 +81,8 @@ pub fn connect(
 ) -> Result<Box<dyn Transport + Send>, RemoteError> {
     let mut t = unconfigured(repo, url, access)?;
     if let Some(options) = http_options(repo, url)? {
-        t.configure(&*options).map_err(|e| other("configure the connection to", url, e))?;
+        t.configure(&*options)
+            .map_err(|e| other("configure the connection to", url, e))?;
     }
     Ok(t)
 }
@@ -120,7 +123,9 @@ fn unconfigured(
         ..Default::default()
     };
     if url.scheme == gix::url::Scheme::Ssh {
-        opts.ssh = repo.ssh_connect_options().map_err(|e| other("configure ssh for", url, e))?;
+        opts.ssh = repo
+            .ssh_connect_options()
+            .map_err(|e| other("configure ssh for", url, e))?;
         if let Some(key) = &access.ssh_identity {
             opts.ssh.command = Some(with_identity(opts.ssh.ssh_command(), key).into());
             opts.ssh.disallow_shell = false;
@@ -154,13 +159,16 @@ pub fn http_options(repo: &gix::Repository, url: &gix::Url) -> Result<Option<Box
         return Ok(None);
     };
     if let Some(o) = any.downcast_mut::<http::Options>() {
-        let proxy = o.proxy.clone().filter(|p| !p.is_empty()).map(|p| {
-            if p.contains("://") {
-                p
-            } else {
-                format!("http://{p}")
-            }
-        });
+        let proxy =
+            o.proxy.clone().filter(|p| !p.is_empty()).map(
+                |p| {
+                    if p.contains("://") {
+                        p
+                    } else {
+                        format!("http://{p}")
+                    }
+                },
+            );
         let no_proxy = o.no_proxy.clone();
         let ca = o.ssl_ca_info.clone();
         let verify = o.ssl_verify;
@@ -201,7 +209,8 @@ fn client_error(e: impl std::error::Error + Send + Sync + 'static) -> gix::Error
 
 /// What answers the transport's credential requests: the service's token (for origin's
 /// host only), or the user's git credential helpers.
-pub type Authenticate = Box<dyn FnMut(gix::credentials::helper::Action) -> gix::Result<Option<gix::credentials::protocol::Outcome>> + Send>;
+pub type Authenticate =
+    Box<dyn FnMut(gix::credentials::helper::Action) -> gix::Result<Option<gix::credentials::protocol::Outcome>> + Send>;
 
 pub fn authenticate(repo: &gix::Repository, url: &gix::Url, access: &Access) -> Result<Authenticate, RemoteError> {
     use gix::credentials::{helper::Action, protocol};
@@ -213,7 +222,10 @@ pub fn authenticate(repo: &gix::Repository, url: &gix::Url, access: &Access) -> 
                 return Ok(None); // nothing to store or erase: the key store holds it
             };
             let asked = ctx.url.as_ref().and_then(|u| gix::url::parse(u.as_bstr()).ok());
-            let same_host = ctx.host.clone().or_else(|| asked.and_then(|u| u.host().map(str::to_owned)));
+            let same_host = ctx
+                .host
+                .clone()
+                .or_else(|| asked.and_then(|u| u.host().map(str::to_owned)));
             if same_host.map(|h| h.split(':').next().unwrap_or("").to_owned()) != host {
                 return Ok(None); // a redirect to another host never gets the token
             }
@@ -246,9 +258,11 @@ pub fn classify(what: &'static str, url: &gix::Url, err: &(dyn std::error::Error
             use std::io::ErrorKind as K;
             match io.kind() {
                 K::PermissionDenied => denied = true,
-                K::ConnectionRefused | K::TimedOut | K::HostUnreachable | K::NetworkUnreachable | K::ConnectionReset => {
-                    unreachable = true
-                }
+                K::ConnectionRefused
+                | K::TimedOut
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::ConnectionReset => unreachable = true,
                 _ => {}
             }
         }
@@ -260,7 +274,13 @@ pub fn classify(what: &'static str, url: &gix::Url, err: &(dyn std::error::Error
         e = cur.source();
     }
     let (by_text_denied, by_text_unreachable) = hints(&cause);
-    decide(what, url, cause, denied || by_text_denied, unreachable || by_text_unreachable)
+    decide(
+        what,
+        url,
+        cause,
+        denied || by_text_denied,
+        unreachable || by_text_unreachable,
+    )
 }
 
 /// A failure known only by its message (a push's, which reports in text).
@@ -293,7 +313,11 @@ fn decide(what: &'static str, url: &gix::Url, cause: String, denied: bool, unrea
     } else if unreachable {
         RemoteError::Unreachable { url: shown, cause }
     } else {
-        RemoteError::Other { what, url: shown, cause }
+        RemoteError::Other {
+            what,
+            url: shown,
+            cause,
+        }
     }
 }
 

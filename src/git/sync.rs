@@ -13,8 +13,8 @@ use gix::bstr::ByteSlice;
 use gix::remote::Direction;
 
 use super::checkout::{self, Untracked};
-use super::remote::{self, Access, RemoteError};
 use super::merge::merge_trees_of;
+use super::remote::{self, Access, RemoteError};
 use super::{is_ancestor, refs, scan, short, snapshot, tree_of, write_commit, GitError, Oid};
 use crate::secret::Secret;
 

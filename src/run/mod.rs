@@ -2,11 +2,13 @@
 //! checkout → agent → commit → merge, N at a time.
 
 mod gateway;
+mod push;
 mod record;
 pub mod state;
 mod task;
 
 pub use gateway::GatewaySettings;
+pub use push::PushResult;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,8 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// What one task may hand back (`[run] max_file_size`).
     pub limits: crate::git::commit::Limits,
+    /// Push to origin after the run (`--push`, `[run] push`), and which task branches too.
+    pub push: Option<crate::config::PushTasks>,
 }
 
 /// The outside systems and settings a run works with.
@@ -94,18 +98,25 @@ pub struct Summary {
     pub run_id: String,
     pub tasks: Vec<TaskRow>,
     pub interrupted: bool,
+    /// The push to origin, when the run was asked to push.
+    pub push: Option<PushResult>,
 }
 
 impl Summary {
     /// 0 when every task merged (or had nothing to merge), 1 when any
     /// failed or conflicted, 130 when the run was interrupted.
+    /// A push that failed or was refused makes it 1 (2 for refused credentials).
     pub fn exit_code(&self) -> u8 {
-        if self.interrupted {
+        let tasks = if self.interrupted {
             130
         } else if self.tasks.iter().all(|t| t.status.is_success()) {
             0
         } else {
             1
+        };
+        match (&self.push, tasks) {
+            (Some(p), 0) => p.exit_code(),
+            _ => tasks,
         }
     }
 }
@@ -325,10 +336,15 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         "done-with-failures"
     };
     engine.state()?.finish_run(run_id, status)?;
+    let push = match engine.opts.push {
+        Some(policy) if !interrupted => Some(push::push_run(&engine, run_id, policy, &tasks).await),
+        _ => None,
+    };
     Ok(Summary {
         run_id: run_id.to_string(),
         tasks,
         interrupted,
+        push,
     })
 }
 

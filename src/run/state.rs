@@ -474,6 +474,11 @@ impl State {
         Ok(out)
     }
 
+    /// The run's pushes to origin (kind `push` events), oldest first.
+    pub fn pushes(&self, run_id: &str) -> Result<Vec<serde_json::Value>> {
+        Ok(self.events_of(run_id, "push")?.into_iter().map(|(_, v)| v).collect())
+    }
+
     /// The events of one kind of a run, in order: task index and JSON data.
     fn events_of(&self, run_id: &str, kind: &str) -> Result<Vec<(usize, serde_json::Value)>> {
         let mut stmt = self

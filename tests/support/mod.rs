@@ -131,6 +131,16 @@ impl Scratch {
         c.current_dir(&self.work)
             .env_remove("OPENAI_API_KEY")
             .env_remove("COHORT_LOG")
+            // The test machine's TLS and proxy settings are not the scratch user's: the
+            // remotes tests name their own CA and proxies (git lets these override config).
+            .env_remove("GIT_SSL_CAINFO")
+            .env_remove("GIT_SSL_CAPATH")
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("ALL_PROXY")
             // The host runtime unless a test points cohort at a podman socket:
             // a socket on the test machine must not change what these tests run.
             .env("CONTAINER_HOST", "unix:///nonexistent/cohort-tests/podman.sock")
