@@ -526,7 +526,8 @@ fn the_service_pulls_and_pushes_over_ssh_with_its_deploy_key() {
         .git(&["ls-tree", "--name-only", "cohort/service"])
         .contains("task-001.txt"));
     // The key is nowhere but its runtime file: not in the repository, the state or the log.
-    let needle = key.lines().nth(1).unwrap();
+    // Line 4: private key material (line 2 is the same header for every ed25519 key).
+    let needle = key.lines().nth(3).unwrap();
     for f in files_under(&s.work.join(".git"))
         .into_iter()
         .chain(files_under(&svc.state))
@@ -538,4 +539,48 @@ fn the_service_pulls_and_pushes_over_ssh_with_its_deploy_key() {
             f.display()
         );
     }
+}
+
+#[test]
+fn failed_tasks_branches_are_pushed_for_review_when_asked() {
+    let (s, _via) = setup(true);
+    // Your own settings (trusted): push the branches of tasks that did not merge.
+    let conf = s.tmp.path().join(".config/cohort");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("config.toml"),
+        "[run]\npush = true\npush_tasks = \"failed\"\n",
+    )
+    .unwrap();
+    let out = run_agent(&s, &agent("fail.sh"), "- leave some work and fail\n", &[]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let report = s.status_json();
+    let branch = report["tasks"][0]["branch"].as_str().unwrap().to_string();
+    assert_eq!(report["tasks"][0]["status"], "failed", "{report}");
+    assert_eq!(
+        origin_ref(&s, &format!("refs/heads/{branch}")),
+        s.git(&["rev-parse", &branch]).trim(),
+        "the failed task's branch is on origin"
+    );
+    assert!(git_in(&s.origin, &["ls-tree", "--name-only", &branch]).contains("partial-001.txt"));
+    let pushed: Vec<&str> = report["pushes"][0]["refs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["branch"].as_str().unwrap())
+        .collect();
+    assert_eq!(pushed, ["cohort/service", branch.as_str()], "{report}");
+
+    // Without push_tasks, no task branch leaves the machine.
+    std::fs::write(conf.join("config.toml"), "[run]\npush = true\n").unwrap();
+    let out = run_agent(&s, &agent("fail.sh"), "- fail again\n", &[]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let second = s.status_json()["tasks"][0]["branch"].as_str().unwrap().to_string();
+    assert!(git_cmd()
+        .args(["rev-parse", "-q", "--verify", &format!("refs/heads/{second}")])
+        .current_dir(&s.origin)
+        .output()
+        .unwrap()
+        .stdout
+        .is_empty());
 }
