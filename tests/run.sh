@@ -8,10 +8,29 @@ need_apt=()
 command -v git >/dev/null || need_apt+=(git)
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v npm >/dev/null || need_apt+=(npm)
+# The git servers tests/support/remotes.rs starts on loopback (https, ssh), and its test CA.
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+[ -x /usr/sbin/fcgiwrap ] || need_apt+=(fcgiwrap)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh >/dev/null || need_apt+=(openssh-client)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
+    # Packages must not start their system services (nginx on :80, sshd on :22, fcgiwrap):
+    # the tests start their own, and without an init to start them a postinst can fail.
+    no_start=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        no_start=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     apt-get install -y -qq "${need_apt[@]}"
+    if [ -n "$no_start" ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
 fi
 if ! command -v cargo >/dev/null; then
     echo "cargo is missing: install Rust (https://rustup.rs) first" >&2
