@@ -251,10 +251,8 @@ pub fn push(
             });
         }
     };
-    if interrupted() {
-        return Err(PushError::Interrupted);
-    }
-
+    // No interruption from here: the remote has the whole push and decides;
+    // its answer is what tells whether refs moved.
     let report = if caps.contains("report-status") {
         Some(read_report(&mut *reader, sideband, &url)?)
     } else {
