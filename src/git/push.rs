@@ -251,10 +251,8 @@ pub fn push(
             });
         }
     };
-    if interrupted() {
-        return Err(PushError::Interrupted);
-    }
-
+    // No interruption from here: the remote has the whole push and decides;
+    // its answer is what tells whether refs moved.
     let report = if caps.contains("report-status") {
         Some(read_report(&mut *reader, sideband, &url)?)
     } else {
@@ -326,7 +324,7 @@ fn finish(updates: &[Update], outcomes: Vec<Option<RefOutcome>>, objects: usize,
 
 /// What the remote has: each advertised ref's value (a tag's own id for an
 /// annotated tag), and every object id it advertised, peeled ones included.
-pub(crate) struct Advertised {
+struct Advertised {
     values: HashMap<String, Oid>,
     objects: Vec<Oid>,
 }
@@ -407,7 +405,7 @@ fn send(
 
 /// A writer that remembers its first failure, so a failed pack write can be
 /// told apart from a failed connection.
-pub(crate) struct Tracked<W: Write> {
+struct Tracked<W: Write> {
     inner: W,
     failure: Option<String>,
 }

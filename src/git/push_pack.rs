@@ -252,17 +252,22 @@ pub(super) fn write(
     )
 }
 
-fn drive<I, W>(entries: output::bytes::FromEntriesIter<I, W>, interrupt: &AtomicBool) -> Result<u64, WriteError>
+fn drive<I, W>(mut entries: output::bytes::FromEntriesIter<I, W>, interrupt: &AtomicBool) -> Result<u64, WriteError>
 where
     I: Iterator<Item = gix::Result<Vec<output::Entry>>>,
     W: Write,
 {
     let mut bytes = 0;
-    for written in entries {
+    // Stopped only before the trailing checksum: a pack cut short is refused
+    // by the remote, a whole one may already be taken.
+    while entries.digest().is_none() {
         if interrupt.load(Ordering::Relaxed) {
             return Err(WriteError::Interrupted);
         }
-        bytes += written.map_err(|err| WriteError::Pack(describe(&err)))?;
+        match entries.next() {
+            Some(written) => bytes += written.map_err(|err| WriteError::Pack(describe(&err)))?,
+            None => break,
+        }
     }
     Ok(bytes)
 }

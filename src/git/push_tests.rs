@@ -464,6 +464,20 @@ fn an_interrupted_push_moves_nothing() {
         .unwrap_err();
     assert!(matches!(err, PushError::Interrupted), "{err}");
     assert_eq!(r.remote(SERVICE), None);
+
+    // Interrupted once the commands are on their way: the pack stops short.
+    let interrupt = AtomicBool::new(false);
+    let err = r
+        .push_through(&[update(SERVICE, None, r.first)], &interrupt, |inner| {
+            Box::new(Meddling {
+                inner,
+                before_request: Some(Box::new(|| interrupt.store(true, std::sync::atomic::Ordering::Relaxed))),
+            })
+        })
+        .unwrap_err();
+    assert!(matches!(err, PushError::Interrupted), "{err}");
+    assert_eq!(r.remote(SERVICE), None);
+    r.fsck();
 }
 
 #[test]
