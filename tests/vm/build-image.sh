@@ -22,7 +22,7 @@ IMG_SIZE="${VM_IMG_SIZE:-8G}"
 PACKAGES=(
   systemd systemd-sysv dbus dbus-user-session libpam-systemd systemd-container
   podman crun nftables passt uidmap netavark aardvark-dns catatonit
-  git ca-certificates tpm2-tools
+  git ca-certificates tpm2-tools openssh-server
   linux-image-amd64 initramfs-tools
   e2fsprogs procps iproute2 kmod
 )

@@ -3,7 +3,8 @@
 # scope (rootful, hardened, LoadCredentialEncrypted=) and then the user scope (rootless,
 # lingering alice): place the key with --tpm2 require, build the image, install the
 # service, submit a request of 4 tasks (the last one hostile), wait until all 4 are merged into the service
-# branch, and scan everything for the key. Leaves both credentials, the host key and the
+# branch, and scan everything for the key. The system service also pulls from and pushes to an
+# origin behind sshd with a TPM2-sealed deploy key. Leaves both credentials, the host key and the
 # machine ID in out/ for the stolen-file boot. Runs as root; inputs in /scenario/in.
 set -euo pipefail
 # The unit that runs this gives root no HOME; root's own cohort commands keep their user-scope
@@ -98,6 +99,31 @@ cohort trust /srv/cohort/repo/cohort.toml
 cohort trust --scope system /srv/cohort/repo/cohort.toml
 stat -c '%U %a %n' /etc/cohort/trusted.toml
 
+step "system scope: origin behind sshd, reached with a deploy key sealed like the API key"
+useradd --system --create-home --home-dir /srv/git --shell /usr/bin/git-shell git
+git -c safe.directory='*' clone -q --bare /srv/cohort/repo /srv/git/origin.git
+ssh-keygen -q -t ed25519 -N "" -C cohort-deploy -f /tmp/deploy
+install -d -m 0700 -o git -g git /srv/git/.ssh
+install -m 0600 -o git -g git /tmp/deploy.pub /srv/git/.ssh/authorized_keys
+# Someone else's commit on origin's main, for the service to pull before its request.
+git -c safe.directory='*' clone -q /srv/git/origin.git /tmp/other
+git -C /tmp/other -c user.name=Other -c user.email=other@example.com commit -q --allow-empty -m "upstream change"
+git -C /tmp/other push -q origin main
+UPSTREAM=$(git -C /tmp/other rev-parse HEAD)
+chown -R git:git /srv/git/origin.git
+systemctl start ssh.service
+ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null >/etc/ssh/ssh_known_hosts
+[[ -s /etc/ssh/ssh_known_hosts ]] || { echo "no host key from sshd"; exit 1; }
+as_cohort git -C /srv/cohort/repo remote add origin git@127.0.0.1:/srv/git/origin.git
+as_cohort git -C /srv/cohort/repo update-ref refs/remotes/origin/main main
+as_cohort git -C /srv/cohort/repo branch -q -u origin/main main
+# Line 4: private key material (line 2 is the same header for every ed25519 key).
+DEPLOY_LINE=$(sed -n 4p /tmp/deploy)
+cohort keys place git_ssh_key --scope system --tpm2 require </tmp/deploy
+shred -u /tmp/deploy
+# The service's own settings (trusted): push after each request.
+printf '[run]\npush = true\n' >/etc/cohort/config.toml
+
 step "system scope: place the key, TPM2 required"
 printf '%s' "$KEY" | cohort keys place openai_api_key --scope system --tpm2 require
 cohort keys list
@@ -132,6 +158,18 @@ as_cohort git -C /srv/cohort/repo log --first-parent --format=%s cohort/service 
 as_cohort cohort -C /srv/cohort/repo status --json >"$OUT/system-status.json"
 check_sealed /srv/cohort/repo as_cohort "$before"
 
+step "system scope: the service pulled from origin over ssh, and pushed its branch there"
+as_cohort git -C /srv/cohort/repo merge-base --is-ancestor "$UPSTREAM" main \
+  || { echo "origin's new commit was not pulled into main"; exit 1; }
+pushed() { [[ "$(git -c safe.directory='*' --git-dir=/srv/git/origin.git rev-parse -q --verify refs/heads/cohort/service)" == "$(as_cohort git -C /srv/cohort/repo rev-parse cohort/service)" ]]; }
+for _ in $(seq 60); do pushed && break; sleep 2; done
+pushed || { echo "origin has not got the service branch"; journalctl -u cohort.service --no-pager | tail -40; exit 1; }
+as_cohort cohort -C /srv/cohort/repo report | grep -E 'cohort/service (pushed|up to date) at' \
+  || { echo "report shows no push"; exit 1; }
+systemctl show -p LoadCredentialEncrypted cohort.service | grep -q 'cohort.git_ssh_key' \
+  || { echo "the unit does not load the deploy key"; exit 1; }
+echo "pulled $UPSTREAM, pushed cohort/service to origin with the deploy key"
+
 step "system scope: the task containers had their own user and network namespaces"
 # The third task wrote its container's uid_map and network namespace (request.md).
 as_cohort git -C /srv/cohort/repo show cohort/service:userns.txt | tee "$OUT/system-userns.txt"
@@ -153,6 +191,14 @@ journalctl -u cohort.service -o verbose --no-pager | grep -m3 -E '^ *(RUN_ID|TAS
 journalctl -b --no-pager >"$OUT/journal-for-scan.txt"
 scan_for_key /srv/cohort/repo /var/lib/private/cohort /etc/systemd/system "$OUT/journal-for-scan.txt" /var/lib/containers/storage/overlay
 as_cohort git -C /srv/cohort/repo log -p --all | grep -F "$KEY" && { echo "key in a commit"; exit 1; } || echo "no key in any commit"
+if grep -rIl --binary-files=text -F "$DEPLOY_LINE" /srv/cohort/repo /var/lib/private/cohort /srv/git /etc/systemd/system "$OUT/journal-for-scan.txt" /var/lib/containers/storage/overlay 2>/dev/null; then
+  echo "the deploy key leaked into the files above"; exit 1
+fi
+echo "no trace of the deploy key outside its runtime file"
+[[ "$(stat -c %a /run/cohort/git_ssh_key)" == 600 ]] || { echo "the deploy key's file is not 0600"; exit 1; }
+systemctl stop cohort.service
+[[ ! -e /run/cohort/git_ssh_key ]] || { echo "the deploy key outlived the service"; exit 1; }
+echo "the deploy key's runtime file was 0600 and went with the service"
 
 # ------------------------------------------------------------------------------ user
 step "user scope: lingering alice"
