@@ -584,3 +584,50 @@ fn failed_tasks_branches_are_pushed_for_review_when_asked() {
         .stdout
         .is_empty());
 }
+
+#[test]
+fn git_credentials_in_home_work_and_none_at_all_is_exit_2() {
+    let (s, via) = setup(true);
+    let Via::Https(o) = &via else { unreachable!() };
+    // `credential.helper = store` reads ~/.git-credentials, as git does.
+    let home = s.tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        home.join(".git-credentials"),
+        format!("https://{}:{PASSWORD}@127.0.0.1:{}\n", o.user(), o.port),
+    )
+    .unwrap();
+    s.git(&["config", "credential.helper", "store"]);
+    let theirs = push_from_other(&s, "main", "upstream.txt");
+    let req = s.request("req.md", "- one\n");
+    let run = |home: &Path| {
+        s.cohort()
+            .env("HOME", home)
+            .args([
+                "run",
+                req.to_str().unwrap(),
+                "--runtime",
+                "host",
+                "--push",
+                "--agent-command",
+            ])
+            .arg(agent("write.sh"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&home);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(is_ancestor(&s.work, &theirs, "main"));
+
+    // No credential anywhere, and no terminal to ask on: exit 2 naming the remote and the
+    // fix, and nothing moved.
+    let empty = s.tmp.path().join("empty-home");
+    std::fs::create_dir_all(&empty).unwrap();
+    push_from_other(&s, "main", "more.txt");
+    let before = snapshot(&s);
+    let out = run(&empty);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains(&o.url("origin")), "{}", text(&out));
+    assert!(text(&out).contains("credential.helper"), "{}", text(&out));
+    assert_eq!(snapshot(&s), before);
+}

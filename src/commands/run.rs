@@ -123,7 +123,13 @@ pub fn git_access(with_ssh_key: bool) -> Result<crate::git::remote::Access> {
         },
         false => None,
     };
-    Ok(crate::git::remote::Access { token, ssh_identity })
+    // A terminal to ask on: your own run; the service never prompts.
+    let prompt = !with_ssh_key && std::io::IsTerminal::is_terminal(&std::io::stdin());
+    Ok(crate::git::remote::Access {
+        token,
+        ssh_identity,
+        prompt,
+    })
 }
 
 /// Builds the engine from flags over config over stored options (resume).

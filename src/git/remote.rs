@@ -31,6 +31,9 @@ pub struct Access {
     pub token: Option<Secret>,
     /// A deploy key, as an identity file in the service's private runtime directory.
     pub ssh_identity: Option<PathBuf>,
+    /// Whether a credential helper that has nothing may ask on the terminal, as git would
+    /// (a run from a terminal); never for the service, which has nobody to answer.
+    pub prompt: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,10 +242,13 @@ pub fn authenticate(repo: &gix::Repository, url: &gix::Url, access: &Access) -> 
             }))
         }));
     }
-    let (mut cascade, _, prompt) = repo
+    let (mut cascade, _, mut prompt) = repo
         .config_snapshot()
         .credential_helpers(url.clone())
         .map_err(|e| other("read the credential configuration for", url, e))?;
+    if !access.prompt {
+        prompt.mode = gix::prompt::Mode::Disable;
+    }
     Ok(Box::new(move |action| cascade.invoke(action, prompt.clone())))
 }
 
