@@ -143,6 +143,11 @@ fn pull_and_push(https: bool) {
     assert!(text(&out).contains("cohort/service pushed at"), "{}", text(&out));
     let report = s.status_json();
     assert_eq!(report["pushes"][0]["refs"][0]["status"], "pushed", "{report}");
+    let shown = text(&s.run(&["report"]));
+    assert!(
+        shown.contains(&format!("cohort/service pushed at {}", &service[..10])),
+        "{shown}"
+    );
     // The user's own branch was never pushed: origin's main is still theirs.
     assert_eq!(origin_ref(&s, "refs/heads/main"), theirs);
 
@@ -230,6 +235,11 @@ fn push_rejected_then_retried(https: bool) {
     assert!(s.git(&["ls-tree", "--name-only", &ours]).contains("task-001.txt"));
     let report = s.status_json();
     assert_eq!(report["pushes"][0]["refs"][0]["status"], "rejected", "{report}");
+    let shown = text(&s.run(&["report"]));
+    assert!(
+        shown.contains("push of cohort/service to") && shown.contains("stale info"),
+        "{shown}"
+    );
 
     // The next run fetches, merges origin's service branch into cohort's, and pushes both.
     let out = run_write(&s, &["--push"]);

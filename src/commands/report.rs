@@ -105,8 +105,8 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
             println!("    reason: {r}");
         }
     }
-    for p in &pushes {
-        for line in describe_push(p) {
+    for p in pushes.iter().filter_map(crate::run::PushResult::from_record) {
+        for line in p.describe() {
             println!("{line}");
         }
     }
@@ -126,26 +126,4 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
         );
     }
     Ok(code)
-}
-
-/// A recorded push (see `run/push.rs`), as lines.
-fn describe_push(p: &serde_json::Value) -> Vec<String> {
-    let url = p["url"].as_str().unwrap_or("origin");
-    if let Some(e) = p["error"].as_str() {
-        return vec![format!("push failed: {e}")];
-    }
-    let mut out = Vec::new();
-    for r in p["refs"].as_array().into_iter().flatten() {
-        let branch = r["branch"].as_str().unwrap_or("?");
-        let commit = r["commit"].as_str().unwrap_or("");
-        let commit = &commit[..10.min(commit.len())];
-        match (r["status"].as_str().unwrap_or("?"), r["reason"].as_str()) {
-            ("rejected", Some(why)) => out.push(format!("push of {branch} to {url} rejected: {why}")),
-            (status, _) => out.push(format!("{branch} {status} at {commit} on {url}")),
-        }
-    }
-    if let Some(c) = p["compare_url"].as_str() {
-        out.push(format!("compare: {c}"));
-    }
-    out
 }

@@ -16,7 +16,7 @@ use super::remote::{self, Access, RemoteError};
 use super::{is_ancestor, refs, write_commit};
 
 /// One branch as published.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PublishedRef {
     /// The short branch name (`cohort/service`).
     pub branch: String,
@@ -29,7 +29,7 @@ pub struct PublishedRef {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Published {
     /// Origin's push URL, without credentials.
     pub url: String,

@@ -54,6 +54,27 @@ impl PushResult {
     }
 }
 
+impl PushResult {
+    /// A push as the state recorded it (see [`push_run`]).
+    pub fn from_record(v: &serde_json::Value) -> Option<PushResult> {
+        if let Some(message) = v["error"].as_str() {
+            let code = v["exit_code"].as_u64().and_then(|c| u8::try_from(c).ok()).unwrap_or(1);
+            return Some(PushResult::Failed {
+                message: message.to_string(),
+                code,
+            });
+        }
+        serde_json::from_value(v.clone()).ok().map(PushResult::Done)
+    }
+
+    fn record(&self) -> serde_json::Value {
+        match self {
+            PushResult::Done(p) => serde_json::to_value(p).unwrap_or_default(),
+            PushResult::Failed { message, code } => serde_json::json!({ "error": message, "exit_code": code }),
+        }
+    }
+}
+
 fn short(c: &str) -> &str {
     &c[..10.min(c.len())]
 }
@@ -98,10 +119,7 @@ pub(super) async fn push_run(engine: &Arc<Engine>, run_id: &str, policy: PushTas
                 .map_or(1, |r| r.exit_code()),
         },
     };
-    let data = match &result {
-        PushResult::Done(p) => serde_json::json!({ "url": p.url, "refs": p.refs, "compare_url": p.compare_url }),
-        PushResult::Failed { message, code } => serde_json::json!({ "error": message, "exit_code": code }),
-    };
+    let data = result.record();
     for line in result.describe() {
         tracing::info!(run_id, "{line}");
     }
