@@ -11,8 +11,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-#[path = "common/repo.rs"]
-mod repo;
+#[path = "common/mod.rs"]
+mod common;
 // The test support's git servers (its directory, so `remotes/*.rs` resolve too).
 #[path = "../tests/support"]
 #[allow(dead_code)]
@@ -21,17 +21,9 @@ mod support {
 }
 use support::remotes;
 
-use repo::{generate_repo, git};
+use common::{arg, generate_repo, git};
 
 const PASSWORD: &str = "bench-password";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.into())
-}
 
 /// An empty repository whose origin is the server, with the CA and the credential in its
 /// config, as a user would have them.

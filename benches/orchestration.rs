@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[path = "common/repo.rs"]
-mod repo;
-use repo::{generate_repo, git};
+#[path = "common/mod.rs"]
+mod common;
+use common::{arg, generate_repo, git};
 
 /// Peak RSS (KiB) and wall time of a child process.
 // The child is reaped by `wait4`, which also gives its resource usage; std's `wait` cannot.
@@ -110,14 +110,6 @@ fn git_cli_run(template: &Path, work: &Path, tasks: usize) -> Duration {
         git(work, &["worktree", "remove", "--force", wt.to_str().unwrap()]);
     }
     start.elapsed()
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.into())
 }
 
 fn main() {

@@ -1,4 +1,5 @@
-//! The benchmark repository: generated, deterministic, shaped like rust-lang/cargo.
+//! What the benches share: the benchmark repository (generated, deterministic, shaped like
+//! rust-lang/cargo) and their flags.
 
 use std::path::Path;
 use std::process::Command;
@@ -50,4 +51,13 @@ pub fn generate_repo(dir: &Path, files: usize) {
     }
     git(dir, &["add", "-A"]);
     git(dir, &["commit", "-q", "-m", "generated"]);
+}
+
+/// The value after flag `name` on the bench's command line, or `default`.
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.into())
 }
