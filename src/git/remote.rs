@@ -162,16 +162,15 @@ pub fn http_options(repo: &gix::Repository, url: &gix::Url) -> Result<Option<Box
         return Ok(None);
     };
     if let Some(o) = any.downcast_mut::<http::Options>() {
-        let proxy =
-            o.proxy.clone().filter(|p| !p.is_empty()).map(
-                |p| {
-                    if p.contains("://") {
-                        p
-                    } else {
-                        format!("http://{p}")
-                    }
-                },
-            );
+        // git takes a proxy without a scheme as http://.
+        let proxy = o
+            .proxy
+            .clone()
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.contains("://") {
+                true => p,
+                false => format!("http://{p}"),
+            });
         let no_proxy = o.no_proxy.clone();
         let ca = o.ssl_ca_info.clone();
         let verify = o.ssl_verify;
