@@ -101,16 +101,18 @@ stat -c '%U %a %n' /etc/cohort/trusted.toml
 
 step "system scope: origin behind sshd, reached with a deploy key sealed like the API key"
 useradd --system --create-home --home-dir /srv/git --shell /usr/bin/git-shell git
-git -c safe.directory='*' clone -q --bare /srv/cohort/repo /srv/git/origin.git
+as_git() { runuser -u git -- env HOME=/srv/git PATH=/usr/local/bin:/usr/bin:/bin "$@"; }
+# Each repository is handled by its owner: git refuses another user's (also to clone from).
+as_cohort git clone -q --bare /srv/cohort/repo /tmp/origin.git
+mv /tmp/origin.git /srv/git/origin.git && chown -R git:git /srv/git/origin.git
 ssh-keygen -q -t ed25519 -N "" -C cohort-deploy -f /tmp/deploy
 install -d -m 0700 -o git -g git /srv/git/.ssh
 install -m 0600 -o git -g git /tmp/deploy.pub /srv/git/.ssh/authorized_keys
 # Someone else's commit on origin's main, for the service to pull before its request.
-git -c safe.directory='*' clone -q /srv/git/origin.git /tmp/other
-git -C /tmp/other -c user.name=Other -c user.email=other@example.com commit -q --allow-empty -m "upstream change"
-git -C /tmp/other push -q origin main
-UPSTREAM=$(git -C /tmp/other rev-parse HEAD)
-chown -R git:git /srv/git/origin.git
+as_git git clone -q /srv/git/origin.git /tmp/other
+as_git git -C /tmp/other -c user.name=Other -c user.email=other@example.com commit -q --allow-empty -m "upstream change"
+as_git git -C /tmp/other push -q origin main
+UPSTREAM=$(as_git git -C /tmp/other rev-parse HEAD)
 systemctl start ssh.service
 ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null >/etc/ssh/ssh_known_hosts
 [[ -s /etc/ssh/ssh_known_hosts ]] || { echo "no host key from sshd"; exit 1; }
@@ -149,7 +151,8 @@ grep -o 'Overall exposure level for cohort.service: [0-9.]*' "$OUT/security-syst
 
 step "system scope: submit 4 tasks (one hostile) and wait"
 t=$(date +%s)
-before=$(guard /srv/cohort/repo as_cohort)
+# The service's sync fast-forwards main to origin's new commit; nothing else may move it.
+before=$(guard /srv/cohort/repo as_cohort | sed "s/$(as_cohort git -C /srv/cohort/repo rev-parse main)/$UPSTREAM/")
 cohort -C /srv/cohort/repo submit /scenario/request.md
 wait_merged /srv/cohort/repo as_cohort 900 || { cohort service logs --scope system -n 80; journalctl -u cohort.service --no-pager | tail -60; exit 1; }
 timer four_tasks_system "$t"
@@ -161,12 +164,12 @@ check_sealed /srv/cohort/repo as_cohort "$before"
 step "system scope: the service pulled from origin over ssh, and pushed its branch there"
 as_cohort git -C /srv/cohort/repo merge-base --is-ancestor "$UPSTREAM" main \
   || { echo "origin's new commit was not pulled into main"; exit 1; }
-pushed() { [[ "$(git -c safe.directory='*' --git-dir=/srv/git/origin.git rev-parse -q --verify refs/heads/cohort/service)" == "$(as_cohort git -C /srv/cohort/repo rev-parse cohort/service)" ]]; }
+pushed() { [[ "$(as_git git --git-dir=/srv/git/origin.git rev-parse -q --verify refs/heads/cohort/service)" == "$(as_cohort git -C /srv/cohort/repo rev-parse cohort/service)" ]]; }
 for _ in $(seq 60); do pushed && break; sleep 2; done
 pushed || { echo "origin has not got the service branch"; journalctl -u cohort.service --no-pager | tail -40; exit 1; }
 as_cohort cohort -C /srv/cohort/repo report | grep -E 'cohort/service (pushed|up to date) at' \
   || { echo "report shows no push"; exit 1; }
-systemctl show -p LoadCredentialEncrypted cohort.service | grep -q 'cohort.git_ssh_key' \
+grep -qx 'LoadCredentialEncrypted=cohort.git_ssh_key' /etc/systemd/system/cohort.service \
   || { echo "the unit does not load the deploy key"; exit 1; }
 echo "pulled $UPSTREAM, pushed cohort/service to origin with the deploy key"
 
