@@ -310,6 +310,8 @@ mod tests {
                     toml::Value::Array(vec!["/x:/y".into()])
                 }
                 ("container", "network") => "none".into(),
+                ("run", "push") => true.into(),
+                ("run", "push_tasks") => "failed".into(),
                 _ => "x".into(),
             };
             t.entry(s.to_string())
