@@ -38,7 +38,11 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     let mut flags = args.engine;
     // The service branch is part of the run, not a setting to change midway.
     flags.service_branch = Some(row.service_branch.clone());
-    let engine = Arc::new(build_engine(paths, &config, &flags, &stored)?);
+    let mut engine = build_engine(paths, &config, &flags, &stored)?;
+    if engine.opts.push.is_some() {
+        engine.access = super::run::git_access(false)?;
+    }
+    let engine = Arc::new(engine);
     engine.agent.preflight().await?;
     handle_signals(engine.cancel.clone());
     crate::progress::say(&format!("resuming run {}: {left} unfinished task(s)", row.id));

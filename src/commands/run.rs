@@ -253,7 +253,8 @@ pub fn build_engine(
         },
         cancel: CancellationToken::new(),
         gateway,
-        access: git_access(false)?,
+        // Found only by a caller that reaches origin (sync or push): see `git_access`.
+        access: crate::git::remote::Access::default(),
     })
 }
 
@@ -489,11 +490,15 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
         _ => return Err(usage("give a request document, or --tasks FILE and --prompt FILE")),
     };
     let mut stored = stored_options(&args.engine, &config);
-    let engine = Arc::new(build_engine(paths, &config, &args.engine, &stored)?);
+    let mut engine = build_engine(paths, &config, &args.engine, &stored)?;
+    let syncing = !args.no_sync && config.run.sync != Some(false);
+    if syncing || engine.opts.push.is_some() {
+        engine.access = git_access(false)?;
+    }
+    let engine = Arc::new(engine);
     stored["agent"] = engine.agent.name().into();
     handle_signals(engine.cancel.clone());
     let key = api_key(&config)?;
-    let syncing = !args.no_sync && config.run.sync != Some(false);
     if !syncing && !args.allow_file.is_empty() {
         crate::progress::say(
             "cohort: warning: --allow-file has no effect without the sync step (--no-sync or [run] sync = false)",

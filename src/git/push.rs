@@ -14,7 +14,6 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufWriter, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::LazyLock;
 
 use gix::bstr::ByteSlice;
 use gix::protocol::handshake::Ref;
@@ -23,6 +22,7 @@ use gix::protocol::transport::client::{MessageKind, TransportWithoutIO, WriteMod
 use gix::protocol::transport::packetline::{self, blocking_io::encode};
 use gix::protocol::transport::{Protocol, Service};
 
+use super::remote::{chain, strip_userinfo as redact};
 use super::{short, Oid};
 
 #[path = "push_pack.rs"]
@@ -487,24 +487,7 @@ fn is_auth_failure(err: &(dyn std::error::Error + 'static)) -> bool {
 
 /// An error and its causes on one line, with any URL's credentials removed.
 fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(err);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    redact(&parts.join(": "))
-}
-
-/// Removes `user:password@` (or `user@`) from every URL in `text`.
-pub(crate) fn redact(text: &str) -> String {
-    static USERINFO: LazyLock<regex::Regex> = LazyLock::new(|| {
-        regex::Regex::new(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]*@").expect("a valid regular expression")
-    });
-    USERINFO.replace_all(text, "$1").into_owned()
+    redact(&chain(err))
 }
 
 #[cfg(test)]

@@ -349,23 +349,31 @@ fn other(what: &'static str, url: &gix::Url, e: impl std::fmt::Display) -> Remot
     }
 }
 
-/// An error's whole chain, on one line.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut e = err.source();
-    while let Some(cur) = e {
-        let s = cur.to_string();
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
+/// An error's whole chain, on one line (a cause already in the text is not repeated).
+pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
         }
-        e = cur.source();
+        next = e.source();
     }
     parts.join(": ")
 }
 
-/// Removes the URL's password (and the URL with its user info) from a message.
+/// Removes `user:password@` (or `user@`) from every URL in `text`.
+pub(crate) fn strip_userinfo(text: &str) -> String {
+    static USERINFO: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]*@").expect("a valid regular expression")
+    });
+    USERINFO.replace_all(text, "$1").into_owned()
+}
+
+/// Removes the user info of every URL in a message, and `url`'s password wherever it is.
 fn redact(text: &str, url: &gix::Url) -> String {
-    let mut out = text.replace(&url.to_bstring().to_string(), &display_url(url));
+    let mut out = strip_userinfo(text);
     if let Some(p) = url.password().filter(|p| !p.is_empty()) {
         out = out.replace(p, "***");
     }
