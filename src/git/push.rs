@@ -22,7 +22,8 @@ use gix::protocol::transport::client::{MessageKind, TransportWithoutIO, WriteMod
 use gix::protocol::transport::packetline::{self, blocking_io::encode};
 use gix::protocol::transport::{Protocol, Service};
 
-use super::remote::{chain, strip_userinfo as redact};
+// Everything a remote says reaches cohort's messages through `redact`.
+use super::remote::{chain, untrusted_text as redact};
 use super::{short, Oid};
 
 #[path = "push_pack.rs"]

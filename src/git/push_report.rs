@@ -47,7 +47,7 @@ pub(super) fn read_report(
         };
         let PacketLineRef::Data(d) = line else { continue };
         if !sideband {
-            lines.push(d.to_str_lossy().trim_end_matches('\n').to_string());
+            lines.push(redact(d.to_str_lossy().trim_end_matches('\n')));
             continue;
         }
         match line.decode_band().map_err(|err| protocol(describe(&err)))? {
@@ -82,7 +82,7 @@ pub(super) fn pkt_lines(mut data: &[u8]) -> Result<Vec<String>, String> {
             Ok(packetline::decode::Stream::Complete { line, bytes_consumed }) => {
                 data = &data[bytes_consumed..];
                 match line {
-                    PacketLineRef::Data(d) => lines.push(d.to_str_lossy().trim_end_matches('\n').to_string()),
+                    PacketLineRef::Data(d) => lines.push(redact(d.to_str_lossy().trim_end_matches('\n'))),
                     _ => break,
                 }
             }

@@ -535,3 +535,25 @@ fn report_status_is_parsed_from_side_band_data() {
     assert!(parse_report(&["ok refs/heads/main".to_string()]).is_err());
     assert!(pkt_lines(b"000eunpack").is_err());
 }
+
+#[test]
+fn a_hostile_remotes_words_reach_no_terminal_as_escapes() {
+    let r = Repos::new();
+    let hook = r.bare.join("hooks/pre-receive");
+    // A title-setting escape and a screen clear, as a hostile origin's hook could print.
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\nprintf '\\033]0;owned\\007\\033[2Jpolicy: no\\n' >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let pushed = r.push(&[update("refs/heads/main", None, r.first)]).unwrap();
+
+    let RefOutcome::Rejected { reason } = outcome(&pushed, "refs/heads/main") else {
+        panic!("the hook must refuse: {pushed:?}")
+    };
+    assert!(reason.contains("policy: no"), "{reason}");
+    assert!(!reason.chars().any(char::is_control), "{reason:?}");
+}

@@ -371,6 +371,17 @@ pub(crate) fn strip_userinfo(text: &str) -> String {
     USERINFO.replace_all(text, "$1").into_owned()
 }
 
+/// Text a remote sent (its refusal reasons, hook output), fit to print and keep: control
+/// characters (a hostile origin's terminal escapes) become U+FFFD, and URLs lose their
+/// user info.
+pub(crate) fn untrusted_text(text: &str) -> String {
+    let printable: String = text
+        .chars()
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect();
+    strip_userinfo(&printable)
+}
+
 /// Removes the user info of every URL in a message, and `url`'s password wherever it is.
 fn redact(text: &str, url: &gix::Url) -> String {
     let mut out = strip_userinfo(text);
@@ -390,6 +401,8 @@ mod tests {
         assert_eq!(display_url(&url), "https://example.com/o/r.git");
         let msg = redact("failed for https://user:s3cret@example.com/o/r.git (s3cret)", &url);
         assert!(!msg.contains("s3cret"), "{msg}");
+        let said = untrusted_text("\x1b]0;owned\x07denied\r\nby https://u:p@h/x");
+        assert_eq!(said, "\u{FFFD}]0;owned\u{FFFD}denied\u{FFFD}\u{FFFD}by https://h/x");
     }
 
     #[test]
