@@ -364,7 +364,7 @@ pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Removes `user:password@` (or `user@`) from every URL in `text`.
-pub(crate) fn strip_userinfo(text: &str) -> String {
+fn strip_userinfo(text: &str) -> String {
     static USERINFO: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
         regex::Regex::new(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]*@").expect("a valid regular expression")
     });
@@ -382,9 +382,10 @@ pub(crate) fn untrusted_text(text: &str) -> String {
     strip_userinfo(&printable)
 }
 
-/// Removes the user info of every URL in a message, and `url`'s password wherever it is.
+/// A failure's text, which may carry what origin said: as [`untrusted_text`], and without
+/// `url`'s password wherever it is.
 fn redact(text: &str, url: &gix::Url) -> String {
-    let mut out = strip_userinfo(text);
+    let mut out = untrusted_text(text);
     if let Some(p) = url.password().filter(|p| !p.is_empty()) {
         out = out.replace(p, "***");
     }
