@@ -276,6 +276,8 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
                 run_id: "bench".into(),
                 task: 1,
                 gateway_socket: Some(socket.clone()),
+                role: Default::default(),
+                caches: Vec::new(),
             };
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
             let start = Instant::now();

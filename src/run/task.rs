@@ -303,6 +303,8 @@ async fn agent(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, rec: &Record<'_>
         run_id: ctx.run_id.clone(),
         task: row.index,
         gateway_socket: s.gateway.as_ref().and_then(|g| g.socket_path().map(Path::to_path_buf)),
+        role: Default::default(),
+        caches: Vec::new(),
     };
     let runtime = e.runtime.clone();
     let cancel = e.cancel.child_token();

@@ -34,6 +34,49 @@ pub struct Spawn {
     /// loopback (a container's own network namespace): it is mounted in and bridged to the
     /// agent's loopback at [`BRIDGE_ADDR`].
     pub gateway_socket: Option<PathBuf>,
+    /// What runs: the agent, or the project's verify command after it.
+    pub role: Role,
+    /// Directories that persist between the tasks of a run and between runs (`[verify]
+    /// caches`), each held by this spawn alone for its duration (see `run::caches`).
+    pub caches: Vec<Cache>,
+}
+
+/// What a spawn runs, for container names and labels (`cohort.role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    Agent,
+    Verify,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Verify => "verify",
+        }
+    }
+}
+
+/// One persistent cache directory for a spawn: a podman named volume in a container, a
+/// directory of cohort's state on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cache {
+    /// The podman volume's name (`cohort-cache-…`): stable per repository, cache path and slot.
+    pub volume: String,
+    /// The host runtime's copy, under the repository's cohort state.
+    pub host_dir: PathBuf,
+    pub at: CachePath,
+}
+
+/// Where a cache appears to the command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CachePath {
+    /// Relative to the checkout (e.g. `target`).
+    Workdir(PathBuf),
+    /// Relative to the home directory (`~/.cargo/registry`): in a container the image
+    /// user's home; on the host the user's own directory, used in place.
+    Home(PathBuf),
 }
 
 /// Where an agent in a container of its own network namespace finds the model gateway.

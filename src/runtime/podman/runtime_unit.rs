@@ -25,6 +25,8 @@ fn labels_from_the_spawn() {
         run_id: "r1".into(),
         task: 3,
         gateway_socket: None,
+        role: Default::default(),
+        caches: Vec::new(),
     };
     let l = task_labels(&spawn);
     assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));

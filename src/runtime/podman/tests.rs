@@ -445,6 +445,8 @@ async fn runtime_runs_one_container_per_spawn() {
         run_id: "rt-test".into(),
         task: 1,
         gateway_socket: None,
+        role: Default::default(),
+        caches: Vec::new(),
         timeout,
     };
     let leftovers = |podman: Podman| async move { podman.list_containers(&[("cohort.run", "rt-test")]).await.unwrap() };
@@ -573,6 +575,8 @@ async fn runtime_rootless_keep_id() {
         run_id: "rootless".into(),
         task: 1,
         gateway_socket: None,
+        role: Default::default(),
+        caches: Vec::new(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();

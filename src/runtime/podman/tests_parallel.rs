@@ -43,6 +43,8 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
             run_id: "parallel".into(),
             task: 1,
             gateway_socket: None,
+            role: Default::default(),
+            caches: Vec::new(),
         };
         let rt = rt.clone();
         runs.spawn(async move {

@@ -110,6 +110,8 @@ async fn agent_writes_as_owner(idmap: bool) {
         run_id: run_id.into(),
         task: 1,
         gateway_socket: None,
+        role: Default::default(),
+        caches: Vec::new(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();
