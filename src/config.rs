@@ -50,6 +50,25 @@ pub struct Config {
     pub image: ImageSection,
     #[serde(default)]
     pub container: ContainerSection,
+    #[serde(default)]
+    pub verify: VerifySection,
+}
+
+/// `[verify]`: the project's check, run after each agent and on each merge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySection {
+    /// The argv, e.g. `["cargo", "test", "--quiet"]` (never run through a shell).
+    pub command: Option<Vec<String>>,
+    /// A duration such as `10m`; the verify run is stopped and fails after it.
+    pub timeout: Option<String>,
+    /// How many times the agent gets a failure back to fix it (default 2).
+    pub retries: Option<u32>,
+    /// Verify each merge result before the service branch moves (default: true).
+    pub merged: Option<bool>,
+    /// Paths that persist between tasks and runs: relative to the checkout (`target`) or
+    /// to the home directory (`~/.cargo/registry`).
+    pub caches: Option<Vec<String>>,
 }
 
 /// `[image]`: what `cohort image build` puts in the image.
@@ -147,6 +166,8 @@ pub struct RunSection {
     /// Which task branches to push as well: `"none"` (the default) or `"failed"` (those
     /// of tasks that did not merge, for review).
     pub push_tasks: Option<PushTasks>,
+    /// Run task 1 alone first, and fan out only if it passes (`--calibrate`).
+    pub calibrate: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

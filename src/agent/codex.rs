@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::codex_events::{self as events, CodexEvent, Item, Phase};
-use super::{Agent, AgentEvent, Invocation, TaskContext};
+use super::{Agent, AgentEvent, Feedback, Invocation, TaskContext};
 use crate::secret::Secret;
 
 /// The variable the rendered provider config reads the key from. Not
@@ -71,18 +71,49 @@ impl Agent for CodexAgent {
         let config = events::render_config(&self.model, base_url, KEY_ENV);
         std::fs::write(home.join("config.toml"), config)?;
         let last = ctx.scratch.join("last-message.txt");
-        let args = vec![
-            "exec".into(),
-            "--json".into(),
-            "-C".into(),
-            ctx.checkout.display().to_string(),
-            "--sandbox".into(),
-            self.sandbox.into(),
-            "--skip-git-repo-check".into(),
-            "-o".into(),
-            last.display().to_string(),
-            "-".into(),
-        ];
+        let (args, prompt) = match &ctx.feedback {
+            // The same conversation goes on, told what failed: `codex exec resume` (it has no
+            // -C or --sandbox; the runtime starts it in the checkout, the sandbox is config).
+            Some(Feedback {
+                message,
+                thread: Some(thread),
+                ..
+            }) => (
+                vec![
+                    "exec".into(),
+                    "resume".into(),
+                    "--json".into(),
+                    "--skip-git-repo-check".into(),
+                    "-c".into(),
+                    format!("sandbox_mode=\"{}\"", self.sandbox),
+                    "-o".into(),
+                    last.display().to_string(),
+                    thread.clone(),
+                    "-".into(),
+                ],
+                message.clone(),
+            ),
+            feedback => {
+                let mut prompt = ctx.prompt.clone();
+                if let Some(f) = feedback {
+                    prompt.push_str("\n\n");
+                    prompt.push_str(&f.message);
+                }
+                let args = vec![
+                    "exec".into(),
+                    "--json".into(),
+                    "-C".into(),
+                    ctx.checkout.display().to_string(),
+                    "--sandbox".into(),
+                    self.sandbox.into(),
+                    "--skip-git-repo-check".into(),
+                    "-o".into(),
+                    last.display().to_string(),
+                    "-".into(),
+                ];
+                (args, prompt)
+            }
+        };
         let mut env = vec![("CODEX_HOME".into(), home.display().to_string())];
         let secret_env = match &ctx.model {
             // The token is not the key: it dies with the task.
@@ -97,7 +128,7 @@ impl Agent for CodexAgent {
             args,
             env,
             secret_env,
-            stdin: Some(ctx.prompt.clone().into_bytes()),
+            stdin: Some(prompt.into_bytes()),
         })
     }
 

@@ -37,16 +37,21 @@ impl Agent for CommandAgent {
     fn invocation(&self, ctx: &TaskContext) -> Result<Invocation> {
         let prompt_file = ctx.prompt_file.display().to_string();
         let fill = |a: &String| a.replace("{prompt_file}", &prompt_file).replace("{task}", &ctx.task);
+        let mut env = vec![
+            ("COHORT_TASK".into(), ctx.task.clone()),
+            ("COHORT_TASK_ID".into(), format!("{:03}", ctx.index)),
+            ("COHORT_RUN_ID".into(), ctx.run_id.clone()),
+            ("COHORT_PROMPT_FILE".into(), prompt_file.clone()),
+            ("COHORT_ATTEMPT".into(), ctx.attempt.to_string()),
+        ];
+        // A re-run after a failed verify: the failure is in this file.
+        if let Some(f) = &ctx.feedback {
+            env.push(("COHORT_FEEDBACK_FILE".into(), f.file.display().to_string()));
+        }
         Ok(Invocation {
             program: fill(&self.argv[0]),
             args: self.argv[1..].iter().map(fill).collect(),
-            env: vec![
-                ("COHORT_TASK".into(), ctx.task.clone()),
-                ("COHORT_TASK_ID".into(), format!("{:03}", ctx.index)),
-                ("COHORT_RUN_ID".into(), ctx.run_id.clone()),
-                ("COHORT_PROMPT_FILE".into(), prompt_file.clone()),
-                ("COHORT_ATTEMPT".into(), ctx.attempt.to_string()),
-            ],
+            env,
             secret_env: Vec::new(),
             stdin: None,
         })
@@ -70,6 +75,7 @@ mod tests {
             scratch: "/s".into(),
             attempt: 1,
             model: None,
+            feedback: None,
         };
         let inv = agent.invocation(&ctx).unwrap();
         assert_eq!(inv.program, "prog");
@@ -78,6 +84,19 @@ mod tests {
             ["--task", "say \"hi\"; rm -rf / $(x)", "--file=/tmp/p.txt", "a b"]
         );
         assert!(inv.env.contains(&("COHORT_TASK_ID".into(), "007".into())));
+        assert!(!inv.env.iter().any(|(k, _)| k == "COHORT_FEEDBACK_FILE"));
+        let ctx = TaskContext {
+            feedback: Some(crate::agent::Feedback {
+                message: "m".into(),
+                file: "/s/feedback-1.txt".into(),
+                thread: None,
+            }),
+            ..ctx
+        };
+        let inv = agent.invocation(&ctx).unwrap();
+        assert!(inv
+            .env
+            .contains(&("COHORT_FEEDBACK_FILE".into(), "/s/feedback-1.txt".into())));
         assert!(CommandAgent::parse("'unbalanced").is_err());
         assert!(CommandAgent::parse("").is_err());
     }

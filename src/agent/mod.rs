@@ -29,6 +29,19 @@ pub struct TaskContext {
     pub attempt: u32,
     /// The model API as this agent reaches it: cohort's gateway, which holds the key.
     pub model: Option<ModelAccess>,
+    /// The project's check failed on the agent's work: this round is to fix it.
+    pub feedback: Option<Feedback>,
+}
+
+/// A failed verify handed back to the agent.
+#[derive(Debug, Clone)]
+pub struct Feedback {
+    /// What the agent is told: the check failed, how, and the end of its output.
+    pub message: String,
+    /// The same, as a file outside the checkout (`COHORT_FEEDBACK_FILE` for command agents).
+    pub file: PathBuf,
+    /// The conversation to continue (codex's thread id), when the agent reported one.
+    pub thread: Option<String>,
 }
 
 /// The gateway's address for one agent, and the per-task token it sends there (never the key).

@@ -27,7 +27,13 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let path = RunDir::new(&paths, &row.id).log(args.task);
     match std::fs::read_to_string(&path) {
-        Ok(text) => print!("{text}"),
+        // The log holds what agents and verify commands printed: their escape sequences and
+        // control characters are not for the user's terminal.
+        Ok(text) => {
+            for line in text.lines() {
+                println!("{}", crate::run::verify::strip_ansi(line));
+            }
+        }
         Err(_) => eprintln!("task {:03} has no log yet (it has not started)", args.task),
     }
     Ok(0)

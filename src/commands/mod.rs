@@ -10,6 +10,7 @@ pub mod plan;
 pub mod report;
 pub mod resume;
 pub mod run;
+pub mod run_verify;
 pub mod serve;
 pub mod service;
 pub mod status;

@@ -74,6 +74,16 @@ pub struct EngineFlags {
     /// would: only over the value cohort last fetched). Also `[run] push = true`.
     #[arg(long)]
     pub push: bool,
+    /// The project's check, run after each agent and on each merge result before the service
+    /// branch moves, e.g. --verify 'cargo test --quiet'. Split like a shell would, never run
+    /// through one. A failure goes back to the agent ([verify] retries times, default 2);
+    /// work that never passes ends `unverified`, kept on its branch. Also [verify] command.
+    #[arg(long, value_name = "'PROG ARGS…'")]
+    pub verify: Option<String>,
+    /// Run task 1 alone first and fan out only if it merges: a bad prompt template then
+    /// costs one task, not all of them. Also [run] calibrate = true.
+    #[arg(long)]
+    pub calibrate: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -250,6 +260,10 @@ pub fn build_engine(
                 key: scan_key,
             },
             push,
+            verify: super::run_verify::verify_settings(flags.verify.as_deref(), config, stored)?,
+            calibrate: flags.calibrate
+                || config.run.calibrate.unwrap_or(false)
+                || stored["calibrate"].as_bool() == Some(true),
         },
         cancel: CancellationToken::new(),
         gateway,

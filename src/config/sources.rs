@@ -23,7 +23,7 @@ use crate::trust::{sha256_hex, TrustStore, Verdict};
 /// `[section] key`s a repository's `cohort.toml` sets only once trusted: they run programs
 /// (`kind`, `command`, `codex_path`, `programs`, `base`), choose where the key is sent
 /// (`base_url`), widen the sandbox (`mounts`, `network`, `allow`) or write to origin with
-/// the user's credentials (`push`, `push_tasks`).
+/// the user's credentials (`push`, `push_tasks`), or run the project's check (`[verify]`).
 pub const SENSITIVE: &[(&str, &str)] = &[
     ("agent", "kind"),
     ("agent", "command"),
@@ -40,6 +40,10 @@ pub const SENSITIVE: &[(&str, &str)] = &[
     // Pushing writes to origin with the user's credentials.
     ("run", "push"),
     ("run", "push_tasks"),
+    // The verify command runs a program; a cache path on the host is a directory cohort
+    // moves in and out of checkouts.
+    ("verify", "command"),
+    ("verify", "caches"),
 ];
 
 /// The system service's own settings (system scope's lowest layer).

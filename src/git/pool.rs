@@ -114,6 +114,12 @@ impl Checkout {
         Ok(stats)
     }
 
+    /// Says the checkout's files are no longer known to match its tree (a program cohort does
+    /// not trust is about to run in it): the next [`Checkout::prepare`] writes it anew.
+    pub fn mark_unclean(&self) -> Result<()> {
+        std::fs::write(self.admin.join(CLEAN_MARK), "").context("cannot update the checkout's clean mark")
+    }
+
     /// Empties a checkout whose content cohort cannot vouch for (an agent ran in it and no
     /// commit step finished), and its index, so it is written anew.
     fn wipe(&self, root: &Dir) -> Result<()> {

@@ -1,14 +1,21 @@
 //! The run: sync and service branch, then every task through
 //! checkout → agent → commit → merge, N at a time.
 
+mod caches;
+mod collect;
 mod gateway;
 mod push;
 mod record;
 pub mod state;
 mod task;
+mod train;
+pub mod verifies;
+pub mod verify;
 
+pub use caches::CacheSpec;
 pub use gateway::GatewaySettings;
 pub use push::PushResult;
+pub use verify::VerifySettings;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -36,6 +43,10 @@ pub struct RunOptions {
     pub limits: crate::git::commit::Limits,
     /// Push to origin after the run (`--push`, `[run] push`), and which task branches too.
     pub push: Option<crate::config::PushTasks>,
+    /// The verify gate (`[verify]`, `--verify`); none: tasks merge unchecked.
+    pub verify: Option<VerifySettings>,
+    /// Run task 1 alone first, and fan out only if it passes (`--calibrate`).
+    pub calibrate: bool,
 }
 
 /// The outside systems and settings a run works with.
@@ -204,6 +215,8 @@ pub async fn start(
         "timeout_secs": engine.opts.timeout.map(|d| d.as_secs()),
         "agent": engine.agent.name(),
         "runtime": engine.runtime.name(),
+        "verify": engine.opts.verify.as_ref().map(VerifySettings::to_stored),
+        "calibrate": engine.opts.calibrate,
     });
     if let (Some(o), serde_json::Value::Object(x)) = (options.as_object_mut(), extra) {
         o.extend(x);

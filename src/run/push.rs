@@ -89,7 +89,7 @@ pub(super) async fn push_run(engine: &Arc<Engine>, run_id: &str, policy: PushTas
             .filter(|t| {
                 matches!(
                     t.status,
-                    TaskStatus::Failed | TaskStatus::Conflict | TaskStatus::OverBudget
+                    TaskStatus::Failed | TaskStatus::Conflict | TaskStatus::OverBudget | TaskStatus::Unverified
                 ) && t.task_commit.is_some()
             })
             .map(|t| t.branch.clone())

@@ -180,23 +180,79 @@ impl<'a> Record<'a> {
         Ok(())
     }
 
-    /// A retry after a conflict: the display says so.
-    pub fn retrying(&self, paths: &[String]) {
-        self.s.progress.task_finished(
-            self.idx,
-            "conflicted, retrying from the new service tip",
-            &paths.join(", "),
-        );
+    /// The task starts again from the new service tip: the display says why.
+    pub fn restarting(&self, why: &super::task::Restart) {
+        let (status, detail) = match why {
+            super::task::Restart::Conflict(paths) => {
+                ("conflicted, retrying from the new service tip", paths.join(", "))
+            }
+            super::task::Restart::MergeFailed(_) => (
+                "merge result failed verification, retrying from the new service tip",
+                String::new(),
+            ),
+        };
+        self.s.progress.task_finished(self.idx, status, &detail);
     }
 
-    /// Stopping between a conflict and its retry: the retry is left to `resume`.
+    /// The verify command runs on the task's commit (`round` 0 is the agent's first result).
+    pub fn verifying(&self, round: u32) {
+        let what = match round {
+            0 => "verifying".to_string(),
+            n => format!("verifying again (round {n})"),
+        };
+        self.s.progress.task_action(self.idx, &what);
+    }
+
+    /// The verify command runs on the merge result before the service branch moves.
+    pub fn verifying_merge(&self, commit: crate::git::Oid) {
+        let what = format!("verifying the merge {}", crate::git::short(commit));
+        self.s.progress.task_action(self.idx, &what);
+    }
+
+    /// The verify command failed; the agent gets the failure back (round `n` of `of`).
+    pub fn feedback_round(&self, n: u32, of: u32) {
+        let what = format!("verify failed; the agent gets the failure back (round {n} of {of})");
+        self.s.progress.task_action(self.idx, &what);
+    }
+
+    /// The task ends unverified: its work stays committed on its branch, not merged.
+    pub fn unverified(&self, reason: &str) -> Result<()> {
+        self.state()?.atomically(|st| {
+            let end = AttemptEnd {
+                status: "unverified",
+                reason: Some(reason.to_string()),
+                ..Default::default()
+            };
+            st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
+            st.set_status(self.run_id(), self.idx, TaskStatus::Unverified, None, Some(reason))
+        })?;
+        self.s.progress.task_finished(
+            self.idx,
+            "unverified (branch kept)",
+            reason.lines().next().unwrap_or(""),
+        );
+        Ok(())
+    }
+
+    /// This attempt's merge result failed the verify command (the task alone passed).
+    pub fn merge_failed(&self, failure: &str) -> Result<()> {
+        let end = AttemptEnd {
+            status: "merge-failed",
+            reason: Some(failure.to_string()),
+            ..Default::default()
+        };
+        self.state()?.end_attempt(self.run_id(), self.idx, self.attempt, &end)
+    }
+
+    /// Stopping between a conflict (or a failed merge result) and the task's restart: the
+    /// restart is left to `resume`.
     pub fn retry_left_to_resume(&self) -> Result<()> {
         self.state()?.set_status(
             self.run_id(),
             self.idx,
             TaskStatus::Pending,
             None,
-            Some("interrupted before its retry after a conflict"),
+            Some("interrupted before its restart from the new service tip"),
         )
     }
 }

@@ -80,11 +80,14 @@ pub enum TaskStatus {
     /// It ran into its budget (or the run's): committed on its branch, not merged.
     #[serde(rename = "over budget")]
     OverBudget,
+    /// Its work never passed the verify command (alone, or merged): committed on its
+    /// branch, not merged.
+    Unverified,
 }
 
 impl TaskStatus {
     /// Every status, in display order.
-    pub const ALL: [TaskStatus; 9] = [
+    pub const ALL: [TaskStatus; 10] = [
         TaskStatus::Pending,
         TaskStatus::Running,
         TaskStatus::Committed,
@@ -94,6 +97,7 @@ impl TaskStatus {
         TaskStatus::Conflict,
         TaskStatus::Secret,
         TaskStatus::OverBudget,
+        TaskStatus::Unverified,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +111,7 @@ impl TaskStatus {
             TaskStatus::Conflict => "conflict",
             TaskStatus::Secret => "secret",
             TaskStatus::OverBudget => "over budget",
+            TaskStatus::Unverified => "unverified",
         }
     }
 
@@ -120,6 +125,7 @@ impl TaskStatus {
             "conflict" => TaskStatus::Conflict,
             "secret" => TaskStatus::Secret,
             "over budget" => TaskStatus::OverBudget,
+            "unverified" => TaskStatus::Unverified,
             _ => TaskStatus::Pending,
         }
     }
@@ -128,7 +134,12 @@ impl TaskStatus {
     pub fn is_done(self) -> bool {
         matches!(
             self,
-            TaskStatus::Merged | TaskStatus::Unchanged | TaskStatus::Failed | TaskStatus::Conflict | TaskStatus::Secret
+            TaskStatus::Merged
+                | TaskStatus::Unchanged
+                | TaskStatus::Failed
+                | TaskStatus::Conflict
+                | TaskStatus::Secret
+                | TaskStatus::Unverified
         )
     }
 
@@ -188,7 +199,7 @@ pub struct AttemptEnd {
 }
 
 pub struct State {
-    conn: Connection,
+    pub(super) conn: Connection,
 }
 
 /// What the agent of one task reported in total.
@@ -214,6 +225,7 @@ impl State {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(super::verifies::SCHEMA)?;
         Ok(State { conn })
     }
 
@@ -364,19 +376,37 @@ impl State {
         Ok(())
     }
 
-    /// The conflicted paths of the task's latest attempt that ended in a
-    /// merge conflict, if any did: the retry after a conflict happens once,
-    /// also across a crash and `resume`.
-    pub fn last_conflict(&self, run_id: &str, idx: usize) -> Result<Option<String>> {
+    /// Why the task's latest attempt was restarted from the service tip, if one was: its merge
+    /// conflicted (`conflict`, the paths) or its merge result failed the verify command
+    /// (`merge-failed`, the failure). The restart happens once, also across a crash and
+    /// `resume`; `cohort retry` starts the count anew (attempts before its `retry` event
+    /// do not count).
+    pub fn last_restart(&self, run_id: &str, idx: usize) -> Result<Option<(String, String)>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT COALESCE(reason, '') FROM attempts WHERE run_id = ?1 AND idx = ?2 AND status = 'conflict' \
-                 ORDER BY n DESC LIMIT 1",
+                "SELECT status, COALESCE(reason, '') FROM attempts WHERE run_id = ?1 AND idx = ?2 \
+                 AND status IN ('conflict', 'merge-failed') AND n > COALESCE((SELECT MAX(attempt) FROM events \
+                 WHERE run_id = ?1 AND idx = ?2 AND kind = 'retry'), 0) ORDER BY n DESC LIMIT 1",
                 params![run_id, idx],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)
+    }
+
+    /// The conversation the agent of one attempt reported (codex's thread id), if any.
+    pub fn thread_of(&self, run_id: &str, idx: usize, attempt: u32) -> Result<Option<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT data FROM events WHERE run_id = ?1 AND idx = ?2 AND attempt = ?3 AND kind = 'agent' ORDER BY id",
+        )?;
+        let mut thread = None;
+        for data in stmt.query_map(params![run_id, idx, attempt], |r| r.get::<_, String>(0))? {
+            let v: serde_json::Value = serde_json::from_str(&data?).unwrap_or_default();
+            if v["kind"] == "thread" {
+                thread = v["id"].as_str().map(String::from);
+            }
+        }
+        Ok(thread)
     }
 
     /// Records the task's commit on its branch (status `committed`), before

@@ -1,11 +1,14 @@
 //! One task's life, as named phases, each one function:
 //!
 //! ```text
-//! prepare → agent → collect → commit → merge
+//! prepare → agent → collect → commit → verify → merge
+//!             ↑________ failure ________↓
 //! ```
 //!
-//! with a retry from the new service tip after a conflict. [`Record`] writes each outcome to
-//! the state DB and the progress display.
+//! `verify` hands a failure back to the agent (`train::rounds`), and the merge is verified
+//! before the service branch moves (`train::merge`). A conflict, or a merge result that
+//! fails the verify command, restarts the task once from the new service tip. [`Record`]
+//! writes each outcome to the state DB and the progress display.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,15 +16,17 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use super::collect::{collect, commit};
 use super::record::Record;
 use super::state::{TaskRow, TaskStatus};
+use super::train;
 use super::{blocking, Engine, RunDir};
-use crate::agent::{AgentEvent, ModelAccess, TaskContext};
+use crate::agent::{AgentEvent, Feedback, ModelAccess, TaskContext};
 use crate::config::ConflictPolicy;
 use crate::gateway::TaskKey;
-use crate::git::commit::{self, Collected, TaskCommit};
-use crate::git::pool::{Lease, Pool};
-use crate::git::{self, merge, refs, Oid};
+use crate::git::checkout::MoveStats;
+use crate::git::pool::{Checkout, Lease, Pool};
+use crate::git::{refs, Oid};
 use crate::plan::Plan;
 use crate::progress::Progress;
 use crate::runtime::{Bind, Exit, Output, Spawn};
@@ -39,9 +44,18 @@ pub(super) struct Shared {
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
-enum AttemptResult {
+pub(super) enum AttemptResult {
     Finished,
     Conflict(Vec<String>),
+    /// The merge result failed the verify command (the failure), though the task passed alone.
+    MergeFailed(String),
+}
+
+/// Why an attempt starts again from the new service tip.
+#[derive(Debug, Clone)]
+pub(super) enum Restart {
+    Conflict(Vec<String>),
+    MergeFailed(String),
 }
 
 pub(super) async fn run_task(e: Arc<Engine>, s: Arc<Shared>, row: TaskRow) {
@@ -70,46 +84,74 @@ pub(super) async fn run_task(e: Arc<Engine>, s: Arc<Shared>, row: TaskRow) {
 
 async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
     let idx = row.index;
-    // A task retries once after a conflict, even across a crash and `resume`:
-    // an earlier conflicted attempt means the retry is under way or done.
-    let earlier = e.state()?.last_conflict(&s.run_id, idx)?;
-    let mut conflicted: Option<Vec<String>> = earlier.map(|r| r.split(", ").map(String::from).collect());
+    // A task restarts once after a conflict or a failed merge result, even across a crash and
+    // `resume`: an earlier restart means the new attempt is under way or done.
+    let mut restart = e
+        .state()?
+        .last_restart(&s.run_id, idx)?
+        .map(|(status, reason)| match status.as_str() {
+            "conflict" => Restart::Conflict(reason.split(", ").map(String::from).collect()),
+            _ => Restart::MergeFailed(reason),
+        });
     let mut attempt = row.attempts + 1;
-    // Resume after a crash between commit and merge: merge, don't re-run.
+    // Resume after a crash between commit and merge: verify (what is left of it) and merge,
+    // without running the agent again.
     if row.status == TaskStatus::Committed {
         if let Some(tip) = row.task_commit.as_deref().and_then(|c| c.parse::<Oid>().ok()) {
             let rec = Record::new(e, s, idx, row.attempts);
-            if let AttemptResult::Conflict(paths) = merge(e, s, row, tip, &rec).await? {
-                rec.conflicted(&paths)?;
-                if e.opts.on_conflict == ConflictPolicy::Keep || conflicted.is_some() {
-                    return rec.conflict(&paths);
-                }
-                conflicted = Some(paths);
-            } else {
+            let mut at = reopen_attempt(e, s, row, &rec)?;
+            let result = match train::rounds(e, s, row, &rec, &mut at, None, tip).await? {
+                Some(tip) => train::merge(e, s, row, tip, &rec).await?,
+                None => AttemptResult::Finished,
+            };
+            if !restarts(e, &rec, result, &mut restart)? {
                 return Ok(());
             }
+            attempt += 1;
         }
     }
     loop {
         let rec = Record::new(e, s, idx, attempt);
-        match attempt_once(e, s, row, &rec, conflicted.as_deref()).await? {
-            AttemptResult::Finished => return Ok(()),
-            AttemptResult::Conflict(paths) => {
-                rec.conflicted(&paths)?;
-                if e.opts.on_conflict == ConflictPolicy::Retry && conflicted.is_none() {
-                    if e.cancel.is_cancelled() {
-                        // Stopping: the retry is left to `resume`, which finds the conflict.
-                        return rec.retry_left_to_resume();
-                    }
-                    rec.retrying(&paths);
-                    conflicted = Some(paths);
-                    attempt += 1;
-                    continue;
-                }
-                return rec.conflict(&paths);
-            }
+        let result = attempt_once(e, s, row, &rec, restart.as_ref()).await?;
+        if !restarts(e, &rec, result, &mut restart)? {
+            return Ok(());
         }
+        attempt += 1;
     }
+}
+
+/// Records how an attempt ended; true when the task starts again from the new service tip
+/// (once: after a conflict under `--on-conflict retry`, or after its merge result failed).
+fn restarts(e: &Engine, rec: &Record<'_>, result: AttemptResult, restart: &mut Option<Restart>) -> Result<bool> {
+    let next = match result {
+        AttemptResult::Finished => return Ok(false),
+        AttemptResult::Conflict(paths) => {
+            rec.conflicted(&paths)?;
+            if e.opts.on_conflict == ConflictPolicy::Keep || restart.is_some() {
+                rec.conflict(&paths)?;
+                return Ok(false);
+            }
+            Restart::Conflict(paths)
+        }
+        AttemptResult::MergeFailed(failure) => {
+            rec.merge_failed(&failure)?;
+            if restart.is_some() {
+                rec.unverified(&format!(
+                    "its merge with the service branch failed the verify command: {failure}"
+                ))?;
+                return Ok(false);
+            }
+            Restart::MergeFailed(failure)
+        }
+    };
+    if e.cancel.is_cancelled() {
+        // Stopping: the restart is left to `resume`, which finds why in the attempts.
+        rec.retry_left_to_resume()?;
+        return Ok(false);
+    }
+    rec.restarting(&next);
+    *restart = Some(next);
+    Ok(true)
 }
 
 async fn attempt_once(
@@ -117,39 +159,98 @@ async fn attempt_once(
     s: &Arc<Shared>,
     row: &TaskRow,
     rec: &Record<'_>,
-    conflicted: Option<&[String]>,
+    restart: Option<&Restart>,
 ) -> Result<AttemptResult> {
-    let mut task = prepare(e, s, row, rec, conflicted).await?;
-    let ran = agent(e, s, row, rec, &mut task).await?;
+    let (checkout, mut at) = prepare(e, s, row, rec, restart).await?;
+    let feedback = match restart {
+        Some(Restart::MergeFailed(failure)) => Some(at.feedback(0, failure, None)?),
+        _ => None,
+    };
+    let ran = agent(e, s, row, rec, &mut at, &checkout, feedback).await?;
     if ran.exit == Exit::Cancelled {
         // Not committed: `resume` redoes the task from a clean checkout.
-        drop(task);
+        drop(checkout);
         rec.interrupted()?;
         return Ok(AttemptResult::Finished);
     }
-    let Prepared {
-        checkout,
-        base,
-        branch_ref,
-        mut log,
-        ..
-    } = task;
-    let collected = collect(e, checkout, &branch_ref, base, &mut log).await?;
-    match commit(e, s, row, rec, &ran, collected, &branch_ref, &mut log).await? {
-        Some(tip) => merge(e, s, row, tip, rec).await,
+    let collected = collect(e, checkout, &at.branch_ref, at.base, &mut at.log).await?;
+    let Some((tip, checkout)) = commit(e, s, row, rec, &ran, collected, &at.branch_ref, &mut at.log).await? else {
+        return Ok(AttemptResult::Finished);
+    };
+    at.thread = thread_of(&ran.events);
+    match train::rounds(e, s, row, rec, &mut at, Some(checkout), tip).await? {
+        Some(tip) => train::merge(e, s, row, tip, rec).await,
         None => Ok(AttemptResult::Finished),
     }
 }
 
-/// A task attempt, ready for its agent.
-struct Prepared {
-    checkout: Lease,
-    base: Oid,
-    branch_ref: String,
-    prompt: String,
-    /// The attempt's own directory: its prompt file and scratch space.
-    attempt_dir: PathBuf,
-    log: std::fs::File,
+/// The conversation the agent reported, if it did.
+pub(super) fn thread_of(events: &[AgentEvent]) -> Option<String> {
+    events.iter().rev().find_map(|e| match e {
+        AgentEvent::Thread { id } => Some(id.clone()),
+        _ => None,
+    })
+}
+
+/// One attempt of a task, as its phases share it (the checkout goes from phase to phase by
+/// value, since it may be discarded on the way).
+pub(super) struct AttemptCtx {
+    pub base: Oid,
+    pub branch_ref: String,
+    pub prompt: String,
+    /// The attempt's own directory: its prompt file, feedback files and scratch space.
+    pub attempt_dir: PathBuf,
+    pub log: std::fs::File,
+    /// The agent's conversation, continued by a feedback round.
+    pub thread: Option<String>,
+}
+
+impl AttemptCtx {
+    /// A failure handed back to the agent, written to `feedback-<round>.txt` of the attempt.
+    pub fn feedback(&self, round: u32, failure: &str, thread: Option<String>) -> Result<Feedback> {
+        let file = self.attempt_dir.join(format!("feedback-{round}.txt"));
+        std::fs::write(&file, failure).with_context(|| format!("cannot write {}", file.display()))?;
+        let message = format!(
+            "The project's check failed on your work on this task. Fix the code so that it passes; \
+             stay within the task.\n\n{failure}\n"
+        );
+        Ok(Feedback { message, file, thread })
+    }
+}
+
+/// The attempt of a task that committed before a crash, to go on with after `resume`.
+fn reopen_attempt(e: &Engine, s: &Shared, row: &TaskRow, rec: &Record<'_>) -> Result<AttemptCtx> {
+    let base = row
+        .base_commit
+        .as_deref()
+        .and_then(|b| b.parse::<Oid>().ok())
+        .with_context(|| format!("task {} has a commit but no base in the state", row.index))?;
+    let attempt_dir = s.dir.sub("attempts")?.join(format!("{:03}-{}", row.index, rec.attempt));
+    std::fs::create_dir_all(&attempt_dir)?;
+    std::fs::create_dir_all(s.dir.0.join("logs"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.dir.log(row.index))?;
+    Ok(AttemptCtx {
+        base,
+        branch_ref: format!("refs/heads/{}", row.branch),
+        prompt: Plan::prompt_for(&s.template, &row.text),
+        attempt_dir,
+        log,
+        thread: e.state()?.thread_of(&s.run_id, row.index, rec.attempt)?,
+    })
+}
+
+/// A checkout of `commit` (on `branch_ref` in the agent's private git dir), from the pool.
+pub(super) async fn lease_at(s: &Shared, branch_ref: &str, commit: Oid) -> Result<Lease> {
+    let (pool, branch_ref) = (s.pool.clone(), branch_ref.to_string());
+    blocking(move || {
+        let checkout = pool.lease()?;
+        let _: MoveStats = checkout.prepare(&branch_ref, commit)?;
+        Ok(checkout)
+    })
+    .await
 }
 
 /// prepare: the task branch at the current service tip, a checkout of it with the agent's
@@ -159,8 +260,8 @@ async fn prepare(
     s: &Arc<Shared>,
     row: &TaskRow,
     rec: &Record<'_>,
-    conflicted: Option<&[String]>,
-) -> Result<Prepared> {
+    restart: Option<&Restart>,
+) -> Result<(Lease, AttemptCtx)> {
     let (idx, attempt) = (row.index, rec.attempt);
     let branch_ref = format!("refs/heads/{}", row.branch);
     let t0 = std::time::Instant::now();
@@ -197,7 +298,7 @@ async fn prepare(
     tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "checkout prepared");
 
     let mut prompt = Plan::prompt_for(&s.template, &row.text);
-    if let Some(paths) = conflicted {
+    if let Some(Restart::Conflict(paths)) = restart {
         prompt.push_str(&format!(
             "\n\nNote: an earlier attempt at this task conflicted with changes merged meanwhile (in: {}). \
              You are starting again from the current state of the project.\n",
@@ -213,28 +314,39 @@ async fn prepare(
         .append(true)
         .open(s.dir.log(idx))?;
     rec.started(&base.to_string(), &row.text)?;
-    Ok(Prepared {
+    Ok((
         checkout,
-        base,
-        branch_ref,
-        prompt,
-        attempt_dir,
-        log,
-    })
+        AttemptCtx {
+            base,
+            branch_ref,
+            prompt,
+            attempt_dir,
+            log,
+            thread: None,
+        },
+    ))
 }
 
 /// What the agent did: how it ended and what it reported.
-struct Ran {
-    exit: Exit,
-    events: Vec<AgentEvent>,
+pub(super) struct Ran {
+    pub exit: Exit,
+    pub events: Vec<AgentEvent>,
     /// The budget (the task's or the run's) it ran into at the gateway, said plainly.
-    over_budget: Option<String>,
+    pub over_budget: Option<String>,
 }
 
 /// agent: runs the agent in its runtime, logging its output and recording its events. It
 /// reaches the model through the run's gateway with a token of its own, which dies when the
-/// agent ends.
-async fn agent(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, rec: &Record<'_>, task: &mut Prepared) -> Result<Ran> {
+/// agent ends. With `feedback`, it is a round to fix what the verify command found.
+pub(super) async fn agent(
+    e: &Arc<Engine>,
+    s: &Arc<Shared>,
+    row: &TaskRow,
+    rec: &Record<'_>,
+    task: &mut AttemptCtx,
+    checkout: &Checkout,
+    feedback: Option<Feedback>,
+) -> Result<Ran> {
     let t0 = std::time::Instant::now();
     let prompt_file = task.attempt_dir.join("prompt.txt");
     std::fs::write(&prompt_file, &task.prompt)?;
@@ -253,13 +365,14 @@ async fn agent(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, rec: &Record<'_>
         task: row.text.clone(),
         prompt: task.prompt.clone(),
         prompt_file,
-        checkout: task.checkout.path.clone(),
+        checkout: checkout.path.clone(),
         scratch: task.attempt_dir.clone(),
         attempt: rec.attempt,
         model: access.as_ref().map(|(token, addr)| ModelAccess {
             base_url: crate::gateway::base_url(*addr),
             token: token.expose().to_string(),
         }),
+        feedback: feedback.clone(),
     };
     let mut invocation = e.agent.invocation(&ctx)?;
     if let (Some((token, addr)), Some(model)) = (&access, &ctx.model) {
@@ -279,15 +392,18 @@ async fn agent(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, rec: &Record<'_>
         e.agent.describe(),
         e.runtime.name()
     )?;
-    writeln!(log, "--- prompt\n{}\n--- output", task.prompt)?;
+    match &feedback {
+        Some(f) => writeln!(log, "--- feedback\n{}\n--- output", f.message)?,
+        None => writeln!(log, "--- prompt\n{}\n--- output", task.prompt)?,
+    }
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let spawn = Spawn {
         invocation,
-        workdir: task.checkout.path.clone(),
+        workdir: checkout.path.clone(),
         binds: vec![
             Bind {
-                path: task.checkout.git_dir.clone(),
+                path: checkout.git_dir.clone(),
                 writable: true,
             },
             Bind {
@@ -295,7 +411,7 @@ async fn agent(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, rec: &Record<'_>
                 writable: true,
             },
             Bind {
-                path: task.checkout.common_dir.join("objects"),
+                path: checkout.common_dir.join("objects"),
                 writable: false,
             },
         ],
@@ -366,149 +482,4 @@ fn record_line(
         }
     }
     Ok(())
-}
-
-/// collect: takes the result from the checkout and the agent's private git dir, trusting
-/// neither (see `git::commit::collect`). A checkout whose result cannot be taken is removed,
-/// not reused.
-async fn collect(
-    e: &Arc<Engine>,
-    checkout: Lease,
-    branch_ref: &str,
-    base: Oid,
-    log: &mut std::fs::File,
-) -> Result<(Lease, Collected)> {
-    let t0 = std::time::Instant::now();
-    let (limits, br) = (e.opts.limits.clone(), branch_ref.to_string());
-    let (checkout, collected) = blocking(move || {
-        let c = commit::collect(&checkout, &br, base, &limits);
-        Ok((checkout, c))
-    })
-    .await?;
-    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "collected");
-    let collected = match collected {
-        Ok(c) => c,
-        Err(err) => {
-            discard(checkout).await;
-            return Err(err);
-        }
-    };
-    for (path, why) in &collected.dropped {
-        writeln!(log, "--- removed {path}: {why}")?;
-    }
-    if let Some(why) = &collected.commits_refused {
-        writeln!(
-            log,
-            "--- the agent's own commits were not kept (their files were): {why}"
-        )?;
-    }
-    Ok((checkout, collected))
-}
-
-/// Removes a checkout that must not be used again.
-async fn discard(checkout: Lease) {
-    if let Err(e) = blocking(move || checkout.discard()).await {
-        tracing::warn!("cannot remove a checkout: {e:#}");
-    }
-}
-
-/// commit: what was collected becomes the task commit on its branch (compare-and-swap), and
-/// the outcome is recorded: failed, unchanged, or committed (then the tip to merge).
-#[allow(clippy::too_many_arguments)]
-async fn commit(
-    e: &Arc<Engine>,
-    s: &Arc<Shared>,
-    row: &TaskRow,
-    rec: &Record<'_>,
-    ran: &Ran,
-    (checkout, collected): (Lease, Collected),
-    branch_ref: &str,
-    log: &mut std::fs::File,
-) -> Result<Option<Oid>> {
-    if let Some(reason) = collected.secret_reason() {
-        // Not committed, not merged; the checkout holds the secret, so it goes.
-        discard(checkout).await;
-        writeln!(log, "--- not committed: {reason}")?;
-        rec.secret(&collected.tip.to_string(), ran.exit.code(), &reason)?;
-        return Ok(None);
-    }
-    let message = commit::task_message(&s.run_id, row.index, &row.text);
-    let oversized = collected.oversized.clone();
-    let br = branch_ref.to_string();
-    let (checkout, tc) = blocking(move || {
-        let tc = commit::commit(&checkout, &br, collected, &message);
-        Ok((checkout, tc))
-    })
-    .await?;
-    if tc.is_err() || !oversized.is_empty() {
-        discard(checkout).await; // it holds files its tree does not
-    } else {
-        drop(checkout); // back to the pool
-    }
-    let tc: TaskCommit = tc?;
-    let tip = tc.tip.to_string();
-    writeln!(
-        log,
-        "--- committed {} ({} files changed)",
-        git::short(tc.tip),
-        tc.files_changed.len()
-    )?;
-    if let Some(reason) = &ran.over_budget {
-        // What it changed stays committed on its branch; it is not merged.
-        let commit = (!tc.is_empty()).then_some(tip.as_str());
-        rec.over_budget(&tip, commit, &tc.files_changed, ran.exit.code(), reason)?;
-        return Ok(None);
-    }
-    let failure = if !oversized.is_empty() {
-        let list: Vec<String> = oversized.iter().map(|(p, n)| format!("{p} ({n} bytes)")).collect();
-        Some(format!(
-            "files over [run] max_file_size ({} bytes) were not committed: {}",
-            e.opts.limits.max_file_size,
-            list.join(", ")
-        ))
-    } else {
-        match ran.exit {
-            Exit::Code(c) => e.agent.failure(c, &ran.events),
-            Exit::Signal(sig) => Some(format!("the agent was killed by signal {sig}")),
-            Exit::TimedOut(d) => Some(format!("the agent timed out after {}", humantime::format_duration(d))),
-            Exit::Cancelled => Some("interrupted".into()),
-        }
-    };
-    if let Some(reason) = failure {
-        let commit = (!tc.is_empty()).then_some(tip.as_str());
-        rec.failed(&tip, commit, &tc.files_changed, ran.exit.code(), &reason)?;
-        return Ok(None);
-    }
-    if tc.is_empty() {
-        rec.unchanged(&tip, ran.exit.code())?;
-        return Ok(None);
-    }
-    rec.committed(&tip, &tc.files_changed, ran.exit.code())?;
-    Ok(Some(tc.tip))
-}
-
-/// merge: the task's tip into the service branch (a merge commit; compare-and-swap).
-async fn merge(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow, tip: Oid, rec: &Record<'_>) -> Result<AttemptResult> {
-    let idx = row.index;
-    let _merging = s.merge_lock.lock().await;
-    let (paths, service_ref) = (e.paths.clone(), format!("refs/heads/{}", e.opts.service_branch));
-    let message = format!(
-        "Merge task {idx:03}: {}\n\nCohort-Run: {}\nCohort-Task: {idx:03}\n",
-        row.text, s.run_id
-    );
-    let t0 = std::time::Instant::now();
-    let outcome = blocking(move || merge::merge_into(&paths.open()?, &service_ref, tip, &message)).await?;
-    tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "merged");
-    match outcome {
-        merge::MergeOutcome::Merged { commit } => {
-            rec.merged(Some(&commit.to_string()), &format!("as {}", git::short(commit)))?;
-            Ok(AttemptResult::Finished)
-        }
-        merge::MergeOutcome::AlreadyContained { merge } => {
-            let merge = merge.map(|c| c.to_string());
-            rec.merged(merge.as_deref(), "already in the service branch")?;
-            Ok(AttemptResult::Finished)
-        }
-        merge::MergeOutcome::Conflict { paths } => Ok(AttemptResult::Conflict(paths)),
-    }
 }

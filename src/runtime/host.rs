@@ -61,6 +61,20 @@ impl Runtime for HostRuntime {
     }
 
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
+        let placed = super::host_caches::place(&spawn.workdir, &spawn.caches)?;
+        let exit = self.run_process(&spawn, output, cancel).await;
+        super::host_caches::restore(placed);
+        exit
+    }
+}
+
+impl HostRuntime {
+    async fn run_process(
+        &self,
+        spawn: &Spawn,
+        output: UnboundedSender<Output>,
+        cancel: CancellationToken,
+    ) -> Result<Exit> {
         let inv = &spawn.invocation;
         let mut cmd = Command::new(&inv.program);
         cmd.args(&inv.args);

@@ -4,6 +4,7 @@
 
 pub mod guard;
 pub mod host;
+mod host_caches;
 pub mod lines;
 pub mod podman;
 
