@@ -29,6 +29,8 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
         .price;
     // Each push of the run to origin (a resumed run may have pushed more than once).
     let pushes = state.pushes(&row.id)?;
+    // Every run of the verify command: on each task's commits, and on merge results.
+    let verifies = state.verifies(&row.id, None)?;
     let cost = |t: &crate::run::state::AgentTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let gateway_cost = |t: &crate::run::state::GatewayTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let code = crate::run::Summary {
@@ -65,6 +67,8 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
                     "input": g.input, "cached_input": g.cached_input, "output": g.output,
                     "requests": g.requests, "refused": g.refused, "cost_usd": gateway_cost(&g),
                 });
+                let mine: Vec<_> = verifies.iter().filter(|r| r.idx == t.index).collect();
+                v["verifies"] = serde_json::to_value(&mine).unwrap_or_default();
                 v
             }).collect::<Vec<_>>(),
             "spend": spend,
@@ -99,6 +103,39 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
             println!(
                 "    gateway: {} requests, tokens in {} (cached {}) out {}{c}; {} destinations refused",
                 g.requests, g.input, g.cached_input, g.output, g.refused
+            );
+        }
+        for v in verifies.iter().filter(|v| v.idx == t.index) {
+            let what = match v.kind {
+                crate::run::verifies::VerifyKind::Task if v.round == 0 => "its commit".to_string(),
+                crate::run::verifies::VerifyKind::Task => format!("its commit after feedback round {}", v.round),
+                crate::run::verifies::VerifyKind::Merge => "its merge result".to_string(),
+            };
+            let outcome = match (v.passed, v.exit_code) {
+                (true, _) => "passed".to_string(),
+                (false, Some(c)) => format!("failed (exit {c})"),
+                (false, None) => "failed".to_string(),
+            };
+            println!(
+                "    verify {what} {}: {outcome} in {:.1}s (attempt {})",
+                &v.commit[..10.min(v.commit.len())],
+                v.duration_ms as f64 / 1000.0,
+                v.attempt
+            );
+        }
+        let mine: Vec<_> = verifies.iter().filter(|v| v.idx == t.index).collect();
+        if let (Some(merge), false) = (&t.merge_commit, mine.is_empty()) {
+            let by_merge = mine
+                .iter()
+                .any(|v| v.passed && v.kind == crate::run::verifies::VerifyKind::Merge && &v.commit == merge);
+            println!(
+                "    merge {} {}",
+                &merge[..10.min(merge.len())],
+                if by_merge {
+                    "passed the verify command itself"
+                } else {
+                    "has the tree of a commit that passed the verify command (the service branch had not moved)"
+                }
             );
         }
         if let Some(r) = &t.reason {

@@ -477,12 +477,13 @@ pub fn print_summary(summary: &run::Summary) {
     let count = |s: run::state::TaskStatus| summary.tasks.iter().filter(|t| t.status == s).count();
     use run::state::TaskStatus::*;
     crate::progress::say(&format!(
-        "run {}: {} merged, {} unchanged, {} failed, {} conflict, {} not finished",
+        "run {}: {} merged, {} unchanged, {} failed, {} conflict, {} unverified, {} not finished",
         summary.run_id,
         count(Merged),
         count(Unchanged),
         count(Failed),
         count(Conflict),
+        count(Unverified),
         run::unfinished(&summary.tasks)
     ));
     if let Some(p) = &summary.push {

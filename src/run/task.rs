@@ -384,9 +384,10 @@ pub(super) async fn agent(
             .extend(token.proxy_env(*addr).into_iter().map(|(k, v)| (k.to_string(), v)));
     }
     let log = &mut task.log;
+    let round = if feedback.is_some() { ", feedback round" } else { "" };
     writeln!(
         log,
-        "=== attempt {} at {} (agent {}; runtime {})",
+        "=== attempt {}{round} at {} (agent {}; runtime {})",
         rec.attempt,
         super::state::now(),
         e.agent.describe(),

@@ -35,8 +35,11 @@ pub(super) async fn rounds(
     let Some(settings) = e.opts.verify.clone() else {
         return Ok(Some(tip));
     };
+    // Resuming (no checkout handed over): a failure recorded before the crash counts.
+    let mut resuming = checkout.is_none();
     let mut checkout = checkout;
     loop {
+        let resumed = std::mem::take(&mut resuming);
         let tree = tree_at(e, tip).await?;
         let recorded: Vec<_> = e
             .state()?
@@ -45,8 +48,9 @@ pub(super) async fn rounds(
             .filter(|v| v.kind == VerifyKind::Task)
             .collect();
         // After a crash: a failure already recorded for this very tree is not verified again.
+        // (Within a run, a feedback round that changed nothing is verified again: it counts.)
         let (verdict, round) = match recorded.last() {
-            Some(v) if !v.passed && v.tree.parse::<Oid>().ok() == Some(tree) => {
+            Some(v) if resumed && !v.passed && v.tree.parse::<Oid>().ok() == Some(tree) => {
                 let failed = Verdict {
                     passed: false,
                     failure: v.failure.clone(),
