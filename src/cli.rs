@@ -56,6 +56,9 @@ pub enum Command {
     Run(commands::run::Args),
     /// Finish an interrupted or crashed run: merged tasks are kept, unfinished ones are redone.
     Resume(commands::resume::Args),
+    /// Re-run tasks of a finished run that ended failed, conflict, unverified or over budget,
+    /// each from the current service tip as a new attempt (not a new run).
+    Retry(commands::retry::Args),
     /// Show where the tasks of a run stand.
     Status(commands::status::Args),
     /// Per task: status, branch, merge commit, files changed, duration and exit code.
@@ -152,6 +155,7 @@ pub fn main() -> ExitCode {
             Command::Plan(a) => commands::plan::run(a, cli.config.as_deref()).await,
             Command::Run(a) => commands::run::run(a, cli.config.as_deref()).await,
             Command::Resume(a) => commands::resume::run(a, cli.config.as_deref()).await,
+            Command::Retry(a) => commands::retry::run(a, cli.config.as_deref()).await,
             Command::Status(a) => commands::status::run(a),
             Command::Report(a) => commands::report::run(a, cli.config.as_deref()),
             Command::Logs(a) => commands::logs::run(a),

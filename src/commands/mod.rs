@@ -9,6 +9,7 @@ pub mod logs;
 pub mod plan;
 pub mod report;
 pub mod resume;
+pub mod retry;
 pub mod run;
 pub mod run_verify;
 pub mod serve;

@@ -394,6 +394,32 @@ impl State {
             .optional()?)
     }
 
+    /// `cohort retry`: the task is pending again, and its earlier restarts no longer count
+    /// (the `retry` event marks where its new attempts begin).
+    pub fn mark_retry(&self, run_id: &str, idx: usize) -> Result<()> {
+        let attempts: u32 = self.conn.query_row(
+            "SELECT attempts FROM tasks WHERE run_id = ?1 AND idx = ?2",
+            params![run_id, idx],
+            |r| r.get(0),
+        )?;
+        self.event(run_id, idx, attempts, "retry", "{}")?;
+        self.conn.execute(
+            "UPDATE tasks SET status = 'pending', reason = 'retried', merge_commit = NULL, ended_at = NULL \
+             WHERE run_id = ?1 AND idx = ?2",
+            params![run_id, idx],
+        )?;
+        Ok(())
+    }
+
+    /// A finished run is worked on again (`cohort retry`).
+    pub fn reopen_run(&self, id: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE runs SET status = 'running', finished_at = NULL WHERE id = ?1",
+            params![id],
+        )?;
+        Ok(())
+    }
+
     /// The conversation the agent of one attempt reported (codex's thread id), if any.
     pub fn thread_of(&self, run_id: &str, idx: usize, attempt: u32) -> Result<Option<String>> {
         let mut stmt = self.conn.prepare(
