@@ -71,36 +71,78 @@ pub async fn make_plan(input: &Path, flags: &PlannerFlags, config: &Config) -> R
     match kind {
         PlannerKind::Rules => Ok(plan::rules::plan(&doc, &input.display().to_string())?),
         PlannerKind::Llm => {
-            let model = flags.planner_model.clone().or(config.planner.model.clone());
-            let mut planner = plan::llm::LlmPlanner::new(model.unwrap_or_else(|| plan::llm::DEFAULT_MODEL.into()));
-            let upstream = flags.planner_base_url.clone().or(config.planner.base_url.clone());
-            eprintln!("planning with model {}", planner.model);
-            // The planner's calls go through the same gateway client as the agents': it sends
-            // a token to the gateway on loopback, and the key goes only from there.
-            let Some(key) = super::run::api_key(config)? else {
-                planner.base_url = upstream;
-                return Ok(planner.plan(&doc).await?);
-            };
-            let gateway = crate::gateway::Gateway::start(crate::gateway::GatewayConfig::new(
-                upstream
-                    .clone()
-                    .unwrap_or_else(|| plan::llm::DEFAULT_BASE_URL.to_string()),
-                key,
-            ))?;
-            let token = gateway.issue(crate::gateway::TaskKey {
-                run_id: "plan".into(),
-                index: 0,
-                attempt: 1,
-            });
-            planner.base_url = gateway.base_url();
-            planner.shown_base = upstream;
-            planner.key = Some(crate::secret::Secret::new(token.expose()));
-            tracing::debug!(gateway = ?gateway.addr(), "planning through the model gateway");
-            let plan = planner.plan(&doc).await;
-            drop(token);
-            gateway.shutdown().await;
-            Ok(plan?)
+            let planner = ModelPlanner::new(flags, config)?;
+            eprintln!("planning with model {}", planner.planner.model);
+            planner.call(|p| async move { p.plan(&doc).await }).await
         }
+    }
+}
+
+/// The model planner when the flags and settings choose it (for calibration's revision).
+pub fn model_planner(flags: &PlannerFlags, config: &Config) -> Result<Option<ModelPlanner>> {
+    match planner_kind(flags, config)? {
+        PlannerKind::Rules => Ok(None),
+        PlannerKind::Llm => Ok(Some(ModelPlanner::new(flags, config)?)),
+    }
+}
+
+/// The model planner with where its calls go. With a key, each call goes through a model
+/// gateway on loopback, the same client as the agents': the planner sends a token there, and
+/// the key goes only from the gateway.
+pub struct ModelPlanner {
+    planner: plan::llm::LlmPlanner,
+    upstream: Option<String>,
+    key: Option<crate::secret::Secret>,
+}
+
+impl ModelPlanner {
+    fn new(flags: &PlannerFlags, config: &Config) -> Result<ModelPlanner> {
+        let model = flags.planner_model.clone().or(config.planner.model.clone());
+        Ok(ModelPlanner {
+            planner: plan::llm::LlmPlanner::new(model.unwrap_or_else(|| plan::llm::DEFAULT_MODEL.into())),
+            upstream: flags.planner_base_url.clone().or(config.planner.base_url.clone()),
+            key: super::run::api_key(config)?,
+        })
+    }
+
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(plan::llm::LlmPlanner) -> Fut,
+        Fut: std::future::Future<Output = Result<T, plan::PlanError>>,
+    {
+        let mut planner = self.planner.clone();
+        let Some(key) = self.key.clone() else {
+            planner.base_url = self.upstream.clone();
+            return Ok(f(planner).await?);
+        };
+        let gateway = crate::gateway::Gateway::start(crate::gateway::GatewayConfig::new(
+            self.upstream
+                .clone()
+                .unwrap_or_else(|| plan::llm::DEFAULT_BASE_URL.to_string()),
+            key,
+        ))?;
+        let token = gateway.issue(crate::gateway::TaskKey {
+            run_id: "plan".into(),
+            index: 0,
+            attempt: 1,
+        });
+        planner.base_url = gateway.base_url();
+        planner.shown_base = self.upstream.clone();
+        planner.key = Some(crate::secret::Secret::new(token.expose()));
+        tracing::debug!(gateway = ?gateway.addr(), "the planner's model through the gateway");
+        let out = f(planner).await;
+        drop(token);
+        gateway.shutdown().await;
+        Ok(out?)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::run::calibrate::TemplateReviser for ModelPlanner {
+    async fn revise(&self, template: &str, task: &str, evidence: &str) -> Result<String> {
+        let (template, task, evidence) = (template.to_string(), task.to_string(), evidence.to_string());
+        self.call(|p| async move { p.revise_template(&template, &task, &evidence).await })
+            .await
     }
 }
 

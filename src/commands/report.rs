@@ -17,6 +17,36 @@ fn duration(start: Option<&str>, end: Option<&str>) -> Option<f64> {
     Some(e.duration_since(s).ok()?.as_secs_f64())
 }
 
+/// A line diff of two templates: `-` lines only in the first, `+` lines only in the second,
+/// in order (a longest common subsequence; templates are short).
+fn template_diff(before: &str, after: &str) -> Vec<String> {
+    let (a, b): (Vec<&str>, Vec<&str>) = (before.lines().collect(), after.lines().collect());
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out.push(format!("  {}", a[i]));
+            (i, j) = (i + 1, j + 1);
+        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push(format!("+ {}", b[j]));
+            j += 1;
+        } else {
+            out.push(format!("- {}", a[i]));
+            i += 1;
+        }
+    }
+    out
+}
+
 pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     let (paths, state) = super::open_state()?;
     let (row, tasks) = super::load_run(&state, args.run.as_deref())?;
@@ -31,6 +61,8 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     let pushes = state.pushes(&row.id)?;
     // Every run of the verify command: on each task's commits, and on merge results.
     let verifies = state.verifies(&row.id, None)?;
+    // The prompt template calibration revised, if it did.
+    let calibration = state.calibration(&row.id)?;
     let cost = |t: &crate::run::state::AgentTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let gateway_cost = |t: &crate::run::state::GatewayTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
     let code = crate::run::Summary {
@@ -38,6 +70,7 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
         tasks: tasks.clone(),
         interrupted: false,
         push: None,
+        calibration: None,
     }
     .exit_code();
     if args.json {
@@ -73,11 +106,19 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
             }).collect::<Vec<_>>(),
             "spend": spend,
             "pushes": pushes,
+            "calibration": calibration,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(code);
     }
     println!("run {} ({}), service branch {}", row.id, row.status, row.service_branch);
+    if let Some(c) = &calibration {
+        let (before, after) = (c["before"].as_str().unwrap_or(""), c["after"].as_str().unwrap_or(""));
+        println!("calibration revised the prompt template after task 1 (prompt.revised.txt in the run's directory):");
+        for line in template_diff(before, after) {
+            println!("    {line}");
+        }
+    }
     for t in &tasks {
         let secs = duration(t.started_at.as_deref(), t.ended_at.as_deref())
             .map(|d| format!("{d:.1}s"))
@@ -163,4 +204,13 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
         );
     }
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn template_diff_marks_removed_and_added_lines() {
+        let d = super::template_diff("a\nb\nc {task}", "a\nB\nc {task}\nd");
+        assert_eq!(d, ["  a", "+ B", "- b", "  c {task}", "+ d"]);
+    }
 }

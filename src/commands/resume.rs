@@ -29,6 +29,7 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
             tasks,
             interrupted: false,
             push: None,
+            calibration: None,
         };
         print_summary(&summary);
         return Ok(summary.exit_code());

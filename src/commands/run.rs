@@ -269,6 +269,7 @@ pub fn build_engine(
         gateway,
         // Found only by a caller that reaches origin (sync or push): see `git_access`.
         access: crate::git::remote::Access::default(),
+        reviser: None,
     })
 }
 
@@ -486,6 +487,9 @@ pub fn print_summary(summary: &run::Summary) {
         count(Unverified),
         run::unfinished(&summary.tasks)
     ));
+    if let Some(why) = &summary.calibration {
+        crate::progress::say(why);
+    }
     if let Some(p) = &summary.push {
         for line in p.describe() {
             crate::progress::say(&line);
@@ -506,6 +510,13 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     };
     let mut stored = stored_options(&args.engine, &config);
     let mut engine = build_engine(paths, &config, &args.engine, &stored)?;
+    // Calibration's revision asks the model that planned the document (none with the rules
+    // planner, or for given task and prompt files).
+    if engine.opts.calibrate && args.input.is_some() {
+        if let Some(planner) = super::plan::model_planner(&args.planner, &config)? {
+            engine.reviser = Some(Arc::new(planner));
+        }
+    }
     let syncing = !args.no_sync && config.run.sync != Some(false);
     if syncing || engine.opts.push.is_some() {
         engine.access = git_access(false)?;

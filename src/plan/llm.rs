@@ -101,7 +101,7 @@ impl LlmPlanner {
         }
     }
 
-    fn endpoint(&self) -> String {
+    pub(super) fn endpoint(&self) -> String {
         let base = self
             .shown_base
             .as_deref()
@@ -110,7 +110,7 @@ impl LlmPlanner {
         format!("model `{}` at {}", self.model, base.trim_end_matches('/'))
     }
 
-    fn client(&self) -> Result<Client<OpenAIConfig>, PlanError> {
+    pub(super) fn client(&self) -> Result<Client<OpenAIConfig>, PlanError> {
         let base = self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
         let mut builder = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
@@ -201,7 +201,7 @@ impl LlmPlanner {
         ))))
     }
 
-    async fn ask(
+    pub(super) async fn ask(
         &self,
         client: &Client<OpenAIConfig>,
         messages: &[ChatCompletionRequestMessage],
@@ -270,7 +270,7 @@ impl LlmPlanner {
     }
 
     /// Removes the key from text that may have come from a server.
-    fn scrub(&self, text: String) -> String {
+    pub(super) fn scrub(&self, text: String) -> String {
         match &self.key {
             Some(k) if !k.is_empty() => text.replace(k.expose(), "***"),
             _ => text,
@@ -278,7 +278,7 @@ impl LlmPlanner {
     }
 }
 
-enum Ask {
+pub(super) enum Ask {
     /// Transport, auth or server failure: retrying the plan will not help.
     Fatal(PlanError),
     /// An answer we could not use: worth one more try.

@@ -5,6 +5,7 @@
 //! value; writing the plan files is the caller's job, done atomically.
 
 pub mod llm;
+mod revise;
 pub mod rules;
 
 use std::path::Path;

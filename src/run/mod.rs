@@ -2,6 +2,7 @@
 //! checkout → agent → commit → merge, N at a time.
 
 mod caches;
+pub mod calibrate;
 mod collect;
 mod gateway;
 mod push;
@@ -62,6 +63,8 @@ pub struct Engine {
     pub gateway: Option<GatewaySettings>,
     /// The credentials for origin, for the pull and the push.
     pub access: crate::git::remote::Access,
+    /// Calibration's second chance with the model planner (none with the rules planner).
+    pub reviser: Option<Arc<dyn calibrate::TemplateReviser>>,
 }
 
 impl Engine {
@@ -111,6 +114,8 @@ pub struct Summary {
     pub interrupted: bool,
     /// The push to origin, when the run was asked to push.
     pub push: Option<PushResult>,
+    /// Why calibration stopped the run before the fan-out.
+    pub calibration: Option<String>,
 }
 
 impl Summary {
@@ -120,6 +125,8 @@ impl Summary {
     pub fn exit_code(&self) -> u8 {
         let tasks = if self.interrupted {
             130
+        } else if self.calibration.is_some() {
+            1
         } else if self.tasks.iter().all(|t| t.status.is_success()) {
             0
         } else {
@@ -282,7 +289,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     };
     let shared = Arc::new(task::Shared {
         run_id: run_id.to_string(),
-        template: run.template.clone(),
+        template: std::sync::RwLock::new(run.template.clone()),
         dir,
         pool: pool.clone(),
         progress: progress.clone(),
@@ -297,6 +304,13 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         } else {
             queue.push_back(row);
         }
+    }
+    let calibration = match engine.opts.calibrate && !engine.cancel.is_cancelled() {
+        true => calibrate::first(&engine, &shared, &mut queue).await?,
+        false => None,
+    };
+    if calibration.is_some() {
+        queue.clear(); // the rest stays pending
     }
     let workers = engine.opts.jobs.max(1).min(queue.len());
     let queue = Arc::new(Mutex::new(queue));
@@ -341,6 +355,8 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     let tasks = engine.state()?.tasks(run_id)?;
     let status = if interrupted {
         "interrupted"
+    } else if calibration.is_some() {
+        "calibration failed"
     } else if over_budget.load(std::sync::atomic::Ordering::Relaxed) && left > 0 {
         "over budget"
     } else if tasks.iter().all(|t| t.status.is_success()) {
@@ -350,7 +366,9 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     };
     engine.state()?.finish_run(run_id, status)?;
     let push = match engine.opts.push {
-        Some(policy) if !interrupted => Some(push::push_run(&engine, run_id, policy, &tasks).await),
+        Some(policy) if !interrupted && calibration.is_none() => {
+            Some(push::push_run(&engine, run_id, policy, &tasks).await)
+        }
         _ => None,
     };
     Ok(Summary {
@@ -358,6 +376,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         tasks,
         interrupted,
         push,
+        calibration,
     })
 }
 

@@ -411,6 +411,22 @@ impl State {
         Ok(())
     }
 
+    /// The run's prompt template from now on (calibration revised it).
+    pub fn set_template(&self, id: &str, template: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE runs SET template = ?2 WHERE id = ?1", params![id, template])?;
+        Ok(())
+    }
+
+    /// The run's calibration, if its template was revised: `{before, after}`.
+    pub fn calibration(&self, run_id: &str) -> Result<Option<serde_json::Value>> {
+        Ok(self
+            .events_of(run_id, "calibration")?
+            .into_iter()
+            .map(|(_, v)| v)
+            .last())
+    }
+
     /// A finished run is worked on again (`cohort retry`).
     pub fn reopen_run(&self, id: &str) -> Result<()> {
         self.conn.execute(

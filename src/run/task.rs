@@ -34,7 +34,8 @@ use crate::runtime::{Bind, Exit, Output, Spawn};
 /// What the tasks of one run share.
 pub(super) struct Shared {
     pub run_id: String,
-    pub template: String,
+    /// The prompt template; calibration may revise it before the fan-out.
+    pub template: std::sync::RwLock<String>,
     pub dir: RunDir,
     pub pool: Arc<Pool>,
     pub progress: Arc<Progress>,
@@ -42,6 +43,12 @@ pub(super) struct Shared {
     pub merge_lock: tokio::sync::Mutex<()>,
     /// The run's model gateway, when it has one.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
+}
+
+impl Shared {
+    pub fn template(&self) -> String {
+        self.template.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 pub(super) enum AttemptResult {
@@ -235,7 +242,7 @@ fn reopen_attempt(e: &Engine, s: &Shared, row: &TaskRow, rec: &Record<'_>) -> Re
     Ok(AttemptCtx {
         base,
         branch_ref: format!("refs/heads/{}", row.branch),
-        prompt: Plan::prompt_for(&s.template, &row.text),
+        prompt: Plan::prompt_for(&s.template(), &row.text),
         attempt_dir,
         log,
         thread: e.state()?.thread_of(&s.run_id, row.index, rec.attempt)?,
@@ -297,7 +304,7 @@ async fn prepare(
     };
     tracing::debug!(task = idx, ms = t0.elapsed().as_millis() as u64, "checkout prepared");
 
-    let mut prompt = Plan::prompt_for(&s.template, &row.text);
+    let mut prompt = Plan::prompt_for(&s.template(), &row.text);
     if let Some(Restart::Conflict(paths)) = restart {
         prompt.push_str(&format!(
             "\n\nNote: an earlier attempt at this task conflicted with changes merged meanwhile (in: {}). \

@@ -105,10 +105,16 @@ pub async fn answer(body: &Value, chosen: Chosen) -> Outcome {
         };
     }
     let doc = document(body);
+    // A `STANDIN-TEMPLATE: <text>` line in the document (`\n` for new lines) is the template
+    // a model would propose after reading it, e.g. in a log it was asked to learn from.
+    let proposed = doc.lines().rev().find_map(|l| {
+        let at = l.find("STANDIN-TEMPLATE:")?;
+        Some(l[at + "STANDIN-TEMPLATE:".len()..].trim().replace("\\n", "\n"))
+    });
     let template = if chosen.mode == Mode::InvalidPlan {
-        INVALID_TEMPLATE
+        INVALID_TEMPLATE.to_string()
     } else {
-        TEMPLATE
+        proposed.unwrap_or_else(|| TEMPLATE.to_string())
     };
     let plan = json!({"tasks": tasks_from(&doc), "template": template}).to_string();
     let format = body
