@@ -424,7 +424,7 @@ impl State {
             .events_of(run_id, "calibration")?
             .into_iter()
             .map(|(_, v)| v)
-            .last())
+            .next_back())
     }
 
     /// A finished run is worked on again (`cohort retry`).
