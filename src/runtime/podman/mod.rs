@@ -16,6 +16,7 @@ pub mod idmap;
 pub mod runtime;
 mod stream;
 mod types;
+mod volume;
 
 #[cfg(test)]
 mod tests;
@@ -29,3 +30,4 @@ pub use error::{PodmanError, Result};
 pub use runtime::{cleanup_run, PodmanRuntime, PodmanSettings, DEFAULT_IMAGE, WORKSPACE};
 pub use stream::{demux, ExecSession, Frame, StreamKind};
 pub use types::*;
+pub use volume::VolumeInspect;
