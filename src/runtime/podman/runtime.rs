@@ -36,6 +36,9 @@
 //! start such a container (podman 4.3: EPERM mounting the rootfs for a user namespace of more
 //! than one range) gets, from then on in the run, the agent as the checkout's owner in the
 //! host user namespace, with a warning.
+//!
+//! Containers other than an agent's say their role in their name
+//! (`cohort-<run>-<task>-verify-<rand>`), and all in `cohort.role`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -48,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::idmap::{self, IdMap, IdmappedMount};
 use super::{BindMount, ContainerSpec, NetworkMode, Podman, UsernsMode};
-use crate::runtime::{Exit, Output, Runtime, Spawn};
+use crate::runtime::{Exit, Output, Role, Runtime, Spawn};
 
 /// The image tag used when `[image] tag` is not set.
 pub const DEFAULT_IMAGE: &str = "localhost/cohort:latest";
@@ -56,6 +59,8 @@ pub const DEFAULT_IMAGE: &str = "localhost/cohort:latest";
 pub const WORKSPACE: &str = "/workspace";
 pub const LABEL_RUN: &str = "cohort.run";
 pub const LABEL_TASK: &str = "cohort.task";
+/// What the container runs: `agent` or `verify` ([`crate::runtime::Role`]).
+pub const LABEL_ROLE: &str = "cohort.role";
 /// Where a rootful run puts the idmapped views of a task's git dir and checkout, one directory
 /// per container (named after it).
 pub const IDMAP_DIR: &str = "/run/cohort/idmap";
@@ -211,12 +216,7 @@ impl PodmanRuntime {
 
     fn container_spec(&self, spawn: &Spawn, labels: BTreeMap<String, String>) -> Result<Prepared> {
         let checkout = &spawn.workdir;
-        let name = sanitize_name(&format!(
-            "cohort-{}-{:03}-{:08x}",
-            spawn.run_id,
-            spawn.task,
-            rand::random::<u32>()
-        ));
+        let name = container_name(spawn);
         let meta = std::fs::metadata(checkout).with_context(|| format!("cannot read {}", checkout.display()))?;
         let owner = (meta.uid(), meta.gid());
         // With idmapped views, every source is a view under the staging directory instead.
@@ -428,6 +428,21 @@ fn host_id<'a>(ranges: impl Iterator<Item = &'a str>, id: u32) -> Option<u32> {
     })
 }
 
+/// `cohort-<run>-<task>-<rand>` for an agent (the name it always had), with the role before
+/// the random part for anything else (`cohort-<run>-<task>-verify-<rand>`).
+fn container_name(spawn: &Spawn) -> String {
+    let role = match spawn.role {
+        Role::Agent => String::new(),
+        role => format!("{}-", role.as_str()),
+    };
+    sanitize_name(&format!(
+        "cohort-{}-{:03}-{role}{:08x}",
+        spawn.run_id,
+        spawn.task,
+        rand::random::<u32>()
+    ))
+}
+
 /// `user`, `uid`, `uid:gid` of an image config; numeric forms only.
 fn parse_image_user(user: &str) -> Option<(u32, u32)> {
     let mut it = user.splitn(2, ':');
@@ -462,12 +477,13 @@ fn translate(s: &str, checkout: &Path) -> String {
     }
 }
 
-/// The labels of a task's container: `cohort=task`, its run and its task number.
+/// The labels of a task's container: `cohort=task`, its run, its task number and its role.
 pub fn task_labels(spawn: &Spawn) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("cohort".to_string(), "task".to_string()),
         (LABEL_RUN.to_string(), spawn.run_id.clone()),
         (LABEL_TASK.to_string(), format!("{:03}", spawn.task)),
+        (LABEL_ROLE.to_string(), spawn.role.as_str().to_string()),
     ])
 }
 

@@ -30,6 +30,22 @@ fn labels_from_the_spawn() {
     };
     let l = task_labels(&spawn);
     assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));
+    assert_eq!(l[LABEL_ROLE], "agent");
+    let name = container_name(&spawn);
+    assert!(
+        name.starts_with("cohort-r1-003-") && name.len() == "cohort-r1-003-".len() + 8,
+        "{name}"
+    );
+    let verify = Spawn {
+        role: crate::runtime::Role::Verify,
+        ..spawn
+    };
+    assert_eq!(task_labels(&verify)[LABEL_ROLE], "verify");
+    let name = container_name(&verify);
+    assert!(
+        name.starts_with("cohort-r1-003-verify-") && name.len() == "cohort-r1-003-verify-".len() + 8,
+        "{name}"
+    );
     assert_eq!(parse_image_user("1000:1001"), Some((1000, 1001)));
 }
 
