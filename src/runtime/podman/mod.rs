@@ -21,6 +21,8 @@ mod volume;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_caches;
+#[cfg(test)]
 mod tests_parallel;
 #[cfg(test)]
 mod tests_rootful;

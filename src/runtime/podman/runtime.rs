@@ -37,8 +37,10 @@
 //! than one range) gets, from then on in the run, the agent as the checkout's owner in the
 //! host user namespace, with a warning.
 //!
-//! Containers other than an agent's say their role in their name
-//! (`cohort-<run>-<task>-verify-<rand>`), and all in `cohort.role`.
+//! Caches (`Spawn::caches`, the verify gate's `[verify] caches`): a podman named volume each,
+//! mounted in the workspace or the image user's `HOME`, kept between containers and runs; see
+//! `caches` for how each mode's user gets to write them. Containers other than an agent's say
+//! their role in their name (`cohort-<run>-<task>-verify-<rand>`) and all in `cohort.role`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -83,6 +85,8 @@ pub struct PodmanRuntime {
     settings: PodmanSettings,
     /// The image's numeric user, for rootless keep-id.
     image_user: Option<(u32, u32)>,
+    /// The image's `HOME` (its config's environment), where home caches go.
+    image_home: Option<String>,
     /// Rootful with idmapped mounts available: the staging root ([`IDMAP_DIR`]).
     idmap_root: Option<PathBuf>,
     /// Rootful without idmapped views: whether the engine can start `userns=auto` with a
@@ -132,6 +136,7 @@ impl PodmanRuntime {
         }
         let raw: serde_json::Value = podman.image_inspect_raw(&settings.image).await?;
         let image_user = parse_image_user(raw["Config"]["User"].as_str().unwrap_or(""));
+        let image_home = image_env(&raw["Config"]["Env"], "HOME").filter(|h| h.starts_with('/'));
         let idmap_root = if podman.rootless() {
             None
         } else {
@@ -152,6 +157,7 @@ impl PodmanRuntime {
             podman,
             settings,
             image_user,
+            image_home,
             idmap_root,
             pinned_ok: AtomicBool::new(true),
             creates: tokio::sync::Mutex::new(()),
@@ -219,6 +225,8 @@ impl PodmanRuntime {
         let name = container_name(spawn);
         let meta = std::fs::metadata(checkout).with_context(|| format!("cannot read {}", checkout.display()))?;
         let owner = (meta.uid(), meta.gid());
+        // Before anything is staged: a cache path that cannot be mounted fails the spawn here.
+        let volumes = self.cache_volumes(spawn, owner)?;
         // With idmapped views, every source is a view under the staging directory instead.
         let stage = self.idmap_root.as_ref().map(|root| root.join(&name));
         let mut idmapped = Vec::new();
@@ -269,6 +277,7 @@ impl PodmanRuntime {
             image: self.settings.image.clone(),
             workspace: Some(work_src),
             mounts,
+            volumes,
             userns,
             image_user: self.image_user,
             network: self.settings.network,
@@ -428,6 +437,14 @@ fn host_id<'a>(ranges: impl Iterator<Item = &'a str>, id: u32) -> Option<u32> {
     })
 }
 
+/// The value of `key` in an image config's `Env` (`["KEY=VALUE", ...]`).
+fn image_env(env: &serde_json::Value, key: &str) -> Option<String> {
+    env.as_array()?.iter().filter_map(|v| v.as_str()).find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.to_owned())
+    })
+}
+
 /// `cohort-<run>-<task>-<rand>` for an agent (the name it always had), with the role before
 /// the random part for anything else (`cohort-<run>-<task>-verify-<rand>`).
 fn container_name(spawn: &Spawn) -> String {
@@ -511,6 +528,12 @@ impl Runtime for PodmanRuntime {
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
         let labels = task_labels(&spawn);
         let prepared = self.container_spec(&spawn, labels.clone())?;
+        if let Err(e) = self.ensure_caches(&spawn).await {
+            if let Some(stage) = &prepared.stage {
+                remove_stage(stage);
+            }
+            return Err(e);
+        }
         let pinned = matches!(prepared.spec.userns, Some(UsernsMode::AutoPinned { .. }));
         match self.attempt(&spawn, prepared, output.clone(), &cancel).await {
             // Some engines cannot mount a rootfs for a user namespace of more than one range
@@ -536,6 +559,9 @@ impl Runtime for PodmanRuntime {
 #[path = "attempt.rs"]
 mod attempt;
 use attempt::{Failed, READ_SECRETS};
+
+#[path = "caches.rs"]
+mod caches;
 
 #[cfg(test)]
 #[path = "runtime_unit.rs"]

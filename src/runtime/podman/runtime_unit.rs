@@ -59,3 +59,11 @@ fn host_ids_from_podman_ranges() {
     assert_eq!(host_id(["garbage"].into_iter(), 0), None);
     assert_eq!(parse_image_user("cohort"), None);
 }
+
+#[test]
+fn home_from_the_image_env() {
+    let env = serde_json::json!(["PATH=/usr/bin", "HOME=/home/cohort", "X=HOME=no"]);
+    assert_eq!(image_env(&env, "HOME").as_deref(), Some("/home/cohort"));
+    assert_eq!(image_env(&env, "USER"), None);
+    assert_eq!(image_env(&serde_json::Value::Null, "HOME"), None);
+}
