@@ -235,7 +235,7 @@ impl Podman {
     }
 
     /// `GET .../exists`: 204 yes, 404 no.
-    async fn exists(&self, path: &str) -> Result<bool> {
+    pub(super) async fn exists(&self, path: &str) -> Result<bool> {
         match self.call(Method::GET, path, empty(), None).await {
             Ok(_) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
@@ -502,5 +502,19 @@ mod tests {
         };
         let v = serde_json::to_value(host_net.to_body(false)).unwrap();
         assert_eq!(v["mounts"][1]["destination"], "/sys", "{v}");
+        assert!(v.get("volumes").is_none(), "{v}");
+        let cached = ContainerSpec {
+            volumes: vec![VolumeMount {
+                name: "cohort-cache-x".into(),
+                destination: "/workspace/target".into(),
+                options: vec!["U".into()],
+            }],
+            ..spec.clone()
+        };
+        let v = serde_json::to_value(cached.to_body(false)).unwrap();
+        assert_eq!(
+            v["volumes"],
+            serde_json::json!([{"Name": "cohort-cache-x", "Dest": "/workspace/target", "Options": ["U"]}])
+        );
     }
 }

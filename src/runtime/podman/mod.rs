@@ -16,9 +16,12 @@ pub mod idmap;
 pub mod runtime;
 mod stream;
 mod types;
+mod volume;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_caches;
 #[cfg(test)]
 mod tests_parallel;
 #[cfg(test)]
@@ -29,3 +32,4 @@ pub use error::{PodmanError, Result};
 pub use runtime::{cleanup_run, PodmanRuntime, PodmanSettings, DEFAULT_IMAGE, WORKSPACE};
 pub use stream::{demux, ExecSession, Frame, StreamKind};
 pub use types::*;
+pub use volume::VolumeInspect;

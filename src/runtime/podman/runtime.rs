@@ -36,6 +36,11 @@
 //! start such a container (podman 4.3: EPERM mounting the rootfs for a user namespace of more
 //! than one range) gets, from then on in the run, the agent as the checkout's owner in the
 //! host user namespace, with a warning.
+//!
+//! Caches (`Spawn::caches`, the verify gate's `[verify] caches`): a podman named volume each,
+//! mounted in the workspace or the image user's `HOME`, kept between containers and runs; see
+//! `caches` for how each mode's user gets to write them. Containers other than an agent's say
+//! their role in their name (`cohort-<run>-<task>-verify-<rand>`) and all in `cohort.role`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -48,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::idmap::{self, IdMap, IdmappedMount};
 use super::{BindMount, ContainerSpec, NetworkMode, Podman, UsernsMode};
-use crate::runtime::{Exit, Output, Runtime, Spawn};
+use crate::runtime::{Exit, Output, Role, Runtime, Spawn};
 
 /// The image tag used when `[image] tag` is not set.
 pub const DEFAULT_IMAGE: &str = "localhost/cohort:latest";
@@ -56,6 +61,8 @@ pub const DEFAULT_IMAGE: &str = "localhost/cohort:latest";
 pub const WORKSPACE: &str = "/workspace";
 pub const LABEL_RUN: &str = "cohort.run";
 pub const LABEL_TASK: &str = "cohort.task";
+/// What the container runs: `agent` or `verify` ([`crate::runtime::Role`]).
+pub const LABEL_ROLE: &str = "cohort.role";
 /// Where a rootful run puts the idmapped views of a task's git dir and checkout, one directory
 /// per container (named after it).
 pub const IDMAP_DIR: &str = "/run/cohort/idmap";
@@ -78,6 +85,8 @@ pub struct PodmanRuntime {
     settings: PodmanSettings,
     /// The image's numeric user, for rootless keep-id.
     image_user: Option<(u32, u32)>,
+    /// The image's `HOME` (its config's environment), where home caches go.
+    image_home: Option<String>,
     /// Rootful with idmapped mounts available: the staging root ([`IDMAP_DIR`]).
     idmap_root: Option<PathBuf>,
     /// Rootful without idmapped views: whether the engine can start `userns=auto` with a
@@ -127,6 +136,7 @@ impl PodmanRuntime {
         }
         let raw: serde_json::Value = podman.image_inspect_raw(&settings.image).await?;
         let image_user = parse_image_user(raw["Config"]["User"].as_str().unwrap_or(""));
+        let image_home = image_env(&raw["Config"]["Env"], "HOME").filter(|h| h.starts_with('/'));
         let idmap_root = if podman.rootless() {
             None
         } else {
@@ -147,6 +157,7 @@ impl PodmanRuntime {
             podman,
             settings,
             image_user,
+            image_home,
             idmap_root,
             pinned_ok: AtomicBool::new(true),
             creates: tokio::sync::Mutex::new(()),
@@ -211,14 +222,11 @@ impl PodmanRuntime {
 
     fn container_spec(&self, spawn: &Spawn, labels: BTreeMap<String, String>) -> Result<Prepared> {
         let checkout = &spawn.workdir;
-        let name = sanitize_name(&format!(
-            "cohort-{}-{:03}-{:08x}",
-            spawn.run_id,
-            spawn.task,
-            rand::random::<u32>()
-        ));
+        let name = container_name(spawn);
         let meta = std::fs::metadata(checkout).with_context(|| format!("cannot read {}", checkout.display()))?;
         let owner = (meta.uid(), meta.gid());
+        // Before anything is staged: a cache path that cannot be mounted fails the spawn here.
+        let volumes = self.cache_volumes(spawn, owner)?;
         // With idmapped views, every source is a view under the staging directory instead.
         let stage = self.idmap_root.as_ref().map(|root| root.join(&name));
         let mut idmapped = Vec::new();
@@ -269,6 +277,7 @@ impl PodmanRuntime {
             image: self.settings.image.clone(),
             workspace: Some(work_src),
             mounts,
+            volumes,
             userns,
             image_user: self.image_user,
             network: self.settings.network,
@@ -428,6 +437,29 @@ fn host_id<'a>(ranges: impl Iterator<Item = &'a str>, id: u32) -> Option<u32> {
     })
 }
 
+/// The value of `key` in an image config's `Env` (`["KEY=VALUE", ...]`).
+fn image_env(env: &serde_json::Value, key: &str) -> Option<String> {
+    env.as_array()?.iter().filter_map(|v| v.as_str()).find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.to_owned())
+    })
+}
+
+/// `cohort-<run>-<task>-<rand>` for an agent (the name it always had), with the role before
+/// the random part for anything else (`cohort-<run>-<task>-verify-<rand>`).
+fn container_name(spawn: &Spawn) -> String {
+    let role = match spawn.role {
+        Role::Agent => String::new(),
+        role => format!("{}-", role.as_str()),
+    };
+    sanitize_name(&format!(
+        "cohort-{}-{:03}-{role}{:08x}",
+        spawn.run_id,
+        spawn.task,
+        rand::random::<u32>()
+    ))
+}
+
 /// `user`, `uid`, `uid:gid` of an image config; numeric forms only.
 fn parse_image_user(user: &str) -> Option<(u32, u32)> {
     let mut it = user.splitn(2, ':');
@@ -462,12 +494,13 @@ fn translate(s: &str, checkout: &Path) -> String {
     }
 }
 
-/// The labels of a task's container: `cohort=task`, its run and its task number.
+/// The labels of a task's container: `cohort=task`, its run, its task number and its role.
 pub fn task_labels(spawn: &Spawn) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("cohort".to_string(), "task".to_string()),
         (LABEL_RUN.to_string(), spawn.run_id.clone()),
         (LABEL_TASK.to_string(), format!("{:03}", spawn.task)),
+        (LABEL_ROLE.to_string(), spawn.role.as_str().to_string()),
     ])
 }
 
@@ -495,6 +528,12 @@ impl Runtime for PodmanRuntime {
     async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
         let labels = task_labels(&spawn);
         let prepared = self.container_spec(&spawn, labels.clone())?;
+        if let Err(e) = self.ensure_caches(&spawn).await {
+            if let Some(stage) = &prepared.stage {
+                remove_stage(stage);
+            }
+            return Err(e);
+        }
         let pinned = matches!(prepared.spec.userns, Some(UsernsMode::AutoPinned { .. }));
         match self.attempt(&spawn, prepared, output.clone(), &cancel).await {
             // Some engines cannot mount a rootfs for a user namespace of more than one range
@@ -520,6 +559,9 @@ impl Runtime for PodmanRuntime {
 #[path = "attempt.rs"]
 mod attempt;
 use attempt::{Failed, READ_SECRETS};
+
+#[path = "caches.rs"]
+mod caches;
 
 #[cfg(test)]
 #[path = "runtime_unit.rs"]

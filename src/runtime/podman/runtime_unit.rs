@@ -30,6 +30,22 @@ fn labels_from_the_spawn() {
     };
     let l = task_labels(&spawn);
     assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));
+    assert_eq!(l[LABEL_ROLE], "agent");
+    let name = container_name(&spawn);
+    assert!(
+        name.starts_with("cohort-r1-003-") && name.len() == "cohort-r1-003-".len() + 8,
+        "{name}"
+    );
+    let verify = Spawn {
+        role: crate::runtime::Role::Verify,
+        ..spawn
+    };
+    assert_eq!(task_labels(&verify)[LABEL_ROLE], "verify");
+    let name = container_name(&verify);
+    assert!(
+        name.starts_with("cohort-r1-003-verify-") && name.len() == "cohort-r1-003-verify-".len() + 8,
+        "{name}"
+    );
     assert_eq!(parse_image_user("1000:1001"), Some((1000, 1001)));
 }
 
@@ -42,4 +58,12 @@ fn host_ids_from_podman_ranges() {
     assert_eq!(host_id(ranges.into_iter(), 1024), None);
     assert_eq!(host_id(["garbage"].into_iter(), 0), None);
     assert_eq!(parse_image_user("cohort"), None);
+}
+
+#[test]
+fn home_from_the_image_env() {
+    let env = serde_json::json!(["PATH=/usr/bin", "HOME=/home/cohort", "X=HOME=no"]);
+    assert_eq!(image_env(&env, "HOME").as_deref(), Some("/home/cohort"));
+    assert_eq!(image_env(&env, "USER"), None);
+    assert_eq!(image_env(&serde_json::Value::Null, "HOME"), None);
 }

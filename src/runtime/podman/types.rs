@@ -83,6 +83,15 @@ impl BindMount {
     }
 }
 
+/// A named volume mounted into the container (a persistent cache).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMount {
+    pub name: String,
+    pub destination: String,
+    /// podman's volume options (e.g. `U`: hand it to the container's user at each start).
+    pub options: Vec<String>,
+}
+
 /// What cohort asks of a new container. Never put secrets here: the create spec is stored
 /// by podman and shown by `podman inspect`. Secrets go per exec in [`ExecSpec::env`], or
 /// down the attached stdin of the main process (see the runtime's task containers).
@@ -93,6 +102,7 @@ pub struct ContainerSpec {
     /// Host directory mounted at `/workspace`.
     pub workspace: Option<String>,
     pub mounts: Vec<BindMount>,
+    pub volumes: Vec<VolumeMount>,
     /// `None`: decided by the engine being rootless or not (see [`UsernsMode::for_engine`]).
     pub userns: Option<UsernsMode>,
     /// The image's numeric `uid:gid`; rootless keep-id maps the host user onto it.
@@ -128,6 +138,17 @@ pub(crate) struct SpecMount {
     #[serde(rename = "type")]
     pub typ: &'static str,
     pub source: String,
+    pub options: Vec<String>,
+}
+
+/// specgen's `NamedVolume` (Go field names, no JSON tags upstream).
+#[derive(Serialize)]
+pub(crate) struct SpecVolume {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Dest")]
+    pub dest: String,
+    #[serde(rename = "Options")]
     pub options: Vec<String>,
 }
 
@@ -184,6 +205,8 @@ pub(crate) struct CreateBody {
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
     pub mounts: Vec<SpecMount>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<SpecVolume>,
     pub userns: Namespace,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idmappings: Option<IdMappings>,
@@ -292,6 +315,15 @@ impl ContainerSpec {
                 .collect(),
             labels: self.labels.clone(),
             mounts,
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| SpecVolume {
+                    name: v.name.clone(),
+                    dest: v.destination.clone(),
+                    options: v.options.clone(),
+                })
+                .collect(),
             userns,
             idmappings,
             netns: Namespace {
