@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 
 pub use modes::Mode;
 use modes::Selector;
-pub use responses::{edit_command, slug, usage_final, usage_tool_call};
+pub use responses::{edit_command, prompts, slug, usage_final, usage_tool_call};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 

@@ -57,14 +57,21 @@ pub fn texts(body: &Value) -> Vec<String> {
     out
 }
 
-/// The task prompt: the last user message that is not one of codex's own
-/// context blocks (environment context, AGENTS.md instructions).
-pub fn prompt(body: &Value) -> String {
-    let mut found = String::new();
+/// The task prompts of the conversation, oldest first, with their positions in `input`:
+/// every user message that is not one of codex's own context blocks (environment context,
+/// AGENTS.md instructions). A resumed conversation (`codex exec resume`) has more than one.
+pub fn prompts(body: &Value) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
     if let Some(s) = body.get("input").and_then(Value::as_str) {
-        return s.to_string();
+        return vec![(0, s.to_string())];
     }
-    for item in body.get("input").and_then(Value::as_array).into_iter().flatten() {
+    for (i, item) in body
+        .get("input")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         let is_msg = item.get("type").and_then(Value::as_str).unwrap_or("message") == "message";
         if !is_msg || item.get("role").and_then(Value::as_str) != Some("user") {
             continue;
@@ -81,9 +88,30 @@ pub fn prompt(body: &Value) -> String {
         {
             continue;
         }
-        found = text;
+        found.push((i, text));
     }
     found
+}
+
+/// The task prompt: the last of [`prompts`].
+pub fn prompt(body: &Value) -> String {
+    prompts(body).pop().map(|(_, p)| p).unwrap_or_default()
+}
+
+/// In a resumed conversation, the first prompt's `STANDIN-FIX: <shell>` lines: what a model
+/// that remembers the task does once told that its first try failed.
+pub fn fix_command(body: &Value) -> Option<String> {
+    let all = prompts(body);
+    if all.len() < 2 {
+        return None;
+    }
+    let fixes: Vec<&str> = all[0]
+        .1
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("STANDIN-FIX:"))
+        .map(str::trim)
+        .collect();
+    (!fixes.is_empty()).then(|| fixes.join(" && "))
 }
 
 /// The shell command that performs the scripted edit for `prompt`, and a short
@@ -147,12 +175,19 @@ pub fn answer(body: &Value, chosen: Chosen) -> Outcome {
     let n = body.get("input").map(|v| v.to_string().len()).unwrap_or(0);
     let id = format!("resp_standin_{:08x}", fnv1a(format!("{n}{}", body).as_bytes()) as u32);
     let prompt = prompt(body);
-    let (cmd, what) = edit_command(&prompt);
+    let (cmd, what) = match fix_command(body) {
+        Some(fix) => (fix, "fixed what the check found".to_string()),
+        None => edit_command(&prompt),
+    };
+    // Only this turn's tool outputs count: those after the latest prompt (a resumed
+    // conversation carries the earlier turns' too).
+    let turn_start = prompts(body).last().map(|(i, _)| *i).unwrap_or(0);
     let outputs: Vec<&Value> = body
         .get("input")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
+        .skip(turn_start)
         .filter(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output"))
         .filter(|i| {
             i.get("call_id")
