@@ -12,8 +12,9 @@ use crate::commands;
 const EXIT_CODES: &str = "\
 Exit codes:
   0    every task merged into the service branch (or had nothing to change)
-  1    some task failed, conflicted, held a secret or went over budget (`cohort report` says
-       which), the run's budget stopped it, or an unexpected error
+  1    some task failed, conflicted, held a secret, went over budget or ended unverified
+       (`cohort report` says which), the run's budget or calibration stopped it, or an
+       unexpected error
   2    usage, config or input error (bad flag, bad cohort.toml, untrusted settings in the
        repository's cohort.toml (see `cohort trust`), bad request document, secrets found in
        files to commit, diverged branch, unfinished merge or rebase, service branch that

@@ -310,9 +310,12 @@ mod tests {
         let mut t = toml::Table::new();
         for (s, k) in SENSITIVE {
             let v = match (*s, *k) {
-                ("agent", "command") | ("container", "mounts") | ("container", "allow") | ("image", "programs") => {
-                    toml::Value::Array(vec!["/x:/y".into()])
-                }
+                ("agent", "command")
+                | ("container", "mounts")
+                | ("container", "allow")
+                | ("image", "programs")
+                | ("verify", "command")
+                | ("verify", "caches") => toml::Value::Array(vec!["/x:/y".into()]),
                 ("container", "network") => "none".into(),
                 ("run", "push") => true.into(),
                 ("run", "push_tasks") => "failed".into(),
