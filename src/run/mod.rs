@@ -7,6 +7,7 @@ mod collect;
 mod gateway;
 mod push;
 mod record;
+mod restarts;
 pub mod state;
 mod task;
 mod train;
