@@ -11,8 +11,7 @@
 //! b. A 10-task run (`-j 2`, merge train on, caches on; each task appends a small test to its
 //!    own file) against the same 10 edits by hand: one after another in one checkout with a
 //!    warm `target`, `cargo test --quiet` after each. The first cohort run also warms the
-//!    slots `-j 2` adds (a second task slot and the merge train's); it is shown, and the
-//!    measured runs come after it.
+//!    cache slots `-j 2` adds; it is shown, and the measured runs come after it.
 //!
 //! The set-up is the only step that reaches the registry (`cargo fetch`, through cargo);
 //! every build after it runs with `CARGO_NET_OFFLINE=true`. Both sides of each comparison run
@@ -361,7 +360,7 @@ fn main() {
     };
     let first = b.cohort_run(&tasks(0), 2, "b0");
     println!(
-        "b first run (warms the slots -j 2 adds): cohort {:.1}s; {} task verifies ({:.1}s), {} merge verifies ({:.1}s)",
+        "b first run (warms the cache slots -j 2 adds): cohort {:.1}s; {} task verifies ({:.1}s), {} merge verifies ({:.1}s)",
         first.wall.as_secs_f64(),
         first.ms("task").len(),
         secs(first.ms("task").iter().sum()),
