@@ -244,6 +244,10 @@ pub fn build_engine(
             ));
         }
     }
+    let verify = super::run_verify::verify_settings(flags.verify.as_deref(), config, stored)?;
+    if let Some(v) = &verify {
+        super::run_verify::warn_about_environment(v, runtime.name());
+    }
     let state = State::open(&run::state_path(&paths))?;
     Ok(Engine {
         paths,
@@ -260,7 +264,7 @@ pub fn build_engine(
                 key: scan_key,
             },
             push,
-            verify: super::run_verify::verify_settings(flags.verify.as_deref(), config, stored)?,
+            verify,
             calibrate: flags.calibrate
                 || config.run.calibrate.unwrap_or(false)
                 || stored["calibrate"].as_bool() == Some(true),

@@ -61,6 +61,22 @@ pub fn verify_settings(
     }))
 }
 
+/// On the host, the verify command inherits cohort's environment: a `CARGO_TARGET_DIR`
+/// there makes cargo build elsewhere than the `target` cache, which then stays cold (and
+/// parallel verify runs share that one directory).
+pub fn warn_about_environment(v: &VerifySettings, runtime: &str) {
+    let target_cache = v
+        .caches
+        .iter()
+        .any(|c| c.at == crate::runtime::CachePath::Workdir("target".into()));
+    if runtime == "host" && target_cache && std::env::var_os("CARGO_TARGET_DIR").is_some() {
+        crate::progress::say(
+            "cohort: warning: CARGO_TARGET_DIR is set, so cargo in the verify command builds there and not in \
+             the [verify] cache \"target\"; unset it for the run to use the cache",
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
