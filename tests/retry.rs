@@ -39,6 +39,11 @@ fn retry_reruns_chosen_tasks_from_the_current_service_tip() {
     std::fs::remove_file(s.work.join("other.txt")).unwrap();
     std::fs::remove_file(mark.join("broken")).unwrap();
 
+    // A kill -9 in the middle of a ref update left a lock file on task 1's branch: it is the
+    // run's own namespace, cleared when the run is taken up again.
+    let branch = s.status_json()["tasks"][0]["branch"].as_str().unwrap().to_string();
+    let lock = s.work.join(".git/refs/heads").join(format!("{branch}.lock"));
+    std::fs::write(&lock, "").unwrap();
     // A merged or unknown task is not retried.
     assert_eq!(code(&cohort(&["retry", "9"])), 2);
     let out = cohort(&["retry", &run_id, "1"]);
@@ -57,6 +62,7 @@ fn retry_reruns_chosen_tasks_from_the_current_service_tip() {
         "from the service tip of now"
     );
     assert_eq!(t2["status"], "failed");
+    assert!(!lock.exists());
     assert_eq!(code(&cohort(&["retry", "1"])), 2, "task 1 is merged now");
     // No task numbers: every task that did not merge.
     let out = cohort(&["retry"]);

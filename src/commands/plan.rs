@@ -129,7 +129,7 @@ impl ModelPlanner {
         planner.base_url = gateway.base_url();
         planner.shown_base = self.upstream.clone();
         planner.key = Some(crate::secret::Secret::new(token.expose()));
-        tracing::debug!(gateway = ?gateway.addr(), "the planner's model through the gateway");
+        tracing::debug!(gateway = ?gateway.addr(), "planning through the model gateway");
         let out = f(planner).await;
         drop(token);
         gateway.shutdown().await;

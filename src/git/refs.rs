@@ -83,3 +83,25 @@ pub fn set_head_symbolic(repo: &gix::Repository, branch_ref: &str) -> Result<()>
         .context("cannot point the checkout's HEAD at its task branch")?;
     Ok(())
 }
+
+/// Removes the lock files a killed process left under `dir` (a ref namespace only one
+/// process at a time writes, such as one run's task branches: the caller holds the run's
+/// lock). gix, like git, refuses to move a ref whose lock file exists, so a `kill -9` in the
+/// middle of a ref update would otherwise fail that task on every resume.
+pub fn clear_stale_locks(dir: &std::path::Path) -> Result<usize> {
+    let mut removed = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            removed += clear_stale_locks(&path)?;
+        } else if kind.is_file() && path.extension().is_some_and(|e| e == "lock") {
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

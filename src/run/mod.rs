@@ -276,6 +276,17 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
     let dir = RunDir::new(&engine.paths, run_id);
     std::fs::create_dir_all(&dir.0)?;
     let _lock = lock_run(&dir)?;
+    // Holding the run's lock, no other process writes its task refs: lock files there were
+    // left by a killed one.
+    for ns in [
+        format!("refs/heads/cohort/task/{run_id}"),
+        format!("refs/cohort/attempts/{run_id}"),
+    ] {
+        let stale = git::refs::clear_stale_locks(&engine.paths.common_dir.join(&ns))?;
+        if stale > 0 {
+            tracing::debug!(stale, ns, "removed lock files left by a killed process");
+        }
+    }
     engine.runtime.cleanup_run(run_id).await?;
     let (run, rows) = {
         let st = engine.state()?;

@@ -114,7 +114,7 @@ async fn drive(e: &Arc<Engine>, s: &Arc<Shared>, row: &TaskRow) -> Result<()> {
             if !restarts(e, &rec, result, &mut restart)? {
                 return Ok(());
             }
-            attempt += 1;
+            // The restart is attempt `row.attempts + 1`, as `attempt` already says.
         }
     }
     loop {
