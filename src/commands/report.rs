@@ -163,6 +163,14 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
                 v.duration_ms as f64 / 1000.0,
                 v.attempt
             );
+            // The last line the command printed (the whole tail: `report --json`, `logs`).
+            if let Some(last) = v
+                .failure
+                .as_deref()
+                .and_then(|f| f.lines().rev().find(|l| !l.trim().is_empty()))
+            {
+                println!("      {}", last.chars().take(160).collect::<String>());
+            }
         }
         let mine: Vec<_> = verifies.iter().filter(|v| v.idx == t.index).collect();
         if let (Some(merge), false) = (&t.merge_commit, mine.is_empty()) {
