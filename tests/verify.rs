@@ -234,3 +234,64 @@ fn kill_9_during_a_verify_then_resume_verifies_again_without_rerunning_the_agent
     let r = report(&s);
     assert_eq!(r["tasks"][0]["status"], "merged", "{}", text(&out));
 }
+
+#[test]
+fn kill_9_during_a_merge_verify_then_resume_does_not_redo_the_passed_task_verify() {
+    let s = Scratch::new();
+    let mark = s.tmp.path().join("mark");
+    std::fs::create_dir(&mark).unwrap();
+    let req = s.request("req.md", "- one\n- two\n");
+    let (a, v) = (agent("slow.sh"), verify_script("hang-third.sh"));
+    // Both tasks start from the same tip, so the second one's merge result is a new tree: the
+    // third verify run is that merge's, after both task verifies passed.
+    let mut child = s
+        .cohort()
+        .args([
+            "run",
+            req.to_str().unwrap(),
+            "--no-sync",
+            "--runtime",
+            "host",
+            "-j",
+            "2",
+        ])
+        .args(["--agent", "command", "--agent-command", &a, "--verify", &v])
+        .env("COHORT_TEST_MARK", &mark)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !mark.join("verifying").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the merge verify never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = report(&s);
+    let committed: Vec<_> = before["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] == "committed")
+        .collect();
+    assert_eq!(committed.len(), 1, "{before}");
+    let out = s
+        .cohort()
+        .args(["resume"])
+        .env("COHORT_TEST_MARK", &mark)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let r = report(&s);
+    assert!(
+        r["tasks"].as_array().unwrap().iter().all(|t| t["status"] == "merged"),
+        "{r}"
+    );
+    // Four runs: two task verifies, the killed merge verify, and the merge verify again; the
+    // task verify that had passed before the crash was not redone.
+    let runs = std::fs::read_to_string(mark.join("verify-runs")).unwrap();
+    assert_eq!(runs.lines().count(), 4, "{runs}");
+    let merges = s.git(&["rev-list", "--first-parent", "--merges", "cohort/service"]);
+    assert_eq!(merges.lines().count(), 2);
+}
