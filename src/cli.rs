@@ -108,6 +108,10 @@ pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
         {
             return 2;
         }
+        // A second service on one state directory: starting it again will not help.
+        if let Some(crate::service::ServiceError::AlreadyServing { .. }) = cause.downcast_ref() {
+            return 2;
+        }
         if let Some(r) = cause.downcast_ref::<crate::git::remote::RemoteError>() {
             return r.exit_code();
         }

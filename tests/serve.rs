@@ -1,6 +1,7 @@
 //! `cohort serve` and `cohort submit` on the host (no systemd here; the VM test runs the
 //! same loop under systemd): requests go through the inbox, are planned and run with the
-//! core flow, a killed service resumes its run, and bad requests never enter the inbox.
+//! core flow, a killed service resumes its run, bad requests never enter the inbox, one
+//! service per state directory, and a crash at any step leaves exactly one outcome.
 
 mod support;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ fn serve(s: &Scratch, xdg_state: &Path, agent_name: &str, extra: &[&str]) -> Ser
         .cohort()
         .env("XDG_STATE_HOME", xdg_state)
         .env("COHORT_TEST_DELAY", "1.5")
+        .env("COHORT_TEST_TALLY", s.tmp.path().join("tally"))
         .args(["serve", "--poll", "200ms", "--state-dir", state.to_str().unwrap()])
         .args(["--runtime", "host", "--agent-command", &agent(agent_name), "-j", "2"])
         .args(extra)
@@ -216,4 +218,76 @@ fn serve_with_a_bad_service_branch_stops_with_exit_2_at_start() {
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(text(&out).contains("--service-branch \"a..b\""), "{}", text(&out));
     assert!(!state.join("inbox").exists(), "no inbox is set up");
+}
+
+/// How many tasks the tally agent worked on (one line each, across runs and restarts).
+fn tally(s: &Scratch) -> Vec<String> {
+    std::fs::read_to_string(s.tmp.path().join("tally"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// `cohort serve --once` on `state` with the tally agent, and the crash hook at `crash_at`.
+fn serve_once(s: &Scratch, state: &Path, crash_at: Option<&str>) -> std::process::Output {
+    let mut c = s.cohort();
+    c.env("COHORT_TEST_TALLY", s.tmp.path().join("tally"))
+        .args(["serve", "--once", "--state-dir", state.to_str().unwrap()])
+        .args(["--runtime", "host", "--agent-command", &agent("tally.sh")]);
+    if let Some(step) = crash_at {
+        c.env("COHORT_TEST_CRASH_AT", step);
+    }
+    c.output().unwrap()
+}
+
+/// Every `.json` outcome in done/ and failed/, by place.
+fn outcomes(state: &Path) -> Vec<String> {
+    ["done", "failed"]
+        .iter()
+        .flat_map(|d| {
+            files(&state.join(d))
+                .into_iter()
+                .filter(|f| f.ends_with(".json"))
+                .map(move |f| format!("{d}/{f}"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_second_serve_on_one_state_dir_exits_2_naming_the_first() {
+    let s = Scratch::new();
+    let xdg = s.tmp.path().join("xdg-state");
+    let svc = serve(&s, &xdg, "tally.sh", &[]);
+    let first = svc.child.id();
+    let req = s.request("req.md", &tasks_doc(2));
+    assert_eq!(code(&submit(&s, &xdg, &req)), 0);
+    wait_for("the run to start", || {
+        !s.git(&["branch", "--list", "cohort/task/*"]).is_empty()
+    });
+
+    // What the user did by hand: a second instance while the first runs the request.
+    let out = serve_once(&s, &svc.state, None);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains(&format!("PID {first}")), "{}", text(&out));
+    let reg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(svc.state.join("serve.json")).unwrap()).unwrap();
+    assert_eq!(reg["pid"], first, "the refused one wrote nothing: {reg}");
+
+    // The first one finishes the request: one outcome, in done/.
+    wait_for("the request filed", || !outcomes(&svc.state).is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    let got = outcomes(&svc.state);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("done/"), "{got:?}");
+    assert!(files(&svc.state.join("failed")).is_empty());
+    assert!(files(&svc.state.join("processing")).is_empty());
+    assert_eq!(tally(&s).len(), 2, "each task ran once: {:?}", tally(&s));
+
+    let mut child = svc.child;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    // Once the first is gone, its state directory is free again.
+    let out = serve_once(&s, &svc.state, None);
+    assert_eq!(code(&out), 0, "{}", text(&out));
 }

@@ -18,6 +18,7 @@ use crate::config::{Config, Sources};
 use crate::git::RepoPaths;
 use crate::run::{self, state::State, SyncSettings};
 use crate::service::inbox::{Inbox, Outcome};
+use crate::service::lock::ServeLock;
 use crate::service::{state_dir, state_dir_from_env, Registration, ServiceScope};
 
 #[derive(clap::Args, Debug)]
@@ -83,6 +84,8 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
 
 struct Setup {
     paths: RepoPaths,
+    /// The state directory's lock, held until the process ends (its last use is here).
+    _lock: ServeLock,
     inbox: Inbox,
     poll: Duration,
     /// Where each request's settings come from; loaded anew per request, so a changed
@@ -105,6 +108,8 @@ fn serve_scope(state: &Path) -> ServiceScope {
 
 async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
     let state = resolve_state_dir(args).ok_or_else(|| usage("no state directory: pass --state-dir, or set HOME"))?;
+    // First of all: a second instance must not touch the inbox, serve.json or anything else.
+    let lock = ServeLock::acquire(&state)?;
     let paths = RepoPaths::discover(&std::env::current_dir()?)?;
     let sources = Sources::new(serve_scope(&state), config_path, Some(&paths.workdir));
     // Untrusted repository settings stop each request (into failed/), not the service:
@@ -136,6 +141,7 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
     tracing::info!(repo = %paths.workdir.display(), state = %state.display(), scope = sources.scope.as_str(), "serving");
     Ok(Setup {
         paths,
+        _lock: lock,
         inbox,
         poll,
         sources,

@@ -3,12 +3,28 @@
 //! and knows systemd only through the `cohort-systemd` crate.
 
 pub mod inbox;
+pub mod lock;
 pub mod logging;
 pub mod unit;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// What stops `cohort serve` from starting on a state directory (exit codes: `cli.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Another instance holds the state directory's lock.
+    #[error(
+        "another cohort serve ({}) is serving {}; a state directory has one service at a time: \
+         stop that one first, or give this one its own --state-dir",
+        pid.map_or("PID unknown".to_string(), |p| format!("PID {p}")),
+        state.display()
+    )]
+    AlreadyServing { state: PathBuf, pid: Option<u32> },
+    #[error("cannot use the state directory {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
 
 /// Which service manager a service belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
