@@ -291,3 +291,36 @@ fn a_second_serve_on_one_state_dir_exits_2_naming_the_first() {
     let out = serve_once(&s, &svc.state, None);
     assert_eq!(code(&out), 0, "{}", text(&out));
 }
+
+#[test]
+fn submit_to_a_state_dir_names_where_the_request_went_and_refuses_others() {
+    let s = Scratch::new();
+    let req = s.request("req.md", "- a task\n");
+    let nothing = s.tmp.path().join("not-a-service");
+    let out = s
+        .cohort()
+        .args([
+            "submit",
+            req.to_str().unwrap(),
+            "--state-dir",
+            nothing.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("cohort serve --state-dir"), "{}", text(&out));
+
+    // A service started by hand in another repository: its requests run there, so a
+    // submit from here is refused rather than run in the wrong place.
+    let other = Scratch::new();
+    let state = other.tmp.path().join("state");
+    assert_eq!(code(&serve_once(&other, &state, None)), 0);
+    let out = s
+        .cohort()
+        .args(["submit", req.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("-C "), "{}", text(&out));
+    assert!(files(&state.join("inbox")).is_empty());
+}
