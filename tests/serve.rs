@@ -4,6 +4,7 @@
 //! service per state directory, and a crash at any step leaves exactly one outcome.
 
 mod support;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -290,6 +291,88 @@ fn a_second_serve_on_one_state_dir_exits_2_naming_the_first() {
     // Once the first is gone, its state directory is free again.
     let out = serve_once(&s, &svc.state, None);
     assert_eq!(code(&out), 0, "{}", text(&out));
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_request_ends_with_one_outcome_and_one_run() {
+    // Each case: the steps at which successive instances are killed (SIGKILL, as kill -9),
+    // then one that runs to the end.
+    let cases: &[&[&str]] = &[
+        &["processing:before"],
+        &["processing:after"],
+        &["processing:after", "inbox:before"],
+        &["processing:after", "inbox:after"],
+        &["ran"],
+        &["outcome"],
+        &["file"],
+        &["filed"],
+        &["ran", "ran"],
+    ];
+    for crashes in cases {
+        let s = Scratch::new();
+        let state = s.tmp.path().join("state");
+        let out = serve_once(&s, &state, None);
+        assert_eq!(code(&out), 0, "an empty start: {}", text(&out));
+        // Handed to a service started by hand, while none runs.
+        let req = s.request("req.md", &tasks_doc(2));
+        let out = s
+            .cohort()
+            .args(["submit", req.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{}", text(&out));
+        let landed = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(
+            landed.starts_with(state.join("inbox")) && landed.is_file(),
+            "{}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains("no `cohort serve` runs on it now"),
+            "{}",
+            text(&out)
+        );
+
+        for step in *crashes {
+            let out = serve_once(&s, &state, Some(step));
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGKILL),
+                "{crashes:?} at {step}: {}",
+                text(&out)
+            );
+        }
+        let out = serve_once(&s, &state, None);
+        assert_eq!(code(&out), 0, "{crashes:?}: {}", text(&out));
+
+        let name = landed.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            outcomes(&state),
+            [format!("done/{name}.json")],
+            "{crashes:?}: {}",
+            text(&out)
+        );
+        assert_eq!(
+            files(&state.join("done")),
+            [name.clone(), format!("{name}.json")],
+            "{crashes:?}"
+        );
+        for d in ["inbox", "processing", "failed"] {
+            assert!(
+                files(&state.join(d)).is_empty(),
+                "{crashes:?}: {d}: {:?}",
+                files(&state.join(d))
+            );
+        }
+        assert_eq!(tally(&s).len(), 2, "{crashes:?}: each task ran once: {:?}", tally(&s));
+        let status: serde_json::Value = serde_json::from_slice(&s.run(&["status", "--json"]).stdout).unwrap();
+        assert_eq!(
+            status["runs"].as_array().unwrap().len(),
+            1,
+            "{crashes:?}: one run: {status}"
+        );
+        assert_eq!(s.merged_tasks("cohort/service").len(), 2, "{crashes:?}");
+    }
 }
 
 #[test]

@@ -17,8 +17,9 @@ use crate::cli::usage;
 use crate::config::{Config, Sources};
 use crate::git::RepoPaths;
 use crate::run::{self, state::State, SyncSettings};
-use crate::service::inbox::{Inbox, Outcome};
+use crate::service::inbox::Outcome;
 use crate::service::lock::ServeLock;
+use crate::service::requests::{crash_point, Requests};
 use crate::service::{state_dir, state_dir_from_env, Registration, ServiceScope};
 
 #[derive(clap::Args, Debug)]
@@ -86,7 +87,7 @@ struct Setup {
     paths: RepoPaths,
     /// The state directory's lock, held until the process ends (its last use is here).
     _lock: ServeLock,
-    inbox: Inbox,
+    requests: Requests,
     poll: Duration,
     /// Where each request's settings come from; loaded anew per request, so a changed
     /// cohort.toml (pulled from origin, or merged from a task) is seen, and judged.
@@ -129,8 +130,7 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
     }
     // The git credentials, found (and the deploy key written for ssh) once at start.
     let access = super::run::git_access(true).map_err(|e| usage(format!("{e:#}")))?;
-    let inbox = Inbox::new(&state);
-    inbox.create()?;
+    let requests = Requests::open(&state)?;
     Registration {
         repo: paths.workdir.clone(),
         pid: std::process::id(),
@@ -142,7 +142,7 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
     Ok(Setup {
         paths,
         _lock: lock,
-        inbox,
+        requests,
         poll,
         sources,
         access,
@@ -150,17 +150,17 @@ async fn setup(args: &Args, config_path: Option<&Path>) -> Result<Setup> {
 }
 
 async fn serve_loop(args: &Args, s: &Setup, token: CancellationToken, notify: &dyn Fn(&str)) -> Result<u8> {
-    // Runs a restart interrupted come first; their requests are still in processing/.
-    resume_unfinished(args, s, &token, notify).await?;
-    for orphan in s.inbox.waiting("processing")? {
-        // Claimed, but the service stopped before its run existed: queue it again.
-        s.inbox.requeue(&orphan)?;
+    // Moves a crash cut short are finished first, from what was recorded.
+    for note in s.requests.reconcile()? {
+        tracing::info!("after a crash: {note}");
     }
+    // Then the requests a restart interrupted; they are still in processing/.
+    resume_unfinished(args, s, &token, notify).await?;
     loop {
         if token.is_cancelled() {
             return Ok(0);
         }
-        let waiting = s.inbox.waiting("inbox")?;
+        let waiting = s.requests.inbox.waiting("inbox")?;
         if waiting.is_empty() {
             if args.once {
                 return Ok(0);
@@ -171,14 +171,20 @@ async fn serve_loop(args: &Args, s: &Setup, token: CancellationToken, notify: &d
                 _ = tokio::time::sleep(s.poll) => continue,
             }
         }
-        let claimed = s.inbox.claim(&waiting[0])?;
+        let claimed = s.requests.claim(&waiting[0])?;
         let name = claimed.file_name().unwrap_or_default().to_string_lossy().into_owned();
         notify(&format!("running request {name}"));
         let (run_id, result) = run_request(args, s, &claimed, &name, &token).await;
+        // A run that failed after it was created still has an id: its record names it.
+        let run_id = match run_id {
+            Some(id) => Some(id),
+            None => run_of_request(&s.paths, &name)?.map(|r| r.0),
+        };
         if token.is_cancelled() && run_id.is_some() {
             // Interrupted mid-run: the request stays in processing/ and is resumed on restart.
             return Ok(0);
         }
+        crash_point("ran");
         let outcome = match result {
             Ok(code) => Outcome {
                 request: name.clone(),
@@ -199,7 +205,7 @@ async fn serve_loop(args: &Args, s: &Setup, token: CancellationToken, notify: &d
             }
         };
         tracing::info!(request = %name, run_id = outcome.run_id.as_deref().unwrap_or(""), exit_code = outcome.exit_code, "request finished");
-        s.inbox.finish(&claimed, &outcome)?;
+        s.requests.finish(&claimed, &outcome)?;
     }
 }
 
@@ -249,50 +255,60 @@ async fn run_request(
     }
 }
 
-/// Finishes the service's own runs that a stop or crash left unfinished (runs started
-/// from the command line are the user's business: `cohort resume`).
-async fn resume_unfinished(args: &Args, s: &Setup, token: &CancellationToken, notify: &dyn Fn(&str)) -> Result<()> {
-    let db = run::state_path(&s.paths);
+/// The run made for request `name`, if one was: its id and the options it was made with.
+/// The run's record names its request (`request` in its options), written in the same
+/// transaction that creates the run, so the run exists exactly when this finds it.
+fn run_of_request(paths: &RepoPaths, name: &str) -> Result<Option<(String, serde_json::Value, String)>> {
+    let db = run::state_path(paths);
     if !db.exists() {
-        return Ok(());
+        return Ok(None);
     }
-    let pending: Vec<(String, String, serde_json::Value, String)> = {
-        let state = State::open(&db)?;
-        let mut out = Vec::new();
-        for row in state.runs()? {
-            let stored: serde_json::Value = serde_json::from_str(&row.options).unwrap_or_default();
-            let Some(request) = stored["request"].as_str().map(String::from) else {
-                continue;
-            };
-            if run::unfinished(&state.tasks(&row.id)?) > 0 {
-                out.push((row.id, request, stored, row.service_branch));
-            }
+    let state = State::open(&db)?;
+    for row in state.runs()? {
+        let stored: serde_json::Value = serde_json::from_str(&row.options).unwrap_or_default();
+        if stored["request"].as_str() == Some(name) {
+            return Ok(Some((row.id, stored, row.service_branch)));
         }
-        out
-    };
-    for (run_id, request, stored, service_branch) in pending {
+    }
+    Ok(None)
+}
+
+/// Finishes the requests a stop or crash left in `processing/`. A request with a run gets
+/// that run finished (`cohort resume`'s path: merged tasks are kept, a finished run runs
+/// no agent again, only its outcome is worked out again) and is filed; a request without
+/// one never started and goes back to the inbox. Runs of other services or of the command
+/// line are not this service's business.
+async fn resume_unfinished(args: &Args, s: &Setup, token: &CancellationToken, notify: &dyn Fn(&str)) -> Result<()> {
+    for processing in s.requests.inbox.waiting("processing")? {
         if token.is_cancelled() {
             return Ok(());
         }
+        let request = processing
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let Some((run_id, stored, service_branch)) = run_of_request(&s.paths, &request)? else {
+            tracing::info!(request = %request, "queued again: it was claimed, but its run never started");
+            s.requests.requeue(&processing)?;
+            continue;
+        };
         notify(&format!("resuming run {run_id}"));
         tracing::info!(run_id = %run_id, request = %request, "resuming an interrupted run");
-        let processing = s.inbox.dir("processing").join(&request);
         let config = match s.sources.load().and_then(|l| l.trusted()) {
             Ok(c) => c,
             Err(e) => {
                 // Settings changed without trust while the run was stopped: its request
                 // fails with the reason, and the service goes on with the others.
                 tracing::error!(run_id = %run_id, request = %request, "cannot resume: {e}");
-                if processing.exists() {
-                    let outcome = Outcome {
-                        request: request.clone(),
-                        run_id: Some(run_id.clone()),
-                        exit_code: 2,
-                        error: Some(e.to_string()),
-                        finished: crate::run::state::now(),
-                    };
-                    s.inbox.finish(&processing, &outcome)?;
-                }
+                let outcome = Outcome {
+                    request: request.clone(),
+                    run_id: Some(run_id.clone()),
+                    exit_code: 2,
+                    error: Some(e.to_string()),
+                    finished: crate::run::state::now(),
+                };
+                s.requests.finish(&processing, &outcome)?;
                 continue;
             }
         };
@@ -312,6 +328,10 @@ async fn resume_unfinished(args: &Args, s: &Setup, token: &CancellationToken, no
         if token.is_cancelled() {
             return Ok(());
         }
+        crash_point("ran");
+        if let Ok(summary) = &result {
+            super::run::print_summary(summary);
+        }
         let outcome = Outcome {
             request: request.clone(),
             run_id: Some(run_id.clone()),
@@ -319,9 +339,7 @@ async fn resume_unfinished(args: &Args, s: &Setup, token: &CancellationToken, no
             error: result.as_ref().err().map(|e| format!("{e:#}")),
             finished: crate::run::state::now(),
         };
-        if processing.exists() {
-            s.inbox.finish(&processing, &outcome)?;
-        }
+        s.requests.finish(&processing, &outcome)?;
     }
     Ok(())
 }

@@ -3,13 +3,18 @@
 //! `STATE/inbox/` holds what waits; a file is *claimed* by renaming it into
 //! `processing/`, and *finished* by renaming it into `done/` or `failed/` next to a
 //! `NAME.json` that says what happened. Every step is a rename within one file system, so
-//! a request is always in exactly one place, even across a crash.
+//! a request is always in exactly one place, even across a crash. This file knows the
+//! places; `requests.rs` records each move before it is made, so that a crash between two
+//! steps is finished, not redone, on the next start.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+
+/// Where a request can be, in the order of its life.
+pub const PLACES: [&str; 4] = ["inbox", "processing", "done", "failed"];
 
 pub struct Inbox {
     root: PathBuf,
@@ -37,7 +42,7 @@ impl Inbox {
     }
 
     pub fn create(&self) -> Result<()> {
-        for d in ["inbox", "processing", "done", "failed"] {
+        for d in PLACES {
             let p = self.dir(d);
             std::fs::create_dir_all(&p).with_context(|| format!("cannot create {}", p.display()))?;
         }
@@ -96,37 +101,42 @@ impl Inbox {
         Ok(out)
     }
 
-    /// Moves a waiting request into `processing/`.
-    pub fn claim(&self, path: &Path) -> Result<PathBuf> {
-        self.move_to(path, "processing")
+    /// Which of the four places holds the request `name` now, if any.
+    pub fn locate(&self, name: &str) -> Option<&'static str> {
+        PLACES.into_iter().find(|d| self.dir(d).join(name).is_file())
     }
 
-    /// Puts a claimed request back in the inbox (it never started a run).
-    pub fn requeue(&self, path: &Path) -> Result<PathBuf> {
-        self.move_to(path, "inbox")
+    /// Writes `NAME.json` into `which` (written aside, then renamed in). Writing it again
+    /// with the same outcome changes nothing: a step redone after a crash is harmless.
+    pub fn write_outcome(&self, which: &str, name: &str, outcome: &Outcome) -> Result<PathBuf> {
+        let json = self.dir(which).join(format!("{name}.json"));
+        let tmp = self.dir(which).join(format!(".{name}.json.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(outcome)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &json)
+        };
+        write().with_context(|| format!("cannot write {}", json.display()))?;
+        Ok(json)
     }
 
-    /// Moves a claimed request to `done/` (exit 0) or `failed/`, with its outcome.
-    pub fn finish(&self, path: &Path, outcome: &Outcome) -> Result<PathBuf> {
-        let which = if outcome.exit_code == 0 && outcome.error.is_none() {
+    /// Renames the request `name` from one place to another.
+    pub fn rename(&self, name: &str, from: &str, to: &str) -> Result<PathBuf> {
+        let (src, dest) = (self.dir(from).join(name), self.dir(to).join(name));
+        std::fs::rename(&src, &dest).with_context(|| format!("cannot move {} to {}", src.display(), dest.display()))?;
+        Ok(dest)
+    }
+}
+
+impl Outcome {
+    /// Where a request with this outcome is filed.
+    pub fn place(&self) -> &'static str {
+        if self.exit_code == 0 && self.error.is_none() {
             "done"
         } else {
             "failed"
-        };
-        let name = path.file_name().context("request without a file name")?;
-        let json = self.dir(which).join(format!("{}.json", name.to_string_lossy()));
-        let tmp = json.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(outcome)?)?;
-        std::fs::rename(&tmp, &json)?;
-        self.move_to(path, which)
-    }
-
-    fn move_to(&self, path: &Path, which: &str) -> Result<PathBuf> {
-        let name = path.file_name().context("request without a file name")?;
-        let dest = self.dir(which).join(name);
-        std::fs::rename(path, &dest)
-            .with_context(|| format!("cannot move {} to {}", path.display(), dest.display()))?;
-        Ok(dest)
+        }
     }
 }
 
@@ -163,8 +173,11 @@ mod tests {
             vec![a.clone(), b.clone()],
             "oldest first"
         );
-        let claimed = inbox.claim(&a).unwrap();
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(inbox.locate(&name), Some("inbox"));
+        inbox.rename(&name, "inbox", "processing").unwrap();
         assert_eq!(inbox.waiting("inbox").unwrap(), vec![b]);
+        assert_eq!(inbox.locate(&name), Some("processing"));
         let outcome = Outcome {
             request: "first request.md".into(),
             run_id: Some("r1".into()),
@@ -172,16 +185,29 @@ mod tests {
             error: None,
             finished: "now".into(),
         };
-        let done = inbox.finish(&claimed, &outcome).unwrap();
+        assert_eq!(outcome.place(), "failed");
+        inbox.write_outcome(outcome.place(), &name, &outcome).unwrap();
+        inbox.write_outcome(outcome.place(), &name, &outcome).unwrap();
+        let done = inbox.rename(&name, "processing", outcome.place()).unwrap();
         assert!(done.starts_with(inbox.dir("failed")));
         assert_eq!(std::fs::read(&done).unwrap(), b"- a\n");
-        let json = std::fs::read_to_string(
-            inbox
-                .dir("failed")
-                .join(format!("{}.json", done.file_name().unwrap().to_string_lossy())),
-        )
-        .unwrap();
+        assert!(
+            inbox.rename(&name, "processing", "done").is_err(),
+            "a request moves from where it is, or not at all"
+        );
+        let json = std::fs::read_to_string(inbox.dir("failed").join(format!("{name}.json"))).unwrap();
         assert!(json.contains("\"r1\""), "{json}");
+        assert_eq!(files_in(&inbox.dir("failed")), [name.clone(), format!("{name}.json")]);
         assert!(inbox.waiting("processing").unwrap().is_empty());
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
     }
 }

@@ -5,6 +5,7 @@
 pub mod inbox;
 pub mod lock;
 pub mod logging;
+pub mod requests;
 pub mod unit;
 
 use std::path::{Path, PathBuf};
