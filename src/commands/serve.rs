@@ -26,7 +26,8 @@ use crate::service::{state_dir, state_dir_from_env, Registration, ServiceScope};
 #[command(
     after_help = "systemd runs this (see `cohort service install`); it can also run in a terminal. \
                         Exit codes: 0 stopped by SIGTERM (or --once finished), 2 a setup problem that a \
-                        restart will not fix (repository, config, key), 1 anything else."
+                        restart will not fix (repository, config, key, another serve on the same \
+                        state directory), 1 anything else."
 )]
 pub struct Args {
     /// The service's state directory (inbox, done, failed, serve.log). Default:
