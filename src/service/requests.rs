@@ -161,9 +161,12 @@ impl Requests {
     }
 
     fn move_request(&self, name: &str, from: &str, to: &str) -> Result<PathBuf> {
+        // Taken from the inbox, a request starts a new life: an outcome recorded for an earlier
+        // request of the same name (a file dropped into the inbox by hand, again) is not its.
         self.db.execute(
             "INSERT INTO requests (name, place, moving_to, updated_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT(name) DO UPDATE SET place = ?2, moving_to = ?3, updated_at = ?4",
+             ON CONFLICT(name) DO UPDATE SET place = ?2, moving_to = ?3, updated_at = ?4, \
+             outcome = CASE WHEN ?2 = 'inbox' THEN NULL ELSE outcome END",
             params![name, from, to, crate::run::state::now()],
         )?;
         crash_point(&format!("{to}:before"));
@@ -236,6 +239,14 @@ mod tests {
             .starts_with(r.inbox.dir("done")));
         assert!(!r.inbox.dir("failed").join(format!("{name}.json")).exists());
         assert_eq!(r.outcome(&name).unwrap().unwrap().exit_code, 0);
+        // The same name dropped into the inbox again is a new request with its own outcome.
+        std::fs::rename(&filed, r.inbox.dir("inbox").join(&name)).unwrap();
+        let again = r.claim(&r.inbox.dir("inbox").join(&name)).unwrap();
+        assert!(r.outcome(&name).unwrap().is_none());
+        assert!(r
+            .finish(&again, &outcome(1))
+            .unwrap()
+            .starts_with(r.inbox.dir("failed")));
     }
 
     #[test]
