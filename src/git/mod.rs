@@ -6,6 +6,7 @@
 
 pub mod checkout;
 pub mod commit;
+pub mod gc;
 pub mod import;
 pub mod merge;
 pub mod names;
