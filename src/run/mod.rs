@@ -5,6 +5,7 @@ mod caches;
 pub mod calibrate;
 mod collect;
 mod gateway;
+pub mod gc;
 mod push;
 mod record;
 mod restarts;
