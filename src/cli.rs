@@ -32,7 +32,8 @@ Exit codes:
                   touched by the sync step: local changes are committed and origin is pulled.\n\n\
                   Typical use:\n  cohort plan requests.md -o plan/     # review plan/tasks.txt and plan/prompt.txt\n  \
                   cohort run --tasks plan/tasks.txt --prompt plan/prompt.txt -j 4\n  \
-                  cohort status; cohort report; cohort resume",
+                  cohort status; cohort report; cohort resume\n  \
+                  cohort gc --dry-run                  # what old runs would go, and the space freed",
     after_help = EXIT_CODES
 )]
 pub struct Cli {
@@ -64,6 +65,11 @@ pub enum Command {
     Status(commands::status::Args),
     /// Per task: status, branch, merge commit, files changed, duration and exit code.
     Report(commands::report::Args),
+    /// Remove old runs: their task branches and attempt refs, run directories and state rows
+    /// (kept: the newest --keep-runs runs and those younger than --older-than; unmerged work
+    /// until it is past both; anything a running cohort holds), codex homes of finished runs;
+    /// then pack cohort's refs. --dry-run lists it all and the bytes it frees.
+    Gc(commands::gc::Args),
     /// Show a task's log: the prompt sent and everything the agent printed.
     Logs(commands::logs::Args),
     /// The agent image: `cohort image build` makes it from scratch and loads it into podman.
@@ -164,6 +170,7 @@ pub fn main() -> ExitCode {
             Command::Status(a) => commands::status::run(a),
             Command::Report(a) => commands::report::run(a, cli.config.as_deref()),
             Command::Logs(a) => commands::logs::run(a),
+            Command::Gc(a) => commands::gc::run(a),
             Command::Image(a) => commands::image::run(a, cli.config.as_deref()).await,
             Command::Container(a) => commands::container::run(a, cli.config.as_deref()).await,
             Command::Keys(a) => commands::keys::run(a, cli.config.as_deref()).await,

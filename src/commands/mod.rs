@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod container;
 pub mod doctor;
+pub mod gc;
 pub mod image;
 pub mod keys;
 pub mod logs;

@@ -21,6 +21,8 @@ pub fn run(args: Args) -> Result<u8> {
         // The newest (or named) run at the top level, and, without a RUN, every run: what
         // a service has done, newest first.
         let mut out = run_json(&row, &tasks);
+        let (bytes, refs) = crate::run::gc::footprint(&paths)?;
+        out["disk"] = serde_json::json!({ "cohort_dir_bytes": bytes, "cohort_refs": refs });
         if args.run.is_none() {
             let mut runs = Vec::new();
             for r in state.runs()? {
@@ -45,6 +47,13 @@ pub fn run(args: Args) -> Result<u8> {
             row.id
         );
     }
+    // What cohort keeps in the repository, all runs together; `cohort gc` trims it.
+    let (bytes, refs) = crate::run::gc::footprint(&paths)?;
+    println!(
+        "disk: {} in {}, {refs} cohort ref(s) (`cohort gc` removes old runs)",
+        super::gc::human_bytes(bytes),
+        paths.cohort_dir().display()
+    );
     Ok(0)
 }
 

@@ -1,0 +1,117 @@
+//! `cohort gc [--keep-runs N] [--older-than AGE] [--dry-run]`
+
+use anyhow::Result;
+
+use crate::run::gc::{self, GcOptions, Item};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Keep the newest N runs whatever their age.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub keep_runs: usize,
+    /// Keep runs that finished less than AGE ago (e.g. 30d, 12h), whatever their number.
+    #[arg(long, value_name = "AGE", default_value = "30d")]
+    pub older_than: String,
+    /// List what would go and the bytes it would free; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Bytes as people read them: 1536 -> "1.5 KiB".
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{n} B"),
+        _ => format!("{v:.1} {}", UNITS[unit]),
+    }
+}
+
+/// One line per removed thing; the same for `--dry-run` and a real gc, so the two compare.
+fn line(item: &Item) -> String {
+    match item {
+        Item::Ref { name, why, .. } => format!("  ref {name} ({why})"),
+        Item::Dir { path, bytes } => format!("  dir {} ({})", path.display(), human_bytes(*bytes)),
+        Item::Rows => "  rows in the state DB".into(),
+        Item::CodexHome { path, bytes } => format!("  codex-home {} ({})", path.display(), human_bytes(*bytes)),
+    }
+}
+
+pub fn run(args: Args) -> Result<u8> {
+    let older_than = crate::config::parse_duration("--older-than", &args.older_than)?;
+    let paths = crate::git::RepoPaths::discover(&std::env::current_dir()?)?;
+    if !crate::run::state_path(&paths).exists() {
+        println!("no cohort runs here; nothing to collect");
+        return Ok(0);
+    }
+    let (paths, state) = super::open_state()?;
+    let opts = GcOptions {
+        keep_runs: args.keep_runs,
+        older_than,
+    };
+    let plan = gc::plan(&paths, &state, opts, std::time::SystemTime::now())?;
+    if args.dry_run {
+        for run in &plan.runs {
+            if let Some(why) = &run.kept {
+                println!("keep run {} ({why})", run.run_id);
+            } else {
+                println!("remove run {}", run.run_id);
+            }
+            for item in &run.items {
+                println!("{}", line(item));
+            }
+            for (name, why) in &run.kept_refs {
+                println!("  keep {name} ({why})");
+            }
+        }
+        println!(
+            "dry run: would free {} (nothing was changed)",
+            human_bytes(plan.bytes())
+        );
+        return Ok(0);
+    }
+    let outcome = gc::apply(&paths, &state, &plan)?;
+    let mut current: Option<&str> = None;
+    for (run, item) in &outcome.removed {
+        if current != Some(run.as_str()) {
+            println!("run {run}");
+            current = Some(run);
+        }
+        println!("{}", line(item));
+    }
+    for run in plan.runs.iter().filter(|r| !r.kept_refs.is_empty()) {
+        for (name, why) in &run.kept_refs {
+            println!("kept {name} of run {} ({why})", run.run_id);
+        }
+    }
+    for (run, why) in &outcome.skipped {
+        println!("skipped run {run}: {why}");
+    }
+    for run in plan.runs.iter().filter(|r| r.held) {
+        println!("left run {} alone: a cohort process is working on it", run.run_id);
+    }
+    println!(
+        "freed {}; packed {} ref(s) into packed-refs",
+        human_bytes(outcome.bytes()),
+        outcome.packed
+    );
+    if let Some(e) = &outcome.pack_error {
+        eprintln!("warning: refs were not packed (nothing was lost; the next gc tries again): {e}");
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bytes_read_well() {
+        assert_eq!(super::human_bytes(0), "0 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+}
