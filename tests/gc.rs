@@ -269,14 +269,18 @@ fn a_run_whose_lock_is_held_is_untouched() {
     assert!(runs_dir(&s).join(&live).join("lock").exists());
     assert_eq!(s.status_json()["run"]["id"], live.as_str());
     kill_9(&s, child);
-    // Once no process holds it, the stopped run goes (its branches hold nothing beyond the
-    // service branch, so they count as merged).
+    // Work a task had committed when cohort was killed: a commit the service branch lacks.
+    let branch = live_refs.iter().next().unwrap().split(' ').next().unwrap().to_string();
+    let tree = s.git(&["rev-parse", &format!("{branch}^{{tree}}")]);
+    let commit = s.git(&["commit-tree", tree.trim(), "-p", &branch, "-m", "half done"]);
+    s.git(&["update-ref", &branch, commit.trim()]);
+    // Once no process holds it, the stopped run is abandoned and goes, unmerged work too.
     let out = s.run(&["gc", "--keep-runs", "0", "--older-than", "0s"]);
     assert_eq!(code(&out), 0, "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&format!("run {live}")),
-        "{}",
-        text(&out)
+        stdout.contains(&format!("ref {branch} (its run was abandoned)")),
+        "{stdout}"
     );
     assert!(cohort_refs(&s).is_empty());
     assert!(!runs_dir(&s).join(&live).exists());
