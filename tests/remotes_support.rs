@@ -127,6 +127,18 @@ fn with<'a>(config: &'a [String], args: &[&'a str]) -> Vec<&'a str> {
 fn new_log_lines(origin: &HttpsOrigin, f: impl FnOnce()) -> Vec<String> {
     let before = origin.access_log().lines().count();
     f();
+    // nginx writes a request's line when it finalizes the request, which may be a moment after
+    // the client has read the whole answer and exited: wait until the log stops growing.
+    let (mut seen, mut still) = (origin.access_log().lines().count(), 0);
+    for _ in 0..30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = origin.access_log().lines().count();
+        still = if now == seen { still + 1 } else { 0 };
+        if still >= 4 {
+            break;
+        }
+        seen = now;
+    }
     origin.access_log().lines().skip(before).map(String::from).collect()
 }
 
