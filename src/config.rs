@@ -52,6 +52,24 @@ pub struct Config {
     pub container: ContainerSection,
     #[serde(default)]
     pub verify: VerifySection,
+    #[serde(default)]
+    pub service: ServiceSection,
+}
+
+/// `[service]`: how the long-running service looks after itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// `cohort gc` after each request: `retention = { keep_runs = 10, older_than = "30d" }`.
+    pub retention: Option<Retention>,
+}
+
+/// What gc keeps (see `cohort gc --help`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub keep_runs: Option<usize>,
+    pub older_than: Option<String>,
 }
 
 /// `[verify]`: the project's check, run after each agent and on each merge.

@@ -407,3 +407,46 @@ fn submit_to_a_state_dir_names_where_the_request_went_and_refuses_others() {
     assert!(text(&out).contains("-C "), "{}", text(&out));
     assert!(files(&state.join("inbox")).is_empty());
 }
+
+#[test]
+fn with_a_retention_the_service_collects_old_runs_after_each_request() {
+    let s = Scratch::new();
+    let state = s.tmp.path().join("state");
+    let config = s.tmp.path().join(".config/cohort/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        "[service]\nretention = { keep_runs = 1, older_than = \"0s\" }\n",
+    )
+    .unwrap();
+    let out = serve_once(&s, &state, None); // makes the inbox
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    for i in 1..=4 {
+        let doc = s.request(
+            &format!("req{i}.md"),
+            &format!("- request {i} task a\n- request {i} task b\n"),
+        );
+        let sub = s
+            .cohort()
+            .args(["submit", doc.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(code(&sub), 0, "{}", text(&sub));
+        let out = serve_once(&s, &state, None);
+        assert_eq!(code(&out), 0, "{}", text(&out));
+        // Bounded: after each request, only the newest run's branches and directory are left.
+        let branches = s.git(&["for-each-ref", "--format=%(refname)", "refs/heads/cohort/task"]);
+        let runs: std::collections::BTreeSet<&str> = branches.lines().map(|r| r.split('/').nth(4).unwrap()).collect();
+        assert_eq!(runs.len(), 1, "after request {i}: {branches}");
+        let dirs = std::fs::read_dir(s.work.join(".git/cohort/runs")).unwrap().count();
+        assert_eq!(dirs, 1, "after request {i}");
+    }
+    assert_eq!(
+        s.merged_tasks("cohort/service").len(),
+        8,
+        "every request's work stays merged"
+    );
+    s.fsck();
+    let log = std::fs::read_to_string(state.join("serve.log")).unwrap_or_default();
+    assert!(log.contains("gc after the request"), "{log}");
+}

@@ -207,6 +207,38 @@ async fn serve_loop(args: &Args, s: &Setup, token: CancellationToken, notify: &d
         };
         tracing::info!(request = %name, run_id = outcome.run_id.as_deref().unwrap_or(""), exit_code = outcome.exit_code, "request finished");
         s.requests.finish(&claimed, &outcome)?;
+        collect_garbage(s);
+    }
+}
+
+/// `cohort gc` after a request, under `[service] retention` (trusted settings only). A
+/// failure is a warning: the service goes on.
+fn collect_garbage(s: &Setup) {
+    let retention = match s.sources.load() {
+        Ok(loaded) => loaded.lenient().service.retention,
+        Err(e) => {
+            tracing::warn!("gc skipped: {e:#}");
+            return;
+        }
+    };
+    let Some(r) = retention else { return };
+    let result = (|| -> Result<(usize, u64)> {
+        let older_than = crate::config::parse_duration(
+            "[service] retention older_than",
+            r.older_than.as_deref().unwrap_or("30d"),
+        )?;
+        let opts = crate::run::gc::GcOptions {
+            keep_runs: r.keep_runs.unwrap_or(10),
+            older_than,
+        };
+        let state = crate::run::state::State::open(&crate::run::state_path(&s.paths))?;
+        let plan = crate::run::gc::plan(&s.paths, &state, opts, std::time::SystemTime::now())?;
+        let done = crate::run::gc::apply(&s.paths, &state, &plan)?;
+        Ok((done.removed.len(), done.bytes()))
+    })();
+    match result {
+        Ok((removed, bytes)) => tracing::info!(removed, bytes, "gc after the request ([service] retention)"),
+        Err(e) => tracing::warn!("gc after the request failed (the service goes on): {e:#}"),
     }
 }
 

@@ -44,6 +44,8 @@ pub const SENSITIVE: &[(&str, &str)] = &[
     // moves in and out of checkouts.
     ("verify", "command"),
     ("verify", "caches"),
+    // gc removes old runs' branches and logs: how much, the user says.
+    ("service", "retention"),
 ];
 
 /// The system service's own settings (system scope's lowest layer).
@@ -319,6 +321,11 @@ mod tests {
                 ("container", "network") => "none".into(),
                 ("run", "push") => true.into(),
                 ("run", "push_tasks") => "failed".into(),
+                ("service", "retention") => {
+                    let mut r = toml::Table::new();
+                    r.insert("keep_runs".into(), 3.into());
+                    toml::Value::Table(r)
+                }
                 _ => "x".into(),
             };
             t.entry(s.to_string())
