@@ -409,7 +409,9 @@ fn lock_run(dir: &RunDir) -> Result<std::fs::File> {
     Ok(file)
 }
 
-fn whole_file_lock(kind: i32) -> libc::flock {
+/// A whole-file lock request for `fcntl`'s OFD commands (the run lock, cache slots, the
+/// service's state-directory lock).
+pub(crate) fn whole_file_lock(kind: i32) -> libc::flock {
     // SAFETY: flock is plain data; zero is "from the start, to the end".
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = kind as i16;

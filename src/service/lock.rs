@@ -8,6 +8,7 @@
 //! (`F_OFD_GETLK` reports a PID of -1), so the holder writes its PID into the file once it
 //! has the lock, and whoever is refused reads it from there for the message.
 
+use crate::run::whole_file_lock;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
@@ -97,14 +98,6 @@ fn alive(pid: u32) -> bool {
         Ok(stat) => !stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
         Err(_) => false,
     }
-}
-
-fn whole_file_lock(kind: i32) -> libc::flock {
-    // SAFETY: flock is plain data; zero is "from the start, to the end".
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = kind as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
-    lock
 }
 
 #[cfg(test)]
