@@ -12,6 +12,7 @@ pub mod config;
 pub mod gateway;
 pub mod git;
 pub mod keys;
+mod lockfile;
 pub mod models;
 pub mod plan;
 pub mod progress;

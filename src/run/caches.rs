@@ -161,19 +161,8 @@ impl CacheSlots {
     }
 }
 
-/// An open-file-description write lock on the whole file: `Ok(false)` when another holds it
-/// and `wait` is false.
 fn try_lock(file: &File, wait: bool) -> Result<bool> {
-    let lock = super::whole_file_lock(libc::F_WRLCK);
-    let arg = match wait {
-        true => nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock),
-        false => nix::fcntl::FcntlArg::F_OFD_SETLK(&lock),
-    };
-    match nix::fcntl::fcntl(file, arg) {
-        Ok(_) => Ok(true),
-        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) if !wait => Ok(false),
-        Err(e) => Err(e).context("cannot lock a cache slot"),
-    }
+    crate::lockfile::try_lock(file, wait).context("cannot lock a cache slot")
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! (`F_OFD_GETLK` reports a PID of -1), so the holder writes its PID into the file once it
 //! has the lock, and whoever is refused reads it from there for the message.
 
-use crate::run::whole_file_lock;
+use crate::lockfile::whole_file_lock;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 

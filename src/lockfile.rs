@@ -1,0 +1,31 @@
+//! Whole-file open-file-description locks: the run lock, cache and checkout slots, the
+//! service's state-directory lock. An OFD lock goes with the open file, so a process that
+//! dies (`kill -9` included) never leaves a stale lock to clear by hand, and two opens of
+//! one file in the same process exclude each other, as two processes do.
+
+use std::fs::File;
+use std::io;
+
+/// A whole-file lock request for `fcntl`'s OFD commands.
+pub(crate) fn whole_file_lock(kind: i32) -> libc::flock {
+    // SAFETY: flock is plain data; zero is "from the start, to the end".
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    lock
+}
+
+/// Takes a write lock on the whole of `file`: `Ok(false)` when another holds it and `wait`
+/// is false; with `wait`, blocks until it is free.
+pub(crate) fn try_lock(file: &File, wait: bool) -> io::Result<bool> {
+    let lock = whole_file_lock(libc::F_WRLCK);
+    let arg = match wait {
+        true => nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock),
+        false => nix::fcntl::FcntlArg::F_OFD_SETLK(&lock),
+    };
+    match nix::fcntl::fcntl(file, arg) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) if !wait => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
