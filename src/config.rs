@@ -186,6 +186,10 @@ pub struct RunSection {
     pub push_tasks: Option<PushTasks>,
     /// Run task 1 alone first, and fan out only if it passes (`--calibrate`).
     pub calibrate: Option<bool>,
+    /// Keep the pool's checkouts in `.git/cohort/pool` after the run, so the next run moves
+    /// them by a tree diff instead of writing every file again (default false; the service
+    /// always keeps them). `cohort gc --checkouts` removes them.
+    pub keep_checkouts: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

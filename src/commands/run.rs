@@ -268,6 +268,7 @@ pub fn build_engine(
             calibrate: flags.calibrate
                 || config.run.calibrate.unwrap_or(false)
                 || stored["calibrate"].as_bool() == Some(true),
+            keep_checkouts: config.run.keep_checkouts.unwrap_or(false),
         },
         cancel: CancellationToken::new(),
         gateway,

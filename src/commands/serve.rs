@@ -267,6 +267,9 @@ async fn run_request(
         Ok(mut e) => {
             e.cancel = token.child_token();
             e.access = s.access.clone();
+            // The service's pool stays between requests: the next one moves its checkouts by
+            // a tree diff rather than writing every file again.
+            e.opts.keep_checkouts = true;
             Arc::new(e)
         }
         Err(e) => return (None, Err(e)),
@@ -352,6 +355,7 @@ async fn resume_unfinished(args: &Args, s: &Setup, token: &CancellationToken, no
         let mut engine = build_engine(s.paths.clone(), &config, &flags, &stored)?;
         engine.cancel = token.child_token();
         engine.access = s.access.clone();
+        engine.opts.keep_checkouts = true;
         let engine = Arc::new(engine);
         let result = async {
             engine.agent.preflight().await?;

@@ -8,9 +8,13 @@
 //! checkout uses the repository's objects and the user's config, never the agent's.
 //!
 //! A checkout is made once per slot and then moved from task to task with
-//! [`checkout::move_to`], which writes only the files that differ. Everything lives in the
-//! run's directory inside the git dir, outside the user's working tree, and is removed at the
-//! end of the run.
+//! [`checkout::move_to`], which writes only the files that differ. Everything lives inside the
+//! git dir, outside the user's working tree: in the run's directory, removed at the end of
+//! the run, or, for a pool kept between runs ([`Pool::kept`]), in `.git/cohort/pool`, where
+//! each slot is held by one process at a time through an OFD lock on `<slot>.lock`.
+//!
+//! Git never sees a pool checkout as a worktree: the admin dir is not listed under
+//! `.git/worktrees` and its HEAD is detached, so a task branch is never "checked out" twice.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -43,6 +47,8 @@ pub struct Checkout {
     /// Device and inode of `path` when cohort made it: a checkout the agent swapped for
     /// another directory or a symlink is told apart.
     id: (u64, u64),
+    /// Bounds how many checkouts are written whole at once (see [`Gate`]).
+    gate: Arc<Gate>,
 }
 
 impl Checkout {
@@ -88,10 +94,17 @@ impl Checkout {
         let known = std::fs::read_to_string(&mark)
             .ok()
             .and_then(|s| s.trim().parse::<Oid>().ok());
-        match known {
-            Some(_) => std::fs::write(&mark, "")?,
-            None => self.wipe(&root)?,
-        }
+        let _whole = match known {
+            Some(_) => {
+                std::fs::write(&mark, "")?;
+                None
+            }
+            None => {
+                let permit = self.gate.enter();
+                self.wipe(&root)?;
+                Some(permit)
+            }
+        };
         let stats = checkout::move_to(&repo, tree, checkout::Untracked::Remove, known)
             .with_context(|| format!("cannot update checkout {}", self.path.display()))?;
         stage::record(&self.admin, tree, stats.index_checksum)?;
@@ -118,6 +131,11 @@ impl Checkout {
     /// not trust is about to run in it): the next [`Checkout::prepare`] writes it anew.
     pub fn mark_unclean(&self) -> Result<()> {
         std::fs::write(self.admin.join(CLEAN_MARK), "").context("cannot update the checkout's clean mark")
+    }
+
+    /// Says the checkout's files and cohort's index of it hold exactly `tree`.
+    pub(crate) fn mark_clean(&self, tree: Oid) -> Result<()> {
+        std::fs::write(self.admin.join(CLEAN_MARK), tree.to_string()).context("cannot update the checkout's clean mark")
     }
 
     /// Empties a checkout whose content cohort cannot vouch for (an agent ran in it and no
@@ -162,7 +180,17 @@ impl Lease {
     /// lease makes a new one.
     pub fn discard(mut self) -> Result<()> {
         match self.checkout.take() {
-            Some(c) => c.remove(),
+            Some(c) => {
+                let removed = c.remove();
+                // A kept pool's slot is free again (empty, so it is made anew).
+                self.pool
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .held
+                    .remove(&c.slot);
+                removed
+            }
             None => Ok(()),
         }
     }
@@ -190,6 +218,10 @@ pub struct Pool {
     name_prefix: String,
     /// Checkouts, admin dirs and private git dirs are made in subdirectories of this.
     base: PathBuf,
+    /// Kept between runs: slots are locked while held, reused as they are (their clean mark
+    /// says what they hold) and left in place at the end.
+    kept: bool,
+    gate: Arc<Gate>,
     state: Mutex<PoolState>,
 }
 
@@ -197,7 +229,12 @@ pub struct Pool {
 struct PoolState {
     free: Vec<Checkout>,
     made: usize,
+    /// The slot locks this process holds (a kept pool), by slot.
+    held: std::collections::BTreeMap<usize, std::fs::File>,
 }
+
+/// Where a kept pool lives, below cohort's directory in the git dir.
+pub const KEPT_POOL: &str = "pool";
 
 const CHECKOUTS: &str = "checkouts";
 const ADMIN: &str = "admin";
@@ -210,7 +247,18 @@ impl Pool {
             common_dir: common_dir.to_path_buf(),
             name_prefix: format!("cohort-{run_id}-"),
             base,
+            kept: false,
+            gate: Arc::new(Gate::for_this_machine()),
             state: Mutex::new(PoolState::default()),
+        }
+    }
+
+    /// The pool kept between runs (`[run] keep_checkouts`, and the service), under
+    /// `cohort_dir/pool`; this process takes only the slots no other one holds.
+    pub fn kept(common_dir: &Path, run_id: &str, cohort_dir: &Path) -> Pool {
+        Pool {
+            kept: true,
+            ..Pool::new(common_dir, run_id, cohort_dir.join(KEPT_POOL))
         }
     }
 
@@ -220,16 +268,62 @@ impl Pool {
     pub fn lease(self: &Arc<Self>) -> Result<Lease> {
         let slot = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            match st.free.pop() {
-                Some(c) => return Ok(Lease::new(self, c)),
-                None => {
+            if let Some(c) = st.free.pop() {
+                return Ok(Lease::new(self, c));
+            }
+            match self.kept {
+                true => self.lock_free_slot(&mut st)?,
+                false => {
                     st.made += 1;
                     st.made - 1
                 }
             }
         };
-        let checkout = self.make(slot)?;
-        Ok(Lease::new(self, checkout))
+        let made = match self.kept {
+            true => self.open_kept(slot),
+            false => self.make(slot),
+        };
+        if made.is_err() && self.kept {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).held.remove(&slot);
+        }
+        Ok(Lease::new(self, made?))
+    }
+
+    /// The lowest slot of the kept pool that no process (this one included) holds, locked.
+    fn lock_free_slot(&self, st: &mut PoolState) -> Result<usize> {
+        std::fs::create_dir_all(&self.base).with_context(|| format!("cannot create {}", self.base.display()))?;
+        for slot in 0.. {
+            if st.held.contains_key(&slot) {
+                continue;
+            }
+            let path = self.base.join(format!("{slot}.lock"));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            if crate::lockfile::try_lock(&file, false).with_context(|| format!("cannot lock {}", path.display()))? {
+                st.held.insert(slot, file);
+                return Ok(slot);
+            }
+        }
+        unreachable!("slot numbers run out only after usize::MAX held locks")
+    }
+
+    /// A slot of the kept pool as an earlier run left it. Its files are used as they are only
+    /// if its clean mark (in the admin dir, which no agent reaches) names a tree; otherwise
+    /// `prepare` writes it anew. A checkout directory an agent swapped for a symlink is
+    /// replaced.
+    fn open_kept(&self, slot: usize) -> Result<Checkout> {
+        let [path, admin, git_dir] = [CHECKOUTS, ADMIN, GIT_DIRS].map(|d| self.base.join(d).join(slot.to_string()));
+        let whole = path.is_dir() && admin.join("commondir").is_file() && Dir::open(&path).is_ok();
+        if !whole {
+            return self.make(slot);
+        }
+        self.write_admin(&admin, &path)?;
+        let id = Dir::open(&path)?.id()?;
+        Ok(self.checkout(slot, path, admin, git_dir, id))
     }
 
     fn make(&self, slot: usize) -> Result<Checkout> {
@@ -249,22 +343,47 @@ impl Pool {
             safefs::remove_path(p).with_context(|| format!("cannot remove {}", p.display()))?;
             std::fs::create_dir(p).with_context(|| format!("cannot create {}", p.display()))?;
         }
-        // The admin dir has the layout of a linked worktree's git dir, so gix opens it as a
-        // worktree of the repository at `path`; git's own worktree list does not know it.
+        self.write_admin(&admin, &path)?;
+        let id = Dir::open(&path)?.id()?;
+        Ok(self.checkout(slot, path, admin, git_dir, id))
+    }
+
+    /// The admin dir has the layout of a linked worktree's git dir, so gix opens it as a
+    /// worktree of the repository at `path`; git's own worktree list does not know it. Its
+    /// HEAD is detached.
+    fn write_admin(&self, admin: &Path, path: &Path) -> Result<()> {
         std::fs::write(admin.join("commondir"), format!("{}\n", self.common_dir.display()))?;
         std::fs::write(admin.join("gitdir"), format!("{}\n", path.join(".git").display()))?;
         let repo = super::open(&self.common_dir)?;
         let head = repo.head_id().context("the repository has no HEAD commit")?;
         std::fs::write(admin.join("HEAD"), format!("{}\n", head.detach()))?;
-        let id = Dir::open(&path)?.id()?;
-        Ok(Checkout {
+        Ok(())
+    }
+
+    fn checkout(&self, slot: usize, path: PathBuf, admin: PathBuf, git_dir: PathBuf, id: (u64, u64)) -> Checkout {
+        Checkout {
             slot,
             path,
             admin,
             git_dir,
             common_dir: self.common_dir.clone(),
             id,
-        })
+            gate: self.gate.clone(),
+        }
+    }
+
+    /// The end of a run: a run's own pool removes its checkouts ([`Pool::remove_all`]); a kept
+    /// pool leaves them for the next run and lets go of its slots.
+    pub fn finish(&self) -> Result<()> {
+        match self.kept {
+            true => {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.free.clear();
+                st.held.clear();
+                Ok(())
+            }
+            false => self.remove_all(),
+        }
     }
 
     /// Removes every checkout this pool made (and any left from an earlier process of the
@@ -285,6 +404,101 @@ impl Pool {
         let _ = std::fs::remove_dir(&worktrees); // only if now empty
         self.state.lock().unwrap_or_else(|e| e.into_inner()).free.clear();
         Ok(())
+    }
+}
+
+/// A slot of the kept pool, for `gc`.
+#[derive(Debug, Clone)]
+pub struct KeptSlot {
+    pub slot: usize,
+    /// Its checkout, admin dir and private git dir.
+    pub dirs: [PathBuf; 3],
+    /// Held by a running cohort process: left alone.
+    pub busy: bool,
+}
+
+/// The kept pool's slots under `cohort_dir`. With `remove`, every slot no process holds is
+/// removed (under its lock, so a run cannot take it meanwhile); a run that starts later
+/// makes its checkouts anew.
+pub fn kept_slots(cohort_dir: &Path, remove: bool) -> Result<Vec<KeptSlot>> {
+    let base = cohort_dir.join(KEPT_POOL);
+    let mut slots: Vec<usize> = match std::fs::read_dir(base.join(CHECKOUTS)) {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", base.display())),
+    };
+    slots.sort_unstable();
+    let mut out = Vec::new();
+    for slot in slots {
+        let dirs = [CHECKOUTS, ADMIN, GIT_DIRS].map(|d| base.join(d).join(slot.to_string()));
+        let lock_path = base.join(format!("{slot}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        let free =
+            crate::lockfile::try_lock(&lock, false).with_context(|| format!("cannot lock {}", lock_path.display()))?;
+        if free && remove {
+            checkout::remove_tree(&dirs[0])?;
+            for d in &dirs[1..] {
+                safefs::remove_path(d).with_context(|| format!("cannot remove {}", d.display()))?;
+            }
+        }
+        out.push(KeptSlot {
+            slot,
+            dirs,
+            busy: !free,
+        });
+    }
+    Ok(out)
+}
+
+/// Lets at most as many checkouts be written whole at once as the machine has CPUs. Making
+/// a file costs mostly kernel time, so sixteen checkouts written side by side on two CPUs
+/// all finish late, together, and no agent starts before the last; through the gate the
+/// first two are ready after the time of one, and their agents run while the rest are
+/// written. Moving a checkout by a tree diff does not pass the gate.
+#[derive(Debug)]
+pub struct Gate {
+    open: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// A place taken at the [`Gate`], given back when dropped.
+pub struct Permit<'a>(&'a Gate);
+
+impl Gate {
+    pub fn new(places: usize) -> Gate {
+        Gate {
+            open: Mutex::new(places.max(1)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn for_this_machine() -> Gate {
+        Gate::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+    }
+
+    /// Waits for a place (first come, first served is not promised: any waiter may win).
+    pub fn enter(&self) -> Permit<'_> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while *open == 0 {
+            open = self.freed.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+        *open -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.open.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.freed.notify_one();
     }
 }
 

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::Agent;
 use crate::config::ConflictPolicy;
 use crate::git::{self, names, pool::Pool, sync, RepoPaths};
+use crate::lockfile::whole_file_lock;
 use crate::plan::Plan;
 use crate::progress::Progress;
 use crate::runtime::Runtime;
@@ -50,6 +51,8 @@ pub struct RunOptions {
     pub verify: Option<VerifySettings>,
     /// Run task 1 alone first, and fan out only if it passes (`--calibrate`).
     pub calibrate: bool,
+    /// Keep the checkouts for the next run (`[run] keep_checkouts`; always for the service).
+    pub keep_checkouts: bool,
 }
 
 /// The outside systems and settings a run works with.
@@ -295,7 +298,10 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         (run, st.tasks(run_id)?)
     };
     let progress = Arc::new(Progress::new(rows.len(), run_id));
-    let pool = Arc::new(Pool::new(&engine.paths.common_dir, run_id, dir.0.clone()));
+    let pool = Arc::new(match engine.opts.keep_checkouts {
+        true => Pool::kept(&engine.paths.common_dir, run_id, &engine.paths.cohort_dir()),
+        false => Pool::new(&engine.paths.common_dir, run_id, dir.0.clone()),
+    });
     let gateway = match &engine.gateway {
         Some(settings) => Some(gateway::RunGateway::start(&engine, settings, run_id, &dir)?),
         None => None,
@@ -360,8 +366,8 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         g.stop().await;
     }
     let t0 = std::time::Instant::now();
-    blocking(move || pool.remove_all()).await?;
-    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "checkouts removed");
+    blocking(move || pool.finish()).await?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "checkouts removed or kept");
     engine.runtime.cleanup_run(run_id).await?;
 
     let interrupted = engine.cancel.is_cancelled();
@@ -407,16 +413,6 @@ fn lock_run(dir: &RunDir) -> Result<std::fs::File> {
     nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock))
         .map_err(|_| anyhow::anyhow!("run {} is being worked on by another cohort process", dir.0.display()))?;
     Ok(file)
-}
-
-/// A whole-file lock request for `fcntl`'s OFD commands (the run lock, cache slots, the
-/// service's state-directory lock).
-pub(crate) fn whole_file_lock(kind: i32) -> libc::flock {
-    // SAFETY: flock is plain data; zero is "from the start, to the end".
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = kind as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
-    lock
 }
 
 /// Whether a cohort process is working on the run now (holds its lock).

@@ -355,6 +355,9 @@ pub(super) async fn agent(
     feedback: Option<Feedback>,
 ) -> Result<Ran> {
     let t0 = std::time::Instant::now();
+    // From here the agent may change anything in the checkout: its files are not vouched for
+    // until cohort has committed them (a feedback round follows a verify that marked it clean).
+    checkout.mark_unclean()?;
     let prompt_file = task.attempt_dir.join("prompt.txt");
     std::fs::write(&prompt_file, &task.prompt)?;
     let key = TaskKey {
