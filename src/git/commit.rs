@@ -169,6 +169,36 @@ pub fn commit(checkout: &Checkout, branch_ref: &str, c: Collected, message: &str
     })
 }
 
+/// After a program cohort does not trust ran in a checkout that held `tree` (the verify
+/// command, which runs the agent's code): compares the checkout with that tree as `collect`
+/// does, without trusting it, and marks it clean again when no tracked file changed. What
+/// git would not keep (a build's ignored output) is removed by the compare, and stat data
+/// that changed with the content unchanged is refreshed in cohort's index. Returns whether
+/// the checkout is clean: if not, the next task writes it anew.
+pub fn reclean(checkout: &Checkout, tree: Oid, limits: &Limits) -> Result<bool> {
+    let root = checkout.root()?;
+    let repo = checkout.open()?;
+    let compared = {
+        let mut settings = status::Settings {
+            hash: repo.object_hash(),
+            stat: repo.stat_options()?,
+            file_mode: repo.config_snapshot().boolean("core.fileMode").unwrap_or(true),
+            excludes: excludes(&repo, &checkout.common_dir)?,
+            max_file_size: limits.max_file_size,
+            observe: None,
+        };
+        stage::compare(&repo, &checkout.admin, &root, tree, &mut settings)?
+    };
+    if !compared.changes.is_empty() || !compared.changes.oversized.is_empty() {
+        return Ok(false);
+    }
+    // Nothing new to write: this only refreshes the index's stat data.
+    let written = stage::write(&repo, &checkout.admin, &root, tree, &compared)?;
+    anyhow::ensure!(written == tree, "the checkout's tree changed while it was compared");
+    checkout.mark_clean(tree)?;
+    Ok(true)
+}
+
 /// [`collect`] then [`commit`].
 pub fn commit_all(
     checkout: &Checkout,

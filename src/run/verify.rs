@@ -148,6 +148,15 @@ pub(super) async fn verify(
     }
     let exit = running.await.context("the verify runner panicked")??;
     drop(lease);
+    if exit != Exit::Cancelled {
+        // Re-established here, the clean mark spares the next task in this slot (or the next
+        // run, with a kept pool) from writing every file of the checkout again.
+        let (c, limits) = (checkout.clone(), e.opts.limits.clone());
+        match blocking(move || crate::git::commit::reclean(&c, tree, &limits)).await {
+            Ok(clean) => tracing::debug!(clean, "checkout compared after the verify"),
+            Err(err) => tracing::debug!("checkout not compared after the verify: {err:#}"),
+        }
+    }
     let took = t0.elapsed();
     let passed = exit == Exit::Code(0);
     if exit == Exit::Cancelled {
