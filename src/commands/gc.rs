@@ -15,6 +15,10 @@ pub struct Args {
     /// List what would go and the bytes it would free; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also remove the checkouts kept between runs (`[run] keep_checkouts`, the service's
+    /// pool) that no running cohort holds; the next run writes them anew.
+    #[arg(long)]
+    pub checkouts: bool,
 }
 
 /// Bytes as people read them: 1536 -> "1.5 KiB".
@@ -55,6 +59,9 @@ pub fn run(args: Args) -> Result<u8> {
         older_than,
     };
     let plan = gc::plan(&paths, &state, opts, std::time::SystemTime::now())?;
+    if args.checkouts {
+        kept_checkouts(&paths, args.dry_run)?;
+    }
     if args.dry_run {
         for run in &plan.runs {
             if let Some(why) = &run.kept {
@@ -104,6 +111,24 @@ pub fn run(args: Args) -> Result<u8> {
         eprintln!("warning: refs were not packed (nothing was lost; the next gc tries again): {e}");
     }
     Ok(0)
+}
+
+/// `--checkouts`: the kept pool's slots, removed (or listed) unless a run holds them.
+fn kept_checkouts(paths: &crate::git::RepoPaths, dry_run: bool) -> Result<()> {
+    // Sizes first: a removed slot has none left to measure.
+    let sizes: Vec<u64> = crate::git::pool::kept_slots(&paths.cohort_dir(), false)?
+        .iter()
+        .map(|k| k.dirs.iter().map(|d| gc::disk_usage(d)).sum())
+        .collect();
+    let slots = crate::git::pool::kept_slots(&paths.cohort_dir(), !dry_run)?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for (k, bytes) in slots.iter().zip(sizes) {
+        match k.busy {
+            true => println!("kept checkout {} (a running cohort holds it)", k.dirs[0].display()),
+            false => println!("{verb} checkout {} ({})", k.dirs[0].display(), human_bytes(bytes)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

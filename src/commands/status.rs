@@ -22,7 +22,12 @@ pub fn run(args: Args) -> Result<u8> {
         // a service has done, newest first.
         let mut out = run_json(&row, &tasks);
         let (bytes, refs) = crate::run::gc::footprint(&paths)?;
-        out["disk"] = serde_json::json!({ "cohort_dir_bytes": bytes, "cohort_refs": refs });
+        let kept = kept_checkouts_bytes(&paths);
+        out["disk"] = serde_json::json!({
+            "cohort_dir_bytes": bytes,
+            "cohort_refs": refs,
+            "kept_checkouts_bytes": kept,
+        });
         if args.run.is_none() {
             let mut runs = Vec::new();
             for r in state.runs()? {
@@ -54,7 +59,19 @@ pub fn run(args: Args) -> Result<u8> {
         super::gc::human_bytes(bytes),
         paths.cohort_dir().display()
     );
+    let kept = kept_checkouts_bytes(&paths);
+    if kept > 0 {
+        println!(
+            "      of which {} are checkouts kept for the next run (`cohort gc --checkouts` removes them)",
+            super::gc::human_bytes(kept)
+        );
+    }
     Ok(0)
+}
+
+/// What the pool kept between runs takes (counted in the cohort directory's total too).
+fn kept_checkouts_bytes(paths: &crate::git::RepoPaths) -> u64 {
+    crate::run::gc::disk_usage(&paths.cohort_dir().join(crate::git::pool::KEPT_POOL))
 }
 
 fn run_json(row: &RunRow, tasks: &[TaskRow]) -> serde_json::Value {
