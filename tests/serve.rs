@@ -421,6 +421,8 @@ fn with_a_retention_the_service_collects_old_runs_after_each_request() {
     .unwrap();
     let out = serve_once(&s, &state, None); // makes the inbox
     assert_eq!(code(&out), 0, "{}", text(&out));
+    let kept_readme = s.work.join(".git/cohort/pool/checkouts/0/README.md");
+    let mut readme_inode = None;
     for i in 1..=4 {
         let doc = s.request(
             &format!("req{i}.md"),
@@ -440,6 +442,10 @@ fn with_a_retention_the_service_collects_old_runs_after_each_request() {
         assert_eq!(runs.len(), 1, "after request {i}: {branches}");
         let dirs = std::fs::read_dir(s.work.join(".git/cohort/runs")).unwrap().count();
         assert_eq!(dirs, 1, "after request {i}");
+        // The service keeps its checkouts between requests and moves them by a tree diff: a
+        // file no task touches is never written again.
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&kept_readme).unwrap());
+        assert_eq!(*readme_inode.get_or_insert(inode), inode, "after request {i}");
     }
     assert_eq!(
         s.merged_tasks("cohort/service").len(),
