@@ -9,8 +9,9 @@
 //!    which moves the checkouts it kept (`[run] keep_checkouts`).
 //! b. The first agent's start, from the moment `cohort run` is started, cold against warm.
 //!    Each agent prints a timestamp first; the bench reads it from the task logs.
-//! c. Making one checkout by writing it from the object store (what cohort does) against
-//!    copying a warm one file by file (the lower bound of a copy: files alone, no index).
+//! c. Making one checkout whole: written from the object store (a pool's first) against
+//!    copied from the pool's seed checkout (every one after the second), both as cohort's
+//!    pool does it, index and private git dir included.
 //!
 //! Cold and warm runs alternate, ROUNDS times, in one process run, so the ratios hold on a
 //! noisy machine; medians are printed.
@@ -121,31 +122,14 @@ impl Bench {
     }
 }
 
-/// Copies a checkout's files (not its `.git` link) into `to`, as a copy from a warm slot would.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let ty = e.file_type().unwrap();
-        if e.file_name() == ".git" {
-            continue;
-        }
-        if ty.is_dir() {
-            copy_tree(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-/// c: one checkout written by cohort's pool from the object store against a file copy of a
-/// warm one, alternating; medians in seconds.
+/// c: one checkout of cohort's pool written from the object store (the pool's first) against
+/// one copied from the seed (its third: the second builds the seed), alternating; medians in
+/// seconds.
 fn write_against_copy(work: &Path, rounds: usize) -> (f64, f64) {
     let common = work.join(".git");
     let repo = gix::open(work).unwrap();
     let head = repo.head_id().unwrap().detach();
     let base = work.join(".git/cohort/bench-pool");
-    let warm = base.join("checkouts/0");
     let (mut wrote, mut copied) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         let _ = std::fs::remove_dir_all(&base);
@@ -154,15 +138,19 @@ fn write_against_copy(work: &Path, rounds: usize) -> (f64, f64) {
             &format!("bench{i}"),
             base.clone(),
         ));
-        let t = Instant::now();
-        let lease = pool.lease().unwrap();
-        lease.prepare("refs/heads/bench", head).unwrap();
-        wrote.push(t.elapsed().as_secs_f64());
-        let to = base.join(format!("copy-{i}"));
-        let t = Instant::now();
-        copy_tree(&warm, &to);
-        copied.push(t.elapsed().as_secs_f64());
-        drop(lease);
+        let timed = |pool: &std::sync::Arc<cohort::git::pool::Pool>| {
+            let t = Instant::now();
+            let lease = pool.lease().unwrap();
+            lease.prepare("refs/heads/bench", head).unwrap();
+            (lease, t.elapsed().as_secs_f64())
+        };
+        let (a, t_write) = timed(&pool);
+        let (b, _seeded) = timed(&pool);
+        let (c, t_copy) = timed(&pool);
+        assert!(base.join("checkouts/seed").is_dir(), "the seed was built");
+        wrote.push(t_write);
+        copied.push(t_copy);
+        drop((a, b, c));
         pool.remove_all().unwrap();
     }
     let _ = std::fs::remove_dir_all(&base);
@@ -211,7 +199,7 @@ fn main() {
     println!("warm/cold: wall {:.2}x, first agent start {:.2}x", ww / cw, wf / cf);
     let (wrote, copied) = write_against_copy(&work, rounds);
     println!(
-        "one checkout of {files} files: written from the object store {:.0} ms, copied from a warm one {:.0} ms ({:.2}x)",
+        "one checkout of {files} files: written from the object store {:.0} ms, copied from the seed {:.0} ms ({:.2}x)",
         wrote * 1e3,
         copied * 1e3,
         copied / wrote

@@ -18,6 +18,7 @@ pub mod refs;
 pub mod remote;
 pub mod safefs;
 pub mod scan;
+pub mod seed;
 pub mod snapshot;
 pub mod stage;
 pub mod status;

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 
 use super::safefs::{self, Dir};
+use super::seed::{Seed, SEED};
 use super::{checkout, private, stage, Oid};
 
 /// A file in a checkout's admin dir naming the tree its files and index hold exactly;
@@ -49,6 +50,8 @@ pub struct Checkout {
     id: (u64, u64),
     /// Bounds how many checkouts are written whole at once (see [`Gate`]).
     gate: Arc<Gate>,
+    /// Where a checkout written whole is copied from (see `seed`).
+    seed: Arc<Seed>,
 }
 
 impl Checkout {
@@ -87,13 +90,13 @@ impl Checkout {
     pub fn prepare(&self, branch_ref: &str, base: Oid) -> Result<checkout::MoveStats> {
         self.clear_leftovers()?;
         let root = self.root()?;
-        let repo = self.open()?;
-        let tree = super::tree_of(&repo, base)?;
+        let tree = super::tree_of(&self.open()?, base)?;
         // Trust the clean mark once: from here on the agent may change anything.
         let mark = self.admin.join(CLEAN_MARK);
         let known = std::fs::read_to_string(&mark)
             .ok()
             .and_then(|s| s.trim().parse::<Oid>().ok());
+        let mut known = known;
         let _whole = match known {
             Some(_) => {
                 std::fs::write(&mark, "")?;
@@ -102,9 +105,13 @@ impl Checkout {
             None => {
                 let permit = self.gate.enter();
                 self.wipe(&root)?;
+                // Copied from the seed, the checkout then holds the seed's tree exactly.
+                known = self.seed.copy_into(tree, &self.path, &self.admin)?;
                 Some(permit)
             }
         };
+        // Opened after the copy, which wrote the index.
+        let repo = self.open()?;
         let stats = checkout::move_to(&repo, tree, checkout::Untracked::Remove, known)
             .with_context(|| format!("cannot update checkout {}", self.path.display()))?;
         stage::record(&self.admin, tree, stats.index_checksum)?;
@@ -222,6 +229,7 @@ pub struct Pool {
     /// says what they hold) and left in place at the end.
     kept: bool,
     gate: Arc<Gate>,
+    seed: Arc<Seed>,
     state: Mutex<PoolState>,
 }
 
@@ -243,11 +251,16 @@ const GIT_DIRS: &str = "gitdirs";
 impl Pool {
     /// A pool for one run, making its slots under `base` (the run's directory).
     pub fn new(common_dir: &Path, run_id: &str, base: PathBuf) -> Pool {
+        Pool::at(common_dir, run_id, base, false)
+    }
+
+    fn at(common_dir: &Path, run_id: &str, base: PathBuf, kept: bool) -> Pool {
         Pool {
             common_dir: common_dir.to_path_buf(),
             name_prefix: format!("cohort-{run_id}-"),
+            seed: Arc::new(Seed::new(common_dir, &base, kept)),
             base,
-            kept: false,
+            kept,
             gate: Arc::new(Gate::for_this_machine()),
             state: Mutex::new(PoolState::default()),
         }
@@ -256,10 +269,7 @@ impl Pool {
     /// The pool kept between runs (`[run] keep_checkouts`, and the service), under
     /// `cohort_dir/pool`; this process takes only the slots no other one holds.
     pub fn kept(common_dir: &Path, run_id: &str, cohort_dir: &Path) -> Pool {
-        Pool {
-            kept: true,
-            ..Pool::new(common_dir, run_id, cohort_dir.join(KEPT_POOL))
-        }
+        Pool::at(common_dir, run_id, cohort_dir.join(KEPT_POOL), true)
     }
 
     /// A free checkout, or a new one, held by one task until the lease is
@@ -369,6 +379,7 @@ impl Pool {
             common_dir: self.common_dir.clone(),
             id,
             gate: self.gate.clone(),
+            seed: self.seed.clone(),
         }
     }
 
@@ -410,9 +421,10 @@ impl Pool {
 /// A slot of the kept pool, for `gc`.
 #[derive(Debug, Clone)]
 pub struct KeptSlot {
-    pub slot: usize,
-    /// Its checkout, admin dir and private git dir.
-    pub dirs: [PathBuf; 3],
+    /// Its number, or `seed`.
+    pub name: String,
+    /// Its checkout, admin dir and private git dir (none for the seed).
+    pub dirs: Vec<PathBuf>,
     /// Held by a running cohort process: left alone.
     pub busy: bool,
 }
@@ -422,19 +434,30 @@ pub struct KeptSlot {
 /// makes its checkouts anew.
 pub fn kept_slots(cohort_dir: &Path, remove: bool) -> Result<Vec<KeptSlot>> {
     let base = cohort_dir.join(KEPT_POOL);
-    let mut slots: Vec<usize> = match std::fs::read_dir(base.join(CHECKOUTS)) {
+    let mut slots: Vec<(usize, String)> = match std::fs::read_dir(base.join(CHECKOUTS)) {
         Ok(rd) => rd
             .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                match name.parse::<usize>() {
+                    Ok(n) => Some((n, name)),
+                    Err(_) => (name == SEED).then_some((usize::MAX, name)),
+                }
+            })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot list {}", base.display())),
     };
     slots.sort_unstable();
     let mut out = Vec::new();
-    for slot in slots {
-        let dirs = [CHECKOUTS, ADMIN, GIT_DIRS].map(|d| base.join(d).join(slot.to_string()));
-        let lock_path = base.join(format!("{slot}.lock"));
+    for (_, name) in slots {
+        let kinds: &[&str] = if name == SEED {
+            &[CHECKOUTS, ADMIN]
+        } else {
+            &[CHECKOUTS, ADMIN, GIT_DIRS]
+        };
+        let dirs: Vec<PathBuf> = kinds.iter().map(|d| base.join(d).join(&name)).collect();
+        let lock_path = base.join(format!("{name}.lock"));
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -450,7 +473,7 @@ pub fn kept_slots(cohort_dir: &Path, remove: bool) -> Result<Vec<KeptSlot>> {
             }
         }
         out.push(KeptSlot {
-            slot,
+            name,
             dirs,
             busy: !free,
         });
