@@ -9,9 +9,9 @@
 //!    which moves the checkouts it kept (`[run] keep_checkouts`).
 //! b. The first agent's start, from the moment `cohort run` is started, cold against warm.
 //!    Each agent prints a timestamp first; the bench reads it from the task logs.
-//! c. Making one checkout whole: written from the object store (a pool's first) against
-//!    copied from the pool's seed checkout (every one after the second), both as cohort's
-//!    pool does it, index and private git dir included.
+//! c. Making a pool's third checkout whole: written from the object store (a pool without a
+//!    seed) against copied from the pool's seed checkout, both as cohort's pool does it,
+//!    index and private git dir included.
 //!
 //! Cold and warm runs alternate, ROUNDS times, in one process run, so the ratios hold on a
 //! noisy machine; medians are printed.
@@ -122,36 +122,43 @@ impl Bench {
     }
 }
 
-/// c: one checkout of cohort's pool written from the object store (the pool's first) against
-/// one copied from the seed (its third: the second builds the seed), alternating; medians in
-/// seconds.
+/// c: the third checkout of a pool of cohort's, made whole, written from the object store
+/// (a pool without a seed) against copied from the seed (in a pool with one, the second
+/// checkout builds it), pools alternating so that neither side always comes after the other;
+/// medians in seconds.
 fn write_against_copy(work: &Path, rounds: usize) -> (f64, f64) {
+    use cohort::git::pool::Pool;
     let common = work.join(".git");
     let repo = gix::open(work).unwrap();
     let head = repo.head_id().unwrap().detach();
     let base = work.join(".git/cohort/bench-pool");
-    let (mut wrote, mut copied) = (Vec::new(), Vec::new());
-    for i in 0..rounds {
+    let third = |seeded: bool, i: usize| {
         let _ = std::fs::remove_dir_all(&base);
-        let pool = std::sync::Arc::new(cohort::git::pool::Pool::new(
-            &common,
-            &format!("bench{i}"),
-            base.clone(),
-        ));
-        let timed = |pool: &std::sync::Arc<cohort::git::pool::Pool>| {
+        let pool = Pool::new(&common, &format!("bench{i}"), base.clone());
+        let pool = std::sync::Arc::new(if seeded { pool.with_seed() } else { pool });
+        let mut leases = Vec::new();
+        let mut took = 0.0;
+        for _ in 0..3 {
             let t = Instant::now();
             let lease = pool.lease().unwrap();
             lease.prepare("refs/heads/bench", head).unwrap();
-            (lease, t.elapsed().as_secs_f64())
-        };
-        let (a, t_write) = timed(&pool);
-        let (b, _seeded) = timed(&pool);
-        let (c, t_copy) = timed(&pool);
-        assert!(base.join("checkouts/seed").is_dir(), "the seed was built");
-        wrote.push(t_write);
-        copied.push(t_copy);
-        drop((a, b, c));
+            took = t.elapsed().as_secs_f64();
+            leases.push(lease);
+        }
+        assert_eq!(base.join("checkouts/seed").is_dir(), seeded);
+        drop(leases);
         pool.remove_all().unwrap();
+        took
+    };
+    let (mut wrote, mut copied) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        if i % 2 == 0 {
+            wrote.push(third(false, i));
+            copied.push(third(true, i));
+        } else {
+            copied.push(third(true, i));
+            wrote.push(third(false, i));
+        }
     }
     let _ = std::fs::remove_dir_all(&base);
     (median(wrote), median(copied))

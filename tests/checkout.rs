@@ -346,3 +346,41 @@ fn an_agents_detached_commits_are_kept() {
     drop(co);
     pool.remove_all().unwrap();
 }
+
+#[test]
+fn a_pool_with_a_seed_copies_the_third_checkout_exactly_and_moves_it_by_a_diff() {
+    let s = Scratch::new();
+    let files = [
+        ("a.txt", "a\n"),
+        ("dir/b.txt", "b\n"),
+        ("dir/deeper/c.sh", "#!/bin/sh\n"),
+    ];
+    let one = commit_shape(&s, "one", &files);
+    let two = commit_shape(
+        &s,
+        "two",
+        &[("a.txt", "a2\n"), ("dir/b.txt", "b\n"), ("new.txt", "n\n")],
+    );
+    let paths = git::RepoPaths::discover(&s.work).unwrap();
+    let base = s.tmp.path().join("pool");
+    let pool = Arc::new(Pool::new(&paths.common_dir, "seeded", base.clone()).with_seed());
+    // The first is written, the second builds the seed (at `one`) and is copied from it.
+    let first = pool.lease().unwrap();
+    first.prepare("refs/heads/t1", one).unwrap();
+    assert!(!base.join("checkouts/seed").exists());
+    let second = pool.lease().unwrap();
+    second.prepare("refs/heads/t2", one).unwrap();
+    assert!(base.join("checkouts/seed/dir/deeper/c.sh").is_file());
+    // The third is copied from the seed at `one`, then moved by a diff to `two`.
+    let third = pool.lease().unwrap();
+    let moved = third.prepare("refs/heads/t3", two).unwrap();
+    assert_eq!(moved.written + moved.removed, 3, "{moved:?}");
+    assert_matches(
+        &third.path,
+        &[("a.txt", "a2\n"), ("dir/b.txt", "b\n"), ("new.txt", "n\n")],
+    );
+    assert!(!third.path.join("dir/deeper").exists());
+    assert_eq!(cohort_status(&third), "");
+    assert_eq!(cohort_status(&second), "");
+    assert_matches(&second.path, &files);
+}

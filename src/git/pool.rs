@@ -258,12 +258,21 @@ impl Pool {
         Pool {
             common_dir: common_dir.to_path_buf(),
             name_prefix: format!("cohort-{run_id}-"),
-            seed: Arc::new(Seed::new(common_dir, &base, kept)),
+            // Off: writing was measured cheaper than copying here (see `seed`).
+            seed: Arc::new(Seed::unused(common_dir, &base)),
             base,
             kept,
             gate: Arc::new(Gate::for_this_machine()),
             state: Mutex::new(PoolState::default()),
         }
+    }
+
+    /// The same pool with a seed: every checkout made whole after its first is copied from
+    /// the seed rather than written from the object store (`cargo bench --bench pool`
+    /// measures one against the other).
+    pub fn with_seed(mut self) -> Pool {
+        self.seed = Arc::new(Seed::new(&self.common_dir, &self.base, self.kept));
+        self
     }
 
     /// The pool kept between runs (`[run] keep_checkouts`, and the service), under

@@ -1,14 +1,15 @@
 //! A pool's seed: one more checkout, which no agent or verify command ever runs in, so that a
-//! slot that must be made whole is copied from it (then moved by a tree diff to its base)
-//! instead of written from the object store.
+//! slot that must be made whole can be copied from it (then moved by a tree diff to its base)
+//! instead of written from the object store. A copy needs a source no agent can change while
+//! it is read, and every slot but the seed is an agent's. The first checkout a pool writes
+//! goes straight from the object store, so the first agent waits for one write, not two; the
+//! second builds the seed (a write) and copies it; every later one copies.
 //!
-//! Why: writing a checkout inflates and hashes every blob; a copy only moves bytes the page
-//! cache holds. On the bench's 3,072-file repository a copy took 0.57–0.76× the time of a
-//! write (`cargo bench --bench pool`). A copy needs a source no agent can change while it is
-//! read, and every slot but the seed is an agent's. The first checkout a pool writes goes
-//! straight from the object store, so the first agent waits for one write, not two; the
-//! second builds the seed (a write) and copies it; every later one copies. The seed costs
-//! one checkout of disk, and is removed with its pool (`gc --checkouts` for a kept one).
+//! Not used by cohort's pools ([`super::pool::Pool::with_seed`] turns it on): measured with
+//! `cargo bench --bench pool` on this machine's ext4, a pool's third checkout of 3,072 files
+//! copied from the seed took 1.21–1.25× the time of writing it. Making the files costs the
+//! same either way and dominates; a copy adds opening each source. It is kept so the
+//! comparison can be made again where making files is cheap (tmpfs, another file system).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,14 @@ impl Seed {
             state: Mutex::new(state),
             ready: Condvar::new(),
             _lock: held,
+        }
+    }
+
+    /// A seed that is never built: every checkout is written from the object store.
+    pub fn unused(common_dir: &Path, base: &Path) -> Seed {
+        Seed {
+            state: Mutex::new(State::Absent),
+            ..Seed::new(common_dir, base, false)
         }
     }
 
