@@ -225,18 +225,25 @@ fn id_ranges(h: &Host<'_>) -> Check {
             let names: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
             let detail = format!("no `{owner}` range in {}; {why}", names.join(" or "));
             match h.scope {
-                ServiceScope::System => Check::fail(
-                    "user namespaces",
-                    detail,
-                    format!(
-                        "cohort service install --setup adds one that overlaps no other (or: echo \
-                         {}:{} | tee -a {})",
-                        subid::CONTAINERS,
-                        subid::PREFERRED,
-                        names.join(" ")
-                    ),
-                )
-                .with_setup(Setup::ContainersRanges),
+                ServiceScope::System => {
+                    // The same free range --setup would take, for those who edit by hand.
+                    let fix = match subid::free_range(files) {
+                        Ok(Some(r)) => format!(
+                            "cohort service install --setup adds one that overlaps no other (or by hand: \
+                             echo {}:{r} | tee -a {})",
+                            subid::CONTAINERS,
+                            names.join(" ")
+                        ),
+                        _ => format!(
+                            "free a stretch of at least {} ids in {} and {}, and give it to `{}`",
+                            subid::ONE_CONTAINER,
+                            files.subuid.display(),
+                            files.subgid.display(),
+                            subid::CONTAINERS
+                        ),
+                    };
+                    Check::fail("user namespaces", detail, fix).with_setup(Setup::ContainersRanges)
+                }
                 ServiceScope::User => Check::fail(
                     "user namespaces",
                     detail,
@@ -370,5 +377,51 @@ pub async fn setup(scope: ServiceScope, what: Setup, subids: &SubidFiles) -> any
                 state.active_state
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_system_scope_needs_a_containers_range_and_setup_can_add_it() {
+        let d = tempfile::tempdir().unwrap();
+        let subids = SubidFiles {
+            subuid: d.path().join("subuid"),
+            subgid: d.path().join("subgid"),
+        };
+        // podman's suggested range is taken by someone: the fix names a free one.
+        std::fs::write(&subids.subuid, "alice:100000:65536\nother:2147483647:10\n").unwrap();
+        std::fs::write(&subids.subgid, "alice:100000:65536\n").unwrap();
+        let config = Config::default();
+        let host = Host {
+            scope: ServiceScope::System,
+            config: &config,
+            untrusted: None,
+            subids: subids.clone(),
+            lingering: false,
+        };
+        let c = id_ranges(&host);
+        assert_eq!(
+            (c.level, c.setup),
+            (Level::Fail, Some(Setup::ContainersRanges)),
+            "{c:?}"
+        );
+        assert!(c.detail.contains("no `containers` range"), "{c:?}");
+        assert!(c.fix.contains("cohort service install --setup"), "{c:?}");
+        assert!(c.fix.contains("echo containers:2147483657:2147483638 | tee -a"), "{c:?}");
+
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let said = rt
+            .block_on(setup(ServiceScope::System, Setup::ContainersRanges, &subids))
+            .unwrap();
+        assert!(said.starts_with("added containers:2147483657:2147483638 to "), "{said}");
+        let c = id_ranges(&host);
+        assert_eq!(c.level, Level::Ok, "{c:?}");
+        let said = rt
+            .block_on(setup(ServiceScope::System, Setup::ContainersRanges, &subids))
+            .unwrap();
+        assert_eq!(said, "the `containers` ranges were already there");
     }
 }
