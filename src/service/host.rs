@@ -410,7 +410,10 @@ mod tests {
         );
         assert!(c.detail.contains("no `containers` range"), "{c:?}");
         assert!(c.fix.contains("cohort service install --setup"), "{c:?}");
-        assert!(c.fix.contains("echo containers:2147483657:2147483638 | tee -a"), "{c:?}");
+        assert!(
+            c.fix.contains("echo containers:2147483657:2147483638 | tee -a"),
+            "{c:?}"
+        );
 
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let said = rt
