@@ -130,13 +130,18 @@ impl Progress {
         }
     }
 
+    /// A task's end. `detail` (its failure reason) goes out whole to the journal, serve.log
+    /// and plain lines; only the live terminal display shortens it to one line.
     pub fn task_finished(&self, idx: usize, status: &str, detail: &str) {
-        let line = if detail.is_empty() {
-            status.to_string()
-        } else {
-            format!("{status}: {}", clip(detail, 120))
+        let line = |detail: String| {
+            if detail.is_empty() {
+                status.to_string()
+            } else {
+                format!("{status}: {detail}")
+            }
         };
         if self.events {
+            let line = line(detail.to_string());
             tracing::info!(run_id = %self.run_id, task_id = idx, status, "task {idx:03} {line}");
             return;
         }
@@ -146,9 +151,10 @@ impl Progress {
                     bar.finish_and_clear();
                     b.multi.remove(&bar);
                 }
+                let line = line(clip(detail, 120));
                 b.multi.suspend(|| eprintln!("{} task {idx:03} {line}", stamp()));
             }
-            None => eprintln!("{} task {idx:03} {line}", stamp()),
+            None => eprintln!("{} task {idx:03} {}", stamp(), line(detail.to_string())),
         }
     }
 

@@ -456,3 +456,60 @@ fn with_a_retention_the_service_collects_old_runs_after_each_request() {
     let log = std::fs::read_to_string(state.join("serve.log")).unwrap_or_default();
     assert!(log.contains("gc after the request"), "{log}");
 }
+
+#[test]
+fn a_long_failure_reason_arrives_whole_in_serve_log_and_report() {
+    // Issue 19: the journal cut a task's reason at "creating…". Two files over
+    // max_file_size with 200-character names make a reason far past any display width.
+    let s = Scratch::new();
+    let state = s.tmp.path().join("state");
+    let config = s.tmp.path().join(".config/cohort/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, "[run]\nmax_file_size = \"10\"\n").unwrap();
+    let names = [
+        format!("{}-first-end.txt", "a".repeat(185)),
+        format!("{}-second-end.txt", "b".repeat(185)),
+    ];
+    let agent = s.tmp.path().join("long-reason.sh");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\necho 'more than ten bytes' > '{}'\necho 'more than ten bytes' > '{}'\n",
+            names[0], names[1]
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let serve = || {
+        s.cohort()
+            .args(["serve", "--once", "--state-dir", state.to_str().unwrap()])
+            .args(["--runtime", "host", "--agent-command", agent.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(code(&serve()), 0, "an empty start");
+    let req = s.request("req.md", "- leave two big files\n");
+    let out = s
+        .cohort()
+        .args(["submit", req.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let out = serve();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+
+    let log = std::fs::read_to_string(state.join("serve.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("task 001 failed"))
+        .unwrap_or_else(|| panic!("no failure line in serve.log:\n{log}"));
+    let report = text(&s.run(&["report"]));
+    for name in &names {
+        assert!(line.contains(&format!("{name} (20 bytes)")), "cut in serve.log: {line}");
+        assert!(
+            report.contains(&format!("{name} (20 bytes)")),
+            "cut in report: {report}"
+        );
+    }
+    assert!(line.len() > 400, "{line}");
+}

@@ -10,6 +10,8 @@ use crate::cli::usage;
 use crate::keys::{self, store, KeyError};
 use crate::secret::Secret;
 
+pub use crate::keys::explain_key;
+
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "The secret is read from a hidden prompt, or from stdin when stdin is not a terminal; \
@@ -315,18 +317,5 @@ fn explain(e: CredsError, scope: Scope) -> anyhow::Error {
             usage(e.to_string())
         }
         other => other.into(),
-    }
-}
-
-/// The stolen-file case deserves its own words: it is the one TPM binding exists for.
-pub fn explain_key(e: KeyError) -> String {
-    match &e {
-        KeyError::Creds { cause, path, name } if matches!(**cause, CredsError::NotThisMachine { .. }) => format!(
-            "key {name}: {} cannot be decrypted on this machine: a stolen file on another machine, \
-             or this machine's TPM was cleared. Place the key again here: cohort keys place {name} \
-             (KEYS_GUIDE.md, \"After a TPM clear\")",
-            path.display()
-        ),
-        _ => e.to_string(),
     }
 }

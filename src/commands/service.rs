@@ -10,8 +10,10 @@ use anyhow::{Context, Result};
 use cohort_systemd::{Systemd, UnitState};
 
 use crate::cli::usage;
-use crate::config::Config;
+use crate::config::{Config, Untrusted};
 use crate::git::RepoPaths;
+use crate::service::host::{self, Check, Host, Level, Setup};
+use crate::service::subid::SubidFiles;
 use crate::service::unit::{self, UnitSpec};
 use crate::service::{state_dir, ServiceScope, UNIT};
 
@@ -48,6 +50,11 @@ pub struct InstallArgs {
     /// Write and enable the unit, but do not start it.
     #[arg(long)]
     pub no_start: bool,
+    /// Set up what the checks find missing and can safely be set up, saying what changed: a
+    /// `containers` range in /etc/subuid and /etc/subgid (system scope), podman.socket.
+    /// Without it, install refuses (exit 2) and says how to fix each problem.
+    #[arg(long)]
+    pub setup: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -108,11 +115,10 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
     };
     let paths = RepoPaths::discover(&start_dir).map_err(|e| usage(format!("--repo: {e:#}")))?;
     let repo = std::fs::canonicalize(&paths.workdir)?;
-    // The settings the service will see; untrusted keys are noted here and refused per
-    // request by the service itself.
-    let config = crate::config::Sources::new(scope, config_path, Some(&repo))
-        .load()?
-        .lenient();
+    // The settings the service will see; the host checks refuse untrusted keys (the service
+    // would refuse every request).
+    let loaded = crate::config::Sources::new(scope, config_path, Some(&repo)).load()?;
+    let config = loaded.config;
     let key = config
         .agent
         .key
@@ -123,7 +129,7 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
         ServiceScope::System => Some(repo_owner(&repo)?),
         ServiceScope::User => None,
     };
-    preflight(scope, &config, &key).await?;
+    ensure_host(scope, &config, loaded.untrusted.as_ref(), a.setup).await?;
 
     let spec = UnitSpec {
         scope,
@@ -189,7 +195,6 @@ async fn install(a: InstallArgs, config_path: Option<&Path>) -> Result<u8> {
     Ok(if state.is_active() { 0 } else { 1 })
 }
 
-/// The checks that would make the service fail at once; each says how to fix it.
 /// The git credentials placed in the system store, for the unit to load (the user
 /// service decrypts its own store, as for the API key).
 fn placed_git_keys(scope: ServiceScope) -> Result<Vec<String>> {
@@ -205,59 +210,59 @@ fn placed_git_keys(scope: ServiceScope) -> Result<Vec<String>> {
     Ok(out)
 }
 
-async fn preflight(scope: ServiceScope, config: &Config, key: &str) -> Result<()> {
-    let cred = crate::keys::store::path(
-        match scope {
-            ServiceScope::System => cohort_systemd::Scope::System,
-            ServiceScope::User => cohort_systemd::Scope::User,
-        },
-        key,
-    )?;
-    let agent_is_codex = config.agent.kind.as_deref().unwrap_or("codex") == "codex";
-    if agent_is_codex && !cred.exists() {
-        let in_keyring = scope == ServiceScope::User && crate::keys::keyring::get(key).await.ok().flatten().is_some();
-        if !in_keyring {
-            let flag = if scope == ServiceScope::System {
-                " --scope system"
-            } else {
-                ""
-            };
-            return Err(usage(format!(
-                "the service's key {key} is not placed ({} is missing): cohort keys place {key}{flag}",
-                cred.display()
-            )));
+/// The host checks `doctor` makes, before anything is written or enabled: each failed one
+/// refuses the install (exit 2) with its fix, unless `--setup` could set it up.
+async fn ensure_host(scope: ServiceScope, config: &Config, untrusted: Option<&Untrusted>, setup: bool) -> Result<()> {
+    let host = Host {
+        scope,
+        config,
+        untrusted,
+        subids: SubidFiles::etc(),
+        // Lingering is turned on below.
+        lingering: false,
+    };
+    let mut checks = host::check(&host).await;
+    let mut todo: Vec<Setup> = Vec::new();
+    for s in checks.iter().filter(|c| c.level == Level::Fail).filter_map(|c| c.setup) {
+        if !todo.contains(&s) {
+            todo.push(s);
         }
     }
-    let tag = config
-        .image
-        .tag
-        .clone()
-        .unwrap_or_else(|| crate::runtime::podman::DEFAULT_IMAGE.into());
-    let socket = match scope {
-        ServiceScope::System => PathBuf::from(unit::SYSTEM_PODMAN_SOCKET),
-        ServiceScope::User => {
-            let run =
-                std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| format!("/run/user/{}", nix::unistd::geteuid()));
-            PathBuf::from(run).join("podman/podman.sock")
+    if setup && !todo.is_empty() {
+        for s in todo.drain(..) {
+            let said = host::setup(scope, s, &host.subids)
+                .await
+                .map_err(|e| usage(format!("--setup could not finish: {e:#}")))?;
+            eprintln!("setup: {said}");
         }
-    };
-    let fix = match scope {
-        ServiceScope::System => "build it and copy it into root's storage: cohort image build --copy-system",
-        ServiceScope::User => "build it: cohort image build",
-    };
-    match crate::runtime::podman::Podman::connect_to(socket.clone()).await {
-        Ok(p) => {
-            if !p.image_exists(&tag).await? {
-                return Err(usage(format!(
-                    "the image {tag} is not in {}'s storage; {fix}",
-                    socket.display()
-                )));
-            }
-        }
-        // The socket may be activated only once install enables it: say so, do not fail.
-        Err(e) => eprintln!("note: cannot check the image yet ({e:#}); make sure {tag} is there ({fix})"),
+        checks = host::check(&host).await;
     }
-    Ok(())
+    for c in checks.iter().filter(|c| c.level == Level::Note) {
+        eprintln!("note: {}: {}", c.what, c.detail);
+    }
+    let failed: Vec<&Check> = checks.iter().filter(|c| c.level == Level::Fail).collect();
+    if failed.is_empty() {
+        let ok: Vec<&str> = checks.iter().filter(|c| c.level == Level::Ok).map(|c| c.what).collect();
+        eprintln!("host checks passed: {}", ok.join(", "));
+        return Ok(());
+    }
+    let mut msg = format!(
+        "not installing {UNIT}: {} problem(s) on this host would stop the service or fail its tasks \
+         (`cohort doctor --scope {}` lists every check):",
+        failed.len(),
+        scope.as_str()
+    );
+    for c in &failed {
+        msg.push_str(&format!("\n  {}: {}\n    fix: {}", c.what, c.detail, c.fix));
+    }
+    let can: Vec<&str> = failed.iter().filter(|c| c.setup.is_some()).map(|c| c.what).collect();
+    if !can.is_empty() && !setup {
+        msg.push_str(&format!(
+            "\n`cohort service install --setup` sets up: {} (and says what it changed).",
+            can.join(", ")
+        ));
+    }
+    Err(usage(msg))
 }
 
 /// The static user (and group) that owns the repository; the system service runs as them.

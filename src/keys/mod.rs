@@ -46,6 +46,19 @@ pub enum KeyError {
     Keyring(String),
 }
 
+/// The stolen-file case deserves its own words: it is the one TPM binding exists for.
+pub fn explain_key(e: KeyError) -> String {
+    match &e {
+        KeyError::Creds { cause, path, name } if matches!(**cause, CredsError::NotThisMachine { .. }) => format!(
+            "key {name}: {} cannot be decrypted on this machine: a stolen file on another machine, \
+             or this machine's TPM was cleared. Place the key again here: cohort keys place {name} \
+             (KEYS_GUIDE.md, \"After a TPM clear\")",
+            path.display()
+        ),
+        _ => e.to_string(),
+    }
+}
+
 /// Checks a key name: it becomes part of a file name, a systemd credential ID and an
 /// environment variable, so keep it to a safe alphabet.
 pub fn validate_name(name: &str) -> Result<(), KeyError> {

@@ -98,7 +98,8 @@ fn task_one(e: &Engine, s: &Shared) -> Result<Option<TaskRow>> {
 
 fn reason(t: &TaskRow) -> String {
     match &t.reason {
-        Some(r) => format!(" ({})", r.lines().next().unwrap_or("")),
+        // Whole: it goes to the journal and serve.log as the run's error.
+        Some(r) => format!(" ({r})"),
         None => String::new(),
     }
 }

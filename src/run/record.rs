@@ -226,11 +226,9 @@ impl<'a> Record<'a> {
             st.end_attempt(self.run_id(), self.idx, self.attempt, &end)?;
             st.set_status(self.run_id(), self.idx, TaskStatus::Unverified, None, Some(reason))
         })?;
-        self.s.progress.task_finished(
-            self.idx,
-            "unverified (branch kept)",
-            reason.lines().next().unwrap_or(""),
-        );
+        self.s
+            .progress
+            .task_finished(self.idx, "unverified (branch kept)", reason);
         Ok(())
     }
 

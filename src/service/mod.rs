@@ -2,10 +2,12 @@
 //! the unit `cohort service install` writes. It drives the same core flow as `cohort run`
 //! and knows systemd only through the `cohort-systemd` crate.
 
+pub mod host;
 pub mod inbox;
 pub mod lock;
 pub mod logging;
 pub mod requests;
+pub mod subid;
 pub mod unit;
 
 use std::path::{Path, PathBuf};

@@ -41,12 +41,12 @@ boot() { # name, then run.sh args
 boot boot1-machineA --scenario "$HERE/scenarios/service" --tpm-state "$W/tpmA" --timeout 2400 \
   --bin "$W/bin/cohort" --bin "$W/bin/cohort-standin" --bin "$W/bin/codex"
 A="$W/boot1-machineA"
-for f in system.cred user.cred credential.secret machine-id; do
+for f in system.cred user.cred credential.secret machine-id cohort.service; do
   [[ -s "$A/$f" ]] || { echo "[test] boot 1 left no $f" >&2; exit 1; }
 done
 boot boot2-machineB --scenario "$HERE/scenarios/service-foreign" --tpm-state "$W/tpmB" --timeout 900 \
   --bin "$W/bin/cohort" --file "$A/system.cred" --file "$A/user.cred" \
-  --file "$A/credential.secret" --file "$A/machine-id"
+  --file "$A/credential.secret" --file "$A/machine-id" --file "$A/cohort.service"
 
 echo
 echo "[test] figures:"

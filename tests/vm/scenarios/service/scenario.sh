@@ -21,15 +21,17 @@ step "programs"
 install -m 0755 /scenario/bin/cohort /scenario/bin/codex /scenario/bin/cohort-standin /usr/local/bin/
 cohort --version; codex --version; systemctl --version | head -1; podman --version
 
-step "test set-up: an address task containers can reach, the model stand-in, userns ranges"
+step "test set-up: an address task containers can reach, the model stand-in, no containers ranges"
 # The VM has no network; the stand-in listens on 192.0.2.1, which cohort's model gateway on
 # this host reaches (task containers have no network: they reach the gateway through its
 # socket). (Test set-up, not product.)
 ip link add dummy0 type dummy && ip addr add 192.0.2.1/24 dev dummy0 && ip link set dummy0 up
 ip route add default via 192.0.2.254 dev dummy0 onlink
 cohort-standin --host 192.0.2.1 --port 8080 --record "$OUT/standin.jsonl" --max-seconds 3000 >/dev/null 2>"$OUT/standin.err" &
-grep -q '^containers:' /etc/subuid || echo containers:2147483647:2147483648 >>/etc/subuid
-grep -q '^containers:' /etc/subgid || echo containers:2147483647:2147483648 >>/etc/subgid
+# A fresh server (issue 19): no `containers` range, which rootful userns=auto needs.
+# `service install` must refuse, and `service install --setup` add one.
+sed -i '/^containers:/d' /etc/subuid /etc/subgid
+cp /etc/subuid /tmp/subuid.before; cp /etc/subgid /tmp/subgid.before
 
 make_repo() { # dir; run as the repo's owner. Task containers get the default network (none):
   # codex reaches the stand-in through cohort's gateway only.
@@ -138,13 +140,38 @@ t=$(date +%s)
 cohort -C /srv/cohort/repo image build --copy-system --archive /tmp/cohort-image.tar
 timer image_build_system "$t"
 
-step "system scope: doctor"
-cohort -C /srv/cohort/repo doctor --scope system | tee "$OUT/doctor-system.txt"
+step "system scope: doctor flags the missing id ranges"
+rc=0; cohort -C /srv/cohort/repo doctor --scope system >"$OUT/doctor-system.txt" || rc=$?
+cat "$OUT/doctor-system.txt"
+[[ $rc == 1 ]] && grep -q '^FAIL  user namespaces: no `containers` range' "$OUT/doctor-system.txt" \
+  || { echo "doctor did not flag the missing containers range (rc=$rc)"; exit 1; }
+[[ $(grep -c '^FAIL' "$OUT/doctor-system.txt") == 1 ]] || { echo "doctor flagged more than the id ranges"; exit 1; }
 
-step "system scope: install"
+step "system scope: install refuses, exit 2, with the fix; nothing written or enabled"
+rc=0; cohort service install --scope system --repo /srv/cohort/repo >"$OUT/install-refused.txt" 2>&1 || rc=$?
+cat "$OUT/install-refused.txt"
+[[ $rc == 2 ]] || { echo "install without the ranges exited $rc, not 2"; exit 1; }
+grep -q 'user namespaces: no `containers` range' "$OUT/install-refused.txt" \
+  && grep -q 'cohort service install --setup' "$OUT/install-refused.txt" \
+  || { echo "the refusal does not name the problem and its fix"; exit 1; }
+[[ ! -e /etc/systemd/system/cohort.service ]] || { echo "a refused install wrote the unit"; exit 1; }
+cmp -s /etc/subuid /tmp/subuid.before && cmp -s /etc/subgid /tmp/subgid.before \
+  || { echo "a refused install changed /etc/subuid or /etc/subgid"; exit 1; }
+
+step "system scope: install --setup adds the ranges, says so, and installs"
 t=$(date +%s)
-cohort service install --scope system --repo /srv/cohort/repo
+cohort service install --scope system --repo /srv/cohort/repo --setup 2>&1 | tee "$OUT/install-setup.txt"
 timer install_system "$t"
+grep -q '^setup: added containers:[0-9]*:[0-9]* to /etc/subuid and /etc/subgid' "$OUT/install-setup.txt" \
+  || { echo "--setup did not say what it changed"; exit 1; }
+for f in subuid subgid; do
+  # Every line that was there is still there, and one containers line was added.
+  diff <(cat /tmp/$f.before) <(grep -v '^containers:' /etc/$f) || { echo "/etc/$f lost or changed a line"; exit 1; }
+  [[ $(grep -c '^containers:' /etc/$f) == 1 ]] || { echo "/etc/$f has no single containers line"; exit 1; }
+  echo "/etc/$f: $(grep '^containers:' /etc/$f)"
+done
+cohort -C /srv/cohort/repo doctor --scope system >"$OUT/doctor-system-after.txt" \
+  || { cat "$OUT/doctor-system-after.txt"; echo "doctor still fails after --setup"; exit 1; }
 systemctl show -p ActiveState -p SubState -p User -p DynamicUser -p PrivateUsers cohort.service
 systemd-analyze security --no-pager cohort.service | tee "$OUT/security-system.txt" | tail -3
 grep -o 'Overall exposure level for cohort.service: [0-9.]*' "$OUT/security-system.txt" | tee "$OUT/exposure"
@@ -241,6 +268,8 @@ scan_for_key /home/alice/repo /home/alice/.local/state/cohort "$OUT/journal-for-
 rm -f "$OUT/journal-for-scan.txt"
 
 step "hand over what a copied disk carries"
+# The system unit, for machine B to start (its credential cannot load there).
+grep -v '^LoadCredentialEncrypted=cohort.git_' /etc/systemd/system/cohort.service >"$OUT/cohort.service"
 cp /var/lib/systemd/credential.secret "$OUT/credential.secret"
 cp /etc/machine-id "$OUT/machine-id"
 echo "ALL OK"
