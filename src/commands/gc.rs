@@ -49,6 +49,7 @@ fn line(item: &Item) -> String {
 pub fn run(args: Args) -> Result<u8> {
     let older_than = crate::config::parse_duration("--older-than", &args.older_than)?;
     let paths = crate::git::RepoPaths::discover(&std::env::current_dir()?)?;
+    image_blobs(args.dry_run)?;
     if !crate::run::state_path(&paths).exists() {
         println!("no cohort runs here; nothing to collect");
         return Ok(0);
@@ -111,6 +112,44 @@ pub fn run(args: Args) -> Result<u8> {
         eprintln!("warning: refs were not packed (nothing was lost; the next gc tries again): {e}");
     }
     Ok(0)
+}
+
+/// The image builder's blobs no recorded tag uses (the store is the user's, not the
+/// repository's: one for every repository this user builds images in).
+fn image_blobs(dry_run: bool) -> Result<()> {
+    use crate::runtime::image_store::{collect, Collected};
+    use cohort_oci::UnusedKind;
+    let dir = super::image::image_cache_dir()?.join("blobs");
+    match collect(&dir, dry_run)? {
+        Collected::NoStore => {}
+        Collected::Busy => println!(
+            "image store {}: an image build is in progress; left alone",
+            dir.display()
+        ),
+        Collected::NoTags { blobs } => println!(
+            "image store {}: {blobs} blob(s) but no tag recorded (built by an older cohort); left \
+             alone. Build the image once more (`cohort image build`) to record its tag.",
+            dir.display()
+        ),
+        Collected::Unused { tags, items, bytes } => {
+            let verb = if dry_run { "would remove" } else { "removed" };
+            println!(
+                "image store {} ({tags} tag(s) recorded): {verb} {} item(s), {}",
+                dir.display(),
+                items.len(),
+                human_bytes(bytes)
+            );
+            for u in &items {
+                let what = match &u.kind {
+                    UnusedKind::Blob(d) => format!("blob {d}"),
+                    UnusedKind::Temp => format!("temporary file {}", u.path.display()),
+                    UnusedKind::LayerCache => format!("layer-cache entry {}", u.path.display()),
+                };
+                println!("  {what} ({})", human_bytes(u.bytes));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `--checkouts`: the kept pool's slots, removed (or listed) unless a run holds them.
