@@ -304,3 +304,98 @@ fn merged_work_missing_from_the_service_branch_is_kept() {
     assert_eq!(code(&report), 0, "{}", text(&report));
     s.fsck();
 }
+
+/// `git count-objects -v` as a map (`count`, `in-pack`, `packs`, …).
+fn count_objects(s: &Scratch) -> std::collections::BTreeMap<String, u64> {
+    s.git(&["count-objects", "-v"])
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+        .collect()
+}
+
+/// Loose objects reach the repository's `gc.auto`: gc packs them all into one new pack
+/// (with its index) in-process and removes the loose files; every object is still there and
+/// `git fsck` is clean. Below the threshold, or with `gc.auto` 0, they stay loose.
+#[test]
+fn gc_packs_loose_objects_past_gc_auto() {
+    let s = Scratch::new();
+    run_agent(&s, &tasks_doc(3), "write.sh", &[]);
+    let before = count_objects(&s);
+    let loose = before["count"];
+    assert!(loose >= 10, "{before:?}");
+    let ids: Vec<String> = files_under(&s.work.join(".git/objects"))
+        .iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            let dir = p.parent()?.file_name()?.to_str()?;
+            (dir.len() == 2 && name.len() == 38).then(|| format!("{dir}{name}"))
+        })
+        .collect();
+    assert_eq!(ids.len() as u64, loose);
+
+    // Off, then above the count: nothing is packed.
+    for (auto, says) in [("0", "gc.auto is 0"), ("100000", "fewer than gc.auto")] {
+        s.git(&["config", "gc.auto", auto]);
+        let dry = s.run(&["gc", "--dry-run"]);
+        assert!(String::from_utf8_lossy(&dry.stdout).contains(says), "{}", text(&dry));
+        let out = s.run(&["gc"]);
+        assert_eq!(code(&out), 0, "{}", text(&out));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("loose object(s) into"),
+            "{}",
+            text(&out)
+        );
+        assert_eq!(count_objects(&s)["count"], loose);
+    }
+
+    s.git(&["config", "gc.auto", &loose.to_string()]);
+    let dry = s.run(&["gc", "--dry-run"]);
+    let dry_out = String::from_utf8_lossy(&dry.stdout).to_string();
+    assert!(
+        dry_out.contains(&format!("would pack {loose} loose object(s)")),
+        "{dry_out}"
+    );
+    assert_eq!(count_objects(&s)["count"], loose, "a dry run packs nothing");
+
+    let out = s.run(&["gc"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.contains(&format!("packed {loose} loose object(s) into ")),
+        "{stdout}"
+    );
+    let after = count_objects(&s);
+    assert_eq!(after["count"], 0, "{after:?}");
+    assert_eq!(after["in-pack"], before["in-pack"] + loose, "{after:?}");
+    assert_eq!(after["packs"], before["packs"] + 1, "{after:?}");
+    assert_eq!(after["garbage"], 0, "{after:?}");
+    // Every object that was loose is in the new pack, readable; the pack verifies.
+    let packed = s.git(&["cat-file", "--batch-check=%(objectname)", "--batch-all-objects"]);
+    let packed: BTreeSet<&str> = packed.lines().collect();
+    for id in &ids {
+        assert!(packed.contains(id.as_str()), "{id} went missing");
+    }
+    let pack = stdout
+        .split("loose object(s) into ")
+        .nth(1)
+        .unwrap()
+        .split(" (")
+        .next()
+        .unwrap();
+    let idx = PathBuf::from(pack).with_extension("idx");
+    assert!(idx.is_file(), "{stdout}");
+    s.git(&["verify-pack", idx.to_str().unwrap()]);
+    s.fsck();
+    assert!(
+        std::fs::read_dir(s.work.join(".git/objects"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("cohort-pack-")),
+        "no temporary directory is left"
+    );
+    // The repository goes on: another run writes, merges and packs again.
+    run_agent(&s, "- one more\n", "write.sh", &[]);
+    assert_eq!(s.status_json()["tasks"][0]["status"], "merged");
+    s.fsck();
+}

@@ -75,7 +75,10 @@ impl BlobStore {
     /// Records `image` as what `ref_name` names now (replacing its earlier record).
     pub fn tag(&self, ref_name: &str, image: &BuiltImage) -> Result<()> {
         let mut tags = self.tags()?;
-        tags.insert(ref_name.to_owned(), (image.manifest_digest.clone(), image.manifest_size));
+        tags.insert(
+            ref_name.to_owned(),
+            (image.manifest_digest.clone(), image.manifest_size),
+        );
         let mut manifests = Vec::with_capacity(tags.len());
         for (name, (digest, size)) in &tags {
             manifests.push(
@@ -83,7 +86,11 @@ impl BlobStore {
                     .media_type(MediaType::ImageManifest)
                     .digest(digest.parse::<oci_spec::image::Digest>()?)
                     .size(*size)
-                    .annotations([(REF_NAME.to_owned(), name.clone())].into_iter().collect::<std::collections::HashMap<_, _>>())
+                    .annotations(
+                        [(REF_NAME.to_owned(), name.clone())]
+                            .into_iter()
+                            .collect::<std::collections::HashMap<_, _>>(),
+                    )
                     .build()?,
             );
         }

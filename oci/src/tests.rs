@@ -335,7 +335,10 @@ fn unused_blobs_are_those_no_tag_names() {
     .collect();
     assert_eq!(blobs, expected);
     assert_eq!(unused.iter().filter(|u| u.kind == UnusedKind::LayerCache).count(), 1);
-    assert!(!unused.iter().any(|u| u.kind == UnusedKind::Temp), "a young temp file stays");
+    assert!(
+        !unused.iter().any(|u| u.kind == UnusedKind::Temp),
+        "a young temp file stays"
+    );
     let later = now + 2 * hour;
     let unused = store.unused(hour, later).unwrap();
     assert_eq!(unused.iter().filter(|u| u.kind == UnusedKind::Temp).count(), 1);

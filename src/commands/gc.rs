@@ -77,6 +77,15 @@ pub fn run(args: Args) -> Result<u8> {
                 println!("  keep {name} ({why})");
             }
         }
+        let (loose, bytes, threshold) = gc::loose_objects(&paths)?;
+        match threshold {
+            Some(t) if loose >= t && loose > 0 => println!(
+                "would pack {loose} loose object(s) ({}) into one pack (gc.auto {t})",
+                human_bytes(bytes)
+            ),
+            Some(t) => println!("{loose} loose object(s): fewer than gc.auto ({t}), left loose"),
+            None => println!("{loose} loose object(s): gc.auto is 0, left loose"),
+        }
         println!(
             "dry run: would free {} (nothing was changed)",
             human_bytes(plan.bytes())
@@ -108,6 +117,18 @@ pub fn run(args: Args) -> Result<u8> {
         human_bytes(outcome.bytes()),
         outcome.packed
     );
+    if let Some(p) = &outcome.objects {
+        println!(
+            "packed {} loose object(s) into {} ({}; the loose files took {})",
+            p.objects,
+            p.pack.display(),
+            human_bytes(p.pack_bytes),
+            human_bytes(p.freed)
+        );
+    }
+    if let Some(e) = &outcome.objects_error {
+        eprintln!("warning: loose objects were not packed (nothing was lost; the next gc tries again): {e}");
+    }
     if let Some(e) = &outcome.pack_error {
         eprintln!("warning: refs were not packed (nothing was lost; the next gc tries again): {e}");
     }

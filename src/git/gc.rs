@@ -1,10 +1,6 @@
 //! The ref side of `cohort gc`: cohort's refs of a run, deleting one by compare-and-swap,
-//! and packing loose refs into `packed-refs`, all in-process with gix.
-//!
-//! Objects are not repacked or pruned: gix (0.90) can write a pack (the push does) but has
-//! no in-process repack or prune, and a prune of our own would have to know every root git
-//! knows (all refs, reflogs, every worktree's index and HEAD) or lose objects. The objects
-//! the deleted refs held stay until git's own `gc` (or `gc --auto`) prunes them.
+//! and packing loose refs into `packed-refs`, all in-process with gix. The object side
+//! (packing loose objects, never pruning) is `loose.rs`.
 
 use anyhow::{Context, Result};
 use gix::refs::file::transaction::PackedRefs;

@@ -92,6 +92,10 @@ pub struct GcOutcome {
     pub packed: usize,
     /// Why packing refs did not happen (a ref moved, a lock was held): nothing was lost.
     pub pack_error: Option<String>,
+    /// The loose objects packed (there were at least `gc.auto` of them).
+    pub objects: Option<git::loose::Packed>,
+    /// Why packing loose objects did not happen: nothing was lost.
+    pub objects_error: Option<String>,
 }
 
 impl GcOutcome {
@@ -321,7 +325,24 @@ pub fn apply(paths: &RepoPaths, state: &State, plan: &GcPlan) -> Result<GcOutcom
         Ok(n) => out.packed = n,
         Err(e) => out.pack_error = Some(format!("{e:#}")),
     }
+    if let Some(at_least) = git::loose::threshold(&repo) {
+        match git::loose::pack_loose(&repo, at_least) {
+            Ok(p) => out.objects = p,
+            Err(e) => out.objects_error = Some(format!("{e:#}")),
+        }
+    }
     Ok(out)
+}
+
+/// Loose objects now (count, bytes) and the count from which gc packs them (`None`: off).
+pub fn loose_objects(paths: &RepoPaths) -> Result<(usize, u64, Option<usize>)> {
+    let repo = paths.open()?;
+    let loose = git::loose::loose_objects(&paths.common_dir.join("objects"))?;
+    Ok((
+        loose.len(),
+        loose.iter().map(|(_, _, b)| b).sum(),
+        git::loose::threshold(&repo),
+    ))
 }
 
 /// A run's directory: first its checkouts and their admin dirs (a killed run leaves them, and

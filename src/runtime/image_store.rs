@@ -67,7 +67,11 @@ pub enum Collected {
     /// since every blob would look unused.
     NoTags { blobs: usize },
     /// What no tag uses (removed unless it was a dry run), and how many tags are recorded.
-    Unused { tags: usize, items: Vec<Unused>, bytes: u64 },
+    Unused {
+        tags: usize,
+        items: Vec<Unused>,
+        bytes: u64,
+    },
 }
 
 /// Removes (or with `dry_run` lists) what in the store at `store_dir` no recorded tag uses.

@@ -205,7 +205,9 @@ pub fn cohort_as_user(s: &Scratch, user: &str, home: &Path, runtime_dir: &Path) 
 
 /// The tests' `XDG_CACHE_HOME`, under the target directory.
 pub fn test_cache_home() -> PathBuf {
-    let base = option_env!("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = option_env!("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     base.join("cohort-tests-cache")
 }
 
