@@ -61,6 +61,37 @@ pub fn delete(repo: &gix::Repository, name: &str, expected: Oid) -> Result<bool>
     }
 }
 
+/// Deletes all of `refs` in one transaction, each only if it still names the value given:
+/// `packed-refs` is rewritten once rather than once a ref (with 10,000 packed refs that is
+/// what gc's time goes to). `false` when any moved or went, or the transaction failed
+/// otherwise: then nothing was deleted, and [`delete`] one by one sorts them out.
+pub fn delete_all(repo: &gix::Repository, refs: &[(&str, Oid)]) -> Result<bool> {
+    if refs.is_empty() {
+        return Ok(true);
+    }
+    let mut edits = Vec::with_capacity(refs.len());
+    for (name, expected) in refs {
+        edits.push(RefEdit {
+            change: Change::Delete {
+                expected: PreviousValue::MustExistAndMatch(Target::Object(*expected)),
+                log: RefLog::AndReference,
+            },
+            name: (*name).try_into().with_context(|| format!("invalid ref name {name}"))?,
+            deref: false,
+        });
+    }
+    let wait = gix::lock::acquire::Fail::AfterDurationWithBackoff(std::time::Duration::from_secs(1));
+    let done = repo
+        .refs
+        .transaction()
+        .packed_refs(PackedRefs::DeletionsAndNonSymbolicUpdates(Box::new(
+            repo.objects.clone(),
+        )))
+        .prepare(edits, gix::lock::acquire::Fail::Immediately, wait)
+        .and_then(|t| t.commit(None).map_err(Into::into));
+    Ok(done.is_ok())
+}
+
 /// Moves the loose refs among `refs` into `packed-refs` and removes their files, as
 /// `git pack-refs` does: one gix transaction that rewrites each ref to the value read
 /// (compare-and-swap, so a ref that moved fails the whole transaction and nothing is packed)

@@ -270,8 +270,19 @@ pub fn apply(paths: &RepoPaths, state: &State, plan: &GcPlan) -> Result<GcOutcom
             None
         };
         let mut moved = false;
+        // All of the run's refs in one transaction; one by one only when that fails.
+        let refs: Vec<(&str, Oid)> = run
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Ref { name, id, .. } => Some((name.as_str(), *id)),
+                _ => None,
+            })
+            .collect();
+        let all_gone = refs_gc::delete_all(&repo, &refs)?;
         for item in &run.items {
             match item {
+                Item::Ref { .. } if all_gone => out.removed.push((run.run_id.clone(), item.clone())),
                 Item::Ref { name, id, .. } => {
                     if refs_gc::delete(&repo, name, *id)? {
                         out.removed.push((run.run_id.clone(), item.clone()));
