@@ -88,7 +88,7 @@ pub fn delete_all(repo: &gix::Repository, refs: &[(&str, Oid)]) -> Result<bool> 
             repo.objects.clone(),
         )))
         .prepare(edits, gix::lock::acquire::Fail::Immediately, wait)
-        .and_then(|t| t.commit(None).map_err(Into::into));
+        .and_then(|t| t.commit(None));
     Ok(done.is_ok())
 }
 

@@ -172,11 +172,13 @@ pub fn plan(paths: &RepoPaths, state: &State, opts: GcOptions, now: SystemTime) 
         for (name, id) in refs_gc::run_refs(&repo, &row.id)? {
             let merged = match service {
                 Some(tip) => {
-                    if !history.contains_key(&tip) {
-                        let found = found_in_history(&repo, tip, &cohort_ids)?;
-                        history.insert(tip, found);
-                    }
-                    history.get(&tip).is_some_and(|f| f.contains(&id)) || git::is_ancestor(&repo, id, tip)?
+                    let found = match history.entry(tip) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(found_in_history(&repo, tip, &cohort_ids)?)
+                        }
+                    };
+                    found.contains(&id) || git::is_ancestor(&repo, id, tip)?
                 }
                 None => false,
             };
