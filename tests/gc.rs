@@ -399,3 +399,46 @@ fn gc_packs_loose_objects_past_gc_auto() {
     assert_eq!(s.status_json()["tasks"][0]["status"], "merged");
     s.fsck();
 }
+
+/// A ref that moves between gc's plan and its removal fails the batch's one transaction:
+/// gc then goes run by run and ref by ref, keeps the moved ref (and its run's rows and
+/// directory) and removes everything else it planned to.
+#[test]
+fn a_ref_moved_after_the_plan_is_kept_and_the_rest_goes() {
+    let s = Scratch::new();
+    let first = run_agent(&s, &tasks_doc(2), "write.sh", &[]);
+    let second = run_agent(&s, &tasks_doc(2), "write.sh", &[]);
+    let paths = cohort::git::RepoPaths::discover(&s.work).unwrap();
+    let state = cohort::run::state::State::open(&cohort::run::state_path(&paths)).unwrap();
+    let opts = cohort::run::gc::GcOptions {
+        keep_runs: 0,
+        older_than: Duration::ZERO,
+    };
+    let plan = cohort::run::gc::plan(&paths, &state, opts, std::time::SystemTime::now()).unwrap();
+    let refs = cohort_refs(&s);
+    let moved = refs
+        .iter()
+        .map(|r| r.split(' ').next().unwrap().to_string())
+        .find(|name| name.contains(&first))
+        .unwrap();
+    s.git(&["update-ref", &moved, "main"]);
+    let done = cohort::run::gc::apply(&paths, &state, &plan).unwrap();
+    assert!(
+        done.skipped
+            .iter()
+            .any(|(run, why)| run == &first && why.contains("moved since")),
+        "{:?}",
+        done.skipped
+    );
+    let left: Vec<String> = cohort_refs(&s).into_iter().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(&format!("{moved} ")), "{left:?}");
+    assert!(
+        runs_dir(&s).join(&first).exists(),
+        "the run with a kept ref keeps its directory"
+    );
+    assert!(!runs_dir(&s).join(&second).exists());
+    assert!(state.run(Some(&first)).unwrap().is_some());
+    assert!(state.run(Some(&second)).unwrap().is_none());
+    s.fsck();
+}

@@ -301,75 +301,42 @@ pub fn disk_usage(path: &Path) -> u64 {
     walk(path, &mut HashSet::new())
 }
 
-/// Removes what `plan` listed, run by run, each under the run's own lock; then packs the
+/// Removes what `plan` listed, a batch of runs at a time, each run under its own lock; then packs the
 /// refs left in cohort's namespaces. A run found held, or a ref found moved, is skipped
 /// (and with it the run's rows and directory) rather than forced.
 pub fn apply(paths: &RepoPaths, state: &State, plan: &GcPlan) -> Result<GcOutcome> {
     let repo = paths.open()?;
     let mut out = GcOutcome::default();
-    for run in &plan.runs {
-        if run.items.is_empty() {
-            continue;
-        }
-        let dir = RunDir::new(paths, &run.run_id);
-        // Held until this run is done with; the run directory (and this lock file in it) may
-        // go meanwhile, which a lock on the open file survives.
-        let _lock = if dir.0.join("lock").exists() {
-            match super::lock_run(&dir) {
-                Ok(l) => Some(l),
-                Err(_) => {
-                    out.skipped
-                        .push((run.run_id.clone(), "a cohort process started working on it".into()));
-                    continue;
-                }
+    // Runs go a batch at a time: the refs of all the batch's runs in one transaction, since
+    // each transaction rewrites `packed-refs` whole (with 10,000 packed refs, one a run took
+    // a minute). Each run's lock is held until its batch is done.
+    for batch in plan.runs.chunks(RUNS_PER_BATCH) {
+        let mut locked = Vec::new();
+        for run in batch {
+            if run.items.is_empty() {
+                continue;
             }
-        } else {
-            None
-        };
-        let mut moved = false;
-        // All of the run's refs in one transaction; one by one only when that fails.
-        let refs: Vec<(&str, Oid)> = run
-            .items
-            .iter()
-            .filter_map(|i| match i {
-                Item::Ref { name, id, .. } => Some((name.as_str(), *id)),
-                _ => None,
-            })
-            .collect();
-        let all_gone = refs_gc::delete_all(&repo, &refs)?;
-        for item in &run.items {
-            match item {
-                Item::Ref { .. } if all_gone => out.removed.push((run.run_id.clone(), item.clone())),
-                Item::Ref { name, id, .. } => {
-                    if refs_gc::delete(&repo, name, *id)? {
-                        out.removed.push((run.run_id.clone(), item.clone()));
-                    } else {
-                        moved = true;
+            let dir = RunDir::new(paths, &run.run_id);
+            // The run directory (and this lock file in it) may go meanwhile, which a lock on
+            // the open file survives.
+            let lock = if dir.0.join("lock").exists() {
+                match super::lock_run(&dir) {
+                    Ok(l) => Some(l),
+                    Err(_) => {
                         out.skipped
-                            .push((run.run_id.clone(), format!("{name} moved since it was read; kept")));
+                            .push((run.run_id.clone(), "a cohort process started working on it".into()));
+                        continue;
                     }
                 }
-                // Rows and the directory go last, and only if every ref went: a run with a
-                // ref left keeps what explains it.
-                Item::Rows | Item::Dir { .. } => {}
-                Item::CodexHome { path, .. } => {
-                    git::safefs::remove_path(path).with_context(|| format!("cannot remove {}", path.display()))?;
-                    out.removed.push((run.run_id.clone(), item.clone()));
-                }
-            }
+            } else {
+                None
+            };
+            locked.push((run, lock));
         }
-        if moved {
-            continue;
-        }
-        if run.items.contains(&Item::Rows) {
-            state.delete_run(&run.run_id)?;
-            out.removed.push((run.run_id.clone(), Item::Rows));
-        }
-        for item in &run.items {
-            if let Item::Dir { path, .. } = item {
-                remove_run_dir(paths, &run.run_id, path)?;
-                out.removed.push((run.run_id.clone(), item.clone()));
-            }
+        let batch_refs: Vec<(&str, Oid)> = locked.iter().flat_map(|(run, _)| run_refs(run)).collect();
+        let batch_gone = refs_gc::delete_all(&repo, &batch_refs)?;
+        for (run, _lock) in &locked {
+            apply_run(paths, &repo, state, run, batch_gone, &mut out)?;
         }
     }
     // Pack what is left of cohort's refs, but not those of a run being worked on (also one
@@ -411,6 +378,69 @@ pub fn loose_objects(paths: &RepoPaths) -> Result<(usize, u64, Option<usize>)> {
         loose.iter().map(|(_, _, b)| b).sum(),
         git::loose::threshold(&repo),
     ))
+}
+
+/// How many runs' refs go in one ref transaction (and how many run locks are held at once).
+const RUNS_PER_BATCH: usize = 64;
+
+fn run_refs(run: &RunPlan) -> Vec<(&str, Oid)> {
+    run.items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Ref { name, id, .. } => Some((name.as_str(), *id)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One run of a batch, its lock held: its refs (gone with the batch's transaction, else in
+/// one of the run's own, else one by one), codex homes, and then, if every ref went, its rows
+/// and directory.
+fn apply_run(
+    paths: &RepoPaths,
+    repo: &gix::Repository,
+    state: &State,
+    run: &RunPlan,
+    batch_gone: bool,
+    out: &mut GcOutcome,
+) -> Result<()> {
+    let all_gone = batch_gone || refs_gc::delete_all(repo, &run_refs(run))?;
+    let mut moved = false;
+    for item in &run.items {
+        match item {
+            Item::Ref { .. } if all_gone => out.removed.push((run.run_id.clone(), item.clone())),
+            Item::Ref { name, id, .. } => {
+                if refs_gc::delete(repo, name, *id)? {
+                    out.removed.push((run.run_id.clone(), item.clone()));
+                } else {
+                    moved = true;
+                    out.skipped
+                        .push((run.run_id.clone(), format!("{name} moved since it was read; kept")));
+                }
+            }
+            // Rows and the directory go last, and only if every ref went: a run with a
+            // ref left keeps what explains it.
+            Item::Rows | Item::Dir { .. } => {}
+            Item::CodexHome { path, .. } => {
+                git::safefs::remove_path(path).with_context(|| format!("cannot remove {}", path.display()))?;
+                out.removed.push((run.run_id.clone(), item.clone()));
+            }
+        }
+    }
+    if moved {
+        return Ok(());
+    }
+    if run.items.contains(&Item::Rows) {
+        state.delete_run(&run.run_id)?;
+        out.removed.push((run.run_id.clone(), Item::Rows));
+    }
+    for item in &run.items {
+        if let Item::Dir { path, .. } = item {
+            remove_run_dir(paths, &run.run_id, path)?;
+            out.removed.push((run.run_id.clone(), item.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// A run's directory: first its checkouts and their admin dirs (a killed run leaves them, and
