@@ -442,3 +442,35 @@ fn a_ref_moved_after_the_plan_is_kept_and_the_rest_goes() {
     assert!(state.run(Some(&second)).unwrap().is_none());
     s.fsck();
 }
+
+/// `gc --dry-run --json`: the same plan as the text listing, as one JSON document; nothing
+/// changes. `--json` without `--dry-run` is a usage error.
+#[test]
+fn dry_run_json_lists_what_the_text_listing_lists() {
+    let s = Scratch::new();
+    let old = run_agent(&s, &tasks_doc(2), "write.sh", &[]);
+    let new = run_agent(&s, &tasks_doc(1), "write.sh", &[]);
+    let args = ["gc", "--keep-runs", "1", "--older-than", "0s", "--dry-run"];
+    let text_out = s.run(&args);
+    let text_refs = listed_refs(&String::from_utf8_lossy(&text_out.stdout));
+    let refs_before = cohort_refs(&s);
+    let out = s.run(&[&args[..], &["--json"]].concat());
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    let by_id = |id: &str| runs.iter().find(|r| r["run_id"] == id).unwrap().clone();
+    assert_eq!(by_id(&old)["remove"], true);
+    assert_eq!(by_id(&new)["remove"], false);
+    let json_refs: BTreeSet<String> = runs
+        .iter()
+        .flat_map(|r| r["items"].as_array().unwrap().clone())
+        .filter(|i| i["kind"] == "ref")
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(json_refs, text_refs);
+    assert_eq!(json_refs.len(), 2, "{doc}");
+    assert!(doc["objects"]["loose"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(cohort_refs(&s), refs_before, "a dry run changes nothing");
+    let bad = s.run(&["gc", "--json"]);
+    assert_eq!(code(&bad), 2, "{}", text(&bad));
+}

@@ -15,6 +15,10 @@ pub struct Args {
     /// List what would go and the bytes it would free; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: the listing as one JSON document (runs kept and removed with their
+    /// items, loose objects, the image store) rather than lines.
+    #[arg(long, requires = "dry_run", conflicts_with = "checkouts")]
+    pub json: bool,
     /// Also remove the checkouts kept between runs (`[run] keep_checkouts`, the service's
     /// pool) that no running cohort holds; the next run writes them anew.
     #[arg(long)]
@@ -49,6 +53,14 @@ fn line(item: &Item) -> String {
 pub fn run(args: Args) -> Result<u8> {
     let older_than = crate::config::parse_duration("--older-than", &args.older_than)?;
     let paths = crate::git::RepoPaths::discover(&std::env::current_dir()?)?;
+    if args.json {
+        let opts = GcOptions {
+            keep_runs: args.keep_runs,
+            older_than,
+        };
+        println!("{}", serde_json::to_string_pretty(&dry_run_json(&paths, opts)?)?);
+        return Ok(0);
+    }
     image_blobs(args.dry_run)?;
     if !crate::run::state_path(&paths).exists() {
         println!("no cohort runs here; nothing to collect");
@@ -171,6 +183,70 @@ fn image_blobs(dry_run: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn item_json(item: &Item) -> serde_json::Value {
+    use serde_json::json;
+    match item {
+        Item::Ref { name, id, why } => json!({"kind": "ref", "name": name, "id": id.to_string(), "why": why}),
+        Item::Dir { path, bytes } => json!({"kind": "dir", "path": path, "bytes": bytes}),
+        Item::Rows => json!({"kind": "rows"}),
+        Item::CodexHome { path, bytes } => json!({"kind": "codex_home", "path": path, "bytes": bytes}),
+    }
+}
+
+/// `--dry-run --json`: what gc would do, changing nothing.
+fn dry_run_json(paths: &crate::git::RepoPaths, opts: GcOptions) -> Result<serde_json::Value> {
+    use crate::runtime::image_store::{collect, Collected};
+    use cohort_oci::UnusedKind;
+    use serde_json::json;
+    let dir = super::image::image_cache_dir()?.join("blobs");
+    let image = match collect(&dir, true)? {
+        Collected::NoStore => json!(null),
+        Collected::Busy => json!({"path": dir, "state": "busy"}),
+        Collected::NoTags { blobs } => json!({"path": dir, "state": "no_tags", "blobs": blobs}),
+        Collected::Unused { tags, items, bytes } => json!({
+            "path": dir,
+            "state": "ok",
+            "tags": tags,
+            "bytes": bytes,
+            "remove": items.iter().map(|u| {
+                let (kind, digest) = match &u.kind {
+                    UnusedKind::Blob(d) => ("blob", Some(d.clone())),
+                    UnusedKind::Temp => ("temporary_file", None),
+                    UnusedKind::LayerCache => ("layer_cache_entry", None),
+                };
+                json!({"kind": kind, "digest": digest, "path": u.path, "bytes": u.bytes})
+            }).collect::<Vec<_>>(),
+        }),
+    };
+    let (loose, loose_bytes, threshold) = gc::loose_objects(paths)?;
+    let objects = json!({
+        "loose": loose,
+        "bytes": loose_bytes,
+        "gc_auto": threshold,
+        "would_pack": threshold.is_some_and(|t| loose > 0 && loose >= t),
+    });
+    if !crate::run::state_path(paths).exists() {
+        return Ok(json!({"runs": [], "bytes": 0, "objects": objects, "image_store": image}));
+    }
+    let (paths, state) = super::open_state()?;
+    let plan = gc::plan(&paths, &state, opts, std::time::SystemTime::now())?;
+    let runs: Vec<serde_json::Value> = plan
+        .runs
+        .iter()
+        .map(|r| {
+            json!({
+                "run_id": r.run_id,
+                "remove": r.kept.is_none(),
+                "kept": r.kept,
+                "held": r.held,
+                "items": r.items.iter().map(item_json).collect::<Vec<_>>(),
+                "kept_refs": r.kept_refs.iter().map(|(name, why)| json!({"name": name, "why": why})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(json!({"runs": runs, "bytes": plan.bytes(), "objects": objects, "image_store": image}))
 }
 
 /// `--checkouts`: the kept pool's slots, removed (or listed) unless a run holds them.
