@@ -18,7 +18,16 @@ pub(crate) fn whole_file_lock(kind: i32) -> libc::flock {
 /// Takes a write lock on the whole of `file`: `Ok(false)` when another holds it and `wait`
 /// is false; with `wait`, blocks until it is free.
 pub(crate) fn try_lock(file: &File, wait: bool) -> io::Result<bool> {
-    let lock = whole_file_lock(libc::F_WRLCK);
+    try_lock_kind(file, libc::F_WRLCK, wait)
+}
+
+/// A read lock on the whole of `file`: many holders, and no write lock meanwhile.
+pub(crate) fn try_lock_shared(file: &File, wait: bool) -> io::Result<bool> {
+    try_lock_kind(file, libc::F_RDLCK, wait)
+}
+
+fn try_lock_kind(file: &File, kind: i32, wait: bool) -> io::Result<bool> {
+    let lock = whole_file_lock(kind);
     let arg = match wait {
         true => nix::fcntl::FcntlArg::F_OFD_SETLKW(&lock),
         false => nix::fcntl::FcntlArg::F_OFD_SETLK(&lock),

@@ -304,3 +304,173 @@ fn merged_work_missing_from_the_service_branch_is_kept() {
     assert_eq!(code(&report), 0, "{}", text(&report));
     s.fsck();
 }
+
+/// `git count-objects -v` as a map (`count`, `in-pack`, `packs`, …).
+fn count_objects(s: &Scratch) -> std::collections::BTreeMap<String, u64> {
+    s.git(&["count-objects", "-v"])
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+        .collect()
+}
+
+/// Loose objects reach the repository's `gc.auto`: gc packs them all into one new pack
+/// (with its index) in-process and removes the loose files; every object is still there and
+/// `git fsck` is clean. Below the threshold, or with `gc.auto` 0, they stay loose.
+#[test]
+fn gc_packs_loose_objects_past_gc_auto() {
+    let s = Scratch::new();
+    run_agent(&s, &tasks_doc(3), "write.sh", &[]);
+    let before = count_objects(&s);
+    let loose = before["count"];
+    assert!(loose >= 10, "{before:?}");
+    let ids: Vec<String> = files_under(&s.work.join(".git/objects"))
+        .iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            let dir = p.parent()?.file_name()?.to_str()?;
+            (dir.len() == 2 && name.len() == 38).then(|| format!("{dir}{name}"))
+        })
+        .collect();
+    assert_eq!(ids.len() as u64, loose);
+
+    // Off, then above the count: nothing is packed.
+    for (auto, says) in [("0", "gc.auto is 0"), ("100000", "fewer than gc.auto")] {
+        s.git(&["config", "gc.auto", auto]);
+        let dry = s.run(&["gc", "--dry-run"]);
+        assert!(String::from_utf8_lossy(&dry.stdout).contains(says), "{}", text(&dry));
+        let out = s.run(&["gc"]);
+        assert_eq!(code(&out), 0, "{}", text(&out));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("loose object(s) into"),
+            "{}",
+            text(&out)
+        );
+        assert_eq!(count_objects(&s)["count"], loose);
+    }
+
+    s.git(&["config", "gc.auto", &loose.to_string()]);
+    let dry = s.run(&["gc", "--dry-run"]);
+    let dry_out = String::from_utf8_lossy(&dry.stdout).to_string();
+    assert!(
+        dry_out.contains(&format!("would pack {loose} loose object(s)")),
+        "{dry_out}"
+    );
+    assert_eq!(count_objects(&s)["count"], loose, "a dry run packs nothing");
+
+    let out = s.run(&["gc"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.contains(&format!("packed {loose} loose object(s) into ")),
+        "{stdout}"
+    );
+    let after = count_objects(&s);
+    assert_eq!(after["count"], 0, "{after:?}");
+    assert_eq!(after["in-pack"], before["in-pack"] + loose, "{after:?}");
+    assert_eq!(after["packs"], before["packs"] + 1, "{after:?}");
+    assert_eq!(after["garbage"], 0, "{after:?}");
+    // Every object that was loose is in the new pack, readable; the pack verifies.
+    let packed = s.git(&["cat-file", "--batch-check=%(objectname)", "--batch-all-objects"]);
+    let packed: BTreeSet<&str> = packed.lines().collect();
+    for id in &ids {
+        assert!(packed.contains(id.as_str()), "{id} went missing");
+    }
+    let pack = stdout
+        .split("loose object(s) into ")
+        .nth(1)
+        .unwrap()
+        .split(" (")
+        .next()
+        .unwrap();
+    let idx = PathBuf::from(pack).with_extension("idx");
+    assert!(idx.is_file(), "{stdout}");
+    s.git(&["verify-pack", idx.to_str().unwrap()]);
+    s.fsck();
+    assert!(
+        std::fs::read_dir(s.work.join(".git/objects"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("cohort-pack-")),
+        "no temporary directory is left"
+    );
+    // The repository goes on: another run writes, merges and packs again.
+    run_agent(&s, "- one more\n", "write.sh", &[]);
+    assert_eq!(s.status_json()["tasks"][0]["status"], "merged");
+    s.fsck();
+}
+
+/// A ref that moves between gc's plan and its removal fails the batch's one transaction:
+/// gc then goes run by run and ref by ref, keeps the moved ref (and its run's rows and
+/// directory) and removes everything else it planned to.
+#[test]
+fn a_ref_moved_after_the_plan_is_kept_and_the_rest_goes() {
+    let s = Scratch::new();
+    let first = run_agent(&s, &tasks_doc(2), "write.sh", &[]);
+    let second = run_agent(&s, &tasks_doc(2), "write.sh", &[]);
+    let paths = cohort::git::RepoPaths::discover(&s.work).unwrap();
+    let state = cohort::run::state::State::open(&cohort::run::state_path(&paths)).unwrap();
+    let opts = cohort::run::gc::GcOptions {
+        keep_runs: 0,
+        older_than: Duration::ZERO,
+    };
+    let plan = cohort::run::gc::plan(&paths, &state, opts, std::time::SystemTime::now()).unwrap();
+    let refs = cohort_refs(&s);
+    let moved = refs
+        .iter()
+        .map(|r| r.split(' ').next().unwrap().to_string())
+        .find(|name| name.contains(&first))
+        .unwrap();
+    s.git(&["update-ref", &moved, "main"]);
+    let done = cohort::run::gc::apply(&paths, &state, &plan).unwrap();
+    assert!(
+        done.skipped
+            .iter()
+            .any(|(run, why)| run == &first && why.contains("moved since")),
+        "{:?}",
+        done.skipped
+    );
+    let left: Vec<String> = cohort_refs(&s).into_iter().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(&format!("{moved} ")), "{left:?}");
+    assert!(
+        runs_dir(&s).join(&first).exists(),
+        "the run with a kept ref keeps its directory"
+    );
+    assert!(!runs_dir(&s).join(&second).exists());
+    assert!(state.run(Some(&first)).unwrap().is_some());
+    assert!(state.run(Some(&second)).unwrap().is_none());
+    s.fsck();
+}
+
+/// `gc --dry-run --json`: the same plan as the text listing, as one JSON document; nothing
+/// changes. `--json` without `--dry-run` is a usage error.
+#[test]
+fn dry_run_json_lists_what_the_text_listing_lists() {
+    let s = Scratch::new();
+    let old = run_agent(&s, &tasks_doc(2), "write.sh", &[]);
+    let new = run_agent(&s, &tasks_doc(1), "write.sh", &[]);
+    let args = ["gc", "--keep-runs", "1", "--older-than", "0s", "--dry-run"];
+    let text_out = s.run(&args);
+    let text_refs = listed_refs(&String::from_utf8_lossy(&text_out.stdout));
+    let refs_before = cohort_refs(&s);
+    let out = s.run(&[&args[..], &["--json"]].concat());
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    let by_id = |id: &str| runs.iter().find(|r| r["run_id"] == id).unwrap().clone();
+    assert_eq!(by_id(&old)["remove"], true);
+    assert_eq!(by_id(&new)["remove"], false);
+    let json_refs: BTreeSet<String> = runs
+        .iter()
+        .flat_map(|r| r["items"].as_array().unwrap().clone())
+        .filter(|i| i["kind"] == "ref")
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(json_refs, text_refs);
+    assert_eq!(json_refs.len(), 2, "{doc}");
+    assert!(doc["objects"]["loose"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(cohort_refs(&s), refs_before, "a dry run changes nothing");
+    let bad = s.run(&["gc", "--json"]);
+    assert_eq!(code(&bad), 2, "{}", text(&bad));
+}

@@ -73,6 +73,12 @@ fn image_build_on_a_base_image() {
         .unwrap();
     assert_eq!(code(&out), 0, "image build: {}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("localhost/on-base:1\n"));
+    // The build recorded its tag in the blob store (what `gc` keeps): the digest it printed.
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let digest = stdout.lines().find_map(|l| l.strip_prefix("digest ")).unwrap();
+    let store = cohort_oci::BlobStore::open(test_cache_home().join("cohort/image/blobs")).unwrap();
+    assert_eq!(store.tags().unwrap()["localhost/on-base:1"].0, digest);
+    assert!(store.blobs_in_use().unwrap().contains(digest));
 
     // The base's layer comes first, unchanged.
     let base_layers = cli_out(

@@ -513,3 +513,122 @@ fn a_long_failure_reason_arrives_whole_in_serve_log_and_report() {
     }
     assert!(line.len() > 400, "{line}");
 }
+
+/// Bytes the files below `dir` take on disk.
+fn disk_use(dir: &Path) -> u64 {
+    files_under(dir)
+        .iter()
+        .filter_map(|p| std::fs::symlink_metadata(p).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .sum()
+}
+
+/// Issue 19: one service process serves 20 requests in a row with a retention: its cohort
+/// refs, run directories, `.git/cohort` size and loose objects stay bounded (after request 20
+/// as after request 5, once the retention is full), all work stays merged, fsck is clean.
+#[test]
+fn twenty_requests_in_a_row_keep_refs_and_disk_bounded() {
+    let s = Scratch::new();
+    let xdg_state = s.tmp.path().join("xdg-state");
+    let state = xdg_state.join("cohort");
+    let config = s.tmp.path().join(".config/cohort/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        "[service]\nretention = { keep_runs = 2, older_than = \"0s\" }\n",
+    )
+    .unwrap();
+    // Low enough that the service's gc packs loose objects along the way.
+    s.git(&["config", "gc.auto", "60"]);
+    let mut child = s
+        .cohort()
+        .env("XDG_STATE_HOME", &xdg_state)
+        .env("COHORT_TEST_TALLY", s.tmp.path().join("tally"))
+        .args(["serve", "--poll", "100ms", "--state-dir", state.to_str().unwrap()])
+        .args(["--runtime", "host", "--agent-command", &agent("tally.sh"), "-j", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("serve.json", || state.join("serve.json").exists());
+    let gcs = || {
+        std::fs::read_to_string(state.join("serve.log"))
+            .unwrap_or_default()
+            .matches("gc after the request")
+            .count()
+    };
+    let mut at_5 = None;
+    let t0 = Instant::now();
+    for i in 1..=20 {
+        let doc = s.request(
+            &format!("req{i}.md"),
+            &format!("- request {i} task a\n- request {i} task b\n"),
+        );
+        let sub = submit(&s, &xdg_state, &doc);
+        assert_eq!(code(&sub), 0, "{}", text(&sub));
+        wait_for(&format!("request {i} and its gc"), || {
+            outcomes(&state).len() == i && gcs() == i
+        });
+        let refs = s
+            .git(&[
+                "for-each-ref",
+                "--format=%(refname)",
+                "refs/heads/cohort/task/",
+                "refs/cohort/",
+            ])
+            .lines()
+            .count();
+        let runs = std::fs::read_dir(s.work.join(".git/cohort/runs")).unwrap().count();
+        let cohort_dir = disk_use(&s.work.join(".git/cohort"));
+        let loose: u64 = s
+            .git(&["count-objects", "-v"])
+            .lines()
+            .find_map(|l| l.strip_prefix("count: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(runs <= 2, "after request {i}: {runs} run directories");
+        assert!(loose < 60, "after request {i}: {loose} loose objects");
+        if i == 5 || i == 20 {
+            eprintln!("after request {i}: {refs} cohort refs, {runs} run dirs, .git/cohort {cohort_dir} bytes, {loose} loose objects");
+        }
+        if i == 5 {
+            at_5 = Some((refs, runs, cohort_dir));
+        }
+        if let Some((refs5, runs5, dir5)) = at_5 {
+            assert_eq!(refs, refs5, "cohort refs after request {i} against request 5");
+            assert_eq!(runs, runs5, "run directories after request {i} against request 5");
+            // Logs and the state DB vary a little from run to run; growth with the number of
+            // requests would be 4× from 5 to 20.
+            assert!(
+                cohort_dir <= dir5 + dir5 / 4,
+                "after request {i}: .git/cohort takes {cohort_dir} bytes, {dir5} after request 5"
+            );
+        }
+    }
+    eprintln!("20 requests served in {:.1}s", t0.elapsed().as_secs_f64());
+    assert!(
+        outcomes(&state).iter().all(|o| o.starts_with("done/")),
+        "{:?}",
+        outcomes(&state)
+    );
+    assert_eq!(
+        s.merged_tasks("cohort/service").len(),
+        40,
+        "every request's work stays merged"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success() || st.signal().is_some(), "{st:?}");
+    s.fsck();
+    let log = std::fs::read_to_string(state.join("serve.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("packed_objects=") && !l.contains("packed_objects=0")),
+        "the service's gc packed loose objects: {log}"
+    );
+}

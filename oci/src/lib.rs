@@ -14,6 +14,7 @@ mod elf;
 mod error;
 mod image;
 mod layer;
+mod layout;
 mod pipe;
 mod strip;
 
@@ -26,6 +27,7 @@ pub use elf::{read_deps, ElfDeps, LibraryResolver};
 pub use error::{Error, Result};
 pub use image::{write_config_and_manifest, BuiltImage, ImageSettings, ManifestInput, DEFAULT_PATH, LABEL_REVISION};
 pub use layer::{Layer, LayerBuilder, LayerOptions};
+pub use layout::{Unused, UnusedKind};
 pub use oci_spec::image::MediaType;
 pub use strip::{strip_debug, stripped_copy};
 

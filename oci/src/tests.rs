@@ -2,7 +2,7 @@
 
 use super::*;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest, OciLayout};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 
 fn small_spec(dir: &Path) -> BuildSpec {
@@ -296,4 +296,66 @@ fn from_scratch_keeps_merged_usr_links() {
         let host_link = fs::symlink_metadata(top).is_ok_and(|m| m.file_type().is_symlink());
         assert_eq!(paths.contains(&top.to_string()), host_link, "{top}: {paths:?}");
     }
+}
+
+/// A rebuild under the same tag leaves the old manifest, config and changed layer unused; the
+/// other tag's image, the reused layers and a young temporary file stay.
+#[test]
+fn unused_blobs_are_those_no_tag_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(tmp.path().join("s")).unwrap();
+    let spec = small_spec(tmp.path());
+    let a = build(&spec, &store).unwrap();
+    store.tag("localhost/a:1", &a).unwrap();
+    store.tag("localhost/keep:1", &a).unwrap();
+    fs::write(&spec.files[0].0, "changed\n").unwrap();
+    let b = build(&spec, &store).unwrap();
+    store.tag("localhost/a:1", &b).unwrap();
+    let now = std::time::SystemTime::now();
+    let hour = std::time::Duration::from_secs(3600);
+    assert!(store.unused(hour, now).unwrap().is_empty(), "every blob is some tag's");
+
+    // Retag `keep` to b: a's manifest, config and last layer (and its cache entry) go.
+    store.tag("localhost/keep:1", &b).unwrap();
+    fs::write(store.root().join(".tmp-123-0"), "half a blob").unwrap();
+    let unused = store.unused(hour, now).unwrap();
+    let blobs: BTreeSet<String> = unused
+        .iter()
+        .filter_map(|u| match &u.kind {
+            UnusedKind::Blob(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    let expected: BTreeSet<String> = [
+        a.manifest_digest.clone(),
+        a.config_digest.clone(),
+        a.layers.last().unwrap().digest.clone(),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(blobs, expected);
+    assert_eq!(unused.iter().filter(|u| u.kind == UnusedKind::LayerCache).count(), 1);
+    assert!(
+        !unused.iter().any(|u| u.kind == UnusedKind::Temp),
+        "a young temp file stays"
+    );
+    let later = now + 2 * hour;
+    let unused = store.unused(hour, later).unwrap();
+    assert_eq!(unused.iter().filter(|u| u.kind == UnusedKind::Temp).count(), 1);
+    assert!(store.remove_unused(&unused).unwrap() > 0);
+    for d in &expected {
+        assert!(!store.contains(d), "{d} removed");
+    }
+    for l in &b.layers {
+        assert!(store.contains(&l.digest), "b's layer {} stays", l.digest);
+    }
+    assert!(store.contains(&b.manifest_digest) && store.contains(&b.config_digest));
+    assert!(store.unused(hour, later).unwrap().is_empty());
+    // What stays is still a whole image: an archive of it writes.
+    write_oci_archive(&store, &b, "localhost/keep:1", &tmp.path().join("b.tar"), 0).unwrap();
+    // A rebuild of a's content takes nothing stale from the layer cache.
+    fs::write(&spec.files[0].0, "hello\n").unwrap();
+    let again = build(&spec, &store).unwrap();
+    assert_eq!(again, a);
+    assert!(store.contains(&a.layers.last().unwrap().digest));
 }

@@ -15,6 +15,10 @@ pub struct Args {
     /// List what would go and the bytes it would free; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: the listing as one JSON document (runs kept and removed with their
+    /// items, loose objects, the image store) rather than lines.
+    #[arg(long, requires = "dry_run", conflicts_with = "checkouts")]
+    pub json: bool,
     /// Also remove the checkouts kept between runs (`[run] keep_checkouts`, the service's
     /// pool) that no running cohort holds; the next run writes them anew.
     #[arg(long)]
@@ -49,6 +53,15 @@ fn line(item: &Item) -> String {
 pub fn run(args: Args) -> Result<u8> {
     let older_than = crate::config::parse_duration("--older-than", &args.older_than)?;
     let paths = crate::git::RepoPaths::discover(&std::env::current_dir()?)?;
+    if args.json {
+        let opts = GcOptions {
+            keep_runs: args.keep_runs,
+            older_than,
+        };
+        println!("{}", serde_json::to_string_pretty(&dry_run_json(&paths, opts)?)?);
+        return Ok(0);
+    }
+    image_blobs(args.dry_run)?;
     if !crate::run::state_path(&paths).exists() {
         println!("no cohort runs here; nothing to collect");
         return Ok(0);
@@ -75,6 +88,15 @@ pub fn run(args: Args) -> Result<u8> {
             for (name, why) in &run.kept_refs {
                 println!("  keep {name} ({why})");
             }
+        }
+        let (loose, bytes, threshold) = gc::loose_objects(&paths)?;
+        match threshold {
+            Some(t) if loose >= t && loose > 0 => println!(
+                "would pack {loose} loose object(s) ({}) into one pack (gc.auto {t})",
+                human_bytes(bytes)
+            ),
+            Some(t) => println!("{loose} loose object(s): fewer than gc.auto ({t}), left loose"),
+            None => println!("{loose} loose object(s): gc.auto is 0, left loose"),
         }
         println!(
             "dry run: would free {} (nothing was changed)",
@@ -107,10 +129,124 @@ pub fn run(args: Args) -> Result<u8> {
         human_bytes(outcome.bytes()),
         outcome.packed
     );
+    if let Some(p) = &outcome.objects {
+        println!(
+            "packed {} loose object(s) into {} ({}; the loose files took {})",
+            p.objects,
+            p.pack.display(),
+            human_bytes(p.pack_bytes),
+            human_bytes(p.freed)
+        );
+    }
+    if let Some(e) = &outcome.objects_error {
+        eprintln!("warning: loose objects were not packed (nothing was lost; the next gc tries again): {e}");
+    }
     if let Some(e) = &outcome.pack_error {
         eprintln!("warning: refs were not packed (nothing was lost; the next gc tries again): {e}");
     }
     Ok(0)
+}
+
+/// The image builder's blobs no recorded tag uses (the store is the user's, not the
+/// repository's: one for every repository this user builds images in).
+fn image_blobs(dry_run: bool) -> Result<()> {
+    use crate::runtime::image_store::{collect, Collected};
+    use cohort_oci::UnusedKind;
+    let dir = super::image::image_cache_dir()?.join("blobs");
+    match collect(&dir, dry_run)? {
+        Collected::NoStore => {}
+        Collected::Busy => println!(
+            "image store {}: an image build is in progress; left alone",
+            dir.display()
+        ),
+        Collected::NoTags { blobs } => println!(
+            "image store {}: {blobs} blob(s) but no tag recorded (built by an older cohort); left \
+             alone. Build the image once more (`cohort image build`) to record its tag.",
+            dir.display()
+        ),
+        Collected::Unused { tags, items, bytes } => {
+            let verb = if dry_run { "would remove" } else { "removed" };
+            println!(
+                "image store {} ({tags} tag(s) recorded): {verb} {} item(s), {}",
+                dir.display(),
+                items.len(),
+                human_bytes(bytes)
+            );
+            for u in &items {
+                let what = match &u.kind {
+                    UnusedKind::Blob(d) => format!("blob {d}"),
+                    UnusedKind::Temp => format!("temporary file {}", u.path.display()),
+                    UnusedKind::LayerCache => format!("layer-cache entry {}", u.path.display()),
+                };
+                println!("  {what} ({})", human_bytes(u.bytes));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn item_json(item: &Item) -> serde_json::Value {
+    use serde_json::json;
+    match item {
+        Item::Ref { name, id, why } => json!({"kind": "ref", "name": name, "id": id.to_string(), "why": why}),
+        Item::Dir { path, bytes } => json!({"kind": "dir", "path": path, "bytes": bytes}),
+        Item::Rows => json!({"kind": "rows"}),
+        Item::CodexHome { path, bytes } => json!({"kind": "codex_home", "path": path, "bytes": bytes}),
+    }
+}
+
+/// `--dry-run --json`: what gc would do, changing nothing.
+fn dry_run_json(paths: &crate::git::RepoPaths, opts: GcOptions) -> Result<serde_json::Value> {
+    use crate::runtime::image_store::{collect, Collected};
+    use cohort_oci::UnusedKind;
+    use serde_json::json;
+    let dir = super::image::image_cache_dir()?.join("blobs");
+    let image = match collect(&dir, true)? {
+        Collected::NoStore => json!(null),
+        Collected::Busy => json!({"path": dir, "state": "busy"}),
+        Collected::NoTags { blobs } => json!({"path": dir, "state": "no_tags", "blobs": blobs}),
+        Collected::Unused { tags, items, bytes } => json!({
+            "path": dir,
+            "state": "ok",
+            "tags": tags,
+            "bytes": bytes,
+            "remove": items.iter().map(|u| {
+                let (kind, digest) = match &u.kind {
+                    UnusedKind::Blob(d) => ("blob", Some(d.clone())),
+                    UnusedKind::Temp => ("temporary_file", None),
+                    UnusedKind::LayerCache => ("layer_cache_entry", None),
+                };
+                json!({"kind": kind, "digest": digest, "path": u.path, "bytes": u.bytes})
+            }).collect::<Vec<_>>(),
+        }),
+    };
+    let (loose, loose_bytes, threshold) = gc::loose_objects(paths)?;
+    let objects = json!({
+        "loose": loose,
+        "bytes": loose_bytes,
+        "gc_auto": threshold,
+        "would_pack": threshold.is_some_and(|t| loose > 0 && loose >= t),
+    });
+    if !crate::run::state_path(paths).exists() {
+        return Ok(json!({"runs": [], "bytes": 0, "objects": objects, "image_store": image}));
+    }
+    let (paths, state) = super::open_state()?;
+    let plan = gc::plan(&paths, &state, opts, std::time::SystemTime::now())?;
+    let runs: Vec<serde_json::Value> = plan
+        .runs
+        .iter()
+        .map(|r| {
+            json!({
+                "run_id": r.run_id,
+                "remove": r.kept.is_none(),
+                "kept": r.kept,
+                "held": r.held,
+                "items": r.items.iter().map(item_json).collect::<Vec<_>>(),
+                "kept_refs": r.kept_refs.iter().map(|(name, why)| json!({"name": name, "why": why})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(json!({"runs": runs, "bytes": plan.bytes(), "objects": objects, "image_store": image}))
 }
 
 /// `--checkouts`: the kept pool's slots, removed (or listed) unless a run holds them.

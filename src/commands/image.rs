@@ -258,6 +258,8 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
     let full = tmp.path().join("image.tar");
     let partial = tmp.path().join("changed-layers.tar");
     let store_dir = work.join("blobs");
+    // Until the tag is recorded below, gc must not take this build's blobs (see image_store).
+    let _store_lock = crate::runtime::image_store::lock_for_build(&store_dir)?;
     // A complete archive is written only when something needs one: a first build, another
     // engine to load into (--copy-system), or --archive.
     let need_full = system.is_some() || args.archive.is_some();
@@ -266,6 +268,7 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
         move || -> Result<_> {
             let store = cohort_oci::BlobStore::open(&store_dir)?;
             let image = cohort_oci::build_with_progress(&spec, &store, &mut report_progress)?;
+            crate::runtime::image_store::record_tag(&store, &tag, &image)?;
             let omit: Vec<String> = image
                 .layers
                 .iter()
@@ -377,7 +380,7 @@ fn report_progress(p: cohort_oci::Progress<'_>) {
 
 /// The builder's cache (layer blobs reused between builds, and scratch space):
 /// `$XDG_CACHE_HOME/cohort/image`, default `~/.cache/cohort/image`.
-fn image_cache_dir() -> Result<PathBuf> {
+pub(crate) fn image_cache_dir() -> Result<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)

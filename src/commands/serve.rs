@@ -222,7 +222,7 @@ fn collect_garbage(s: &Setup) {
         }
     };
     let Some(r) = retention else { return };
-    let result = (|| -> Result<(usize, u64)> {
+    let result = (|| -> Result<(usize, u64, usize)> {
         let older_than = crate::config::parse_duration(
             "[service] retention older_than",
             r.older_than.as_deref().unwrap_or("30d"),
@@ -234,10 +234,19 @@ fn collect_garbage(s: &Setup) {
         let state = crate::run::state::State::open(&crate::run::state_path(&s.paths))?;
         let plan = crate::run::gc::plan(&s.paths, &state, opts, std::time::SystemTime::now())?;
         let done = crate::run::gc::apply(&s.paths, &state, &plan)?;
-        Ok((done.removed.len(), done.bytes()))
+        if let Some(e) = &done.objects_error {
+            tracing::warn!("gc did not pack loose objects (nothing was lost): {e}");
+        }
+        let packed = done.objects.as_ref().map_or(0, |p| p.objects);
+        Ok((done.removed.len(), done.bytes(), packed))
     })();
     match result {
-        Ok((removed, bytes)) => tracing::info!(removed, bytes, "gc after the request ([service] retention)"),
+        Ok((removed, bytes, packed_objects)) => tracing::info!(
+            removed,
+            bytes,
+            packed_objects,
+            "gc after the request ([service] retention)"
+        ),
         Err(e) => tracing::warn!("gc after the request failed (the service goes on): {e:#}"),
     }
 }

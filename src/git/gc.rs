@@ -1,10 +1,6 @@
 //! The ref side of `cohort gc`: cohort's refs of a run, deleting one by compare-and-swap,
-//! and packing loose refs into `packed-refs`, all in-process with gix.
-//!
-//! Objects are not repacked or pruned: gix (0.90) can write a pack (the push does) but has
-//! no in-process repack or prune, and a prune of our own would have to know every root git
-//! knows (all refs, reflogs, every worktree's index and HEAD) or lose objects. The objects
-//! the deleted refs held stay until git's own `gc` (or `gc --auto`) prunes them.
+//! and packing loose refs into `packed-refs`, all in-process with gix. The object side
+//! (packing loose objects, never pruning) is `loose.rs`.
 
 use anyhow::{Context, Result};
 use gix::refs::file::transaction::PackedRefs;
@@ -63,6 +59,37 @@ pub fn delete(repo: &gix::Repository, name: &str, expected: Oid) -> Result<bool>
             _ => Ok(false),
         },
     }
+}
+
+/// Deletes all of `refs` in one transaction, each only if it still names the value given:
+/// `packed-refs` is rewritten once rather than once a ref (with 10,000 packed refs that is
+/// what gc's time goes to). `false` when any moved or went, or the transaction failed
+/// otherwise: then nothing was deleted, and [`delete`] one by one sorts them out.
+pub fn delete_all(repo: &gix::Repository, refs: &[(&str, Oid)]) -> Result<bool> {
+    if refs.is_empty() {
+        return Ok(true);
+    }
+    let mut edits = Vec::with_capacity(refs.len());
+    for (name, expected) in refs {
+        edits.push(RefEdit {
+            change: Change::Delete {
+                expected: PreviousValue::MustExistAndMatch(Target::Object(*expected)),
+                log: RefLog::AndReference,
+            },
+            name: (*name).try_into().with_context(|| format!("invalid ref name {name}"))?,
+            deref: false,
+        });
+    }
+    let wait = gix::lock::acquire::Fail::AfterDurationWithBackoff(std::time::Duration::from_secs(1));
+    let done = repo
+        .refs
+        .transaction()
+        .packed_refs(PackedRefs::DeletionsAndNonSymbolicUpdates(Box::new(
+            repo.objects.clone(),
+        )))
+        .prepare(edits, gix::lock::acquire::Fail::Immediately, wait)
+        .and_then(|t| t.commit(None));
+    Ok(done.is_ok())
 }
 
 /// Moves the loose refs among `refs` into `packed-refs` and removes their files, as

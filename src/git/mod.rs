@@ -8,6 +8,7 @@ pub mod checkout;
 pub mod commit;
 pub mod gc;
 pub mod import;
+pub mod loose;
 pub mod merge;
 pub mod names;
 pub mod pool;

@@ -92,6 +92,10 @@ pub struct GcOutcome {
     pub packed: usize,
     /// Why packing refs did not happen (a ref moved, a lock was held): nothing was lost.
     pub pack_error: Option<String>,
+    /// The loose objects packed (there were at least `gc.auto` of them).
+    pub objects: Option<git::loose::Packed>,
+    /// Why packing loose objects did not happen: nothing was lost.
+    pub objects_error: Option<String>,
 }
 
 impl GcOutcome {
@@ -116,6 +120,18 @@ fn age(row: &RunRow, now: SystemTime) -> Option<Duration> {
 pub fn plan(paths: &RepoPaths, state: &State, opts: GcOptions, now: SystemTime) -> Result<GcPlan> {
     let repo = paths.open()?;
     let mut out = GcPlan::default();
+    // Whether a ref is merged is one walk of the service branch's history for all refs
+    // (per tip), rather than a merge base per ref: with 10,000 refs that was most of gc's time.
+    let mut cohort_ids: HashSet<Oid> = refs_gc::refs_under(&repo, refs_gc::TASK_REFS)?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    cohort_ids.extend(
+        refs_gc::refs_under(&repo, refs_gc::ATTEMPT_REFS)?
+            .into_iter()
+            .map(|(_, id)| id),
+    );
+    let mut history: std::collections::HashMap<Oid, HashSet<Oid>> = Default::default();
     for (n, row) in state.runs()?.into_iter().enumerate() {
         let tasks = state.tasks(&row.id)?;
         let dir = RunDir::new(paths, &row.id);
@@ -155,7 +171,15 @@ pub fn plan(paths: &RepoPaths, state: &State, opts: GcOptions, now: SystemTime) 
         let mut kept_refs = Vec::new();
         for (name, id) in refs_gc::run_refs(&repo, &row.id)? {
             let merged = match service {
-                Some(tip) => git::is_ancestor(&repo, id, tip)?,
+                Some(tip) => {
+                    let found = match history.entry(tip) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(found_in_history(&repo, tip, &cohort_ids)?)
+                        }
+                    };
+                    found.contains(&id) || git::is_ancestor(&repo, id, tip)?
+                }
                 None => false,
             };
             let task = tasks.iter().find(|t| format!("refs/heads/{}", t.branch) == name);
@@ -194,6 +218,43 @@ pub fn plan(paths: &RepoPaths, state: &State, opts: GcOptions, now: SystemTime) 
         });
     }
     Ok(out)
+}
+
+/// Which of `wanted` the history of `tip` contains, as far as one walk finds them: newest
+/// commits first, until all are found or the walk is a day older than the oldest of them (a
+/// day of slack for clocks that disagree). One not found here may still be merged (a commit
+/// dated far in the future of its parent): the caller checks those one by one, so the answer
+/// stays exact.
+fn found_in_history(repo: &gix::Repository, tip: Oid, wanted: &HashSet<Oid>) -> Result<HashSet<Oid>> {
+    let mut found = HashSet::new();
+    let mut oldest = i64::MAX;
+    for id in wanted {
+        if let Ok(c) = repo.find_commit(*id) {
+            oldest = oldest.min(c.time().map(|t| t.seconds).unwrap_or(i64::MIN));
+        }
+    }
+    if oldest == i64::MAX {
+        return Ok(found);
+    }
+    let cutoff = oldest.saturating_sub(86_400);
+    let walk = repo
+        .rev_walk([tip])
+        .sorting(gix::revision::walk::Sorting::ByCommitTime(Default::default()))
+        .all()
+        .context("cannot walk the service branch")?;
+    for info in walk {
+        let info = info.context("cannot walk the service branch")?;
+        if wanted.contains(&info.id) {
+            found.insert(info.id);
+            if found.len() == wanted.len() {
+                break;
+            }
+        }
+        if info.commit_time.is_some_and(|t| t < cutoff) {
+            break;
+        }
+    }
+    Ok(found)
 }
 
 /// The codex homes of a run's attempts, with their size.
@@ -240,64 +301,42 @@ pub fn disk_usage(path: &Path) -> u64 {
     walk(path, &mut HashSet::new())
 }
 
-/// Removes what `plan` listed, run by run, each under the run's own lock; then packs the
+/// Removes what `plan` listed, a batch of runs at a time, each run under its own lock; then packs the
 /// refs left in cohort's namespaces. A run found held, or a ref found moved, is skipped
 /// (and with it the run's rows and directory) rather than forced.
 pub fn apply(paths: &RepoPaths, state: &State, plan: &GcPlan) -> Result<GcOutcome> {
     let repo = paths.open()?;
     let mut out = GcOutcome::default();
-    for run in &plan.runs {
-        if run.items.is_empty() {
-            continue;
-        }
-        let dir = RunDir::new(paths, &run.run_id);
-        // Held until this run is done with; the run directory (and this lock file in it) may
-        // go meanwhile, which a lock on the open file survives.
-        let _lock = if dir.0.join("lock").exists() {
-            match super::lock_run(&dir) {
-                Ok(l) => Some(l),
-                Err(_) => {
-                    out.skipped
-                        .push((run.run_id.clone(), "a cohort process started working on it".into()));
-                    continue;
-                }
+    // Runs go a batch at a time: the refs of all the batch's runs in one transaction, since
+    // each transaction rewrites `packed-refs` whole (with 10,000 packed refs, one a run took
+    // a minute). Each run's lock is held until its batch is done.
+    for batch in plan.runs.chunks(RUNS_PER_BATCH) {
+        let mut locked = Vec::new();
+        for run in batch {
+            if run.items.is_empty() {
+                continue;
             }
-        } else {
-            None
-        };
-        let mut moved = false;
-        for item in &run.items {
-            match item {
-                Item::Ref { name, id, .. } => {
-                    if refs_gc::delete(&repo, name, *id)? {
-                        out.removed.push((run.run_id.clone(), item.clone()));
-                    } else {
-                        moved = true;
+            let dir = RunDir::new(paths, &run.run_id);
+            // The run directory (and this lock file in it) may go meanwhile, which a lock on
+            // the open file survives.
+            let lock = if dir.0.join("lock").exists() {
+                match super::lock_run(&dir) {
+                    Ok(l) => Some(l),
+                    Err(_) => {
                         out.skipped
-                            .push((run.run_id.clone(), format!("{name} moved since it was read; kept")));
+                            .push((run.run_id.clone(), "a cohort process started working on it".into()));
+                        continue;
                     }
                 }
-                // Rows and the directory go last, and only if every ref went: a run with a
-                // ref left keeps what explains it.
-                Item::Rows | Item::Dir { .. } => {}
-                Item::CodexHome { path, .. } => {
-                    git::safefs::remove_path(path).with_context(|| format!("cannot remove {}", path.display()))?;
-                    out.removed.push((run.run_id.clone(), item.clone()));
-                }
-            }
+            } else {
+                None
+            };
+            locked.push((run, lock));
         }
-        if moved {
-            continue;
-        }
-        if run.items.contains(&Item::Rows) {
-            state.delete_run(&run.run_id)?;
-            out.removed.push((run.run_id.clone(), Item::Rows));
-        }
-        for item in &run.items {
-            if let Item::Dir { path, .. } = item {
-                remove_run_dir(paths, &run.run_id, path)?;
-                out.removed.push((run.run_id.clone(), item.clone()));
-            }
+        let batch_refs: Vec<(&str, Oid)> = locked.iter().flat_map(|(run, _)| run_refs(run)).collect();
+        let batch_gone = refs_gc::delete_all(&repo, &batch_refs)?;
+        for (run, _lock) in &locked {
+            apply_run(paths, &repo, state, run, batch_gone, &mut out)?;
         }
     }
     // Pack what is left of cohort's refs, but not those of a run being worked on (also one
@@ -321,7 +360,87 @@ pub fn apply(paths: &RepoPaths, state: &State, plan: &GcPlan) -> Result<GcOutcom
         Ok(n) => out.packed = n,
         Err(e) => out.pack_error = Some(format!("{e:#}")),
     }
+    if let Some(at_least) = git::loose::threshold(&repo) {
+        match git::loose::pack_loose(&repo, at_least) {
+            Ok(p) => out.objects = p,
+            Err(e) => out.objects_error = Some(format!("{e:#}")),
+        }
+    }
     Ok(out)
+}
+
+/// Loose objects now (count, bytes) and the count from which gc packs them (`None`: off).
+pub fn loose_objects(paths: &RepoPaths) -> Result<(usize, u64, Option<usize>)> {
+    let repo = paths.open()?;
+    let loose = git::loose::loose_objects(&paths.common_dir.join("objects"))?;
+    Ok((
+        loose.len(),
+        loose.iter().map(|(_, _, b)| b).sum(),
+        git::loose::threshold(&repo),
+    ))
+}
+
+/// How many runs' refs go in one ref transaction (and how many run locks are held at once).
+const RUNS_PER_BATCH: usize = 64;
+
+fn run_refs(run: &RunPlan) -> Vec<(&str, Oid)> {
+    run.items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Ref { name, id, .. } => Some((name.as_str(), *id)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One run of a batch, its lock held: its refs (gone with the batch's transaction, else in
+/// one of the run's own, else one by one), codex homes, and then, if every ref went, its rows
+/// and directory.
+fn apply_run(
+    paths: &RepoPaths,
+    repo: &gix::Repository,
+    state: &State,
+    run: &RunPlan,
+    batch_gone: bool,
+    out: &mut GcOutcome,
+) -> Result<()> {
+    let all_gone = batch_gone || refs_gc::delete_all(repo, &run_refs(run))?;
+    let mut moved = false;
+    for item in &run.items {
+        match item {
+            Item::Ref { .. } if all_gone => out.removed.push((run.run_id.clone(), item.clone())),
+            Item::Ref { name, id, .. } => {
+                if refs_gc::delete(repo, name, *id)? {
+                    out.removed.push((run.run_id.clone(), item.clone()));
+                } else {
+                    moved = true;
+                    out.skipped
+                        .push((run.run_id.clone(), format!("{name} moved since it was read; kept")));
+                }
+            }
+            // Rows and the directory go last, and only if every ref went: a run with a
+            // ref left keeps what explains it.
+            Item::Rows | Item::Dir { .. } => {}
+            Item::CodexHome { path, .. } => {
+                git::safefs::remove_path(path).with_context(|| format!("cannot remove {}", path.display()))?;
+                out.removed.push((run.run_id.clone(), item.clone()));
+            }
+        }
+    }
+    if moved {
+        return Ok(());
+    }
+    if run.items.contains(&Item::Rows) {
+        state.delete_run(&run.run_id)?;
+        out.removed.push((run.run_id.clone(), Item::Rows));
+    }
+    for item in &run.items {
+        if let Item::Dir { path, .. } = item {
+            remove_run_dir(paths, &run.run_id, path)?;
+            out.removed.push((run.run_id.clone(), item.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// A run's directory: first its checkouts and their admin dirs (a killed run leaves them, and

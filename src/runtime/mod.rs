@@ -5,6 +5,7 @@
 pub mod guard;
 pub mod host;
 mod host_caches;
+pub mod image_store;
 pub mod lines;
 pub mod podman;
 

@@ -147,7 +147,10 @@ impl Scratch {
             // The user's settings, credentials and trust store are the scratch's own (where
             // HOME=<scratch> would put them): the developer's are never read or written.
             .env("XDG_CONFIG_HOME", self.tmp.path().join(".config"))
-            .env("XDG_STATE_HOME", self.tmp.path().join(".local/state"));
+            .env("XDG_STATE_HOME", self.tmp.path().join(".local/state"))
+            // Nor the developer's image cache (`gc` collects it): one kept for the tests,
+            // shared so that image builds stay warm from test to test.
+            .env("XDG_CACHE_HOME", test_cache_home());
         c
     }
 
@@ -198,6 +201,14 @@ pub fn cohort_as_user(s: &Scratch, user: &str, home: &Path, runtime_dir: &Path) 
     c.arg(env!("CARGO_BIN_EXE_cohort"));
     c.current_dir(&s.work);
     c
+}
+
+/// The tests' `XDG_CACHE_HOME`, under the target directory.
+pub fn test_cache_home() -> PathBuf {
+    let base = option_env!("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("cohort-tests-cache")
 }
 
 pub fn text(out: &Output) -> String {
