@@ -293,3 +293,28 @@ fn a_retry_that_conflicts_again_ends_as_conflict() {
     assert_eq!(seen, want, "{report}");
     assert_eq!(s.merged_tasks("cohort/service").len(), 2);
 }
+
+#[test]
+fn a_tracked_file_over_max_file_size_that_the_agent_only_touched_is_no_change() {
+    // The scratch's .gitignore is 14 bytes, over a 10-byte limit. The agent touches it (its
+    // stat data changes, its content does not) and adds a small file: the task merges.
+    let s = Scratch::new();
+    let conf = s.tmp.path().join(".config/cohort");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(conf.join("config.toml"), "[run]\nmax_file_size = \"10\"\n").unwrap();
+    let req = s.request("req.md", "- touch the ignore file\n");
+    let out = s.run(&[
+        "run",
+        req.to_str().unwrap(),
+        "--no-sync",
+        "--runtime",
+        "host",
+        "--agent",
+        "command",
+        "--agent-command",
+        "sh -c 'touch -d 2001-01-01 .gitignore; echo ok > s.txt'",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(!text(&out).contains(".gitignore"), "{}", text(&out));
+    assert_eq!(s.git(&["show", "cohort/service:s.txt"]), "ok\n");
+}

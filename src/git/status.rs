@@ -138,13 +138,16 @@ fn tracked(root: &Dir, index: &gix::index::File, s: &mut Settings<'_>, out: &mut
         }
         // Hashed unobserved: only what changed is shown to the observer (the secret scan must
         // not see a tracked file the agent did not touch), then, when changed, once more.
+        // A tracked file is hashed whatever its size: one over the limit that is unchanged
+        // (only its stat data differs, or it is racily clean) is no change at all.
         let observe = s.observe.take();
-        let looked = read_entry(dir, name, path, kind, want_mode, stat, s);
+        let looked = read_entry(dir, name, path, kind, want_mode, stat, s, Limit::AfterHash);
         s.observe = observe;
         match looked? {
             Looked::Gone => out.removed.push(path.to_owned()),
             Looked::Oversized(size) => out.oversized.push((path.to_owned(), size)),
             Looked::Hashed(u) if u.id == entry.id && u.mode == entry.mode => out.refreshed.push((i, u.stat)),
+            Looked::Hashed(u) if u.size > s.max_file_size => out.oversized.push((path.to_owned(), u.size)),
             Looked::Hashed(u) => {
                 if let Some(observe) = s.observe.as_mut() {
                     show_to(dir, name, path, &u, &mut **observe)?;
@@ -225,7 +228,16 @@ impl Walk<'_, '_> {
                         Kind::File => file_mode(&st, self.settings.file_mode, None),
                         _ => Mode::SYMLINK,
                     };
-                    match read_entry(dir, &name, path.as_bstr(), kind, mode, stat_of(&st), self.settings)? {
+                    match read_entry(
+                        dir,
+                        &name,
+                        path.as_bstr(),
+                        kind,
+                        mode,
+                        stat_of(&st),
+                        self.settings,
+                        Limit::Before,
+                    )? {
                         Looked::Gone => {}
                         Looked::Oversized(size) => self.changes.oversized.push((path, size)),
                         Looked::Hashed(u) => self.changes.upserts.push(u),
@@ -266,6 +278,15 @@ enum Looked {
 }
 
 /// Hashes one file or symlink in `dir` (streaming, showing each chunk to the observer).
+/// When a file over `max_file_size` is told apart: a new one before it is read (it is never
+/// committed); a tracked one after it is hashed (it may be unchanged).
+#[derive(PartialEq, Eq)]
+enum Limit {
+    Before,
+    AfterHash,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn read_entry(
     dir: &Dir,
     name: &OsStr,
@@ -274,6 +295,7 @@ fn read_entry(
     mode: Mode,
     stat: Stat,
     s: &mut Settings<'_>,
+    limit: Limit,
 ) -> Result<Looked> {
     let err = || format!("cannot read {}", show(path));
     if kind == Kind::Symlink {
@@ -296,7 +318,7 @@ fn read_entry(
         return Ok(Looked::Gone);
     };
     let size = st.st_size as u64;
-    if size > s.max_file_size {
+    if size > s.max_file_size && limit == Limit::Before {
         return Ok(Looked::Oversized(size));
     }
     let id = hash_stream(file, size, s.hash, path, s.observe.as_deref_mut()).with_context(err)?;
