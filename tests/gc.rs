@@ -474,3 +474,35 @@ fn dry_run_json_lists_what_the_text_listing_lists() {
     let bad = s.run(&["gc", "--json"]);
     assert_eq!(code(&bad), 2, "{}", text(&bad));
 }
+
+/// A temporary pack directory a killed gc left (nothing written in it for over an hour) goes
+/// at the next gc, packing on or off; one being written (fresh) stays.
+#[test]
+fn gc_removes_what_a_killed_gc_left_of_a_pack() {
+    let s = Scratch::new();
+    run_agent(&s, "- one task\n", "write.sh", &[]);
+    s.git(&["config", "gc.auto", "0"]);
+    let objects = s.work.join(".git/objects");
+    let (stale, fresh) = (objects.join("cohort-pack-killed"), objects.join("cohort-pack-busy"));
+    for d in [&stale, &fresh] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("stream.pack"), "PACK").unwrap();
+    }
+    for p in [stale.join("stream.pack"), stale.clone()] {
+        let status = std::process::Command::new("touch")
+            .args(["-h", "-d", "2 hours ago"])
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let out = s.run(&["gc"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(text(&out).contains("removed 1 temporary pack"), "{}", text(&out));
+    assert!(!stale.exists(), "the killed gc's directory is gone");
+    assert!(
+        fresh.join("stream.pack").is_file(),
+        "a directory written a moment ago stays"
+    );
+    s.fsck();
+}

@@ -138,6 +138,12 @@ pub fn run(args: Args) -> Result<u8> {
             human_bytes(p.freed)
         );
     }
+    if outcome.stale_pack_dirs > 0 {
+        println!(
+            "removed {} temporary pack director(ies) a killed gc left in .git/objects",
+            outcome.stale_pack_dirs
+        );
+    }
     if let Some(e) = &outcome.objects_error {
         eprintln!("warning: loose objects were not packed (nothing was lost; the next gc tries again): {e}");
     }

@@ -65,6 +65,39 @@ pub fn threshold(repo: &gix::Repository) -> Option<usize> {
     }
 }
 
+/// A temporary pack directory this old was left by a gc that was killed: no gc takes an hour
+/// to write one pack, and one still writing has touched its files more recently.
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the `cohort-pack-*` directories in `objects_dir` that nothing wrote for `age`
+/// (a killed gc's; their objects are still loose, since loose files go only after the pack
+/// is in place). Returns how many went.
+pub fn remove_stale_temps(objects_dir: &Path, age: std::time::Duration) -> Result<usize> {
+    let Ok(rd) = fs::read_dir(objects_dir) else {
+        return Ok(0);
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for e in rd.flatten() {
+        if !e.file_name().to_string_lossy().starts_with("cohort-pack-") {
+            continue;
+        }
+        // The newest write in it: a directory's own mtime moves only when entries come or go.
+        let newest = fs::read_dir(e.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| f.metadata().ok()?.modified().ok())
+            .chain(e.metadata().ok().and_then(|m| m.modified().ok()))
+            .max();
+        if newest.is_some_and(|t| now.duration_since(t).unwrap_or_default() >= age) {
+            super::safefs::remove_path(&e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// What packing did.
 #[derive(Debug, Clone)]
 pub struct Packed {
@@ -90,7 +123,8 @@ pub fn pack_loose(repo: &gix::Repository, at_least: usize) -> Result<Option<Pack
     let pack_dir = objects.join("pack");
     fs::create_dir_all(&pack_dir).with_context(|| format!("cannot create {}", pack_dir.display()))?;
     // Next to the pack directory, on the same file system (renames), where git keeps its own
-    // temporary object directories; removed when dropped, a crash's left for the next gc.
+    // temporary object directories; removed when dropped, a crash's by a later gc
+    // (`remove_stale_temps`).
     let tmp = tempfile::Builder::new()
         .prefix("cohort-pack-")
         .tempdir_in(&objects)

@@ -96,6 +96,8 @@ pub struct GcOutcome {
     pub objects: Option<git::loose::Packed>,
     /// Why packing loose objects did not happen: nothing was lost.
     pub objects_error: Option<String>,
+    /// Temporary pack directories a killed gc left, removed.
+    pub stale_pack_dirs: usize,
 }
 
 impl GcOutcome {
@@ -359,6 +361,11 @@ pub fn apply(paths: &RepoPaths, state: &State, plan: &GcPlan) -> Result<GcOutcom
     match refs_gc::pack(&repo, &left) {
         Ok(n) => out.packed = n,
         Err(e) => out.pack_error = Some(format!("{e:#}")),
+    }
+    // What a killed gc left of a pack it was writing goes whether or not this one packs.
+    match git::loose::remove_stale_temps(&paths.common_dir.join("objects"), git::loose::STALE_AFTER) {
+        Ok(n) => out.stale_pack_dirs = n,
+        Err(e) => out.objects_error = Some(format!("{e:#}")),
     }
     if let Some(at_least) = git::loose::threshold(&repo) {
         match git::loose::pack_loose(&repo, at_least) {
