@@ -110,14 +110,7 @@ pub fn collect(checkout: &Checkout, branch_ref: &str, base: Oid, limits: &Limits
     let base_tree = tree_of(&repo, base)?;
     let compared = {
         let mut observe = |path: &gix::bstr::BStr, chunk: &[u8]| scan.chunk(path, chunk);
-        let mut settings = status::Settings {
-            hash: repo.object_hash(),
-            stat: repo.stat_options()?,
-            file_mode: repo.config_snapshot().boolean("core.fileMode").unwrap_or(true),
-            excludes: excludes(&repo, &checkout.common_dir)?,
-            max_file_size: limits.max_file_size,
-            observe: Some(&mut observe),
-        };
+        let mut settings = compare_settings(&repo, checkout, limits, Some(&mut observe))?;
         stage::compare(&repo, &checkout.admin, &root, base_tree, &mut settings)?
     };
     for u in &compared.changes.upserts {
@@ -179,14 +172,7 @@ pub fn reclean(checkout: &Checkout, tree: Oid, limits: &Limits) -> Result<bool> 
     let root = checkout.root()?;
     let repo = checkout.open()?;
     let compared = {
-        let mut settings = status::Settings {
-            hash: repo.object_hash(),
-            stat: repo.stat_options()?,
-            file_mode: repo.config_snapshot().boolean("core.fileMode").unwrap_or(true),
-            excludes: excludes(&repo, &checkout.common_dir)?,
-            max_file_size: limits.max_file_size,
-            observe: None,
-        };
+        let mut settings = compare_settings(&repo, checkout, limits, None)?;
         stage::compare(&repo, &checkout.admin, &root, tree, &mut settings)?
     };
     if !compared.changes.is_empty() || !compared.changes.oversized.is_empty() {
@@ -237,6 +223,24 @@ fn take_commits(
         "imported the agent's commits"
     );
     Ok(())
+}
+
+/// How a checkout is compared with cohort's index of it: the repository's (the user's)
+/// settings, never the agent's, and the task's size limit.
+fn compare_settings<'a>(
+    repo: &gix::Repository,
+    checkout: &Checkout,
+    limits: &Limits,
+    observe: Option<&'a mut status::Observer<'a>>,
+) -> Result<status::Settings<'a>> {
+    Ok(status::Settings {
+        hash: repo.object_hash(),
+        stat: repo.stat_options()?,
+        file_mode: repo.config_snapshot().boolean("core.fileMode").unwrap_or(true),
+        excludes: excludes(repo, &checkout.common_dir)?,
+        max_file_size: limits.max_file_size,
+        observe,
+    })
 }
 
 /// The user's ignore patterns: the repository's `info/exclude` and `core.excludesFile`
