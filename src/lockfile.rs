@@ -38,3 +38,17 @@ fn try_lock_kind(file: &File, kind: i32, wait: bool) -> io::Result<bool> {
         Err(e) => Err(io::Error::from(e)),
     }
 }
+
+/// Opens (creating it) the lock file at `path` and takes its write lock without waiting: the
+/// open file holding the lock, or `None` when another holds it.
+pub(crate) fn try_lock_path(path: &std::path::Path) -> anyhow::Result<Option<File>> {
+    use anyhow::Context;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let held = try_lock(&file, false).with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(held.then_some(file))
+}

@@ -315,14 +315,7 @@ impl Pool {
             if st.held.contains_key(&slot) {
                 continue;
             }
-            let path = self.base.join(format!("{slot}.lock"));
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .with_context(|| format!("cannot open {}", path.display()))?;
-            if crate::lockfile::try_lock(&file, false).with_context(|| format!("cannot lock {}", path.display()))? {
+            if let Some(file) = crate::lockfile::try_lock_path(&self.base.join(format!("{slot}.lock")))? {
                 st.held.insert(slot, file);
                 return Ok(slot);
             }
@@ -466,15 +459,9 @@ pub fn kept_slots(cohort_dir: &Path, remove: bool) -> Result<Vec<KeptSlot>> {
             &[CHECKOUTS, ADMIN, GIT_DIRS]
         };
         let dirs: Vec<PathBuf> = kinds.iter().map(|d| base.join(d).join(&name)).collect();
-        let lock_path = base.join(format!("{name}.lock"));
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        let free =
-            crate::lockfile::try_lock(&lock, false).with_context(|| format!("cannot lock {}", lock_path.display()))?;
+        // Held until the end of this iteration: no run takes the slot while it is removed.
+        let lock = crate::lockfile::try_lock_path(&base.join(format!("{name}.lock")))?;
+        let free = lock.is_some();
         if free && remove {
             checkout::remove_tree(&dirs[0])?;
             for d in &dirs[1..] {

@@ -154,13 +154,7 @@ impl Seed {
 /// The lock of a kept pool's seed, if no other process holds it.
 fn take_lock(base: &Path) -> Option<std::fs::File> {
     std::fs::create_dir_all(base).ok()?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(base.join(format!("{SEED}.lock")))
-        .ok()?;
-    crate::lockfile::try_lock(&file, false).ok()?.then_some(file)
+    crate::lockfile::try_lock_path(&base.join(format!("{SEED}.lock"))).ok()?
 }
 
 /// A kept seed is ready if its clean mark names a tree and its index is the one recorded.
