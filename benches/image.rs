@@ -278,6 +278,8 @@ fn cohort_tasks(b: &Bench, runs: usize) -> (Vec<Duration>, Duration) {
                 gateway_socket: Some(socket.clone()),
                 role: Default::default(),
                 caches: Vec::new(),
+                tree: None,
+                scratch: None,
             };
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
             let start = Instant::now();

@@ -89,6 +89,9 @@ pub enum Command {
     /// Trust a cohort.toml's exact content, so its settings that run programs, choose where the
     /// key goes or widen the sandbox are honoured (like `direnv allow`); --list, --revoke.
     Trust(commands::trust::Args),
+    /// Take tasks from a controller (a `cohort run --listen` or `--host` elsewhere) and run
+    /// their agents here, until its run is over. The token comes from COHORT_WORKER_TOKEN.
+    Worker(commands::worker::Args),
     /// Inside a task container: carry a loopback port to the model gateway's unix socket.
     #[command(name = "__bridge", hide = true)]
     Bridge(commands::bridge::Args),
@@ -117,6 +120,12 @@ pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
         // A second service on one state directory: starting it again will not help.
         if let Some(crate::service::ServiceError::AlreadyServing { .. }) = cause.downcast_ref() {
             return 2;
+        }
+        if let Some(r) = cause.downcast_ref::<crate::remote::RemoteError>() {
+            use crate::remote::RemoteError as R;
+            if matches!(r, R::Usage(_) | R::Token(_) | R::Refused(_) | R::Listen { .. }) {
+                return 2;
+            }
         }
         if let Some(r) = cause.downcast_ref::<crate::git::remote::RemoteError>() {
             return r.exit_code();
@@ -180,6 +189,7 @@ pub fn main() -> ExitCode {
             Command::Doctor(a) => commands::doctor::run(a, cli.config.as_deref()).await,
             Command::Trust(a) => commands::trust::run(a),
             Command::Bridge(a) => commands::bridge::run(a).await,
+            Command::Worker(a) => commands::worker::run(a).await,
         }
     });
     match result {

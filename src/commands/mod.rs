@@ -18,6 +18,7 @@ pub mod service;
 pub mod status;
 pub mod submit;
 pub mod trust;
+pub mod worker;
 
 use anyhow::Result;
 

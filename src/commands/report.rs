@@ -61,6 +61,8 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
     let pushes = state.pushes(&row.id)?;
     // Every run of the verify command: on each task's commits, and on merge results.
     let verifies = state.verifies(&row.id, None)?;
+    // Where each task's agent ran last, with remote workers.
+    let placed = state.placements(&row.id)?;
     // The prompt template calibration revised, if it did.
     let calibration = state.calibration(&row.id)?;
     let cost = |t: &crate::run::state::AgentTotals| price.map(|p| p.cost(t.input, t.cached_input, t.output));
@@ -102,6 +104,7 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
                 });
                 let mine: Vec<_> = verifies.iter().filter(|r| r.idx == t.index).collect();
                 v["verifies"] = serde_json::to_value(&mine).unwrap_or_default();
+                v["worker"] = placed.get(&t.index).cloned().into();
                 v
             }).collect::<Vec<_>>(),
             "spend": spend,
@@ -132,6 +135,9 @@ pub fn run(args: Args, config_path: Option<&std::path::Path>) -> Result<u8> {
             t.files_changed.len(),
             t.attempts
         );
+        if let Some(w) = placed.get(&t.index) {
+            println!("    ran on worker {w}");
+        }
         if let Some(a) = totals.get(&t.index).filter(|a| a.input + a.output > 0) {
             let c = cost(a).map(|c| format!("  ~${c:.4}")).unwrap_or_default();
             println!(

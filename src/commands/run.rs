@@ -84,6 +84,15 @@ pub struct EngineFlags {
     /// costs one task, not all of them. Also [run] calibrate = true.
     #[arg(long)]
     pub calibrate: bool,
+    /// Serve workers on ADDR (e.g. 0.0.0.0:7443, TLS): agents and the verify command run on
+    /// workers (`cohort worker`, on podman hosts with --host or on Kubernetes with `cohort k8s
+    /// manifests`); the repository, the key and the merges stay here. The run's worker token
+    /// is written to its directory (worker-token, mode 0600), never shown.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// A worker silent this long loses its task, which goes back to the queue (default 30s).
+    #[arg(long, value_name = "DUR")]
+    pub worker_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -178,24 +187,14 @@ pub fn build_engine(
     // Looked for in what every task hands back (with token shapes, private keys, .env files),
     // and kept from every agent's environment.
     let scan_key = api_key(config).ok().flatten();
-    let runtime: Arc<dyn Runtime> = match select_runtime(flags, config, stored)? {
-        RuntimeKind::Host => Arc::new(HostRuntime::new(scan_key.iter().cloned().collect())?),
-        RuntimeKind::Podman => {
-            let settings = crate::commands::container::podman_settings(config)?;
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async {
-                    let podman = crate::runtime::podman::Podman::connect().await?;
-                    anyhow::Ok(crate::runtime::podman::PodmanRuntime::new(podman, settings).await?)
-                })
-            })
-            // Before anything changed (no socket, no image): a setup error, exit 2.
-            .map_err(|e| usage(format!("--runtime podman: {e:#}")))
-            .map(Arc::new)?
-        }
+    let remote = remote_runtime(&paths, flags)?;
+    let runtime: Arc<dyn Runtime> = match remote {
+        Some(r) => Arc::new(r),
+        None => local_runtime(flags, config, stored, &scan_key)?,
     };
-    // In a container, the container is the sandbox (codex's own one needs
-    // bubblewrap, which the image does not have).
-    let sandbox = if runtime.name() == "podman" {
+    // In a container (a task's, or a worker's), the container is the sandbox (codex's own
+    // one needs bubblewrap, which the image does not have).
+    let sandbox = if matches!(runtime.name(), "podman" | "remote") {
         "danger-full-access"
     } else {
         "workspace-write"
@@ -275,6 +274,54 @@ pub fn build_engine(
         // Found only by a caller that reaches origin (sync or push): see `git_access`.
         access: crate::git::remote::Access::default(),
         reviser: None,
+    })
+}
+
+/// The remote runtime when the run serves workers (`--listen`): its controller listens now,
+/// so that a port in use is a setup error before anything changed.
+fn remote_runtime(paths: &RepoPaths, flags: &EngineFlags) -> Result<Option<crate::remote::runtime::RemoteRuntime>> {
+    let Some(listen) = flags.listen else {
+        return Ok(None);
+    };
+    let worker_timeout = match &flags.worker_timeout {
+        Some(t) => parse_duration("--worker-timeout", t)?,
+        None => std::time::Duration::from_secs(30),
+    };
+    let settings = crate::remote::controller::ControllerSettings {
+        listen,
+        repo: paths.common_dir.clone(),
+        worker_timeout,
+        image_store: None,
+    };
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(crate::remote::runtime::RemoteRuntime::start(settings))
+    })
+    .map(Some)
+    .map_err(|e| usage(format!("--listen {listen}: {e:#}")))
+}
+
+/// The runtime for agents on this machine: `--runtime`, config, what the run stored, or
+/// what is found.
+fn local_runtime(
+    flags: &EngineFlags,
+    config: &Config,
+    stored: &serde_json::Value,
+    scan_key: &Option<Secret>,
+) -> Result<Arc<dyn Runtime>> {
+    Ok(match select_runtime(flags, config, stored)? {
+        RuntimeKind::Host => Arc::new(HostRuntime::new(scan_key.iter().cloned().collect())?),
+        RuntimeKind::Podman => {
+            let settings = crate::commands::container::podman_settings(config)?;
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let podman = crate::runtime::podman::Podman::connect().await?;
+                    anyhow::Ok(crate::runtime::podman::PodmanRuntime::new(podman, settings).await?)
+                })
+            })
+            // Before anything changed (no socket, no image): a setup error, exit 2.
+            .map_err(|e| usage(format!("--runtime podman: {e:#}")))
+            .map(Arc::new)?
+        }
     })
 }
 

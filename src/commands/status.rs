@@ -20,7 +20,7 @@ pub fn run(args: Args) -> Result<u8> {
     if args.json {
         // The newest (or named) run at the top level, and, without a RUN, every run: what
         // a service has done, newest first.
-        let mut out = run_json(&row, &tasks);
+        let mut out = run_json(&row, &tasks, &state.placements(&row.id)?);
         let (bytes, refs) = crate::run::gc::footprint(&paths)?;
         let kept = kept_checkouts_bytes(&paths);
         out["disk"] = serde_json::json!({
@@ -32,7 +32,8 @@ pub fn run(args: Args) -> Result<u8> {
             let mut runs = Vec::new();
             for r in state.runs()? {
                 let t = state.tasks(&r.id)?;
-                runs.push(run_json(&super::shown(&paths, r), &t));
+                let placed = state.placements(&r.id)?;
+                runs.push(run_json(&super::shown(&paths, r), &t, &placed));
             }
             out["runs"] = runs.into();
         }
@@ -43,8 +44,13 @@ pub fn run(args: Args) -> Result<u8> {
         "run {} ({}), service branch {}, started {}",
         row.id, row.status, row.service_branch, row.created_at
     );
+    // With remote workers, which one runs (or ran) each task.
+    let placed = state.placements(&row.id)?;
     for t in &tasks {
-        println!("  {:03}  {:<10} {}", t.index, t.status.as_str(), t.text);
+        match placed.get(&t.index) {
+            Some(w) => println!("  {:03}  {:<10} {}  [on {w}]", t.index, t.status.as_str(), t.text),
+            None => println!("  {:03}  {:<10} {}", t.index, t.status.as_str(), t.text),
+        }
     }
     if row.status == "stopped" {
         println!(
@@ -74,7 +80,7 @@ fn kept_checkouts_bytes(paths: &crate::git::RepoPaths) -> u64 {
     crate::run::gc::disk_usage(&paths.cohort_dir().join(crate::git::pool::KEPT_POOL))
 }
 
-fn run_json(row: &RunRow, tasks: &[TaskRow]) -> serde_json::Value {
+fn run_json(row: &RunRow, tasks: &[TaskRow], placed: &std::collections::BTreeMap<usize, String>) -> serde_json::Value {
     let counts: serde_json::Map<String, serde_json::Value> = TaskStatus::ALL
         .iter()
         .map(|s| {
@@ -93,6 +99,7 @@ fn run_json(row: &RunRow, tasks: &[TaskRow]) -> serde_json::Value {
         "counts": counts,
         "tasks": tasks.iter().map(|t| serde_json::json!({
             "index": t.index, "task": t.text, "status": t.status, "attempts": t.attempts,
+            "worker": placed.get(&t.index),
         })).collect::<Vec<_>>(),
     })
 }

@@ -134,6 +134,22 @@ impl Checkout {
         Ok(stats)
     }
 
+    /// The tree cohort's index of the checkout holds (what it last wrote or committed there),
+    /// if that index is still the one cohort wrote. Another place that runs the agent (a
+    /// remote worker) is sent the checkout as this tree.
+    pub fn tree(&self) -> Result<Option<Oid>> {
+        let index = match gix::index::File::at(
+            self.admin.join("index"),
+            gix::hash::Kind::Sha1,
+            false,
+            Default::default(),
+        ) {
+            Ok(i) => i,
+            Err(_) => return Ok(None),
+        };
+        Ok(stage::recorded_tree(&self.admin, &index))
+    }
+
     /// Says the checkout's files are no longer known to match its tree (a program cohort does
     /// not trust is about to run in it): the next [`Checkout::prepare`] writes it anew.
     pub fn mark_unclean(&self) -> Result<()> {

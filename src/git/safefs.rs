@@ -291,6 +291,13 @@ impl Dir {
         Ok((st.st_dev, st.st_ino))
     }
 
+    /// Another descriptor of the same directory.
+    pub fn try_clone(&self) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
     }

@@ -292,6 +292,7 @@ pub async fn execute(engine: Arc<Engine>, run_id: &str) -> Result<Summary> {
         }
     }
     engine.runtime.cleanup_run(run_id).await?;
+    engine.runtime.start_run(run_id, &dir.0).await?;
     let (run, rows) = {
         let st = engine.state()?;
         let run = st.run(Some(run_id))?.with_context(|| format!("no run {run_id}"))?;

@@ -46,6 +46,14 @@ impl<'a> Record<'a> {
             .event(self.run_id(), self.idx, self.attempt, "agent", data)
     }
 
+    /// The remote worker the attempt's agent runs on (`cohort status` shows it).
+    pub fn placed(&self, worker: &str) -> Result<()> {
+        self.s.progress.task_action(self.idx, &format!("on worker {worker}"));
+        let data = serde_json::json!({ "worker": worker }).to_string();
+        self.state()?
+            .event(self.run_id(), self.idx, self.attempt, "placed", &data)
+    }
+
     /// Stopped by Ctrl-C or SIGTERM before anything was committed: `resume` redoes it.
     pub fn interrupted(&self) -> Result<()> {
         self.state()?.atomically(|st| {

@@ -451,6 +451,17 @@ impl State {
         Ok(())
     }
 
+    /// Per task: the remote worker its latest agent ran on (kind `placed` events).
+    pub fn placements(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (idx, v) in self.events_of(run_id, "placed")? {
+            if let Some(w) = v["worker"].as_str() {
+                out.insert(idx, w.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Per task: the agent's thread id and summed token usage, from events.
     /// Tokens per task as the model gateway counted them (kind `gateway` events).
     pub fn gateway_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<usize, GatewayTotals>> {

@@ -357,6 +357,7 @@ pub(super) async fn agent(
     let t0 = std::time::Instant::now();
     // From here the agent may change anything in the checkout: its files are not vouched for
     // until cohort has committed them (a feedback round follows a verify that marked it clean).
+    let tree = checkout.tree()?;
     checkout.mark_unclean()?;
     let prompt_file = task.attempt_dir.join("prompt.txt");
     std::fs::write(&prompt_file, &task.prompt)?;
@@ -432,6 +433,8 @@ pub(super) async fn agent(
         gateway_socket: s.gateway.as_ref().and_then(|g| g.socket_path().map(Path::to_path_buf)),
         role: Default::default(),
         caches: Vec::new(),
+        tree,
+        scratch: Some(task.attempt_dir.clone()),
     };
     let runtime = e.runtime.clone();
     let cancel = e.cancel.child_token();
@@ -484,6 +487,10 @@ fn record_line(
     let (tag, text) = match line {
         Output::Stdout(t) => ("out", t),
         Output::Stderr(t) => ("err", t),
+        Output::Placed(worker) => {
+            rec.placed(worker)?;
+            ("on", worker)
+        }
     };
     writeln!(log, "{tag}| {text}")?;
     if let Output::Stdout(t) = line {

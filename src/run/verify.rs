@@ -131,6 +131,8 @@ pub(super) async fn verify(
         gateway_socket: None,
         role: Role::Verify,
         caches: lease.caches.clone(),
+        tree: Some(tree),
+        scratch: None,
     };
     let t0 = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -142,6 +144,7 @@ pub(super) async fn verify(
         let (tag, text) = match &line {
             Output::Stdout(t) => ("verify", t),
             Output::Stderr(t) => ("verify-err", t),
+            Output::Placed(w) => ("verify-on", w),
         };
         writeln!(log, "{tag}| {text}")?;
         tail.push(text);

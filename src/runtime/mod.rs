@@ -41,6 +41,12 @@ pub struct Spawn {
     /// Directories that persist between the tasks of a run and between runs (`[verify]
     /// caches`), each held by this spawn alone for its duration (see `run::caches`).
     pub caches: Vec<Cache>,
+    /// The tree the workdir holds (cohort's index of it), for a runtime that sends the
+    /// checkout elsewhere (remote workers); the others run in the workdir itself.
+    pub tree: Option<crate::git::Oid>,
+    /// The attempt's scratch directory (prompt, agent configuration, conversation), for a
+    /// runtime that must carry it to the agent and back.
+    pub scratch: Option<PathBuf>,
 }
 
 /// What a spawn runs, for container names and labels (`cohort.role`).
@@ -114,6 +120,8 @@ impl Exit {
 pub enum Output {
     Stdout(String),
     Stderr(String),
+    /// Where it runs (a remote worker's name), said once it is placed.
+    Placed(String),
 }
 
 #[async_trait::async_trait]
@@ -127,6 +135,11 @@ pub trait Runtime: Send + Sync {
     /// Removes what a run left behind in this runtime (e.g. the containers
     /// of a crashed process); called when a run (re)starts and ends.
     async fn cleanup_run(&self, _run_id: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Called once a run's tasks are about to start (after `cleanup_run`), with the run's
+    /// directory: a runtime that serves workers opens the run to them.
+    async fn start_run(&self, _run_id: &str, _dir: &std::path::Path) -> Result<()> {
         Ok(())
     }
     /// Runs the invocation to its end, sending its output line by line.

@@ -27,6 +27,8 @@ fn labels_from_the_spawn() {
         gateway_socket: None,
         role: Default::default(),
         caches: Vec::new(),
+        tree: None,
+        scratch: None,
     };
     let l = task_labels(&spawn);
     assert_eq!((l[LABEL_RUN].as_str(), l[LABEL_TASK].as_str()), ("r1", "003"));

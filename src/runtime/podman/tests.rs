@@ -447,6 +447,8 @@ async fn runtime_runs_one_container_per_spawn() {
         gateway_socket: None,
         role: Default::default(),
         caches: Vec::new(),
+        tree: None,
+        scratch: None,
         timeout,
     };
     let leftovers = |podman: Podman| async move { podman.list_containers(&[("cohort.run", "rt-test")]).await.unwrap() };
@@ -488,6 +490,7 @@ async fn runtime_runs_one_container_per_spawn() {
         match line {
             Output::Stdout(l) => out.push(l),
             Output::Stderr(l) => err.push(l),
+            Output::Placed(_) => {}
         }
     }
     assert_eq!(out, vec!["sk-runtime-0123456789", "HELLO", "/workspace/sub /workspace"]);
@@ -577,6 +580,8 @@ async fn runtime_rootless_keep_id() {
         gateway_socket: None,
         role: Default::default(),
         caches: Vec::new(),
+        tree: None,
+        scratch: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();
@@ -585,6 +590,7 @@ async fn runtime_rootless_keep_id() {
         lines.push(match l {
             Output::Stdout(s) => s,
             Output::Stderr(s) => format!("err: {s}"),
+            Output::Placed(w) => format!("on: {w}"),
         });
     }
     assert_eq!(exit, Exit::Code(0), "{lines:?}");

@@ -63,6 +63,7 @@ async fn run(rt: &PodmanRuntime, spawn: Spawn) -> (anyhow::Result<Exit>, Vec<Str
         lines.push(match l {
             Output::Stdout(s) => s,
             Output::Stderr(s) => format!("err: {s}"),
+            Output::Placed(w) => format!("on: {w}"),
         });
     }
     (exit, lines)
@@ -126,6 +127,8 @@ async fn caches_persist(mode: Mode) {
         gateway_socket: None,
         role: Role::Verify,
         caches,
+        tree: None,
+        scratch: None,
     };
 
     // The first writes into both caches (and makes a directory in each), seen from outside

@@ -45,6 +45,8 @@ async fn parallel_tasks_create_one_at_a_time_and_run_together() {
             gateway_socket: None,
             role: Default::default(),
             caches: Vec::new(),
+            tree: None,
+            scratch: None,
         };
         let rt = rt.clone();
         runs.spawn(async move {

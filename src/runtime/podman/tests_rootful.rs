@@ -112,6 +112,8 @@ async fn agent_writes_as_owner(idmap: bool) {
         gateway_socket: None,
         role: Default::default(),
         caches: Vec::new(),
+        tree: None,
+        scratch: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exit = rt.run(spawn, tx, CancellationToken::new()).await.unwrap();
@@ -120,6 +122,7 @@ async fn agent_writes_as_owner(idmap: bool) {
         lines.push(match l {
             Output::Stdout(s) => s,
             Output::Stderr(s) => format!("err: {s}"),
+            Output::Placed(w) => format!("on: {w}"),
         });
     }
     assert_eq!(exit, Exit::Code(0), "{lines:?}");

@@ -1,0 +1,198 @@
+//! The remote runtime: every spawn becomes a job for a worker. The controller keeps the
+//! repository, the state, the merges and the gateway; a worker gets the spawn's tree (only
+//! the difference from what its checkout holds), runs the command, and sends back what
+//! changed. Those changes are written into the task's checkout here, through the same
+//! no-follow code that writes any untrusted entry, and the ordinary collect phase then
+//! re-hashes and checks them like the work of a local agent, before anything touches a ref.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use super::controller::{Controller, ControllerSettings};
+use super::files;
+use super::protocol::{CacheSpec, Job};
+use super::queue::{Finished, Work};
+use crate::git::safefs::Dir;
+use crate::runtime::{CachePath, Exit, Output, Role, Runtime, Spawn, BRIDGE_ADDR};
+
+/// A scratch directory larger than this is not sent (it holds a prompt, the agent's
+/// configuration and its conversation: kilobytes).
+const SCRATCH_CAP: u64 = 64 << 20;
+
+pub struct RemoteRuntime {
+    controller: Controller,
+    /// The run being served and its directory.
+    run: std::sync::Mutex<Option<(String, PathBuf)>>,
+}
+
+impl RemoteRuntime {
+    pub async fn start(settings: ControllerSettings) -> Result<RemoteRuntime> {
+        Ok(RemoteRuntime {
+            controller: Controller::start(settings).await?,
+            run: std::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    fn job_of(spawn: &Spawn) -> Job {
+        let inv = &spawn.invocation;
+        let caches = spawn
+            .caches
+            .iter()
+            .map(|c| {
+                let (base, path) = match &c.at {
+                    CachePath::Workdir(p) => ("workdir", p),
+                    CachePath::Home(p) => ("home", p),
+                };
+                CacheSpec {
+                    name: c.volume.clone(),
+                    base: base.into(),
+                    path: path.display().to_string(),
+                }
+            })
+            .collect();
+        Job {
+            lease: String::new(),
+            run_id: spawn.run_id.clone(),
+            task: spawn.task,
+            role: spawn.role.as_str().into(),
+            tree: String::new(),
+            reset: false,
+            changes: Vec::new(),
+            scratch: Vec::new(),
+            program: inv.program.clone(),
+            args: inv.args.clone(),
+            env: inv.env.clone(),
+            secret_env: inv
+                .secret_env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string()))
+                .collect(),
+            stdin: inv
+                .stdin
+                .as_ref()
+                .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+            timeout_secs: spawn.timeout.map(|t| t.as_secs().max(1)),
+            caches,
+            gateway: spawn
+                .gateway_socket
+                .as_ref()
+                .map(|_| SocketAddr::from(BRIDGE_ADDR).to_string()),
+            heartbeat_secs: 2,
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a blocking task panicked")?
+}
+
+#[async_trait::async_trait]
+impl Runtime for RemoteRuntime {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+
+    /// Agents reach the gateway at the worker's tunnel, which listens there; the worker puts
+    /// its own address in when it listens elsewhere.
+    fn gateway_addr(&self, _gateway: SocketAddr) -> SocketAddr {
+        SocketAddr::from(BRIDGE_ADDR)
+    }
+
+    async fn start_run(&self, run_id: &str, dir: &Path) -> Result<()> {
+        self.controller.open_run(run_id, dir)?;
+        *lock(&self.run) = Some((run_id.to_string(), dir.to_path_buf()));
+        Ok(())
+    }
+
+    async fn cleanup_run(&self, run_id: &str) -> Result<()> {
+        let ended = {
+            let mut run = lock(&self.run);
+            match run.as_ref() {
+                Some((id, _)) if id == run_id => run.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, dir)) = ended {
+            self.controller.close_run(Some(&dir));
+        }
+        Ok(())
+    }
+
+    async fn run(&self, spawn: Spawn, output: UnboundedSender<Output>, cancel: CancellationToken) -> Result<Exit> {
+        let Some(tree) = spawn.tree else {
+            bail!("the remote runtime needs to know the checkout's tree, and cohort's index of it is gone");
+        };
+        if let Some(socket) = &spawn.gateway_socket {
+            self.controller.set_gateway(socket);
+        }
+        let scratch = match spawn.scratch.clone() {
+            Some(dir) => {
+                let d = dir.clone();
+                let entries = blocking(move || files::read_all(&Dir::open(&d)?, SCRATCH_CAP)).await?;
+                Some((dir, entries))
+            }
+            None => None,
+        };
+        let mut job = Self::job_of(&spawn);
+        if let Some((_, entries)) = &scratch {
+            job.scratch = entries.clone();
+        }
+        let work = Work {
+            job,
+            tree,
+            workdir: spawn.workdir.display().to_string(),
+            scratch: scratch.as_ref().map(|(d, _)| d.display().to_string()),
+            output: output.clone(),
+            done: None,
+        };
+        let (id, finished) = self.controller.submit(work);
+        let finished = tokio::select! {
+            f = finished => f,
+            _ = cancel.cancelled() => {
+                self.controller.cancel(id);
+                return Ok(Exit::Cancelled);
+            }
+        };
+        let (worker, result, sent, received) = match finished {
+            Err(_) => bail!("the controller stopped before the job ended"),
+            Ok(Finished::Failed(why)) => bail!("{why}"),
+            Ok(Finished::Done {
+                worker,
+                result,
+                bytes_sent,
+                bytes_received,
+            }) => (worker, result, bytes_sent, bytes_received),
+        };
+        let _ = output.send(Output::Stderr(format!(
+            "cohort: worker {worker} ran it: {sent} bytes sent, {received} bytes received"
+        )));
+        if spawn.role == Role::Agent {
+            let (workdir, changes) = (spawn.workdir.clone(), result.changes);
+            blocking(move || {
+                files::apply(&Dir::open(&workdir)?, &changes)
+                    .with_context(|| format!("cannot write what worker {worker} sent into the checkout"))
+            })
+            .await?;
+            if let Some((dir, _)) = scratch {
+                let entries = result.scratch;
+                blocking(move || files::apply(&Dir::open(&dir)?, &entries)).await?;
+            }
+        }
+        Ok(result.exit.into())
+    }
+}

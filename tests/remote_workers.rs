@@ -1,0 +1,264 @@
+//! A controller (`cohort run --listen`) and workers (`cohort worker`) on loopback: tasks
+//! spread over the workers and merge once; a bad token and a lease the worker does not
+//! hold are refused; a worker that goes silent loses its task to another, and its late
+//! result is refused.
+
+mod support;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// `cohort run` serving workers on a free loopback port, in the background (the caller
+/// waits for it).
+#[allow(clippy::zombie_processes)]
+fn start_controller(s: &Scratch, tasks: usize, extra: &[&str]) -> (Child, PathBuf) {
+    let req = s.request("req.md", &tasks_doc(tasks));
+    let agent = agent("slow.sh");
+    let mut args = vec![
+        "run",
+        req.to_str().unwrap(),
+        "--agent",
+        "command",
+        "--agent-command",
+        agent.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(extra);
+    let log = std::fs::File::create(s.tmp.path().join("controller.log")).unwrap();
+    let mut child = s
+        .cohort()
+        .args(&args)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let runs = s.work.join(".git/cohort/runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = std::fs::read_dir(&runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("worker-token").exists() && p.join("controller.json").exists());
+        if let Some(dir) = found {
+            return (child, dir);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the controller never opened its run: {}", controller_log(s));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn controller_log(s: &Scratch) -> String {
+    std::fs::read_to_string(s.tmp.path().join("controller.log")).unwrap_or_default()
+}
+
+fn url_of(run_dir: &Path) -> String {
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("controller.json")).unwrap()).unwrap();
+    info["url"].as_str().unwrap().to_string()
+}
+
+fn token_of(run_dir: &Path) -> String {
+    std::fs::read_to_string(run_dir.join("worker-token")).unwrap()
+}
+
+fn start_worker(s: &Scratch, run_dir: &Path, name: &str, delay: &str) -> Child {
+    let log = std::fs::File::create(s.tmp.path().join(format!("worker-{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args([
+            "worker",
+            "--controller",
+            &url_of(run_dir),
+            "--name",
+            name,
+            "--tunnel",
+            "127.0.0.1:0",
+        ])
+        .arg("--dir")
+        .arg(s.tmp.path().join(format!("worker-{name}")))
+        .env("COHORT_WORKER_TOKEN", token_of(run_dir))
+        .env("COHORT_TEST_DELAY", delay)
+        .env("COHORT_LOG", "warn")
+        .env_remove("OPENAI_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn worker_log(s: &Scratch, name: &str) -> String {
+    std::fs::read_to_string(s.tmp.path().join(format!("worker-{name}.log"))).unwrap_or_default()
+}
+
+fn wait(child: &mut Child, limit: Duration, what: &str) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not end in {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tasks_spread_over_three_workers_and_merge_once() {
+    let s = Scratch::new();
+    let (mut controller, run_dir) = start_controller(&s, 9, &["-j", "3"]);
+    let mut workers: Vec<Child> = ["a", "b", "c"]
+        .iter()
+        .map(|n| start_worker(&s, &run_dir, n, "1"))
+        .collect();
+    let code = wait(&mut controller, Duration::from_secs(120), "the run");
+    assert_eq!(code, 0, "{}", controller_log(&s));
+    for (w, name) in workers.iter_mut().zip(["a", "b", "c"]) {
+        // Told the run is over, each worker ends with 0.
+        assert_eq!(
+            wait(w, Duration::from_secs(30), "a worker"),
+            0,
+            "{}",
+            worker_log(&s, name)
+        );
+    }
+    let mut merged = s.merged_tasks("cohort/service");
+    merged.sort();
+    assert_eq!(merged.len(), 9, "{merged:?}");
+    merged.dedup();
+    assert_eq!(merged.len(), 9);
+    let files = s.git(&["ls-tree", "--name-only", "cohort/service"]);
+    for i in 1..=9 {
+        assert!(files.contains(&format!("task-{i:03}.txt")), "task {i} missing: {files}");
+    }
+    s.fsck();
+    // Every task says where it ran, and all three workers had work.
+    let status = s.status_json();
+    let placed: std::collections::BTreeSet<String> = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["worker"].as_str().expect("a worker per task").to_string())
+        .collect();
+    assert_eq!(placed.len(), 3, "{status}");
+    // The token is gone with the run, and the user's checkout was never written.
+    assert!(!run_dir.join("worker-token").exists());
+    assert!(!s.work.join("task-001.txt").exists());
+    let log = std::fs::read_to_string(run_dir.join("logs/001.log")).unwrap();
+    assert!(log.contains("bytes sent"), "{log}");
+}
+
+#[test]
+fn a_bad_token_and_a_lease_the_worker_does_not_hold_are_refused() {
+    let s = Scratch::new();
+    let (mut controller, run_dir) = start_controller(&s, 1, &[]);
+    let url = url_of(&run_dir);
+    let good = token_of(&run_dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use cohort::remote::client::Client;
+        use cohort::remote::token::WorkerToken;
+        let token = WorkerToken::parse(&good).unwrap();
+        // The right certificate, the wrong secret.
+        let forged = WorkerToken::generate(&token.fingerprint);
+        let client = Client::new(&url, forged).unwrap();
+        let (status, body) = client
+            .post("/v1/lease", b"{}".to_vec(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(status.as_u16(), 401, "{body:?}");
+        // A token for another controller's certificate: the TLS handshake fails.
+        let other = Client::new(&url, WorkerToken::generate(&"0".repeat(64))).unwrap();
+        assert!(other
+            .post("/v1/lease", b"{}".to_vec(), Duration::from_secs(10))
+            .await
+            .is_err());
+        // The run's own token, for a lease it was never given.
+        let client = Client::new(&url, token).unwrap();
+        let result = serde_json::json!({"exit": {"code": 0}, "changes": [{"path": "task-001.txt",
+            "kind": {"file": {"data": "cHduZWQK", "executable": false}}}], "scratch": []});
+        let output = serde_json::json!({"lines": [{"err": false, "text": "forged"}]});
+        for (what, body) in [("result", &result), ("output", &output), ("heartbeat", &output)] {
+            let (status, _) = client
+                .post(
+                    &format!("/v1/leases/{}/{what}", "ab".repeat(16)),
+                    body.to_string().into_bytes(),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status.as_u16(), 409, "{what}");
+        }
+    });
+    // The task is still there for a real worker, which finishes the run.
+    let mut w = start_worker(&s, &run_dir, "real", "0");
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(60), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
+    assert_eq!(wait(&mut w, Duration::from_secs(30), "the worker"), 0);
+    let content = s.git(&["show", "cohort/service:task-001.txt"]);
+    assert_eq!(content.trim(), "task number 1");
+}
+
+#[test]
+fn a_silent_worker_loses_its_task_and_its_late_result_is_refused() {
+    let s = Scratch::new();
+    let (mut controller, run_dir) = start_controller(&s, 1, &["--worker-timeout", "3s"]);
+    let mut a = start_worker(&s, &run_dir, "a", "6");
+    let log = run_dir.join("logs/001.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("on| a") {
+        assert!(Instant::now() < deadline, "worker a never took the task");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Worker a stops answering (its agent goes on); b is there to take the task over.
+    let pid = nix::unistd::Pid::from_raw(a.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut b = start_worker(&s, &run_dir, "b", "3");
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("on| b") {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "worker b never took the task over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Back while b works: whatever a sends for its old lease is refused.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(60), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
+    assert_eq!(wait(&mut b, Duration::from_secs(30), "worker b"), 0);
+    assert_eq!(
+        wait(&mut a, Duration::from_secs(30), "worker a"),
+        0,
+        "{}",
+        worker_log(&s, "a")
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("worker a went silent"), "{text}");
+    assert!(text.contains("on| b"), "{text}");
+    assert_eq!(s.merged_tasks("cohort/service").len(), 1);
+    let status = s.status_json();
+    assert_eq!(status["tasks"][0]["worker"], "b");
+    assert_eq!(status["tasks"][0]["status"], "merged");
+    // Worker a learnt its lease was gone and sent nothing (or had it refused).
+    let a_log = worker_log(&s, "a");
+    assert!(a_log.contains("lease was lost"), "{a_log}");
+    s.fsck();
+}
