@@ -14,22 +14,19 @@ use support::*;
 /// waits for it).
 #[allow(clippy::zombie_processes)]
 fn start_controller(s: &Scratch, tasks: usize, extra: &[&str]) -> (Child, PathBuf) {
-    let req = s.request("req.md", &tasks_doc(tasks));
     let agent = agent("slow.sh");
-    let mut args = vec![
-        "run",
-        req.to_str().unwrap(),
-        "--agent",
-        "command",
-        "--agent-command",
-        agent.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
+    let mut args = vec!["--agent", "command", "--agent-command", agent.as_str()];
+    args.extend(extra);
+    start_controller_with(s, s.cohort(), &tasks_doc(tasks), &args)
+}
+
+#[allow(clippy::zombie_processes)]
+fn start_controller_with(s: &Scratch, mut cohort: Command, doc: &str, extra: &[&str]) -> (Child, PathBuf) {
+    let req = s.request("req.md", doc);
+    let mut args = vec!["run", req.to_str().unwrap(), "--listen", "127.0.0.1:0"];
     args.extend(extra);
     let log = std::fs::File::create(s.tmp.path().join("controller.log")).unwrap();
-    let mut child = s
-        .cohort()
+    let mut child = cohort
         .args(&args)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -85,8 +82,11 @@ fn start_worker(s: &Scratch, run_dir: &Path, name: &str, delay: &str) -> Child {
         .arg("--dir")
         .arg(s.tmp.path().join(format!("worker-{name}")))
         .env("COHORT_WORKER_TOKEN", token_of(run_dir))
+        // A worker's own home, as in its container: not this machine's login profile, which
+        // agents' `bash -l` would run.
+        .env("HOME", s.tmp.path().join(format!("home-{name}")))
         .env("COHORT_TEST_DELAY", delay)
-        .env("COHORT_LOG", "warn")
+        .env("COHORT_LOG", "info")
         .env_remove("OPENAI_API_KEY")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -260,5 +260,90 @@ fn a_silent_worker_loses_its_task_and_its_late_result_is_refused() {
     // Worker a learnt its lease was gone and sent nothing (or had it refused).
     let a_log = worker_log(&s, "a");
     assert!(a_log.contains("lease was lost"), "{a_log}");
+    s.fsck();
+}
+
+#[test]
+fn the_verify_command_and_its_feedback_rounds_run_on_workers() {
+    let s = Scratch::new();
+    let (a, v) = (agent("fix-on-feedback.sh"), fixture("verify/values-ok.sh"));
+    let v = v.to_str().unwrap();
+    let args = ["--agent", "command", "--agent-command", a.as_str(), "--verify", v, "-j", "2"];
+    let (mut controller, run_dir) = start_controller_with(&s, s.cohort(), &tasks_doc(2), &args);
+    let mut workers: Vec<Child> = ["a", "b"].iter().map(|n| start_worker(&s, &run_dir, n, "0")).collect();
+    assert_eq!(wait(&mut controller, Duration::from_secs(120), "the run"), 0, "{}", controller_log(&s));
+    for w in &mut workers {
+        assert_eq!(wait(w, Duration::from_secs(30), "a worker"), 0);
+    }
+    let report = s.status_json();
+    for t in report["tasks"].as_array().unwrap() {
+        assert_eq!(t["status"], "merged", "{t}");
+        assert_eq!(t["attempts"], 1, "fixed within the attempt: {t}");
+        let verifies = t["verifies"].as_array().unwrap();
+        assert!(verifies.len() >= 2, "{verifies:?}");
+        assert_eq!(verifies[0]["passed"], false);
+    }
+    for i in 1..=2 {
+        assert_eq!(s.git(&["show", &format!("cohort/service:value-{i:03}.txt")]), "ok\n");
+        let log = std::fs::read_to_string(run_dir.join(format!("logs/{i:03}.log"))).unwrap();
+        // The agent's rounds and the verify command all ran on workers.
+        assert!(log.contains("verify-on| "), "{log}");
+        assert!(log.contains("fixed after the feedback"), "{log}");
+    }
+    s.fsck();
+}
+
+#[test]
+fn codex_on_workers_reaches_the_model_only_through_the_controllers_gateway() {
+    use cohort_standin::{Options, Standin};
+    const KEY: &str = "sk-cohort-remote-test-5d41402abc4b2a76b9719d911017c592";
+    let standin = Standin::start(Options::default()).unwrap();
+    let s = Scratch::new();
+    let wrapper = s.tmp.path().join("codex-recording-env.sh");
+    let envs = s.tmp.path().join("envs");
+    std::fs::create_dir_all(&envs).unwrap();
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nenv > {}/$$.env\nexec {} \"$@\"\n", envs.display(), codex()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = s.tmp.path().join("cohort.toml");
+    std::fs::write(
+        &cfg,
+        format!("[agent]\nkind = \"codex\"\nmodel = \"gpt-5-codex\"\ncodex_path = {wrapper:?}\n"),
+    )
+    .unwrap();
+    let mut cohort = s.cohort();
+    cohort.env("OPENAI_API_KEY", KEY).args(["--config", cfg.to_str().unwrap()]);
+    let base = standin.base_url();
+    let args = ["-j", "2", "--base-url", base.as_str()];
+    let (mut controller, run_dir) =
+        start_controller_with(&s, cohort, "- add a greeting file\n- add a farewell file\n", &args);
+    let mut workers: Vec<Child> = ["a", "b"].iter().map(|n| start_worker(&s, &run_dir, n, "0")).collect();
+    assert_eq!(wait(&mut controller, Duration::from_secs(180), "the run"), 0, "{}", controller_log(&s));
+    for w in &mut workers {
+        assert_eq!(wait(w, Duration::from_secs(30), "a worker"), 0);
+    }
+    let report = s.status_json();
+    for t in report["tasks"].as_array().unwrap() {
+        let log = std::fs::read_to_string(run_dir.join(format!("logs/{:03}.log", t["index"].as_u64().unwrap()))).unwrap();
+        assert_eq!(t["status"], "merged", "{t}\n{log}\n{}", worker_log(&s, "a") + &worker_log(&s, "b"));
+        // The controller's gateway metered every request: they came through a worker's tunnel.
+        assert!(t["gateway"]["requests"].as_u64().unwrap() > 0, "{t}");
+        assert!(t["worker"].as_str().is_some(), "{t}");
+    }
+    // codex got a task token and the worker's tunnel, never the key.
+    let seen: Vec<String> = files_under(&envs).iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    assert_eq!(seen.len(), 2);
+    for env in &seen {
+        assert!(!env.contains(KEY), "the key reached an agent");
+        assert!(!env.contains("COHORT_WORKER_TOKEN"), "the worker token reached an agent");
+        assert!(env.contains("OPENAI_BASE_URL=http://127.0.0.1:"), "{env}");
+    }
+    for name in ["a", "b"] {
+        assert!(!worker_log(&s, name).contains(KEY));
+    }
     s.fsck();
 }

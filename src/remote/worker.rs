@@ -142,6 +142,8 @@ async fn run_job(
     job: Job,
     cancel: &CancellationToken,
 ) -> Result<Slot> {
+    let mut job = job;
+    patch_scratch(&mut job, tunnel);
     let job = Arc::new(job);
     let (slot, scratch_dir) = {
         let (job, scratch) = (job.clone(), scratch.to_path_buf());
@@ -173,6 +175,13 @@ async fn run_job(
     })
     .await?;
     let changes = changes?;
+    tracing::info!(
+        task = job.task,
+        role = job.role,
+        exit = ?exit,
+        changed = ?changes.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+        "job done"
+    );
     if lost.load(Ordering::Relaxed) {
         tracing::warn!(task = job.task, "the lease was lost; the result is not sent");
         return Ok(slot);
@@ -198,6 +207,24 @@ async fn run_job(
         );
     }
     Ok(slot)
+}
+
+/// The agent's configuration in the scratch directory (codex's config.toml) names the
+/// gateway at the address the controller chose; this worker's tunnel may listen elsewhere.
+fn patch_scratch(job: &mut Job, tunnel: SocketAddr) {
+    let ours = tunnel.to_string();
+    let Some(named) = job.gateway.clone().filter(|n| *n != ours) else {
+        return;
+    };
+    for e in &mut job.scratch {
+        let Ok(Some(data)) = e.data() else { continue };
+        if let Ok(text) = String::from_utf8(data) {
+            if text.contains(&named) {
+                let executable = matches!(e.kind, super::protocol::EntryKind::File { executable: true, .. });
+                *e = super::protocol::Entry::file(e.path.clone(), text.replace(&named, &ours).as_bytes(), executable);
+            }
+        }
+    }
 }
 
 fn spawn_of(job: &Job, workdir: PathBuf, settings: &WorkerSettings, tunnel: SocketAddr) -> Result<Spawn> {
