@@ -117,6 +117,7 @@ fn wait(child: &mut Child, limit: Duration, what: &str) -> i32 {
 fn tasks_spread_over_three_workers_and_merge_once() {
     let s = Scratch::new();
     let (mut controller, run_dir) = start_controller(&s, 9, &["-j", "3"]);
+    let token = token_of(&run_dir);
     let mut workers: Vec<Child> = ["a", "b", "c"]
         .iter()
         .map(|n| start_worker(&s, &run_dir, n, "1"))
@@ -156,6 +157,17 @@ fn tasks_spread_over_three_workers_and_merge_once() {
     assert!(!s.work.join("task-001.txt").exists());
     let log = std::fs::read_to_string(run_dir.join("logs/001.log")).unwrap();
     assert!(log.contains("bytes sent"), "{log}");
+    // The worker token is in no log, no state, no checkout and no commit.
+    let secret = token.trim().rsplit('.').next().unwrap();
+    for f in files_under(s.tmp.path()) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the token is in {}",
+            f.display()
+        );
+    }
+    assert!(!s.git(&["log", "-p", "--all"]).contains(secret));
 }
 
 #[test]
@@ -268,10 +280,24 @@ fn the_verify_command_and_its_feedback_rounds_run_on_workers() {
     let s = Scratch::new();
     let (a, v) = (agent("fix-on-feedback.sh"), fixture("verify/values-ok.sh"));
     let v = v.to_str().unwrap();
-    let args = ["--agent", "command", "--agent-command", a.as_str(), "--verify", v, "-j", "2"];
+    let args = [
+        "--agent",
+        "command",
+        "--agent-command",
+        a.as_str(),
+        "--verify",
+        v,
+        "-j",
+        "2",
+    ];
     let (mut controller, run_dir) = start_controller_with(&s, s.cohort(), &tasks_doc(2), &args);
     let mut workers: Vec<Child> = ["a", "b"].iter().map(|n| start_worker(&s, &run_dir, n, "0")).collect();
-    assert_eq!(wait(&mut controller, Duration::from_secs(120), "the run"), 0, "{}", controller_log(&s));
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(120), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
     for w in &mut workers {
         assert_eq!(wait(w, Duration::from_secs(30), "a worker"), 0);
     }
@@ -316,34 +342,95 @@ fn codex_on_workers_reaches_the_model_only_through_the_controllers_gateway() {
     )
     .unwrap();
     let mut cohort = s.cohort();
-    cohort.env("OPENAI_API_KEY", KEY).args(["--config", cfg.to_str().unwrap()]);
+    cohort
+        .env("OPENAI_API_KEY", KEY)
+        .args(["--config", cfg.to_str().unwrap()]);
     let base = standin.base_url();
     let args = ["-j", "2", "--base-url", base.as_str()];
     let (mut controller, run_dir) =
         start_controller_with(&s, cohort, "- add a greeting file\n- add a farewell file\n", &args);
     let mut workers: Vec<Child> = ["a", "b"].iter().map(|n| start_worker(&s, &run_dir, n, "0")).collect();
-    assert_eq!(wait(&mut controller, Duration::from_secs(180), "the run"), 0, "{}", controller_log(&s));
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(180), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
     for w in &mut workers {
         assert_eq!(wait(w, Duration::from_secs(30), "a worker"), 0);
     }
     let report = s.status_json();
     for t in report["tasks"].as_array().unwrap() {
-        let log = std::fs::read_to_string(run_dir.join(format!("logs/{:03}.log", t["index"].as_u64().unwrap()))).unwrap();
-        assert_eq!(t["status"], "merged", "{t}\n{log}\n{}", worker_log(&s, "a") + &worker_log(&s, "b"));
+        let log =
+            std::fs::read_to_string(run_dir.join(format!("logs/{:03}.log", t["index"].as_u64().unwrap()))).unwrap();
+        assert_eq!(
+            t["status"],
+            "merged",
+            "{t}\n{log}\n{}",
+            worker_log(&s, "a") + &worker_log(&s, "b")
+        );
         // The controller's gateway metered every request: they came through a worker's tunnel.
         assert!(t["gateway"]["requests"].as_u64().unwrap() > 0, "{t}");
         assert!(t["worker"].as_str().is_some(), "{t}");
     }
     // codex got a task token and the worker's tunnel, never the key.
-    let seen: Vec<String> = files_under(&envs).iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    let seen: Vec<String> = files_under(&envs)
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
     assert_eq!(seen.len(), 2);
     for env in &seen {
         assert!(!env.contains(KEY), "the key reached an agent");
-        assert!(!env.contains("COHORT_WORKER_TOKEN"), "the worker token reached an agent");
+        assert!(
+            !env.contains("COHORT_WORKER_TOKEN"),
+            "the worker token reached an agent"
+        );
         assert!(env.contains("OPENAI_BASE_URL=http://127.0.0.1:"), "{env}");
     }
     for name in ["a", "b"] {
         assert!(!worker_log(&s, name).contains(KEY));
     }
     s.fsck();
+}
+
+/// "worker w ran it: N bytes sent, M bytes received" lines of a task's log.
+fn bytes_of(run_dir: &Path, task: usize) -> Vec<(u64, u64)> {
+    let log = std::fs::read_to_string(run_dir.join(format!("logs/{task:03}.log"))).unwrap();
+    log.lines()
+        .filter_map(|l| l.split(" ran it: ").nth(1))
+        .map(|rest| {
+            let n: Vec<u64> = rest.split(' ').filter_map(|w| w.parse().ok()).collect();
+            (n[0], n[1])
+        })
+        .collect()
+}
+
+#[test]
+fn a_warm_worker_is_sent_only_what_changed_since_its_last_job() {
+    let s = Scratch::new();
+    // 300 files of 1 KiB: a cold worker is sent all of them.
+    for i in 0..300 {
+        s.write(&format!("src/m{}/f{i}.txt", i % 10), &format!("{i:04}").repeat(256));
+    }
+    s.git(&["add", "."]);
+    s.git(&["commit", "-qm", "a bigger tree"]);
+    s.git(&["push", "-q", "origin", "main"]);
+    let (mut controller, run_dir) = start_controller(&s, 3, &["-j", "1"]);
+    let mut w = start_worker(&s, &run_dir, "only", "0");
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(120), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
+    assert_eq!(wait(&mut w, Duration::from_secs(30), "the worker"), 0);
+    assert_eq!(s.merged_tasks("cohort/service").len(), 3);
+    let first = bytes_of(&run_dir, 1)[0];
+    assert!(first.0 > 300 * 1024, "a cold worker gets the whole tree: {first:?}");
+    for task in [2, 3] {
+        let (sent, received) = bytes_of(&run_dir, task)[0];
+        // The previous task's merged file and the dirty path, plus the job's own fields.
+        assert!(sent < 4 * 1024, "task {task}: {sent} bytes sent to a warm worker");
+        assert!(received < 2 * 1024, "task {task}: {received} bytes received");
+    }
 }
