@@ -434,3 +434,59 @@ fn a_warm_worker_is_sent_only_what_changed_since_its_last_job() {
         assert!(received < 2 * 1024, "task {task}: {received} bytes received");
     }
 }
+
+#[test]
+fn a_hostile_worker_cannot_write_outside_the_tasks_checkout() {
+    let s = Scratch::new();
+    let outside = s.tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let (mut controller, run_dir) = start_controller(&s, 1, &[]);
+    let url = url_of(&run_dir);
+    let token = cohort::remote::token::WorkerToken::parse(&token_of(&run_dir)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = cohort::remote::client::Client::new(&url, token).unwrap();
+        let ask = serde_json::json!({"worker": "evil", "slot": {"tree": null, "dirty": []},
+            "checkout_path": "/nowhere/checkout", "scratch_path": "/nowhere/scratch"});
+        let (status, body) = client
+            .post("/v1/lease", ask.to_string().into_bytes(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(status.as_u16(), 200);
+        let job: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let lease = job["lease"].as_str().unwrap();
+        // The job names the worker's paths, never the controller's.
+        assert!(!String::from_utf8_lossy(&body).contains(s.work.to_str().unwrap()));
+        let path = format!("/v1/leases/{lease}/result");
+        let post = |changes: serde_json::Value| {
+            let result = serde_json::json!({"exit": {"code": 0}, "changes": changes, "scratch": []});
+            client.post(&path, result.to_string().into_bytes(), Duration::from_secs(30))
+        };
+        let file =
+            |p: &str| serde_json::json!({"path": p, "kind": {"file": {"data": "cHduZWQK", "executable": false}}});
+        for bad in ["../escape.txt", ".git/hooks/post-commit", "/etc/cron.d/x", "a/../../x"] {
+            let (status, _) = post(serde_json::json!([file(bad)])).await.unwrap();
+            assert_eq!(status.as_u16(), 400, "{bad}");
+        }
+        // Plain paths, but through a symlink the result itself makes: never followed.
+        let link = serde_json::json!({"path": "a", "kind": {"symlink": {"target": outside.to_str().unwrap()}}});
+        let (status, _) = post(serde_json::json!([link, file("a/pwned.txt")])).await.unwrap();
+        assert_eq!(status.as_u16(), 200);
+    });
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(60), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "something was written outside"
+    );
+    // The symlink in the way of a directory was replaced by one, inside the checkout; what
+    // was merged went through the ordinary collect.
+    let tree = s.git(&["ls-tree", "-r", "cohort/service"]);
+    assert!(tree.contains("100644 blob") && tree.contains("\ta/pwned.txt"), "{tree}");
+    assert!(!tree.contains("120000"), "{tree}");
+    s.fsck();
+}

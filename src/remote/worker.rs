@@ -159,7 +159,16 @@ async fn run_job(
         })
         .await??
     };
-    let spawn = spawn_of(&job, slot.path().to_path_buf(), settings, tunnel)?;
+    let mut spawn = spawn_of(&job, slot.path().to_path_buf(), settings, tunnel)?;
+    // Each job gets a home of its own, emptied before it: a worker's
+    // container serves task after task, and what one agent leaves in its home (a shell
+    // profile, a git config) must not run in the next one's.
+    if !spawn.invocation.env.iter().any(|(k, _)| k == "HOME") {
+        let home = settings.dir.join("home");
+        crate::git::safefs::remove_path(&home)?;
+        std::fs::create_dir_all(&home)?;
+        spawn.invocation.env.push(("HOME".into(), home.display().to_string()));
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let lost = Arc::new(AtomicBool::new(false));
     let stop = cancel.child_token();
