@@ -237,7 +237,7 @@ fn three_hosts_answer_over_their_urls() {
 }
 
 #[test]
-fn host_network_container_reaches_its_controller_only() {
+fn containers_reach_their_controller_only() {
     let hosts = SimHost::start_many(2, |_| false);
     let (one, two) = (&hosts[0], &hosts[1]);
     let scratch = tempfile::tempdir().unwrap();
@@ -248,50 +248,56 @@ fn host_network_container_reaches_its_controller_only() {
     let port = controller.local_addr().unwrap().port();
     let other = TcpListener::bind((two.controller_ip(), 0)).unwrap();
     other.set_nonblocking(true).unwrap();
-    let accepted = std::thread::spawn(move || {
-        let (conn, peer) = controller.accept().unwrap();
-        let mut line = String::new();
-        BufReader::new(conn).read_line(&mut line).unwrap();
-        (peer.ip(), line)
-    });
 
-    // Started by host 1's service (through its URL), in host 1's network.
-    // `timeout`: a probe that does connect would wait for data (and exit 143, not 1).
-    let script = format!(
-        "echo hello-from-host-1 | /bin/busybox nc -w 5 {c1} {port} && echo sent; \
-         /bin/busybox timeout 5 /bin/busybox nc {h2} {PODMAN_PORT} </dev/null; echo host2=$?; \
-         /bin/busybox timeout 5 /bin/busybox nc {c2} {p2} </dev/null; echo controller2=$?",
-        c1 = one.controller_ip(),
-        h2 = two.ip(),
-        c2 = two.controller_ip(),
-        p2 = other.local_addr().unwrap().port(),
-    );
-    let out = remote(
-        one,
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "host",
-            image,
-            "/bin/busybox",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stdout.contains("sent\n"), "{}", text(&out));
-    let (peer, line) = accepted.join().unwrap();
-    assert_eq!(line.trim(), "hello-from-host-1");
-    assert_eq!(peer, one.ip(), "the connection comes from host 1's address");
-    // Host 2 (its podman, its controller address) is out of reach: there is no route.
-    assert!(stdout.contains("host2=1\n"), "{}", text(&out));
-    assert!(stdout.contains("controller2=1\n"), "{}", text(&out));
-    assert_eq!(stderr.matches("Network is unreachable").count(), 2, "{}", text(&out));
-    assert!(other.accept().is_err(), "nothing reached host 2's controller address");
+    // `--network host`: the host's own network; the default (podman's bridge inside the
+    // namespace): masqueraded to the host's address. Either way only the controller is there.
+    for network in ["host", "bridge"] {
+        let controller = controller.try_clone().unwrap();
+        let accepted = std::thread::spawn(move || {
+            let (conn, peer) = controller.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(conn).read_line(&mut line).unwrap();
+            (peer.ip(), line)
+        });
+        // Started by host 1's service, through its URL. `timeout`: a probe that did connect
+        // would wait for data (and exit 143, not 1).
+        let script = format!(
+            "echo hello-from-host-1 | /bin/busybox nc -w 5 {c1} {port} && echo sent; \
+             /bin/busybox timeout 5 /bin/busybox nc {h2} {PODMAN_PORT} </dev/null; echo host2=$?; \
+             /bin/busybox timeout 5 /bin/busybox nc {c2} {p2} </dev/null; echo controller2=$?",
+            c1 = one.controller_ip(),
+            h2 = two.ip(),
+            c2 = two.controller_ip(),
+            p2 = other.local_addr().unwrap().port(),
+        );
+        let out = remote(
+            one,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                network,
+                image,
+                "/bin/busybox",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        let what = format!("--network {network}: {}", text(&out));
+        assert!(out.status.success(), "{what}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stdout.contains("sent\n"), "{what}");
+        let (peer, line) = accepted.join().unwrap();
+        assert_eq!(line.trim(), "hello-from-host-1");
+        assert_eq!(peer, one.ip(), "the connection comes from host 1's address");
+        // Host 2 (its podman, its controller address) is out of reach: there is no route.
+        assert!(stdout.contains("host2=1\n"), "{what}");
+        assert!(stdout.contains("controller2=1\n"), "{what}");
+        assert_eq!(stderr.matches("Network is unreachable").count(), 2, "{what}");
+        assert!(other.accept().is_err(), "nothing reached host 2's controller address");
+    }
     // Meanwhile host 2's service still answers the root namespace.
     assert!(two.answers());
 }
@@ -324,6 +330,13 @@ fn a_killed_host_leaves_nothing_and_drop_removes_it() {
     }
     // The service, two conmons and two containers at least.
     assert!(before.len() >= 5, "{before:?}");
+    let started: Vec<String> = host
+        .events()
+        .iter()
+        .filter(|e| e["Type"] == "container" && e["Status"] == "start")
+        .filter_map(|e| e["ID"].as_str().map(String::from))
+        .collect();
+    assert_eq!(started, [id.trim(), isolated.trim()]);
 
     host.kill();
     assert!(!host.answers());

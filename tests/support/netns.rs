@@ -155,6 +155,13 @@ impl SimHost {
         ip(&["-n", &host.name, "addr", "add", &format!("{ns_ip}/30"), "dev", "eth0"]);
         ip(&["-n", &host.name, "link", "set", "eth0", "up"]);
         ip(&["-n", &host.name, "link", "set", "lo", "up"]);
+        // The namespace routes for a bridged container: each probe of an address it has no
+        // route to gets its "unreachable" at once, not after the first one's rate limit.
+        let sysctl = host
+            .in_netns("sysctl")
+            .args(["-qw", "net.ipv4.icmp_ratelimit=0"])
+            .status();
+        assert!(sysctl.is_ok_and(|s| s.success()), "sysctl in {}", host.name);
 
         let log = std::fs::File::create(host.dir.join("service.log")).expect("creating the service log");
         let endpoint = if with_ssh {
@@ -344,6 +351,22 @@ impl SimHost {
         let json = run_for(self.podman_cli().arg("inspect").args(&ids), Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{}: {e}", self.name));
         serde_json::from_str(&json).unwrap_or_else(|e| panic!("podman inspect: {e}: {json}"))
+    }
+
+    /// The host's podman events so far (`podman events --stream=false`), oldest first, e.g.
+    /// `{"Type": "container", "Status": "start", "ID": …, "Image": …}`: what ran here even
+    /// when the containers are gone.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let lines = run_for(
+            self.podman_cli().args(["events", "--stream=false", "--format", "json"]),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        lines
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("podman events: {e}: {l}")))
+            .collect()
     }
 
     /// Every process of this host: in its network namespace, naming its dir (conmon, podman
