@@ -140,7 +140,6 @@ impl SimHost {
         for sub in ["root", "runroot", "tmp"] {
             std::fs::create_dir_all(dir.join(sub)).expect("creating a simulated host's dir");
         }
-        ip(&["netns", "add", &name]);
         // From here on, Drop cleans up whatever part was built.
         let mut host = SimHost {
             name,
@@ -150,6 +149,7 @@ impl SimHost {
             service: None,
             ssh: None,
         };
+        ip(&["netns", "add", &host.name]);
         host.claim_link();
         let ns_ip = host.ip().to_string();
         ip(&["-n", &host.name, "addr", "add", &format!("{ns_ip}/30"), "dev", "eth0"]);
