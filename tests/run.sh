@@ -14,6 +14,9 @@ command -v npm >/dev/null || need_apt+=(npm)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# The simulated hosts' test image (tests/netsim.rs): a static busybox, made into an image offline.
+dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
+command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # Packages must not start their system services (nginx on :80, sshd on :22, fcgiwrap):

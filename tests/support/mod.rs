@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod netns;
 pub mod remotes;
 
 use std::path::{Path, PathBuf};

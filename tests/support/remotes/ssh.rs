@@ -1,5 +1,6 @@
 //! [`SshOrigin`]: sshd on loopback with its own configuration and keys.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,22 +17,26 @@ fn sh_quote(p: &Path) -> String {
     }
 }
 
-/// sshd on a loopback port with its own configuration, host key and authorized key: git over
-/// ssh as root, to absolute repository paths.
+/// sshd on a loopback port (or in a network namespace: [`SshOrigin::start_in_netns`]) with its
+/// own configuration, host key and authorized key: git over ssh as root, to absolute
+/// repository paths, and forwarding to unix sockets (a podman service's).
 pub struct SshOrigin {
     dir: tempfile::TempDir,
+    /// The address sshd listens on.
+    pub addr: IpAddr,
     pub port: u16,
     /// The authorized test key (private, 0600).
     pub user_key: PathBuf,
     /// A second key, not authorized: for wrong-credential tests.
     pub wrong_key: PathBuf,
-    /// `[127.0.0.1]:PORT ssh-ed25519 …`: the server's host key.
+    /// A known_hosts file holding [`SshOrigin::known_hosts_line`] alone.
     pub known_hosts: PathBuf,
+    known_hosts_line: String,
     sshd: Proc,
 }
 
 const SSHD_CONFIG: &str = "Port @PORT@
-ListenAddress 127.0.0.1
+ListenAddress @ADDR@
 HostKey @DIR@/host_ed25519
 AuthorizedKeysFile @DIR@/authorized_keys
 PidFile @DIR@/sshd.pid
@@ -49,6 +54,9 @@ AcceptEnv GIT_PROTOCOL
 # login shell (bash -c 'git-upload-pack …') counts as nested and skips the machine's
 # ~/.bashrc, which is no part of the server (root's can be slow, e.g. pyenv's rehash lock).
 SetEnv GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0=* SHLVL=1
+# A podman client reaches the service's unix socket through the connection (OpenSSH's
+# default, stated because the simulated hosts depend on it).
+AllowStreamLocalForwarding yes
 LogLevel VERBOSE
 ";
 
@@ -62,7 +70,18 @@ fn ssh_keygen(path: &Path, comment: &str) {
 }
 
 impl SshOrigin {
+    /// sshd on a free loopback port.
     pub fn start() -> SshOrigin {
+        Self::start_at(None, IpAddr::V4(Ipv4Addr::LOCALHOST), None)
+    }
+
+    /// sshd inside the network namespace `netns` (a name `ip netns` knows) on `addr:port`;
+    /// the namespace is fresh, so the port is free.
+    pub fn start_in_netns(netns: &str, addr: IpAddr, port: u16) -> SshOrigin {
+        Self::start_at(Some(netns), addr, Some(port))
+    }
+
+    fn start_at(netns: Option<&str>, addr: IpAddr, fixed_port: Option<u16>) -> SshOrigin {
         let dir = temp_dir("cohort-ssh-");
         let d = dir.path().to_owned();
         assert!(
@@ -80,17 +99,25 @@ impl SshOrigin {
 
         let pid_file = d.join("sshd.pid");
         for attempt in 1..=PORT_ATTEMPTS {
-            let port = free_ports(1)[0];
+            let port = fixed_port.unwrap_or_else(|| free_ports(1)[0]);
             let conf = SSHD_CONFIG
                 .replace("@PORT@", &port.to_string())
+                .replace("@ADDR@", &addr.to_string())
                 .replace("@DIR@", &d.display().to_string());
             std::fs::write(d.join("sshd_config"), conf).expect("writing sshd_config");
             let _ = std::fs::remove_file(&pid_file);
-            // sshd re-executes itself per connection, so it wants its absolute path.
+            // sshd re-executes itself per connection, so it wants its absolute path. nsenter
+            // execs it (same pid) after joining only the namespace's network.
+            let mut cmd = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net=/run/netns/{ns}")).arg("/usr/sbin/sshd");
+                    c
+                }
+                None => Command::new("/usr/sbin/sshd"),
+            };
             let mut sshd = Proc::spawn(
-                Command::new("/usr/sbin/sshd")
-                    .args(["-D", "-e", "-f"])
-                    .arg(d.join("sshd_config")),
+                cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config")),
                 &d.join("sshd.log"),
             );
             // sshd writes its pid file once its port is bound.
@@ -99,20 +126,27 @@ impl SshOrigin {
                 Ok(()) => {
                     let host = std::fs::read_to_string(d.join("host_ed25519.pub")).expect("reading the host key");
                     let host: Vec<&str> = host.split_whitespace().take(2).collect();
+                    // ssh looks a host on port 22 up by its bare name.
+                    let name = match port {
+                        22 => addr.to_string(),
+                        _ => format!("[{addr}]:{port}"),
+                    };
+                    let known_hosts_line = format!("{name} {}", host.join(" "));
                     let known_hosts = d.join("known_hosts");
-                    std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {}\n", host.join(" ")))
-                        .expect("writing known_hosts");
+                    std::fs::write(&known_hosts, format!("{known_hosts_line}\n")).expect("writing known_hosts");
                     return SshOrigin {
                         dir,
+                        addr,
                         port,
                         user_key,
                         wrong_key,
                         known_hosts,
+                        known_hosts_line,
                         sshd,
                     };
                 }
                 Err(log) => assert!(
-                    log.contains("Address already in use") && attempt < PORT_ATTEMPTS,
+                    log.contains("Address already in use") && fixed_port.is_none() && attempt < PORT_ATTEMPTS,
                     "{log}"
                 ),
             }
@@ -120,10 +154,16 @@ impl SshOrigin {
         unreachable!("the last attempt panics")
     }
 
-    /// `ssh://root@127.0.0.1:PORT/ABS/PATH` for a bare repository on this machine.
+    /// `ssh://root@ADDR:PORT/ABS/PATH` for a bare repository (or a socket) on this machine.
     pub fn url(&self, bare_repo: &Path) -> String {
         let abs = std::path::absolute(bare_repo).expect("an absolute repository path");
-        format!("ssh://root@127.0.0.1:{}{}", self.port, abs.display())
+        format!("ssh://root@{}:{}{}", self.addr, self.port, abs.display())
+    }
+
+    /// `HOST ssh-ed25519 KEY` (HOST: `[ADDR]:PORT`, or `ADDR` on port 22): the server's host
+    /// key as a known_hosts line.
+    pub fn known_hosts_line(&self) -> &str {
+        &self.known_hosts_line
     }
 
     /// A command for git's `core.sshCommand` (or `GIT_SSH_COMMAND`) that logs in with
