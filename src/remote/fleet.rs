@@ -32,7 +32,12 @@ const READ_TOKEN: &str = "IFS= read -r t < /run/secrets/cohort-worker-token || [
 
 /// `argv` run with the worker token in its environment (see [`TOKEN_FILE`]).
 pub fn with_token(argv: &[String]) -> Vec<String> {
-    let mut out = vec!["/bin/sh".to_owned(), "-c".to_owned(), READ_TOKEN.to_owned(), "sh".to_owned()];
+    let mut out = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        READ_TOKEN.to_owned(),
+        "sh".to_owned(),
+    ];
     out.extend(argv.iter().cloned());
     out
 }
@@ -107,7 +112,13 @@ pub struct Fleet {
 /// A name part podman accepts for containers and secrets (`[a-zA-Z0-9_.-]`).
 fn name_part(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -358,7 +369,10 @@ async fn stop_host(started: &Started) -> Vec<String> {
     for c in &started.containers {
         if let Err(e) = podman.remove_container(&c.id, true).await {
             if !e.is_not_found() {
-                errors.push(format!("worker host {name}: cannot remove container {}: {e}", c.container));
+                errors.push(format!(
+                    "worker host {name}: cannot remove container {}: {e}",
+                    c.container
+                ));
             }
         }
     }

@@ -71,10 +71,13 @@ impl Registry {
                 .with_context(|| format!("image manifest {digest} is not in {}", store.root().display()))?;
             let m: serde_json::Value =
                 serde_json::from_slice(&bytes).with_context(|| format!("manifest {digest} is not JSON"))?;
-            let blobs = m["config"]["digest"]
-                .as_str()
-                .into_iter()
-                .chain(m["layers"].as_array().into_iter().flatten().filter_map(|l| l["digest"].as_str()));
+            let blobs = m["config"]["digest"].as_str().into_iter().chain(
+                m["layers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l["digest"].as_str()),
+            );
             allowed.extend(blobs.map(str::to_owned));
             allowed.insert(digest.clone());
         }
@@ -100,7 +103,11 @@ impl Registry {
     pub fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
         let path = path.split('?').next().unwrap_or("");
         if method != Method::GET && method != Method::HEAD {
-            return error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "this registry is read-only");
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "this registry is read-only",
+            );
         }
         let head = method == Method::HEAD;
         let Some(rest) = path.strip_prefix("/v2") else {
@@ -128,7 +135,11 @@ impl Registry {
             }
             return self.blob(digest, head);
         }
-        error(StatusCode::NOT_FOUND, "UNSUPPORTED", "only manifests and blobs are served")
+        error(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "only manifests and blobs are served",
+        )
     }
 
     fn allows(&self, digest: &str) -> bool {
@@ -145,7 +156,13 @@ impl Registry {
     }
 
     fn manifest(&self, name: &str, reference: &str, head: bool) -> Response<Full<Bytes>> {
-        let unknown = || error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown to registry");
+        let unknown = || {
+            error(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                "manifest unknown to registry",
+            )
+        };
         let digest = if is_digest(reference) {
             reference.to_owned()
         } else if is_tag(reference) {
@@ -154,7 +171,11 @@ impl Registry {
                 _ => return unknown(),
             }
         } else if reference.contains(':') {
-            return error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "only sha256 digests are served");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                "only sha256 digests are served",
+            );
         } else {
             return error(StatusCode::BAD_REQUEST, "TAG_INVALID", "invalid tag");
         };
@@ -166,7 +187,9 @@ impl Registry {
             Ok(m) if m.is_file() && m.len() <= MAX_MANIFEST => {}
             _ => return unknown(),
         }
-        let Ok(bytes) = std::fs::read(&path) else { return unknown() };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return unknown();
+        };
         // A config or a small layer is no manifest, even when asked for by its digest.
         let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
             return unknown();
@@ -181,7 +204,11 @@ impl Registry {
     fn blob(&self, digest: &str, head: bool) -> Response<Full<Bytes>> {
         let unknown = || error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry");
         if !is_digest(digest) {
-            return error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "only sha256 digests are served");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                "only sha256 digests are served",
+            );
         }
         if !self.allows(digest) {
             return unknown();
@@ -265,7 +292,8 @@ fn is_name(s: &str) -> bool {
             !b.is_empty()
                 && b[0].is_ascii_alphanumeric()
                 && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
         })
 }
 

@@ -112,7 +112,13 @@ async fn refuses_writes_bad_digests_and_non_manifests() {
         let r = reg.respond(&Method::GET, &format!("/v2/cohort/manifests/{d}"));
         assert_eq!(r.status(), 404, "{d}");
     }
-    for p in ["/v2/cohort/tags/list", "/v2/Cohort/blobs/x", "/v3/", "/v2x/cohort/blobs/x", "/v2/cohort/manifests/nosuchtag"] {
+    for p in [
+        "/v2/cohort/tags/list",
+        "/v2/Cohort/blobs/x",
+        "/v3/",
+        "/v2x/cohort/blobs/x",
+        "/v2/cohort/manifests/nosuchtag",
+    ] {
         assert_eq!(reg.respond(&Method::GET, p).status(), 404, "{p}");
     }
     assert_eq!(reg.served().blob_gets, 0);
@@ -124,9 +130,15 @@ async fn limited_to_one_run_s_images() {
     let (store, manifest, config, layer, stray) = store(dir.path());
     let reg = Registry::only(store.clone(), std::slice::from_ref(&manifest)).unwrap();
     for d in [&config, &layer] {
-        assert_eq!(reg.respond(&Method::GET, &format!("/v2/cohort/blobs/{d}")).status(), 200);
+        assert_eq!(
+            reg.respond(&Method::GET, &format!("/v2/cohort/blobs/{d}")).status(),
+            200
+        );
     }
-    assert_eq!(reg.respond(&Method::GET, &format!("/v2/cohort/blobs/{stray}")).status(), 404);
+    assert_eq!(
+        reg.respond(&Method::GET, &format!("/v2/cohort/blobs/{stray}")).status(),
+        404
+    );
     assert_eq!(reg.respond(&Method::GET, "/v2/cohort/manifests/latest").status(), 200);
     let none = Registry::only(store.clone(), &[]).unwrap();
     assert_eq!(none.respond(&Method::GET, "/v2/cohort/manifests/latest").status(), 404);
@@ -137,7 +149,10 @@ async fn limited_to_one_run_s_images() {
 fn image_id_is_the_config_digest() {
     let dir = tempfile::tempdir().unwrap();
     let (store, manifest, config, layer, _) = store(dir.path());
-    assert_eq!(image_id_of(&store, &manifest).unwrap(), config.trim_start_matches("sha256:"));
+    assert_eq!(
+        image_id_of(&store, &manifest).unwrap(),
+        config.trim_start_matches("sha256:")
+    );
     assert!(image_id_of(&store, &layer).is_err());
     assert!(image_id_of(&store, "sha256:../x").is_err());
 }

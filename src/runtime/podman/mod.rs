@@ -12,8 +12,8 @@
 mod client;
 mod error;
 mod exec;
-mod pull;
 pub mod idmap;
+mod pull;
 pub mod runtime;
 mod stream;
 mod types;

@@ -131,6 +131,9 @@ mod tests {
         assert_eq!(v["image_volume_mode"], "ignore");
         assert!(v.get("env").is_none(), "{v}");
         let v = serde_json::to_value(super::super::ContainerSpec::default().to_body(false)).unwrap();
-        assert!(v.get("secrets").is_none() && v.get("image_volume_mode").is_none(), "{v}");
+        assert!(
+            v.get("secrets").is_none() && v.get("image_volume_mode").is_none(),
+            "{v}"
+        );
     }
 }
