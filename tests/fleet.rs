@@ -257,6 +257,21 @@ async fn fleet_starts_workers_without_mounts_or_token_and_stops_them() {
         );
         assert_eq!(raw["Image"], first.image_id(), "the container runs the pulled image");
     }
+    // `cohort worker` got the token in its environment through the wrapper: it refuses this
+    // one (no real token) rather than saying none is set.
+    let worker = &placement[0].id;
+    let code = tokio::time::timeout(std::time::Duration::from_secs(60), podman.wait_container(worker))
+        .await
+        .expect("the worker did not exit")
+        .unwrap();
+    let (_, err) = podman.logs(worker).await.unwrap();
+    let err = String::from_utf8_lossy(&err);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not a cohort worker token") && !err.contains("is not set"),
+        "{err}"
+    );
+    assert!(!err.contains(token), "{err}");
     assert_eq!(left(&podman, "r1").await.1, ["cohort-worker-r1-box"]);
 
     // The secret holds the token, and the workers' wrapper hands it to the program it runs
