@@ -10,11 +10,13 @@
 //!   turns every spawn into a job;
 //! - `client`, `slot`, `worker`: the worker's side; `files`: entries written and read
 //!   without following symlinks, on both sides;
-//! - `registry`: the run's image, served read-only to podman hosts.
+//! - `registry`: the run's image, served read-only to podman hosts;
+//! - `fleet`: worker containers started and stopped on podman hosts.
 
 pub mod client;
 pub mod controller;
 pub mod files;
+pub mod fleet;
 pub mod protocol;
 pub mod queue;
 pub mod registry;

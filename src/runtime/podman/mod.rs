@@ -13,6 +13,7 @@ mod client;
 mod error;
 mod exec;
 pub mod idmap;
+mod pull;
 pub mod runtime;
 mod stream;
 mod types;
@@ -29,6 +30,7 @@ mod tests_rootful;
 
 pub use client::{socket_candidates, Podman, API_PREFIX};
 pub use error::{PodmanError, Result};
+pub use pull::{SecretInfo, SecretSpec};
 pub use runtime::{cleanup_run, PodmanRuntime, PodmanSettings, DEFAULT_IMAGE, WORKSPACE};
 pub use stream::{demux, ExecSession, Frame, StreamKind};
 pub use types::*;

@@ -461,7 +461,7 @@ fn container_name(spawn: &Spawn) -> String {
 }
 
 /// `user`, `uid`, `uid:gid` of an image config; numeric forms only.
-fn parse_image_user(user: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_image_user(user: &str) -> Option<(u32, u32)> {
     let mut it = user.splitn(2, ':');
     let uid = it.next()?.parse().ok()?;
     let gid = it.next().and_then(|g| g.parse().ok()).unwrap_or(uid);

@@ -115,6 +115,13 @@ pub struct ContainerSpec {
     pub command: Option<Vec<String>>,
     /// `KEY=VALUE` for the main process, on top of the image's; never a secret.
     pub env: Vec<String>,
+    /// Podman secrets given as files: how a secret reaches a container without being in its
+    /// create spec or `inspect`. (Not podman's `type=env` secrets: podman 4.3's `inspect`
+    /// shows their values in `Config.Env` once the container has started.)
+    pub secret_files: Vec<SecretFile>,
+    /// Leave the image's declared volumes (its WORKDIR) as plain directories of the
+    /// container's own filesystem, instead of anonymous volumes.
+    pub ignore_image_volumes: bool,
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub terminal: bool,
@@ -139,6 +146,33 @@ pub(crate) struct SpecMount {
     pub typ: &'static str,
     pub source: String,
     pub options: Vec<String>,
+}
+
+/// A podman secret as a file in the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    /// The podman secret's name.
+    pub secret: String,
+    /// Absolute path in the container.
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+/// specgen's `Secret` (Go field names, no JSON tags upstream).
+#[derive(Serialize)]
+pub(crate) struct SpecSecret {
+    #[serde(rename = "Source")]
+    pub source: String,
+    #[serde(rename = "Target")]
+    pub target: String,
+    #[serde(rename = "UID")]
+    pub uid: u32,
+    #[serde(rename = "GID")]
+    pub gid: u32,
+    #[serde(rename = "Mode")]
+    pub mode: u32,
 }
 
 /// specgen's `NamedVolume` (Go field names, no JSON tags upstream).
@@ -203,6 +237,10 @@ pub(crate) struct CreateBody {
     pub command: Vec<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SpecSecret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_volume_mode: Option<&'static str>,
     pub labels: BTreeMap<String, String>,
     pub mounts: Vec<SpecMount>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -313,6 +351,18 @@ impl ContainerSpec {
                     None => (kv.clone(), String::new()),
                 })
                 .collect(),
+            secrets: self
+                .secret_files
+                .iter()
+                .map(|f| SpecSecret {
+                    source: f.secret.clone(),
+                    target: f.path.clone(),
+                    uid: f.uid,
+                    gid: f.gid,
+                    mode: f.mode,
+                })
+                .collect(),
+            image_volume_mode: self.ignore_image_volumes.then_some("ignore"),
             labels: self.labels.clone(),
             mounts,
             volumes: self
