@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use cohort::remote::fleet::{self, Fleet, FleetHost, WorkerLaunch, TOKEN_ENV};
+use cohort::remote::fleet::{self, Fleet, FleetHost, WorkerLaunch};
 use cohort::remote::registry::Registry;
 use cohort::runtime::podman::{ContainerSpec, NetworkMode, Podman, UsernsMode};
 use cohort::secret::Secret;
@@ -274,24 +274,32 @@ async fn fleet_starts_workers_without_mounts_or_token_and_stops_them() {
     assert!(!err.contains(token), "{err}");
     assert_eq!(left(&podman, "r1").await.1, ["cohort-worker-r1-box"]);
 
-    // The secret holds the token, and the workers' wrapper hands it to the program it runs
-    // as the image user, in its environment.
-    let probe = podman
-        .create_container(&ContainerSpec {
-            image: first.image_id().into(),
-            command: Some(fleet::with_token(&["printenv".into(), TOKEN_ENV.into()])),
-            secret_files: vec![fleet::token_file(&fleet::secret_name("r1", "box"), (1000, 1000))],
-            userns: Some(UsernsMode::Auto),
-            network: NetworkMode::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    podman.start_container(&probe).await.unwrap();
-    assert_eq!(podman.wait_container(&probe).await.unwrap(), 0);
-    let (out, _) = podman.logs(&probe).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&out).trim(), token);
-    podman.remove_container(&probe, true).await.unwrap();
+    // The token file is root's: the worker, which starts as the container's root, reads it;
+    // the image user, which the worker drops to (and runs agents as), cannot.
+    for (user, readable) in [("0:0", true), ("1000:1000", false)] {
+        let probe = podman
+            .create_container(&ContainerSpec {
+                image: first.image_id().into(),
+                command: Some(vec!["cat".into(), fleet::TOKEN_FILE.into()]),
+                user: Some(user.into()),
+                secret_files: vec![fleet::token_file(&fleet::secret_name("r1", "box"), (0, 0))],
+                userns: Some(UsernsMode::Auto),
+                network: NetworkMode::None,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        podman.start_container(&probe).await.unwrap();
+        let code = podman.wait_container(&probe).await.unwrap();
+        let (out, _) = podman.logs(&probe).await.unwrap();
+        let out = String::from_utf8_lossy(&out);
+        if readable {
+            assert_eq!((code, out.trim()), (0, token), "as {user}");
+        } else {
+            assert!(code != 0 && !out.contains(token), "as {user}: {code} {out}");
+        }
+        podman.remove_container(&probe, true).await.unwrap();
+    }
 
     fleet.stop().await.unwrap();
     assert_eq!(left(&podman, "r1").await, (0, vec![]));

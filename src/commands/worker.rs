@@ -29,19 +29,50 @@ pub struct Args {
     /// Where agents reach the model gateway, through this worker and the controller.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub tunnel: SocketAddr,
+    /// Read the token from this file instead of COHORT_WORKER_TOKEN (a podman or Kubernetes
+    /// secret mounted as a file).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Started as root, become UID:GID once the token is read: the token file stays
+    /// readable by root only, and agents run as this user.
+    #[arg(long, value_name = "UID:GID")]
+    pub user: Option<String>,
     /// Give up when the controller stays unreachable this long, e.g. 5m.
     #[arg(long, value_name = "DUR", default_value = "5m")]
     pub give_up: String,
 }
 
+/// Drops root for `UID:GID`, supplementary groups included, for good.
+fn become_user(spec: &str) -> Result<()> {
+    let parsed = spec
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)));
+    let Some((uid, gid)) = parsed else {
+        return Err(usage(format!("--user {spec}: give it as UID:GID, e.g. 1000:1000")));
+    };
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    setgroups(&[Gid::from_raw(gid)]).map_err(|e| usage(format!("--user {spec}: cannot set groups ({e}); start the worker as root")))?;
+    setgid(Gid::from_raw(gid)).map_err(|e| usage(format!("--user {spec}: {e}")))?;
+    setuid(Uid::from_raw(uid)).map_err(|e| usage(format!("--user {spec}: {e}")))?;
+    anyhow::ensure!(nix::unistd::geteuid().as_raw() == uid, "--user {spec}: still running as another user");
+    Ok(())
+}
+
 pub async fn run(args: Args) -> Result<u8> {
-    let Ok(text) = std::env::var("COHORT_WORKER_TOKEN") else {
-        return Err(usage(
-            "COHORT_WORKER_TOKEN is not set: give the worker the run's token (the run directory's \
-             worker-token file) in its environment; it is never taken as an argument",
-        ));
+    let text = match &args.token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("--token-file {}: {e}", path.display())))?,
+        None => std::env::var("COHORT_WORKER_TOKEN").map_err(|_| {
+            usage(
+                "COHORT_WORKER_TOKEN is not set: give the worker the run's token (the run directory's \
+                 worker-token file) in its environment or as --token-file; it is never taken as an argument",
+            )
+        })?,
     };
     let token = WorkerToken::parse(&text).map_err(|e| usage(e.to_string()))?;
+    if let Some(user) = &args.user {
+        become_user(user)?;
+    }
     let give_up = humantime::parse_duration(&args.give_up)
         .map_err(|e| usage(format!("--give-up {}: {e} (e.g. 5m)", args.give_up)))?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -4,11 +4,14 @@
 //!
 //! A worker container has no bind mounts (it works in its own filesystem and talks to the
 //! controller over HTTPS), no privileges, no restart policy, and the `[container]` limits.
-//! The token is a podman secret given as a file ([`TOKEN_FILE`], owned by the image user,
-//! mode 0400), which the container's `/bin/sh` reads into `COHORT_WORKER_TOKEN` before it
-//! execs `cohort worker`: so it is neither in the create spec nor in `inspect`. (podman's
-//! `type=env` secrets are not: podman 4.3's `inspect` shows their values in `Config.Env`
-//! once the container runs.) The secret is removed with the containers.
+//! The token is a podman secret given as a file ([`TOKEN_FILE`], root's, mode 0400): the
+//! worker starts as the container's root (an unprivileged user on the host, in its own user
+//! namespace), reads it, and drops to the image's user before it takes any job (`cohort
+//! worker --token-file --user`). The agents it runs are that user too, and cannot read the
+//! file; the worker makes itself non-dumpable, so they cannot read its memory either. The
+//! token is neither in the create spec nor in `inspect` (podman's `type=env` secrets are:
+//! podman 4.3's `inspect` shows their values in `Config.Env` once the container runs). The
+//! secret is removed with the containers.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -25,24 +28,8 @@ pub const LABEL_HOST: &str = "cohort.host";
 pub const TOKEN_ENV: &str = "COHORT_WORKER_TOKEN";
 /// Where the token's podman secret appears in a worker container.
 pub const TOKEN_FILE: &str = "/run/secrets/cohort-worker-token";
-/// Reads [`TOKEN_FILE`] into [`TOKEN_ENV`] and execs its arguments (the file holds the token
-/// without a newline, so `read` meets end of file and fails after setting `t`).
-const READ_TOKEN: &str = "IFS= read -r t < /run/secrets/cohort-worker-token || [ -n \"$t\" ] || exit 70; \
-     COHORT_WORKER_TOKEN=$t; export COHORT_WORKER_TOKEN; unset t; exec \"$@\"";
-
-/// `argv` run with the worker token in its environment (see [`TOKEN_FILE`]).
-pub fn with_token(argv: &[String]) -> Vec<String> {
-    let mut out = vec![
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        READ_TOKEN.to_owned(),
-        "sh".to_owned(),
-    ];
-    out.extend(argv.iter().cloned());
-    out
-}
-
-/// The podman secret `secret` as [`TOKEN_FILE`], readable by `user` only.
+/// The podman secret `secret` as [`TOKEN_FILE`], readable by `user` only (the container's
+/// root: see the module's doc).
 pub fn token_file(secret: &str, user: (u32, u32)) -> SecretFile {
     SecretFile {
         secret: secret.to_owned(),
@@ -305,7 +292,7 @@ async fn start_host(started: &mut Started, launch: &WorkerLaunch) -> Result<()> 
         UsernsMode::Auto
     };
     let url = host.worker_controller_url(launch);
-    // The secret file belongs to the user the image runs as (the worker).
+    // The worker drops to the user the image runs as; the token file stays root's.
     let image = podman
         .image_inspect_raw(&launch.image_id)
         .await
@@ -325,15 +312,20 @@ async fn start_host(started: &mut Started, launch: &WorkerLaunch) -> Result<()> 
         let spec = ContainerSpec {
             name: Some(container.clone()),
             image: launch.image_id.clone(),
-            command: Some(with_token(&[
+            command: Some(vec![
                 "cohort".into(),
                 "worker".into(),
                 "--controller".into(),
                 url.clone(),
                 "--name".into(),
                 format!("{name}/{n}"),
-            ])),
-            secret_files: vec![token_file(&started.secret, user)],
+                "--token-file".into(),
+                TOKEN_FILE.into(),
+                "--user".into(),
+                format!("{}:{}", user.0, user.1),
+            ]),
+            user: Some("0:0".into()),
+            secret_files: vec![token_file(&started.secret, (0, 0))],
             // The image's WORKDIR volume would be an anonymous volume on the host: the
             // worker's files stay in its container and go with it.
             ignore_image_volumes: true,
