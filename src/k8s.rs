@@ -13,9 +13,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -75,8 +74,8 @@ pub fn read_run_workers(run_dir: &Path, run: &str) -> Result<RunWorkers> {
         )));
     }
     let text = std::fs::read(&cfile).with_context(|| format!("cannot read {}", cfile.display()))?;
-    let controller: ControllerFile =
-        serde_json::from_slice(&text).with_context(|| format!("{} is not {{\"url\",\"fingerprint\"}}", cfile.display()))?;
+    let controller: ControllerFile = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not {{\"url\",\"fingerprint\"}}", cfile.display()))?;
     let token = std::fs::read_to_string(&tfile).with_context(|| format!("cannot read {}", tfile.display()))?;
     let token = token.trim().to_owned();
     if token.is_empty() {
@@ -155,7 +154,13 @@ fn labels(run: &str) -> BTreeMap<String, String> {
     // A label value: at most 63 of [A-Za-z0-9._-], starting and ending alphanumeric.
     let mut value: String = run
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     value.truncate(63);
     let value = value.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned();
@@ -383,7 +388,10 @@ mod tests {
 
     #[test]
     fn names_quantities_and_endpoints() {
-        assert_eq!(object_name("20261207-132850-ab12"), "cohort-worker-20261207-132850-ab12");
+        assert_eq!(
+            object_name("20261207-132850-ab12"),
+            "cohort-worker-20261207-132850-ab12"
+        );
         assert_eq!(object_name("Run_X"), "cohort-worker-run-x");
         assert!(object_name(&"a".repeat(100)).len() <= 63);
         assert_eq!(bytes_quantity(2 << 30).0, "2Gi");

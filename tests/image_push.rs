@@ -31,7 +31,10 @@ struct Registry {
 impl Registry {
     fn start(dir: &Path, htpasswd: bool) -> Registry {
         let bin = Path::new("/usr/bin/docker-registry");
-        assert!(bin.exists(), "no docker-registry: `apt-get install docker-registry` (tests/run.sh does)");
+        assert!(
+            bin.exists(),
+            "no docker-registry: `apt-get install docker-registry` (tests/run.sh does)"
+        );
         std::fs::create_dir_all(dir.join("storage")).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let auth = if htpasswd {
@@ -159,13 +162,22 @@ fn push_then_push_again_then_podman_pulls_it() {
     assert_eq!(registry.uploads(), pushed, "{}", registry.log());
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(stdout.contains(&format!("id {config_digest}")), "{stdout}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("pushed"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pushed"),
+        "{}",
+        text(&out)
+    );
 
     // Again: every blob is there, none is uploaded.
     let out = push(&s, &cache, &[&reference, "--tls-verify=false"]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert_eq!(counts(&out), (0, pushed), "{}", text(&out));
-    assert_eq!(registry.uploads(), pushed, "no upload the second time:\n{}", registry.log());
+    assert_eq!(
+        registry.uploads(),
+        pushed,
+        "no upload the second time:\n{}",
+        registry.log()
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("already there"));
 
     // A disposable podman pulls it: the image id is the config digest.
@@ -189,7 +201,15 @@ fn push_then_push_again_then_podman_pulls_it() {
     // And it runs (the programs layer is complete).
     let run = service
         .cli()
-        .args(["run", "--rm", "--network", "none", &reference, "/usr/bin/echo", "pulled"])
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &reference,
+            "/usr/bin/echo",
+            "pulled",
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "pulled", "{}", text(&run));
@@ -227,7 +247,10 @@ fn push_with_credentials_from_an_auth_file() {
     let file = s.tmp.path().join("auth.json");
     std::fs::write(
         &file,
-        format!(r#"{{"auths":{{"127.0.0.1:{}/cohort":{{"auth":"{wrong}"}}}}}}"#, registry.port),
+        format!(
+            r#"{{"auths":{{"127.0.0.1:{}/cohort":{{"auth":"{wrong}"}}}}}}"#,
+            registry.port
+        ),
     )
     .unwrap();
     let out = s

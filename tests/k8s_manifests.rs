@@ -72,11 +72,19 @@ fn manifests_for_a_run_read_back_as_typed_objects() {
     let yaml = String::from_utf8(out.stdout.clone()).unwrap();
     assert!(!yaml.contains(API_KEY), "the API key is in the manifests");
     assert!(!text(&out).contains(API_KEY));
-    assert_eq!(yaml.matches(TOKEN).count(), 1, "the token, once, in the Secret only:\n{yaml}");
+    assert_eq!(
+        yaml.matches(TOKEN).count(),
+        1,
+        "the token, once, in the Secret only:\n{yaml}"
+    );
     let (secret, job, policy) = parse(&yaml);
 
     let labels = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| m.labels.clone().unwrap();
-    for l in [labels(&secret.metadata), labels(&job.metadata), labels(&policy.metadata)] {
+    for l in [
+        labels(&secret.metadata),
+        labels(&job.metadata),
+        labels(&policy.metadata),
+    ] {
         assert_eq!(l["app.kubernetes.io/name"], "cohort-worker");
         assert_eq!(l["cohort.run"], RUN);
     }
@@ -93,7 +101,16 @@ fn manifests_for_a_run_read_back_as_typed_objects() {
     assert_eq!(pod.automount_service_account_token, Some(false));
     assert_eq!(
         labels(spec.template.metadata.as_ref().unwrap()),
-        policy.spec.as_ref().unwrap().pod_selector.as_ref().unwrap().match_labels.clone().unwrap(),
+        policy
+            .spec
+            .as_ref()
+            .unwrap()
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .clone()
+            .unwrap(),
         "the policy selects the Job's pods"
     );
     assert_eq!(pod.containers.len(), 1);
@@ -122,8 +139,17 @@ fn manifests_for_a_run_read_back_as_typed_objects() {
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(sc.capabilities.as_ref().unwrap().drop.clone().unwrap(), ["ALL"]);
     // The read-only root leaves the home, workspace and /tmp writable, as scratch volumes.
-    let mounts: Vec<&str> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
-    assert!(mounts.contains(&"/home/cohort") && mounts.contains(&"/tmp"), "{mounts:?}");
+    let mounts: Vec<&str> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"/home/cohort") && mounts.contains(&"/tmp"),
+        "{mounts:?}"
+    );
 
     let p = policy.spec.unwrap();
     assert_eq!(p.policy_types.clone().unwrap(), ["Ingress", "Egress"]);
@@ -174,7 +200,10 @@ fn manifests_to_a_private_file_and_controller_override() {
     let pod = job.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.containers[0].command.clone().unwrap()[3], "https://192.0.2.7:9000");
     let egress = policy.spec.unwrap().egress.unwrap();
-    assert_eq!(egress[0].to.as_ref().unwrap()[0].ip_block.as_ref().unwrap().cidr, "192.0.2.7/32");
+    assert_eq!(
+        egress[0].to.as_ref().unwrap()[0].ip_block.as_ref().unwrap().cidr,
+        "192.0.2.7/32"
+    );
     assert_eq!(egress[0].ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(9000)));
     // No leftover temporary file next to it.
     let names: Vec<_> = std::fs::read_dir(s.tmp.path())
@@ -199,7 +228,14 @@ fn manifests_usage_errors() {
     // A run that does not exist.
     let out = s
         .cohort()
-        .args(["k8s", "manifests", "--run", "20000101-000000-0000", "--parallelism", "1"])
+        .args([
+            "k8s",
+            "manifests",
+            "--run",
+            "20000101-000000-0000",
+            "--parallelism",
+            "1",
+        ])
         .args(["--image", "127.0.0.1:5000/c:1"])
         .output()
         .unwrap();
@@ -217,11 +253,7 @@ fn manifests_usage_errors() {
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(text(&out).contains("start the run with workers"), "{}", text(&out));
     // A controller named by host name: the policy needs an address.
-    let out = manifests(
-        &s,
-        &config,
-        &["--parallelism", "1", "--image", "127.0.0.1:5000/c:1"],
-    );
+    let out = manifests(&s, &config, &["--parallelism", "1", "--image", "127.0.0.1:5000/c:1"]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     let out = manifests(
         &s,

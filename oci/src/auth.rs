@@ -60,8 +60,12 @@ pub fn credentials_for(files: &[PathBuf], reference: &Reference) -> Result<Optio
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
         };
-        let json: Value = serde_json::from_slice(&text)
-            .map_err(|_| format!("{} is not a JSON auth file (see containers-auth.json(5))", file.display()))?;
+        let json: Value = serde_json::from_slice(&text).map_err(|_| {
+            format!(
+                "{} is not a JSON auth file (see containers-auth.json(5))",
+                file.display()
+            )
+        })?;
         if let Some(c) = lookup(&json, reference, file)? {
             return Ok(Some(c));
         }
@@ -104,7 +108,12 @@ fn lookup(json: &Value, reference: &Reference, file: &Path) -> Result<Option<Cre
         let Some(auth) = entry["auth"].as_str().filter(|a| !a.is_empty()) else {
             continue;
         };
-        let bad = || format!("{}: the entry for {want} is not base64 of user:password", file.display());
+        let bad = || {
+            format!(
+                "{}: the entry for {want} is not base64 of user:password",
+                file.display()
+            )
+        };
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth.trim())
             .map_err(|_| bad())?;
@@ -139,7 +148,10 @@ mod tests {
         let second = dir.path().join("config.json");
         std::fs::write(
             &second,
-            format!(r#"{{"auths":{{"https://other.test/v1/":{{"auth":"{}"}}}}}}"#, enc("d:pw3")),
+            format!(
+                r#"{{"auths":{{"https://other.test/v1/":{{"auth":"{}"}}}}}}"#,
+                enc("d:pw3")
+            ),
         )
         .unwrap();
         let files = vec![dir.path().join("missing.json"), first, second.clone()];

@@ -259,12 +259,19 @@ impl<'a> Session<'a> {
                 .header(CONTENT_TYPE, media_type)
                 .body(manifest.to_vec()))
         })?;
-        if !matches!(resp.status(), StatusCode::CREATED | StatusCode::OK | StatusCode::ACCEPTED) {
+        if !matches!(
+            resp.status(),
+            StatusCode::CREATED | StatusCode::OK | StatusCode::ACCEPTED
+        ) {
             let s = resp.status();
             return Err(refused(&what, s, resp));
         }
         // The registry hashes what it stored: a different digest means it rewrote the manifest.
-        if let Some(got) = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
+        if let Some(got) = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
             if got != digest {
                 return Err(PushError::Protocol(format!(
                     "the registry stored the manifest as {got}, not {digest}"

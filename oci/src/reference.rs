@@ -39,7 +39,10 @@ impl Reference {
                  write HOST[:PORT]/NAME[:TAG]"
             ));
         }
-        if registry.chars().any(|c| c.is_whitespace() || c == '?' || c == '#' || c == '@') {
+        if registry
+            .chars()
+            .any(|c| c.is_whitespace() || c == '?' || c == '#' || c == '@')
+        {
             return Err(format!("{s:?}: {registry:?} is not a host[:port]"));
         }
         // A ':' after the last '/' starts the tag.
@@ -51,8 +54,7 @@ impl Reference {
             !c.is_empty()
                 && c.starts_with(|ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit())
                 && c.ends_with(|ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit())
-                && c
-                    .chars()
+                && c.chars()
                     .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
         };
         if !repository.split('/').all(component_ok) {

@@ -69,7 +69,9 @@ fn manifests(args: ManifestsArgs, config_path: Option<&Path>) -> Result<u8> {
     if let Some(c) = &args.cpus {
         let ok = c.strip_suffix('m').unwrap_or(c).parse::<f64>().is_ok_and(|v| v > 0.0);
         if !ok {
-            return Err(usage(format!("--cpus {c:?} is not a CPU quantity; write e.g. 2 or 500m")));
+            return Err(usage(format!(
+                "--cpus {c:?} is not a CPU quantity; write e.g. 2 or 500m"
+            )));
         }
     }
     let paths = RepoPaths::discover(&std::env::current_dir()?)?;
@@ -96,7 +98,8 @@ fn manifests(args: ManifestsArgs, config_path: Option<&Path>) -> Result<u8> {
     match &args.output {
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(yaml.as_bytes()).context("cannot write to standard output")?;
+            out.write_all(yaml.as_bytes())
+                .context("cannot write to standard output")?;
         }
         Some(file) => {
             write_private(file, yaml.as_bytes())?;
