@@ -162,6 +162,12 @@ fn push_then_push_again_then_podman_pulls_it() {
     assert_eq!(registry.uploads(), pushed, "{}", registry.log());
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(stdout.contains(&format!("id {config_digest}")), "{stdout}");
+    let pinned = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pinned "))
+        .unwrap_or_else(|| panic!("no pinned line: {stdout}"))
+        .to_owned();
+    assert!(pinned.starts_with(&format!("127.0.0.1:{}/team/cohort@sha256:", registry.port)));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("pushed"),
         "{}",
@@ -198,6 +204,14 @@ fn push_then_push_again_then_podman_pulls_it() {
         format!("sha256:{}", String::from_utf8_lossy(&id.stdout).trim()),
         config_digest
     );
+    // By digest too: the same image.
+    let pull = service
+        .cli()
+        .args(["pull", "--tls-verify=false", "--quiet", &pinned])
+        .output()
+        .unwrap();
+    assert!(pull.status.success(), "podman pull {pinned}: {}", text(&pull));
+    assert_eq!(String::from_utf8_lossy(&pull.stdout).trim(), config_digest.trim_start_matches("sha256:"));
     // And it runs (the programs layer is complete).
     let run = service
         .cli()

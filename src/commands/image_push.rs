@@ -96,6 +96,11 @@ pub async fn push(args: PushArgs, config_path: Option<&Path>) -> Result<u8> {
     println!("{reference}");
     println!("digest {}", report.manifest_digest);
     println!("id {}", report.config_digest);
+    // The reference that names exactly this image: what `cohort k8s manifests --image` takes.
+    println!(
+        "pinned {}/{}@{}",
+        reference.registry, reference.repository, report.manifest_digest
+    );
     println!(
         "blobs pushed {} ({} bytes), already there {} ({} bytes)",
         report.pushed, report.pushed_bytes, report.existed, report.existed_bytes
