@@ -211,7 +211,10 @@ fn push_then_push_again_then_podman_pulls_it() {
         .output()
         .unwrap();
     assert!(pull.status.success(), "podman pull {pinned}: {}", text(&pull));
-    assert_eq!(String::from_utf8_lossy(&pull.stdout).trim(), config_digest.trim_start_matches("sha256:"));
+    assert_eq!(
+        String::from_utf8_lossy(&pull.stdout).trim(),
+        config_digest.trim_start_matches("sha256:")
+    );
     // And it runs (the programs layer is complete).
     let run = service
         .cli()

@@ -357,9 +357,12 @@ impl<'a> Session<'a> {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(unauthorized()),
             s => return Err(refused("a token request", s, resp)),
         }
+        // Read as bytes and parsed here: the crate alone has no reqwest `json` feature.
         let body: Value = resp
-            .json()
-            .map_err(|e| PushError::Protocol(format!("the token service answered no JSON: {e}")))?;
+            .bytes()
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| PushError::Protocol("the token service answered no JSON".into()))?;
         let token = body["token"]
             .as_str()
             .or(body["access_token"].as_str())
