@@ -29,7 +29,8 @@ struct Registry {
 }
 
 impl Registry {
-    fn start(dir: &Path, htpasswd: bool) -> Registry {
+    /// With `tls`, it serves HTTPS with a self-signed certificate for 127.0.0.1.
+    fn start(dir: &Path, htpasswd: bool, tls: bool) -> Registry {
         let bin = Path::new("/usr/bin/docker-registry");
         assert!(
             bin.exists(),
@@ -46,13 +47,33 @@ impl Registry {
         } else {
             String::new()
         };
+        let tls = if tls {
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            let out = Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+                .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "openssl: {}", text(&out));
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            )
+        } else {
+            String::new()
+        };
         let config = dir.join("config.yml");
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n{auth}",
+                 http:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
                 dir.join("storage").display()
             ),
         )
@@ -150,7 +171,7 @@ fn push_then_push_again_then_podman_pulls_it() {
     let s = Scratch::new();
     let cache = s.tmp.path().join("cache");
     let config_digest = build_small_image(&cache);
-    let registry = Registry::start(&s.tmp.path().join("registry"), false);
+    let registry = Registry::start(&s.tmp.path().join("registry"), false, false);
     let reference = format!("127.0.0.1:{}/team/cohort:v1", registry.port);
 
     let out = push(&s, &cache, &[&reference, "--tls-verify=false"]);
@@ -237,7 +258,7 @@ fn push_with_credentials_from_an_auth_file() {
     let s = Scratch::new();
     let cache = s.tmp.path().join("cache");
     build_small_image(&cache);
-    let registry = Registry::start(&s.tmp.path().join("registry"), true);
+    let registry = Registry::start(&s.tmp.path().join("registry"), true, false);
     let reference = format!("127.0.0.1:{}/cohort:1", registry.port);
 
     // No credentials: refused, with how to log in; exit 1.
@@ -307,9 +328,28 @@ fn push_errors() {
     assert!(text(&out).contains("cannot reach the registry"), "{}", text(&out));
 
     // A plain-HTTP registry without --tls-verify=false: refused, saying which option.
-    let registry = Registry::start(&s.tmp.path().join("registry"), false);
+    let registry = Registry::start(&s.tmp.path().join("registry"), false, false);
     let out = push(&s, &cache, &[&format!("127.0.0.1:{}/c:1", registry.port)]);
     assert_eq!(code(&out), 1, "{}", text(&out));
     assert!(text(&out).contains("--tls-verify=false"), "{}", text(&out));
     assert_eq!(registry.uploads(), 0);
+}
+
+/// A registry with a self-signed certificate: refused with verification (naming the option),
+/// pushed over HTTPS (not plain HTTP) with --tls-verify=false.
+#[test]
+fn push_over_https_with_a_self_signed_certificate() {
+    let s = Scratch::new();
+    let cache = s.tmp.path().join("cache");
+    build_small_image(&cache);
+    let registry = Registry::start(&s.tmp.path().join("registry"), false, true);
+    let reference = format!("127.0.0.1:{}/cohort:1", registry.port);
+    let out = push(&s, &cache, &[&reference]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(text(&out).contains("--tls-verify=false"), "{}", text(&out));
+    assert_eq!(registry.uploads(), 0);
+    let out = push(&s, &cache, &[&reference, "--tls-verify=false"]);
+    assert_eq!(code(&out), 0, "{}\n{}", text(&out), registry.log());
+    assert!(text(&out).contains("over https"), "{}", text(&out));
+    assert_eq!(registry.uploads(), counts(&out).0);
 }
