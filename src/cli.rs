@@ -74,6 +74,8 @@ pub enum Command {
     Logs(commands::logs::Args),
     /// The agent image: `cohort image build` makes it from scratch and loads it into podman.
     Image(commands::image::Args),
+    /// Kubernetes: `k8s manifests` prints the Secret, Job and NetworkPolicy for a run's workers.
+    K8s(commands::k8s::Args),
     /// Development containers from the image: `container run` makes one, `container enter` re-enters it.
     Container(commands::container::Args),
     /// API keys: place them encrypted (TPM2-bound) in systemd's credential store, list, check, remove.
@@ -181,6 +183,7 @@ pub fn main() -> ExitCode {
             Command::Logs(a) => commands::logs::run(a),
             Command::Gc(a) => commands::gc::run(a),
             Command::Image(a) => commands::image::run(a, cli.config.as_deref()).await,
+            Command::K8s(a) => commands::k8s::run(a, cli.config.as_deref()),
             Command::Container(a) => commands::container::run(a, cli.config.as_deref()).await,
             Command::Keys(a) => commands::keys::run(a, cli.config.as_deref()).await,
             Command::Serve(a) => commands::serve::run(a, cli.config.as_deref()).await,

@@ -11,6 +11,7 @@ mod commands;
 pub mod config;
 pub mod gateway;
 pub mod git;
+pub mod k8s;
 pub mod keys;
 mod lockfile;
 pub mod models;

@@ -12,6 +12,8 @@ command -v npm >/dev/null || need_apt+=(npm)
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 [ -x /usr/sbin/fcgiwrap ] || need_apt+=(fcgiwrap)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+# The distribution registry tests/image_push.rs pushes to (started by the test on loopback).
+[ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
 command -v openssl >/dev/null || need_apt+=(openssl)
 # The simulated hosts' test image (tests/netsim.rs): a static busybox, made into an image offline.
@@ -19,7 +21,8 @@ dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    # Packages must not start their system services (nginx on :80, sshd on :22, fcgiwrap):
+    # Packages must not start their system services (nginx on :80, sshd on :22, fcgiwrap,
+    # docker-registry on :5000):
     # the tests start their own, and without an init to start them a postinst can fail.
     no_start=
     if [ ! -e /usr/sbin/policy-rc.d ]; then

@@ -1,6 +1,6 @@
 //! cohort-oci: build a reproducible OCI image from host files, in-process.
 //!
-//! Knows OCI, tar and ELF, and nothing of git, agents or container engines. The caller
+//! Knows OCI, tar, ELF and the distribution API (push to a registry), and nothing of git, agents or container engines. The caller
 //! chooses what goes in (programs, binaries, files) and gets back an oci-archive that any
 //! engine can load.
 //!
@@ -9,6 +9,7 @@
 //! skeleton (passwd/group, home, /tmp, workdir) · codex · cohort · caller files.
 
 mod archive;
+pub mod auth;
 mod blob;
 mod elf;
 mod error;
@@ -16,6 +17,8 @@ mod image;
 mod layer;
 mod layout;
 mod pipe;
+pub mod push;
+mod reference;
 mod strip;
 
 use std::fs;
@@ -29,6 +32,8 @@ pub use image::{write_config_and_manifest, BuiltImage, ImageSettings, ManifestIn
 pub use layer::{Layer, LayerBuilder, LayerOptions};
 pub use layout::{Unused, UnusedKind};
 pub use oci_spec::image::MediaType;
+pub use push::{push, PushError, PushEvent, PushOptions, PushReport};
+pub use reference::Reference;
 pub use strip::{strip_debug, stripped_copy};
 
 /// git helpers left out of the default set: servers, mail/push transports, and the http(s)/ftp

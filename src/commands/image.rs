@@ -35,6 +35,9 @@ pub enum ImageCommand {
     /// Load an oci-archive written by `image build --archive` into podman (e.g. into a user's
     /// storage, without building again).
     Load(LoadArgs),
+    /// Push the built image to a registry (HOST[:PORT]/NAME[:TAG]) over the distribution API;
+    /// only the layers it lacks are sent. Credentials: containers' auth.json (`podman login`).
+    Push(super::image_push::PushArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +67,7 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
     match args.command {
         ImageCommand::Build(b) => build(b, config_path).await,
         ImageCommand::Load(l) => load(l).await,
+        ImageCommand::Push(p) => super::image_push::push(p, config_path).await,
     }
 }
 

@@ -5,6 +5,8 @@ pub mod container;
 pub mod doctor;
 pub mod gc;
 pub mod image;
+pub mod image_push;
+pub mod k8s;
 pub mod keys;
 pub mod logs;
 pub mod plan;
