@@ -16,6 +16,7 @@ mod lockfile;
 pub mod models;
 pub mod plan;
 pub mod progress;
+pub mod remote;
 pub mod run;
 pub mod runtime;
 pub mod secret;

@@ -1,0 +1,3 @@
+//! Running tasks on other machines (issue #20).
+
+pub mod hosts;
