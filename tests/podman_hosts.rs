@@ -55,7 +55,11 @@ fn cli_container(service: &PodmanService, dir: &Path, name: &str) {
         .unwrap();
     assert!(ok.success());
     for args in [
-        vec!["import".to_owned(), tar.display().to_string(), "localhost/empty:1".to_owned()],
+        vec![
+            "import".to_owned(),
+            tar.display().to_string(),
+            "localhost/empty:1".to_owned(),
+        ],
         vec![
             "create".into(),
             "--name".into(),
@@ -67,7 +71,11 @@ fn cli_container(service: &PodmanService, dir: &Path, name: &str) {
         ],
     ] {
         let out = service.cli().args(&args).output().unwrap();
-        assert!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -78,7 +86,11 @@ async fn tcp_endpoint_answers_and_knows_the_local_address() {
     cli_container(&service, tmp.path(), "made-by-cli");
     let endpoint = Endpoint::parse(&service.tcp_uri()).unwrap();
     let podman = Podman::connect_endpoint(&endpoint).await.unwrap();
-    assert!(podman.version().version.starts_with(|c: char| c.is_ascii_digit()), "{:?}", podman.version());
+    assert!(
+        podman.version().version.starts_with(|c: char| c.is_ascii_digit()),
+        "{:?}",
+        podman.version()
+    );
     assert!(!podman.rootless());
     assert_eq!(podman.local_ip(), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
     assert_eq!(podman.describe(), service.tcp_uri());
@@ -86,13 +98,20 @@ async fn tcp_endpoint_answers_and_knows_the_local_address() {
     let listed = podman.list_containers(&[("cohort-hosts-test", "1")]).await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].names, ["made-by-cli"]);
-    assert!(podman.list_containers(&[("cohort-hosts-test", "2")]).await.unwrap().is_empty());
+    assert!(podman
+        .list_containers(&[("cohort-hosts-test", "2")])
+        .await
+        .unwrap()
+        .is_empty());
     assert!(podman.image_exists("localhost/empty:1").await.unwrap());
 
     // Nothing listening: the error names the endpoint and says what to start.
     drop(service);
     let e = Podman::connect_endpoint(&endpoint).await.unwrap_err().to_string();
-    assert!(e.contains(&endpoint.to_string()) && e.contains("podman system service tcp://"), "{e}");
+    assert!(
+        e.contains(&endpoint.to_string()) && e.contains("podman system service tcp://"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +150,10 @@ async fn ssh_endpoint_runs_containers_over_one_session() {
     session.write_stdin(b"through ssh\n").await.unwrap();
     session.close_stdin().await.unwrap();
     let (out, err) = session.collect().await.unwrap();
-    assert_eq!((out.as_slice(), err.as_slice()), (&b"through ssh\n"[..], &b"done\n"[..]));
+    assert_eq!(
+        (out.as_slice(), err.as_slice()),
+        (&b"through ssh\n"[..], &b"done\n"[..])
+    );
     assert_eq!(podman.exec_exit_code(&exec_id).await.unwrap(), 0);
     let many = (0..8).map(|_| {
         let p = podman.clone();
@@ -148,14 +170,23 @@ async fn ssh_endpoint_runs_containers_over_one_session() {
     // A socket that is not there: the channel is refused with a hint.
     let mut missing = target.clone();
     missing.socket = tmp.path().join("no.sock");
-    let e = Podman::connect_endpoint(&Endpoint::Ssh(missing)).await.unwrap_err().to_string();
+    let e = Podman::connect_endpoint(&Endpoint::Ssh(missing))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("refused a channel") && e.contains("no.sock"), "{e}");
 
     // A key the server does not accept: refused, saying which key was tried.
     let mut wrong_user = target.clone();
     wrong_user.identity = Some(ssh.wrong_key.clone());
-    let e = Podman::connect_endpoint(&Endpoint::Ssh(wrong_user)).await.unwrap_err().to_string();
-    assert!(e.contains("login as root refused") && e.contains("wrong_ed25519"), "{e}");
+    let e = Podman::connect_endpoint(&Endpoint::Ssh(wrong_user))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("login as root refused") && e.contains("wrong_ed25519"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +202,10 @@ async fn ssh_refuses_unknown_and_changed_host_keys() {
         .unwrap_err()
         .to_string();
     let fix = format!("ssh-keyscan -p {} 127.0.0.1 >> {}", ssh.port, empty.display());
-    assert!(e.contains("is not in") && e.contains("SHA256:") && e.contains(&fix), "{e}");
+    assert!(
+        e.contains("is not in") && e.contains("SHA256:") && e.contains(&fix),
+        "{e}"
+    );
     assert_eq!(std::fs::read_to_string(&empty).unwrap(), "", "never learnt");
 
     // Another ed25519 key recorded for the host: a changed key, refused.
@@ -183,7 +217,10 @@ async fn ssh_refuses_unknown_and_changed_host_keys() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("HAS CHANGED") && e.contains("ssh-keygen -R") && e.contains(":1"), "{e}");
+    assert!(
+        e.contains("HAS CHANGED") && e.contains("ssh-keygen -R") && e.contains(":1"),
+        "{e}"
+    );
 
     // The right key under the port-22 name does not vouch for another port.
     let host = std::fs::read_to_string(&ssh.known_hosts).unwrap();

@@ -79,11 +79,7 @@ async fn load(args: LoadArgs) -> Result<u8> {
             podman.describe()
         )
     })?;
-    eprintln!(
-        "cohort: loaded {} into {}",
-        args.archive.display(),
-        podman.describe()
-    );
+    eprintln!("cohort: loaded {} into {}", args.archive.display(), podman.describe());
     Ok(0)
 }
 

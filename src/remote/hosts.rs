@@ -55,7 +55,10 @@ impl HostSpec {
                 (t, n)
             }
             Some((_, n)) if !s.contains("://") || n.is_empty() => {
-                return Err(err(spec, format!("{n:?} after = is not a slot count (1 to {MAX_SLOTS})")))
+                return Err(err(
+                    spec,
+                    format!("{n:?} after = is not a slot count (1 to {MAX_SLOTS})"),
+                ))
             }
             _ => (s, DEFAULT_SLOTS),
         };
@@ -70,7 +73,10 @@ impl HostSpec {
             };
             return Ok(HostSpec { name, endpoint, slots });
         }
-        if !target.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b)) {
+        if !target
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
+        {
             return Err(err(
                 spec,
                 "neither a URL (ssh://USER@HOST/path/podman.sock, tcp://HOST:PORT) nor a podman connection name",
@@ -157,7 +163,16 @@ mod tests {
         )
         .unwrap();
         let got: Vec<(&str, usize)> = hosts.iter().map(|h| (h.name.as_str(), h.slots)).collect();
-        assert_eq!(got, [("10.0.0.2", 8), ("10.0.0.2-2", 4), ("w1", 2), ("10.0.0.2-3", 1), ("h", 4)]);
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.2", 8),
+                ("10.0.0.2-2", 4),
+                ("w1", 2),
+                ("10.0.0.2-3", 1),
+                ("h", 4)
+            ]
+        );
         let Endpoint::Ssh(t) = &hosts[2].endpoint else { panic!() };
         assert_eq!(t.identity, Some(PathBuf::from("/k/w1")));
         // No flags: config's list.
@@ -183,7 +198,9 @@ mod tests {
             let e = resolve_hosts_in(&strs(&[spec]), &[], &st).expect_err(spec).to_string();
             assert!(e.contains(says), "{spec}: {e}");
         }
-        let e = resolve_hosts_in(&strs(&["tcp://h:1", "tcp://h:1=2"]), &[], &st).unwrap_err().to_string();
+        let e = resolve_hosts_in(&strs(&["tcp://h:1", "tcp://h:1=2"]), &[], &st)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("given twice"), "{e}");
     }
 }

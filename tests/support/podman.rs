@@ -166,7 +166,10 @@ impl PodmanService {
 
     /// `tcp://127.0.0.1:PORT` of a [`PodmanService::start_tcp`] service.
     pub fn tcp_uri(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.tcp_port.expect("a service started with start_tcp"))
+        format!(
+            "tcp://127.0.0.1:{}",
+            self.tcp_port.expect("a service started with start_tcp")
+        )
     }
 
     /// The value for `CONTAINER_HOST`.

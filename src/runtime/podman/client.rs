@@ -239,11 +239,17 @@ impl Podman {
                     message,
                 };
                 let fix = "is `podman system service tcp://ADDR:PORT` running there and the port reachable?";
-                let stream = match tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), *port))).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return Err(remote(format!("cannot connect: {e}; {fix}"))),
-                    Err(_) => return Err(remote(format!("no connection within {}s; {fix}", TCP_CONNECT_TIMEOUT.as_secs()))),
-                };
+                let stream =
+                    match tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), *port))).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return Err(remote(format!("cannot connect: {e}; {fix}"))),
+                        Err(_) => {
+                            return Err(remote(format!(
+                                "no connection within {}s; {fix}",
+                                TCP_CONNECT_TIMEOUT.as_secs()
+                            )))
+                        }
+                    };
                 let _ = stream.set_nodelay(true);
                 if let Ok(addr) = stream.local_addr() {
                     self.local_ip.get_or_init(|| addr.ip());

@@ -38,7 +38,11 @@ impl Connection {
     /// The endpoint, with the identity file attached for ssh.
     pub fn endpoint(&self) -> Result<Endpoint> {
         let e = Endpoint::parse(&self.uri).map_err(|e| {
-            PodmanError::Endpoint(format!("of connection {:?} in {}: {e}", self.name, self.source.display()))
+            PodmanError::Endpoint(format!(
+                "of connection {:?} in {}: {e}",
+                self.name,
+                self.source.display()
+            ))
         })?;
         Ok(e.with_identity(self.identity.clone()))
     }
@@ -79,9 +83,11 @@ impl Store {
             .map(PathBuf::from)
             .or_else(|| var("HOME").map(|h| Path::new(&h).join(".config")))
             .or_else(|| super::known_hosts::home_dir().map(|h| h.join(".config")));
-        let json = var("PODMAN_CONNECTIONS_CONF")
-            .map(PathBuf::from)
-            .or_else(|| config_home.as_ref().map(|c| c.join("containers/podman-connections.json")));
+        let json = var("PODMAN_CONNECTIONS_CONF").map(PathBuf::from).or_else(|| {
+            config_home
+                .as_ref()
+                .map(|c| c.join("containers/podman-connections.json"))
+        });
         let mut confs = Vec::new();
         if let Some(only) = var("CONTAINERS_CONF") {
             confs.push(PathBuf::from(only));
@@ -146,12 +152,21 @@ impl Store {
         all.remove(name).ok_or_else(|| {
             let known: Vec<&str> = all.keys().map(String::as_str).collect();
             let mut files: Vec<String> = self.json.iter().map(|p| p.display().to_string()).collect();
-            files.extend(self.confs.iter().filter(|p| p.exists()).map(|p| p.display().to_string()));
+            files.extend(
+                self.confs
+                    .iter()
+                    .filter(|p| p.exists())
+                    .map(|p| p.display().to_string()),
+            );
             PodmanError::Endpoint(format!(
                 "{name:?}: no podman connection of that name (known: {}; read {}). Add one with \
                  `podman system connection add {name} ssh://USER@HOST/run/user/UID/podman/podman.sock`, \
                  or give the URI itself",
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") },
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                },
                 files.join(", ")
             ))
         })
@@ -237,21 +252,34 @@ mod tests {
         let all = store.all().unwrap();
         assert_eq!(all.keys().collect::<Vec<_>>(), ["both", "mine", "old", "w1"]);
         // /etc overrides /usr/share; the identity comes along to the ssh endpoint.
-        let Endpoint::Ssh(t) = all["old"].endpoint().unwrap() else { panic!() };
-        assert_eq!((t.host.as_str(), t.identity.as_deref()), ("10.0.0.3", Some(Path::new("/keys/old"))));
+        let Endpoint::Ssh(t) = all["old"].endpoint().unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (t.host.as_str(), t.identity.as_deref()),
+            ("10.0.0.3", Some(Path::new("/keys/old")))
+        );
         // The JSON store wins a name both have.
         assert_eq!(all["both"].endpoint().unwrap().to_string(), "tcp://10.0.0.9:8888");
-        let Endpoint::Ssh(t) = store.lookup("w1").unwrap().endpoint().unwrap() else { panic!() };
+        let Endpoint::Ssh(t) = store.lookup("w1").unwrap().endpoint().unwrap() else {
+            panic!()
+        };
         assert_eq!((t.user.as_str(), t.port), ("core", 2222));
         assert_eq!(t.identity.as_deref(), Some(Path::new("/keys/w1")));
         // Root does not read the rootless drop-ins.
         assert!(!Store::from_vars(env, 0, &root).all().unwrap().contains_key("mine"));
         let e = store.lookup("nope").unwrap_err().to_string();
-        assert!(e.contains("known: both, mine, old, w1") && e.contains("podman system connection add nope"), "{e}");
+        assert!(
+            e.contains("known: both, mine, old, w1") && e.contains("podman system connection add nope"),
+            "{e}"
+        );
 
         // CONTAINERS_CONF alone replaces every containers.conf; PODMAN_CONNECTIONS_CONF moves the JSON.
         let only = d.path().join("only.conf");
-        write(&only, "[engine.service_destinations.solo]\nuri = \"tcp://127.0.0.1:9\"\n");
+        write(
+            &only,
+            "[engine.service_destinations.solo]\nuri = \"tcp://127.0.0.1:9\"\n",
+        );
         let env2 = |k: &str| match k {
             "CONTAINERS_CONF" => Some(only.display().to_string()),
             "PODMAN_CONNECTIONS_CONF" => Some(d.path().join("none.json").display().to_string()),

@@ -204,7 +204,8 @@ mod tests {
                 port: 8888
             }
         );
-        let Endpoint::Ssh(t) = Endpoint::parse("ssh://core@h.example:2222/run/user/1000/podman/podman.sock?secure=true").unwrap()
+        let Endpoint::Ssh(t) =
+            Endpoint::parse("ssh://core@h.example:2222/run/user/1000/podman/podman.sock?secure=true").unwrap()
         else {
             panic!("not ssh")
         };

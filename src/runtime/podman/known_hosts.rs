@@ -179,7 +179,10 @@ mod tests {
     fn plain_hashed_ports_and_patterns() {
         let d = tempfile::tempdir().unwrap();
         let (a, b) = (key(KEY_A), key(KEY_B));
-        let f = file(d.path(), &format!("# comment\n\nh1,h2 ssh-ed25519 {KEY_A}\n[h3]:2222\tssh-ed25519 {KEY_A} c\n"));
+        let f = file(
+            d.path(),
+            &format!("# comment\n\nh1,h2 ssh-ed25519 {KEY_A}\n[h3]:2222\tssh-ed25519 {KEY_A} c\n"),
+        );
         assert_eq!(check(&f, "h2", &a), Verdict::Known);
         assert_eq!(check(&f, "[h3]:2222", &a), Verdict::Known);
         // A port-22 entry does not vouch for another port, nor the other way round.
@@ -187,7 +190,10 @@ mod tests {
         assert_eq!(check(&f, "h3", &a), Verdict::Unknown);
         assert_eq!(check(&f, "h1", &b), Verdict::Changed(vec![(f[0].clone(), 3)]));
 
-        let f = file(d.path(), &format!("{} ssh-ed25519 {KEY_B}\n", hashed("[10.0.0.2]:2200")));
+        let f = file(
+            d.path(),
+            &format!("{} ssh-ed25519 {KEY_B}\n", hashed("[10.0.0.2]:2200")),
+        );
         assert_eq!(check(&f, "[10.0.0.2]:2200", &b), Verdict::Known);
         assert_eq!(check(&f, "[10.0.0.2]:2201", &b), Verdict::Unknown);
         assert!(matches!(check(&f, "[10.0.0.2]:2200", &a), Verdict::Changed(_)));

@@ -71,7 +71,11 @@ impl client::Handler for Checker {
         let t = &self.target;
         let name = t.host_port();
         let files = known_hosts::files(t.known_hosts.as_deref());
-        let shown = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let shown = files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let fp = known_hosts::fingerprint(&key);
         let alg = key.algorithm();
         let keyscan = format!("ssh-keyscan -p {} {}", t.port, t.host);
@@ -82,7 +86,11 @@ impl client::Handler for Checker {
                 "the ssh host key of {name} ({alg} {fp}) is not in {shown}; cohort never trusts a key it has not \
                  been told about. Compare that fingerprint with the host's own (`ssh-keygen -lf \
                  /etc/ssh/ssh_host_{}_key.pub` on it), then add it: `{keyscan} >> {target}`",
-                alg.as_str().trim_start_matches("ssh-").split('-').next().unwrap_or("ed25519")
+                alg.as_str()
+                    .trim_start_matches("ssh-")
+                    .split('-')
+                    .next()
+                    .unwrap_or("ed25519")
             ))),
             Verdict::Changed(lines) => Err(Fail::HostKey(format!(
                 "THE SSH HOST KEY OF {name} HAS CHANGED: it offers {alg} {fp}, which differs from {}. Someone may \
@@ -168,7 +176,10 @@ impl SshConn {
                 .await
                 .map_err(|e| format!("cannot reach the ssh server: {e}"))?;
             let _ = tcp.set_nodelay(true);
-            let local = tcp.local_addr().map_err(|e| format!("the connection's local address: {e}"))?.ip();
+            let local = tcp
+                .local_addr()
+                .map_err(|e| format!("the connection's local address: {e}"))?
+                .ip();
             let config = Arc::new(client::Config {
                 // Long runs hold the session idle between requests; keepalives notice a
                 // dead peer, and a NAT forgets an idle flow otherwise.
@@ -178,14 +189,19 @@ impl SshConn {
                 ..Default::default()
             });
             let checker = Checker { target: t.clone() };
-            let mut handle = client::connect_stream(config, tcp, checker).await.map_err(|e| e.to_string())?;
+            let mut handle = client::connect_stream(config, tcp, checker)
+                .await
+                .map_err(|e| e.to_string())?;
             authenticate(&mut handle, t).await?;
             Ok::<_, String>((handle, local))
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, work).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(m)) => Err(remote_err(t, m)),
-            Err(_) => Err(remote_err(t, format!("no ssh login within {}s", CONNECT_TIMEOUT.as_secs()))),
+            Err(_) => Err(remote_err(
+                t,
+                format!("no ssh login within {}s", CONNECT_TIMEOUT.as_secs()),
+            )),
         }
     }
 }
