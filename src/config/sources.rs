@@ -318,6 +318,7 @@ mod tests {
                 | ("container", "mounts")
                 | ("container", "allow")
                 | ("image", "programs")
+                | ("run", "hosts")
                 | ("verify", "command")
                 | ("verify", "caches") => toml::Value::Array(vec!["/x:/y".into()]),
                 ("container", "network") => "none".into(),
