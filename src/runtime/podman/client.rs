@@ -6,7 +6,6 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -18,11 +17,11 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, UnixStream};
 
 use super::endpoint::Endpoint;
 use super::error::{io_err, PodmanError, Result};
-use super::ssh::{Io, SshConn};
+use super::ssh::SshConn;
+use super::transport::Transport;
 use super::types::*;
 
 /// Every libpod call is made against this API version (the oldest we support).
@@ -46,17 +45,6 @@ pub fn socket_candidates(container_host: Option<&str>, xdg_runtime_dir: Option<&
     }
     out.push(PathBuf::from("/run/podman/podman.sock"));
     Ok(out)
-}
-
-/// How long a TCP connection to a remote service may take to open.
-const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How requests reach the service.
-#[derive(Debug)]
-enum Transport {
-    Unix(PathBuf),
-    Tcp { host: String, port: u16 },
-    Ssh(SshConn),
 }
 
 /// A connected podman service. Clones share the transport (and so one ssh session).
@@ -223,49 +211,8 @@ impl Podman {
 
     // ---- transport ----
 
-    /// A new connection to the service (an ssh channel in the shared session, for ssh).
-    async fn stream(&self) -> Result<Io> {
-        Ok(match &*self.transport {
-            Transport::Unix(path) => {
-                let stream = UnixStream::connect(path).await.map_err(|source| PodmanError::Connect {
-                    path: path.clone(),
-                    source,
-                })?;
-                Box::new(stream) as Io
-            }
-            Transport::Tcp { host, port } => {
-                let remote = |message: String| PodmanError::Remote {
-                    endpoint: self.describe(),
-                    message,
-                };
-                let fix = "is `podman system service tcp://ADDR:PORT` running there and the port reachable?";
-                let stream =
-                    match tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), *port))).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return Err(remote(format!("cannot connect: {e}; {fix}"))),
-                        Err(_) => {
-                            return Err(remote(format!(
-                                "no connection within {}s; {fix}",
-                                TCP_CONNECT_TIMEOUT.as_secs()
-                            )))
-                        }
-                    };
-                let _ = stream.set_nodelay(true);
-                if let Ok(addr) = stream.local_addr() {
-                    self.local_ip.get_or_init(|| addr.ip());
-                }
-                Box::new(stream)
-            }
-            Transport::Ssh(conn) => {
-                let (io, ip) = conn.open().await?;
-                self.local_ip.get_or_init(|| ip);
-                io
-            }
-        })
-    }
-
     pub(super) async fn open(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>> {
-        let stream = self.stream().await?;
+        let stream = self.transport.stream(&self.endpoint, &self.local_ip).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // Upgrades must be enabled on the connection for exec's hijacked stream.
         tokio::spawn(async move {

@@ -20,6 +20,7 @@ mod known_hosts;
 pub mod runtime;
 mod ssh;
 mod stream;
+mod transport;
 mod types;
 mod volume;
 
