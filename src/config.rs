@@ -170,6 +170,9 @@ pub struct RunSection {
     /// A duration such as `30m` or `90s`.
     pub timeout: Option<String>,
     pub runtime: Option<String>,
+    /// podman hosts to run tasks on, as `--host`: `["ssh://USER@HOST/path/podman.sock=8",
+    /// "NAME"]` (a NAME is one of podman's connections). `--host` flags replace the list.
+    pub hosts: Option<Vec<String>>,
     pub sync: Option<bool>,
     /// The largest file a task may commit (bytes, or with a suffix `k`, `m`, `g`; default
     /// 100m). A task that leaves a larger one fails, naming it; the rest of its work is kept
@@ -333,6 +336,12 @@ mod tests {
         let c = load_file(&p).unwrap();
         assert_eq!(c.run.jobs, Some(3));
         assert_eq!(c.run.on_conflict, Some(ConflictPolicy::Keep));
+        std::fs::write(&p, "[run]\nhosts = [\"ssh://u@h/run/podman/podman.sock=8\", \"w1\"]\n").unwrap();
+        let c = load_file(&p).unwrap();
+        assert_eq!(
+            c.run.hosts.as_deref(),
+            Some(&["ssh://u@h/run/podman/podman.sock=8".to_owned(), "w1".to_owned()][..])
+        );
         assert!(parse_duration("--timeout", "soon").is_err());
         let price = Price {
             input: 2.0,

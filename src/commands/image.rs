@@ -80,14 +80,10 @@ async fn load(args: LoadArgs) -> Result<u8> {
         format!(
             "cannot load {} into podman ({})",
             args.archive.display(),
-            podman.socket().display()
+            podman.describe()
         )
     })?;
-    eprintln!(
-        "cohort: loaded {} into {}",
-        args.archive.display(),
-        podman.socket().display()
-    );
+    eprintln!("cohort: loaded {} into {}", args.archive.display(), podman.describe());
     Ok(0)
 }
 
@@ -146,7 +142,9 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
     // Connect first: a missing socket should fail before a build of several seconds.
     let podman = Podman::connect().await?;
     let system_socket = args.system_socket.clone();
-    let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+    let same = |a: &Path, b: Option<&Path>| {
+        b.is_some_and(|b| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a)))
+    };
     // Already talking to the rootful engine (CONTAINER_HOST names it): one load is enough.
     let system = if args.copy_system && !same(&system_socket, podman.socket()) {
         if !system_socket.exists() {
@@ -296,7 +294,7 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
     let t = std::time::Instant::now();
     eprintln!(
         "cohort: loading {tag} into podman ({}){}…",
-        podman.socket().display(),
+        podman.describe(),
         if omit.is_empty() {
             String::new()
         } else {
@@ -325,7 +323,7 @@ async fn build(args: BuildArgs, config_path: Option<&Path>) -> Result<u8> {
             }
         }
     };
-    loaded.with_context(|| format!("cannot load the image into podman ({})", podman.socket().display()))?;
+    loaded.with_context(|| format!("cannot load the image into podman ({})", podman.describe()))?;
     eprintln!("cohort: loaded in {:.1}s", t.elapsed().as_secs_f64());
     let archive = full;
     if let Some(system) = &system {

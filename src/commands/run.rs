@@ -64,6 +64,14 @@ pub struct EngineFlags {
     /// Where agents run.
     #[arg(long, value_enum)]
     pub runtime: Option<RuntimeKind>,
+    /// A podman host to run tasks on, SLOTS at a time (1-64, default 4); repeat for more hosts.
+    /// URL as podman writes it: ssh://USER@HOST[:PORT]/run/user/UID/podman/podman.sock (logs
+    /// in with ssh-agent or ~/.ssh/id_*, and the host key must already be in
+    /// ~/.ssh/known_hosts), or tcp://HOST:PORT (plain, unauthenticated HTTP: trusted networks
+    /// only). A bare NAME is one of podman's own connections (`podman system connection
+    /// list`). Given here, these replace [run] hosts.
+    #[arg(long = "host", value_name = "URL[=SLOTS]")]
+    pub hosts: Vec<String>,
     /// The model the codex agent uses.
     #[arg(long, value_name = "MODEL")]
     pub model: Option<String>,

@@ -37,6 +37,8 @@ pub const SENSITIVE: &[(&str, &str)] = &[
     ("image", "base"),
     // `host` takes agents out of their containers.
     ("run", "runtime"),
+    // Hosts get the user's ssh login and run the run's containers.
+    ("run", "hosts"),
     // Pushing writes to origin with the user's credentials.
     ("run", "push"),
     ("run", "push_tasks"),
@@ -316,6 +318,7 @@ mod tests {
                 | ("container", "mounts")
                 | ("container", "allow")
                 | ("image", "programs")
+                | ("run", "hosts")
                 | ("verify", "command")
                 | ("verify", "caches") => toml::Value::Array(vec!["/x:/y".into()]),
                 ("container", "network") => "none".into(),

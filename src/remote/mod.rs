@@ -11,12 +11,14 @@
 //! - `client`, `slot`, `worker`: the worker's side; `files`: entries written and read
 //!   without following symlinks, on both sides;
 //! - `registry`: the run's image, served read-only to podman hosts;
-//! - `fleet`: worker containers started and stopped on podman hosts.
+//! - `hosts`: `--host` and `[run] hosts`, resolved; `fleet`: worker containers started and
+//!   stopped on them.
 
 pub mod client;
 pub mod controller;
 pub mod files;
 pub mod fleet;
+pub mod hosts;
 pub mod protocol;
 pub mod queue;
 pub mod registry;

@@ -22,6 +22,8 @@ pub struct PodmanService {
     socket: PathBuf,
     child: Child,
     user: Option<String>,
+    /// Set when the service listens on `tcp://127.0.0.1:PORT` instead of its socket.
+    tcp_port: Option<u16>,
 }
 
 /// `fixtures/containers.conf` next to this file's crate (or `$COHORT_FIXTURES`).
@@ -44,7 +46,13 @@ pub fn user_ids(user: &str) -> Option<(u32, u32)> {
 impl PodmanService {
     /// A rootful service (as root, storage under a temp dir).
     pub fn start() -> PodmanService {
-        Self::start_inner(None)
+        Self::start_inner(None, false)
+    }
+
+    /// A rootful service listening on `tcp://127.0.0.1:PORT` (plain HTTP, loopback only)
+    /// rather than on a unix socket: see [`PodmanService::tcp_uri`].
+    pub fn start_tcp() -> PodmanService {
+        Self::start_inner(None, true)
     }
 
     /// A rootless service run as `user` (see [`ROOTLESS_USER`]).
@@ -53,12 +61,12 @@ impl PodmanService {
             user_ids(user).is_some(),
             "no user {user}: run `fixtures/podman-service.sh install`"
         );
-        Self::start_inner(Some(user.to_owned()))
+        Self::start_inner(Some(user.to_owned()), false)
     }
 
     /// Start a fresh service and wait until it answers on its socket.
     /// Panics with a fix when podman is missing: a test that needs podman must not pass without it.
-    fn start_inner(user: Option<String>) -> PodmanService {
+    fn start_inner(user: Option<String>, tcp: bool) -> PodmanService {
         let conf = containers_conf();
         assert!(conf.exists(), "{} missing", conf.display());
         static N: AtomicU64 = AtomicU64::new(0);
@@ -80,12 +88,21 @@ impl PodmanService {
             socket,
             child: Command::new("true").spawn().unwrap(),
             user,
+            // A port free a moment ago; podman cannot be told to bind port 0 and report it.
+            tcp_port: tcp.then(|| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            }),
         };
         let _ = me.child.wait();
+        let listen = match me.tcp_port {
+            Some(port) => format!("tcp://127.0.0.1:{port}"),
+            None => format!("unix://{}", me.socket.display()),
+        };
         me.child = me
             .podman()
             .args(["system", "service", "--time=0"])
-            .arg(format!("unix://{}", me.socket.display()))
+            .arg(listen)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -94,7 +111,14 @@ impl PodmanService {
                 panic!("cannot run podman ({e}); install it with `fixtures/podman-service.sh install`")
             });
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !me.socket.exists() {
+        let up = |me: &PodmanService| match me.tcp_port {
+            Some(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            None => me.socket.exists(),
+        };
+        while !up(&me) {
+            if let Ok(Some(status)) = me.child.try_wait() {
+                panic!("podman service exited ({status}): {}", me.log());
+            }
             assert!(Instant::now() < deadline, "podman service did not start: {}", me.log());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -138,6 +162,14 @@ impl PodmanService {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// `tcp://127.0.0.1:PORT` of a [`PodmanService::start_tcp`] service.
+    pub fn tcp_uri(&self) -> String {
+        format!(
+            "tcp://127.0.0.1:{}",
+            self.tcp_port.expect("a service started with start_tcp")
+        )
     }
 
     /// The value for `CONTAINER_HOST`.

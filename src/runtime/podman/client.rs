@@ -1,7 +1,11 @@
 //! The libpod REST calls. One short-lived HTTP/1.1 connection per request: connecting to a
 //! unix socket costs microseconds, and it keeps upgraded (hijacked) exec streams independent.
+//! Remote services ([`Endpoint`]) are reached the same way: a TCP connection per request, or
+//! over ssh a channel per request in one ssh session ([`super::ssh`]).
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -13,9 +17,11 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
 
+use super::endpoint::Endpoint;
 use super::error::{io_err, PodmanError, Result};
+use super::ssh::SshConn;
+use super::transport::Transport;
 use super::types::*;
 
 /// Every libpod call is made against this API version (the oldest we support).
@@ -41,10 +47,13 @@ pub fn socket_candidates(container_host: Option<&str>, xdg_runtime_dir: Option<&
     Ok(out)
 }
 
-/// A connected podman service.
+/// A connected podman service. Clones share the transport (and so one ssh session).
 #[derive(Debug, Clone)]
 pub struct Podman {
-    socket: PathBuf,
+    endpoint: Endpoint,
+    transport: Arc<Transport>,
+    /// This side's address on the first TCP (or ssh) connection to the host.
+    local_ip: Arc<OnceLock<IpAddr>>,
     version: VersionInfo,
     rootless: bool,
 }
@@ -105,8 +114,30 @@ impl Podman {
         if !socket.exists() {
             return Err(PodmanError::NoSocket { tried: vec![socket] });
         }
+        Self::handshake(Endpoint::Unix(socket.clone()), Transport::Unix(socket)).await
+    }
+
+    /// Connect to a service anywhere: a unix socket here, `tcp://` (plain HTTP, unencrypted
+    /// and unauthenticated: for trusted networks only) or `ssh://` (in-process ssh, see
+    /// [`super::ssh`]). Then as [`Self::connect_to`].
+    pub async fn connect_endpoint(endpoint: &Endpoint) -> Result<Self> {
+        let transport = match endpoint {
+            Endpoint::Unix(p) => return Self::connect_to(p).await,
+            Endpoint::Tcp { host, port } => Transport::Tcp {
+                host: host.clone(),
+                port: *port,
+            },
+            Endpoint::Ssh(t) => Transport::Ssh(SshConn::new(t.clone())),
+        };
+        Self::handshake(endpoint.clone(), transport).await
+    }
+
+    /// Ping, check the API version, learn whether the service is rootless.
+    async fn handshake(endpoint: Endpoint, transport: Transport) -> Result<Self> {
         let mut me = Podman {
-            socket,
+            endpoint,
+            transport: Arc::new(transport),
+            local_ip: Arc::new(OnceLock::new()),
             version: VersionInfo::default(),
             rootless: false,
         };
@@ -147,8 +178,27 @@ impl Podman {
         Ok(me)
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The local socket, for a unix endpoint.
+    pub fn socket(&self) -> Option<&Path> {
+        match &*self.transport {
+            Transport::Unix(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The endpoint for messages: its URI (which holds nothing secret).
+    pub fn describe(&self) -> String {
+        self.endpoint.to_string()
+    }
+
+    /// This side's address on the connection to a remote host (TCP or ssh): the
+    /// controller's address as that host sees it. `None` for a unix socket.
+    pub fn local_ip(&self) -> Option<IpAddr> {
+        self.local_ip.get().copied()
     }
 
     pub fn version(&self) -> &VersionInfo {
@@ -162,12 +212,7 @@ impl Podman {
     // ---- transport ----
 
     pub(super) async fn open(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| PodmanError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
+        let stream = self.transport.stream(&self.endpoint, &self.local_ip).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // Upgrades must be enabled on the connection for exec's hijacked stream.
         tokio::spawn(async move {

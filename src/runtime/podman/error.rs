@@ -41,6 +41,11 @@ pub enum PodmanError {
     },
     #[error("podman protocol: {0}")]
     Protocol(String),
+    #[error("podman endpoint {0}")]
+    Endpoint(String),
+    /// Anything on the way to a remote podman: TCP connect, ssh login, host key, channel.
+    #[error("{endpoint}: {message}")]
+    Remote { endpoint: String, message: String },
 }
 
 impl PodmanError {

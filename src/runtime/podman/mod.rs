@@ -1,4 +1,5 @@
-//! A client for podman's libpod REST API over its unix socket (hyper 1, no podman binary).
+//! A client for podman's libpod REST API (hyper 1, no podman binary), over its unix socket
+//! or, for a podman host elsewhere, TCP or ssh ([`Endpoint`]).
 //!
 //! Self-contained on purpose: it depends only on external crates, so the rest of the crate
 //! can evolve around it. The `Runtime` trait implementation lives elsewhere and uses this.
@@ -10,12 +11,17 @@
 //! hyper are less code than working around a generated client.
 
 mod client;
+pub mod connections;
+mod endpoint;
 mod error;
 mod exec;
 pub mod idmap;
 mod pull;
+mod known_hosts;
 pub mod runtime;
+mod ssh;
 mod stream;
+mod transport;
 mod types;
 mod volume;
 
@@ -29,6 +35,7 @@ mod tests_parallel;
 mod tests_rootful;
 
 pub use client::{socket_candidates, Podman, API_PREFIX};
+pub use endpoint::{Endpoint, SshTarget};
 pub use error::{PodmanError, Result};
 pub use pull::{SecretInfo, SecretSpec};
 pub use runtime::{cleanup_run, PodmanRuntime, PodmanSettings, DEFAULT_IMAGE, WORKSPACE};

@@ -131,7 +131,7 @@ impl PodmanRuntime {
             anyhow::bail!(
                 "image {} is not in podman's storage ({}); build it with `cohort image build` (or run agents here with --runtime host)",
                 settings.image,
-                podman.socket().display()
+                podman.describe()
             );
         }
         let raw: serde_json::Value = podman.image_inspect_raw(&settings.image).await?;

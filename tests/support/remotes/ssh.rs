@@ -54,8 +54,8 @@ AcceptEnv GIT_PROTOCOL
 # login shell (bash -c 'git-upload-pack …') counts as nested and skips the machine's
 # ~/.bashrc, which is no part of the server (root's can be slow, e.g. pyenv's rehash lock).
 SetEnv GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0=* SHLVL=1
-# A podman client reaches the service's unix socket through the connection (OpenSSH's
-# default, stated because the simulated hosts depend on it).
+# podman over ssh (tests/podman_hosts.rs, the simulated hosts) opens direct-streamlocal
+# channels to its socket (OpenSSH's default, stated because they depend on it).
 AllowStreamLocalForwarding yes
 LogLevel VERBOSE
 ";
