@@ -284,7 +284,10 @@ async fn fleet_starts_workers_without_mounts_or_token_and_stops_them() {
                 command: Some(vec![
                     "/bin/sh".into(),
                     "-c".into(),
-                    format!("IFS= read -r t < {} || [ -n \"$t\" ] || exit 9; printf %s \"$t\"", fleet::TOKEN_FILE),
+                    format!(
+                        "IFS= read -r t < {} || [ -n \"$t\" ] || exit 9; printf %s \"$t\"",
+                        fleet::TOKEN_FILE
+                    ),
                 ]),
                 user: Some(user.into()),
                 secret_files: vec![fleet::token_file(&fleet::secret_name("r1", "box"), (0, 0))],

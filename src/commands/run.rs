@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::codex::{find_codex, CodexAgent};
@@ -166,9 +166,17 @@ pub fn build_engine(
     flags: &EngineFlags,
     stored: &serde_json::Value,
 ) -> Result<Engine> {
+    // With podman hosts, as many at once as they have slots.
+    let host_slots = match flags.hosts.is_empty() {
+        false => Some(flags.hosts.clone()),
+        true => config.run.hosts.clone(),
+    }
+    .map(|h| h.iter().map(|s| crate::remote::hosts::slots_of(s)).sum::<usize>())
+    .filter(|n| *n > 0);
     let jobs = flags
         .jobs
         .or(config.run.jobs)
+        .or(host_slots)
         .or(stored["jobs"].as_u64().map(|j| j as usize))
         .unwrap_or(4);
     if jobs == 0 || jobs > 256 {
@@ -195,7 +203,7 @@ pub fn build_engine(
     // Looked for in what every task hands back (with token shapes, private keys, .env files),
     // and kept from every agent's environment.
     let scan_key = api_key(config).ok().flatten();
-    let remote = remote_runtime(&paths, flags)?;
+    let remote = remote_runtime(&paths, flags, config)?;
     let runtime: Arc<dyn Runtime> = match remote {
         Some(r) => Arc::new(r),
         None => local_runtime(flags, config, stored, &scan_key)?,
@@ -285,11 +293,21 @@ pub fn build_engine(
     })
 }
 
-/// The remote runtime when the run serves workers (`--listen`): its controller listens now,
-/// so that a port in use is a setup error before anything changed.
-fn remote_runtime(paths: &RepoPaths, flags: &EngineFlags) -> Result<Option<crate::remote::runtime::RemoteRuntime>> {
-    let Some(listen) = flags.listen else {
-        return Ok(None);
+/// The remote runtime when the run serves workers (`--listen`, or `--host`/`[run] hosts`,
+/// which start workers on podman hosts): its controller listens and every host answers now,
+/// so that a port in use or a host out of reach is a setup error before anything changed.
+fn remote_runtime(
+    paths: &RepoPaths,
+    flags: &EngineFlags,
+    config: &Config,
+) -> Result<Option<crate::remote::runtime::RemoteRuntime>> {
+    let empty = Vec::new();
+    let specs = crate::remote::hosts::resolve_hosts(&flags.hosts, config.run.hosts.as_ref().unwrap_or(&empty))
+        .map_err(|e| usage(e.to_string()))?;
+    let listen = match (flags.listen, specs.is_empty()) {
+        (Some(l), _) => l,
+        (None, false) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        (None, true) => return Ok(None),
     };
     let worker_timeout = match &flags.worker_timeout {
         Some(t) => parse_duration("--worker-timeout", t)?,
@@ -299,13 +317,61 @@ fn remote_runtime(paths: &RepoPaths, flags: &EngineFlags) -> Result<Option<crate
         listen,
         repo: paths.common_dir.clone(),
         worker_timeout,
-        image_store: None,
     };
     tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(crate::remote::runtime::RemoteRuntime::start(settings))
+        tokio::runtime::Handle::current().block_on(async {
+            let hosts = match specs.is_empty() {
+                true => None,
+                false => Some(fleet_hosts(config, specs).await?),
+            };
+            crate::remote::runtime::RemoteRuntime::start(settings, hosts).await
+        })
     })
     .map(Some)
-    .map_err(|e| usage(format!("--listen {listen}: {e:#}")))
+    .map_err(|e| usage(format!("workers: {e:#}")))
+}
+
+/// Connects to every podman host, and finds the image their workers run in cohort's blob
+/// store (`cohort image build` puts it there).
+async fn fleet_hosts(
+    config: &Config,
+    specs: Vec<crate::remote::hosts::HostSpec>,
+) -> Result<crate::remote::runtime::Hosts> {
+    let tag = config
+        .image
+        .tag
+        .clone()
+        .unwrap_or_else(|| crate::runtime::podman::DEFAULT_IMAGE.into());
+    let store_dir = super::image::image_cache_dir()?.join("blobs");
+    let store = cohort_oci::BlobStore::open(&store_dir)?;
+    let Some((digest, _)) = store.tags().ok().and_then(|mut t| t.remove(&tag)) else {
+        return Err(usage(format!(
+            "--host: the workers' image {tag} is not in cohort's image store ({}); build it with `cohort image build`",
+            store_dir.display()
+        )));
+    };
+    let image_id = crate::remote::registry::image_id_of(&store, &digest)?;
+    let mut hosts = Vec::new();
+    for spec in specs {
+        let podman = crate::runtime::podman::Podman::connect_endpoint(&spec.endpoint)
+            .await
+            .with_context(|| format!("--host {}: cannot reach its podman service", spec.name))?;
+        hosts.push(crate::remote::fleet::FleetHost {
+            name: spec.name,
+            controller_ip: podman.local_ip(),
+            podman,
+            slots: spec.slots,
+        });
+    }
+    Ok(crate::remote::runtime::Hosts {
+        hosts,
+        store,
+        image_digest: digest,
+        image_id,
+        network: crate::runtime::podman::NetworkMode::Private,
+        memory_bytes: config.container.memory_bytes()?,
+        pids_limit: config.container.pids,
+    })
 }
 
 /// The runtime for agents on this machine: `--runtime`, config, what the run stored, or

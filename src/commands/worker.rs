@@ -51,17 +51,25 @@ fn become_user(spec: &str) -> Result<()> {
         return Err(usage(format!("--user {spec}: give it as UID:GID, e.g. 1000:1000")));
     };
     use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
-    setgroups(&[Gid::from_raw(gid)]).map_err(|e| usage(format!("--user {spec}: cannot set groups ({e}); start the worker as root")))?;
+    setgroups(&[Gid::from_raw(gid)]).map_err(|e| {
+        usage(format!(
+            "--user {spec}: cannot set groups ({e}); start the worker as root"
+        ))
+    })?;
     setgid(Gid::from_raw(gid)).map_err(|e| usage(format!("--user {spec}: {e}")))?;
     setuid(Uid::from_raw(uid)).map_err(|e| usage(format!("--user {spec}: {e}")))?;
-    anyhow::ensure!(nix::unistd::geteuid().as_raw() == uid, "--user {spec}: still running as another user");
+    anyhow::ensure!(
+        nix::unistd::geteuid().as_raw() == uid,
+        "--user {spec}: still running as another user"
+    );
     Ok(())
 }
 
 pub async fn run(args: Args) -> Result<u8> {
     let text = match &args.token_file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| usage(format!("--token-file {}: {e}", path.display())))?,
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| usage(format!("--token-file {}: {e}", path.display())))?
+        }
         None => std::env::var("COHORT_WORKER_TOKEN").map_err(|_| {
             usage(
                 "COHORT_WORKER_TOKEN is not set: give the worker the run's token (the run directory's \

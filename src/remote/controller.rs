@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{check_path, JobResult, LeaseRequest, OutputBatch, MAX_BODY_BYTES, MAX_RESULT_ENTRIES};
 use super::queue::{Finished, Queue, Work};
+use super::registry::Registry;
 use super::tls::Identity;
 use super::token::WorkerToken;
 use super::{trees, RemoteError};
@@ -36,8 +37,6 @@ pub struct ControllerSettings {
     pub repo: PathBuf,
     /// A worker silent this long loses its job.
     pub worker_timeout: Duration,
-    /// The image blob store `/v2/` serves, if any.
-    pub image_store: Option<PathBuf>,
 }
 
 /// A running controller; it stops when dropped.
@@ -55,7 +54,8 @@ struct Ctl {
     repo: PathBuf,
     gateway: Mutex<Option<PathBuf>>,
     timeout: Duration,
-    image_store: Option<PathBuf>,
+    /// The run's image, for podman hosts to pull (`/v2/`).
+    registry: Mutex<Option<Arc<Registry>>>,
     stop: CancellationToken,
 }
 
@@ -78,7 +78,7 @@ impl Controller {
             repo: settings.repo,
             gateway: Mutex::new(None),
             timeout: settings.worker_timeout,
-            image_store: settings.image_store,
+            registry: Mutex::new(None),
             stop: CancellationToken::new(),
         });
         tokio::spawn(accept(listener, tls, ctl.clone()));
@@ -113,6 +113,16 @@ impl Controller {
             let _ = std::fs::remove_file(dir.join("worker-token"));
         }
         self.ctl.wake.notify_waiters();
+    }
+
+    /// Serves `registry` (the run's image, read-only) at `/v2/`.
+    pub fn set_registry(&self, registry: Arc<Registry>) {
+        *lock(&self.ctl.registry) = Some(registry);
+    }
+
+    /// The bytes of image blobs served so far.
+    pub fn image_bytes_served(&self) -> u64 {
+        lock(&self.ctl.registry).as_ref().map_or(0, |r| r.served().blob_bytes)
     }
 
     /// Where agents' tunnels go: the run gateway's socket.
@@ -428,11 +438,11 @@ fn tunnel(ctl: &Arc<Ctl>, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn registry(ctl: &Arc<Ctl>, method: &Method, path: &str) -> Response<Body> {
-    let Some(store) = ctl.image_store.clone() else {
+    let Some(registry) = lock(&ctl.registry).clone() else {
         return refusal(StatusCode::NOT_FOUND, "this controller serves no image");
     };
     let (method, path) = (method.clone(), path.to_string());
-    tokio::task::spawn_blocking(move || super::registry::respond(&store, &method, &path))
+    tokio::task::spawn_blocking(move || registry.respond(&method, &path))
         .await
         .unwrap_or_else(|e| refusal(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))
 }

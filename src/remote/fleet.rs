@@ -47,6 +47,7 @@ pub const IMAGE_NAME: &str = "cohort";
 pub const HOST_GATEWAY_NAME: &str = "host.containers.internal";
 
 /// One podman host and how many workers it runs.
+#[derive(Debug, Clone)]
 pub struct FleetHost {
     pub name: String,
     pub podman: Podman,

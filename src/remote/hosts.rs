@@ -38,6 +38,15 @@ fn err(spec: &str, message: impl Into<String>) -> HostSpecError {
     }
 }
 
+/// The slots a `URL[=SLOTS]` spec asks for, without resolving it (for the run's default
+/// parallelism; [`HostSpec::parse`] checks the spec).
+pub fn slots_of(spec: &str) -> usize {
+    match spec.trim().rsplit_once('=') {
+        Some((_, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => n.parse().unwrap_or(DEFAULT_SLOTS),
+        _ => DEFAULT_SLOTS,
+    }
+}
+
 impl HostSpec {
     /// Parse one `URL[=SLOTS]` or `NAME[=SLOTS]`, looking NAMEs up in `store`. The name is
     /// not made unique here (see [`resolve_hosts`]).

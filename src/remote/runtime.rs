@@ -15,9 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::controller::{Controller, ControllerSettings};
 use super::files;
+use super::fleet::{Fleet, FleetHost, WorkerLaunch};
 use super::protocol::{CacheSpec, Job};
 use super::queue::{Finished, Work};
+use super::registry::Registry;
 use crate::git::safefs::Dir;
+use crate::runtime::podman::NetworkMode;
 use crate::runtime::{CachePath, Exit, Output, Role, Runtime, Spawn, BRIDGE_ADDR};
 
 /// A scratch directory larger than this is not sent (it holds a prompt, the agent's
@@ -28,14 +31,59 @@ pub struct RemoteRuntime {
     controller: Controller,
     /// The run being served and its directory.
     run: std::sync::Mutex<Option<(String, PathBuf)>>,
+    /// The podman hosts whose workers serve each run (`--host`), if any.
+    hosts: Option<Hosts>,
+    fleet: tokio::sync::Mutex<Option<Fleet>>,
+}
+
+/// Podman hosts, connected, and what their workers run.
+pub struct Hosts {
+    pub hosts: Vec<FleetHost>,
+    /// The run's image in cohort's blob store: its manifest digest and podman image id.
+    pub store: cohort_oci::BlobStore,
+    pub image_digest: String,
+    pub image_id: String,
+    pub network: NetworkMode,
+    pub memory_bytes: Option<i64>,
+    pub pids_limit: Option<i64>,
 }
 
 impl RemoteRuntime {
-    pub async fn start(settings: ControllerSettings) -> Result<RemoteRuntime> {
+    pub async fn start(settings: ControllerSettings, hosts: Option<Hosts>) -> Result<RemoteRuntime> {
+        let controller = Controller::start(settings).await?;
+        if let Some(h) = &hosts {
+            // Only the run's image, and only what it is made of.
+            let registry = Registry::only(h.store.clone(), std::slice::from_ref(&h.image_digest))?;
+            controller.set_registry(std::sync::Arc::new(registry));
+        }
         Ok(RemoteRuntime {
-            controller: Controller::start(settings).await?,
+            controller,
             run: std::sync::Mutex::new(None),
+            hosts,
+            fleet: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Starts the run's workers on every host (removing what a crashed start of the same
+    /// run left there first).
+    async fn start_fleet(&self, run_id: &str, token: &super::token::WorkerToken) -> Result<()> {
+        let Some(h) = &self.hosts else { return Ok(()) };
+        for host in &h.hosts {
+            Fleet::cleanup_run(&host.podman, run_id).await?;
+        }
+        let launch = WorkerLaunch {
+            run_id: run_id.to_string(),
+            image_digest: h.image_digest.clone(),
+            image_id: h.image_id.clone(),
+            controller_port: self.controller.addr().port(),
+            token: token.to_secret(),
+            network: h.network,
+            memory_bytes: h.memory_bytes,
+            pids_limit: h.pids_limit,
+        };
+        let fleet = Fleet::start(h.hosts.clone(), &launch).await?;
+        *self.fleet.lock().await = Some(fleet);
+        Ok(())
     }
 
     pub fn controller(&self) -> &Controller {
@@ -114,9 +162,9 @@ impl Runtime for RemoteRuntime {
     }
 
     async fn start_run(&self, run_id: &str, dir: &Path) -> Result<()> {
-        self.controller.open_run(run_id, dir)?;
+        let token = self.controller.open_run(run_id, dir)?;
         *lock(&self.run) = Some((run_id.to_string(), dir.to_path_buf()));
-        Ok(())
+        self.start_fleet(run_id, &token).await
     }
 
     async fn cleanup_run(&self, run_id: &str) -> Result<()> {
@@ -129,6 +177,9 @@ impl Runtime for RemoteRuntime {
         };
         if let Some((_, dir)) = ended {
             self.controller.close_run(Some(&dir));
+        }
+        if let Some(fleet) = self.fleet.lock().await.take() {
+            fleet.stop().await?;
         }
         Ok(())
     }
