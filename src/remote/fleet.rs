@@ -238,8 +238,7 @@ impl Fleet {
             .await
             .context("cannot list the run's worker containers")?;
         for c in &found {
-            podman
-                .remove_container(&c.id, true)
+            remove_worker(podman, &c.id)
                 .await
                 .with_context(|| format!("cannot remove worker container {}", c.names.join(",")))?;
         }
@@ -355,18 +354,35 @@ async fn start_host(started: &mut Started, launch: &WorkerLaunch) -> Result<()> 
 }
 
 /// Every failure on one host, each naming it.
+/// Force-removes a worker container. One that is exiting on its own just then (its worker
+/// was told the run is over) makes podman 4.3 answer "container state improper": asked
+/// again a moment later, it is gone or stopped and the removal goes through.
+async fn remove_worker(podman: &Podman, id: &str) -> Result<(), crate::runtime::podman::PodmanError> {
+    let mut tries = 0;
+    loop {
+        match podman.remove_container(id, true).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if tries < 10 => {
+                tries += 1;
+                tracing::debug!("removing worker container {id}: {e}; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn stop_host(started: &Started) -> Vec<String> {
     let name = &started.host.name;
     let podman = &started.host.podman;
     let mut errors = Vec::new();
     for c in &started.containers {
-        if let Err(e) = podman.remove_container(&c.id, true).await {
-            if !e.is_not_found() {
-                errors.push(format!(
-                    "worker host {name}: cannot remove container {}: {e}",
-                    c.container
-                ));
-            }
+        if let Err(e) = remove_worker(podman, &c.id).await {
+            errors.push(format!(
+                "worker host {name}: cannot remove container {}: {e}",
+                c.container
+            ));
         }
     }
     if let Err(e) = podman.remove_secret(&started.secret).await {

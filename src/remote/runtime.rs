@@ -179,7 +179,13 @@ impl Runtime for RemoteRuntime {
             self.controller.close_run(Some(&dir));
         }
         if let Some(fleet) = self.fleet.lock().await.take() {
-            fleet.stop().await?;
+            // A host that died during the run cannot be cleaned now; its tasks went to the
+            // others, so the run's outcome stands. Said, not failed.
+            if let Err(e) = fleet.stop().await {
+                crate::progress::say(&format!(
+                    "cohort: warning: not every worker container could be removed (a host out of reach?);                      `cohort run` of the same run id, or podman on that host, removes them:\n{e:#}"
+                ));
+            }
         }
         Ok(())
     }

@@ -348,9 +348,21 @@ impl SimHost {
         if ids.is_empty() {
             return Vec::new();
         }
-        let json = run_for(self.podman_cli().arg("inspect").args(&ids), Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
-        serde_json::from_str(&json).unwrap_or_else(|e| panic!("podman inspect: {e}: {json}"))
+        // One at a time: a container removed between the listing and its inspect (a run
+        // ending) is left out rather than failing the whole call.
+        let mut out = Vec::new();
+        for id in ids {
+            let Ok(json) = run_for(
+                self.podman_cli().args(["container", "inspect", id]),
+                Duration::from_secs(30),
+            ) else {
+                continue;
+            };
+            let records: Vec<serde_json::Value> =
+                serde_json::from_str(&json).unwrap_or_else(|e| panic!("podman inspect: {e}: {json}"));
+            out.extend(records);
+        }
+        out
     }
 
     /// The host's podman events so far (`podman events --stream=false`), oldest first, e.g.
