@@ -205,3 +205,108 @@ fn tasks_spread_over_three_hosts_and_survive_one_dying() {
     assert_eq!(unique.len(), 24, "a task merged twice");
     s.fsck();
 }
+
+/// The worker container `cohort k8s manifests` describes, run as the Job's pod would run it
+/// (its command, its token from the Secret, its user, a read-only root with its scratch
+/// volumes) on podman, takes the run's tasks from the controller.
+#[test]
+fn the_kubernetes_jobs_worker_container_serves_a_run_on_podman() {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Secret;
+    use serde::Deserialize;
+    let s = Scratch::new();
+    let service = PodmanService::start();
+    let out = s
+        .cohort()
+        .env("CONTAINER_HOST", service.container_host())
+        .args(["image", "build"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "image build: {}", text(&out));
+    let req = s.request("k8s.md", &tasks_doc(2));
+    let log = std::fs::File::create(s.tmp.path().join("k8s.log")).unwrap();
+    let mut run = s
+        .cohort()
+        .args([
+            "run",
+            req.to_str().unwrap(),
+            "--agent",
+            "command",
+            "--agent-command",
+            AGENT,
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let runs = s.work.join(".git/cohort/runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run_dir = loop {
+        let found = std::fs::read_dir(&runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("worker-token").exists());
+        if let Some(d) = found {
+            break d;
+        }
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            let _ = run.wait();
+            panic!("the controller never opened its run: {}", run_log(&s, "k8s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+    let out = s
+        .cohort()
+        .args(["k8s", "manifests", "--run", &run_id, "--parallelism", "1"])
+        .args(["--image", "localhost/cohort:latest"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let (mut job, mut secret) = (None, None);
+    for doc in serde_norway::Deserializer::from_str(&yaml) {
+        let v = serde_norway::Value::deserialize(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("Job") => job = Some(serde_norway::from_value::<Job>(v).unwrap()),
+            Some("Secret") => secret = Some(serde_norway::from_value::<Secret>(v).unwrap()),
+            _ => {}
+        }
+    }
+    let (job, secret) = (job.unwrap(), secret.unwrap());
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    // The token the pod gets: the Secret's key its env names.
+    let env = c.env.as_ref().unwrap();
+    let from = env[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    let token = secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(&from.key).cloned())
+        .unwrap_or_else(|| String::from_utf8(secret.data.as_ref().unwrap()[&from.key].0.clone()).unwrap());
+    let sc = c.security_context.as_ref().unwrap();
+    let user = format!("{}:{}", sc.run_as_user.unwrap_or(1000), sc.run_as_group.unwrap_or(1000));
+    let mut podman = service.cli();
+    podman
+        .args(["run", "--rm", "--network", "host", "--user", &user, "--read-only"])
+        .args(["-e", &env[0].name]) // the value comes from this process's environment
+        .env(&env[0].name, token.trim());
+    for m in c.volume_mounts.iter().flatten() {
+        // An emptyDir: empty, writable by the pod's user (podman 4.3 ignores tmpfs-mode;
+        // U=true makes the tmpfs the container user's).
+        podman.args(["--mount", &format!("type=tmpfs,destination={},U=true", m.mount_path)]);
+    }
+    podman.arg(c.image.as_deref().unwrap());
+    podman.args(c.command.iter().flatten()).args(c.args.iter().flatten());
+    let worker = podman.output().unwrap();
+    assert!(worker.status.success(), "the Job's worker: {}", text(&worker));
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", run_log(&s, "k8s"));
+    assert_eq!(s.merged_tasks("cohort/service").len(), 2);
+    assert!(text(&worker).contains("the run is over"), "{}", text(&worker));
+    s.fsck();
+}
