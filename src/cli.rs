@@ -116,6 +116,7 @@ pub(crate) fn exit_code_for(err: &anyhow::Error) -> u8 {
             || cause.is::<crate::trust::TrustError>()
             || cause.is::<crate::plan::PlanError>()
             || cause.is::<crate::models::ModelError>()
+            || cause.is::<crate::k8s::K8sError>()
         {
             return 2;
         }

@@ -24,7 +24,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
-use crate::cli::usage;
+/// A request the user can fix (a missing run, a bad image reference or address): exit 2 at
+/// the CLI edge. The library's own error type, not the CLI's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct K8sError(pub String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    K8sError(msg.into()).into()
+}
 
 /// `app.kubernetes.io/name` of every object.
 pub const APP_NAME: &str = "cohort-worker";

@@ -1,7 +1,6 @@
 //! A worker's HTTPS client: one connection per request (they are few and small, except the
 //! job and the result), each pinned to the controller's certificate.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -114,5 +113,3 @@ impl Client {
 fn protocol(e: impl std::fmt::Display) -> RemoteError {
     RemoteError::Protocol(e.to_string())
 }
-
-pub type Shared = Arc<Client>;

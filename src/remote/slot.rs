@@ -76,9 +76,11 @@ impl Slot {
         }
         // Forget the old tree first: a failure half-way leaves a checkout nobody vouches for.
         self.tree = None;
+        let by_path: std::collections::HashMap<&str, &Entry> =
+            job.changes.iter().map(|e| (e.path.as_str(), e)).collect();
         for w in files::apply(&root, &job.changes)? {
             self.forget(&w.path);
-            if let Some(known) = known_of(&root, &w, &job.changes)? {
+            if let Some(known) = known_of(&w, by_path.get(w.path.as_str()).copied())? {
                 self.manifest.insert(w.path, known);
             }
         }
@@ -177,12 +179,10 @@ fn same(entry: &Entry, k: &Known) -> Result<bool> {
 }
 
 /// The manifest entry for what was just written.
-fn known_of(root: &Dir, w: &Written, changes: &[Entry]) -> Result<Option<Known>> {
-    let Some(st) = &w.stat else { return Ok(None) };
-    let Some(entry) = changes.iter().rev().find(|e| e.path == w.path) else {
+fn known_of(w: &Written, entry: Option<&Entry>) -> Result<Option<Known>> {
+    let (Some(st), Some(entry)) = (&w.stat, entry) else {
         return Ok(None);
     };
-    let _ = root;
     Ok(Some(match &entry.kind {
         EntryKind::File { executable, .. } => Known {
             id: blob_id(&entry.data().map_err(anyhow::Error::msg)?.unwrap_or_default())?,
