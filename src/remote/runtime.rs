@@ -168,6 +168,18 @@ impl Runtime for RemoteRuntime {
     }
 
     async fn cleanup_run(&self, run_id: &str) -> Result<()> {
+        // The workers go first, while they are only waiting for work: told the run is over
+        // first, they would exit on their own just as podman removes them.
+        if let Some(fleet) = self.fleet.lock().await.take() {
+            // A host that died during the run cannot be cleaned now; its tasks went to the
+            // others, so the run's outcome stands. Said, not failed.
+            if let Err(e) = fleet.stop().await {
+                crate::progress::say(&format!(
+                    "cohort: warning: not every worker container could be removed (a host out of reach?); \
+                     `cohort run` of the same run id, or podman on that host, removes them:\n{e:#}"
+                ));
+            }
+        }
         let ended = {
             let mut run = lock(&self.run);
             match run.as_ref() {
@@ -177,15 +189,6 @@ impl Runtime for RemoteRuntime {
         };
         if let Some((_, dir)) = ended {
             self.controller.close_run(Some(&dir));
-        }
-        if let Some(fleet) = self.fleet.lock().await.take() {
-            // A host that died during the run cannot be cleaned now; its tasks went to the
-            // others, so the run's outcome stands. Said, not failed.
-            if let Err(e) = fleet.stop().await {
-                crate::progress::say(&format!(
-                    "cohort: warning: not every worker container could be removed (a host out of reach?);                      `cohort run` of the same run id, or podman on that host, removes them:\n{e:#}"
-                ));
-            }
         }
         Ok(())
     }
