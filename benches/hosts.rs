@@ -54,8 +54,8 @@ fn agent_command(sleep: u64, big: bool) -> String {
 }
 
 /// One `cohort run` of `tasks` tasks on `hosts` in a fresh scratch repository: its wall
-/// time and the scratch (for its logs).
-fn run(hosts: &[&SimHost], tasks: usize, agent: &str) -> (Duration, Scratch) {
+/// time and the scratch (for its logs). Prints `label` and the time.
+fn run(label: &str, hosts: &[&SimHost], tasks: usize, agent: &str) -> (Duration, Scratch) {
     let s = Scratch::new();
     let req = s.request("req.md", &tasks_doc(tasks));
     let mut cmd = s.cohort();
@@ -67,6 +67,7 @@ fn run(hosts: &[&SimHost], tasks: usize, agent: &str) -> (Duration, Scratch) {
     let start = Instant::now();
     let out = cmd.output().expect("running cohort");
     let took = start.elapsed();
+    println!("{label}: {:.1} s", took.as_secs_f64());
     let merged = s.merged_tasks("cohort/service").len();
     if code(&out) != 0 {
         // Seen on main at adc2008: every task merged, then removing a worker container that
@@ -261,10 +262,11 @@ fn main() {
 
     // Warm-up, not counted: pulls the image onto every host (host 1 in the first).
     for (name, set) in [("1 host", &one), ("3 hosts", &three)] {
-        let (t, _) = run(set, 2, &small);
-        println!(
-            "warm-up on {name} (2 tasks, includes the image pull): {:.1} s",
-            t.as_secs_f64()
+        run(
+            &format!("warm-up on {name} (2 tasks, includes the image pull)"),
+            set,
+            2,
+            &small,
         );
     }
 
@@ -272,16 +274,10 @@ fn main() {
     let mut threes = Vec::new();
     let mut last_three = None;
     for round in 1..=rounds {
-        let (t1, _) = run(&one, tasks, &small);
-        println!(
-            "round {round}: {tasks} tasks x {sleep} s on 1 host ({SLOTS} slots): {:.1} s",
-            t1.as_secs_f64()
-        );
-        let (t3, s3) = run(&three, tasks, &small);
-        println!(
-            "round {round}: {tasks} tasks x {sleep} s on 3 hosts ({SLOTS} slots each): {:.1} s",
-            t3.as_secs_f64()
-        );
+        let label = format!("round {round}: {tasks} tasks x {sleep} s on 1 host ({SLOTS} slots)");
+        let (t1, _) = run(&label, &one, tasks, &small);
+        let label = format!("round {round}: {tasks} tasks x {sleep} s on 3 hosts ({SLOTS} slots each)");
+        let (t3, s3) = run(&label, &three, tasks, &small);
         ones.push(t1.as_secs_f64());
         threes.push(t3.as_secs_f64());
         last_three = Some(s3);
@@ -297,8 +293,12 @@ fn main() {
     if let Some(s3) = &last_three {
         report_payloads("tiny files", s3);
     }
-    let (t, big) = run(&three, tasks, &agent_command(sleep, true));
-    println!("64 KiB files run on 3 hosts: {:.1} s", t.as_secs_f64());
+    let (_, big) = run(
+        "64 KiB files run on 3 hosts",
+        &three,
+        tasks,
+        &agent_command(sleep, true),
+    );
     report_payloads("64 KiB files", &big);
 
     println!("load at end: {}", loadavg());
