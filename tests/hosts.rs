@@ -180,7 +180,9 @@ fn tasks_spread_over_three_hosts_and_survive_one_dying() {
             .filter(|f| f.extension().is_some_and(|e| e == "log"))
             .map(|f| {
                 let text = std::fs::read_to_string(f).unwrap_or_default();
-                text.lines().filter(|l| l.starts_with(&format!("on| {victim}/"))).count()
+                text.lines()
+                    .filter(|l| l.starts_with(&format!("on| {victim}/")))
+                    .count()
             })
             .sum()
     };

@@ -14,6 +14,7 @@ pub mod report;
 pub mod resume;
 pub mod retry;
 pub mod run;
+pub mod run_remote;
 pub mod run_verify;
 pub mod serve;
 pub mod service;
