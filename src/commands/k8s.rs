@@ -113,23 +113,7 @@ fn manifests(args: ManifestsArgs, config_path: Option<&Path>) -> Result<u8> {
     Ok(0)
 }
 
-/// Writes `data` to `file` with mode 0600, atomically: a private temporary file in the same
-/// directory renamed over it, so a reader never sees half a file or a moment of wider mode.
+/// The manifests hold the token: mode 0600, written atomically.
 fn write_private(file: &Path, data: &[u8]) -> Result<()> {
-    let dir = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    // tempfile creates it 0600.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".cohort-k8s-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    tmp.write_all(data)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    tmp.persist(file)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot write {}", file.display()))?;
-    Ok(())
+    crate::remote::write_private(file, data).with_context(|| format!("cannot write {}", file.display()))
 }

@@ -23,7 +23,7 @@ use super::queue::{Finished, Queue, Work};
 use super::registry::Registry;
 use super::tls::Identity;
 use super::token::WorkerToken;
-use super::{trees, RemoteError};
+use super::{lock, trees, RemoteError};
 use crate::runtime::Output;
 
 type Body = Full<Bytes>;
@@ -153,27 +153,9 @@ impl Drop for Controller {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Written whole under a temporary name, then renamed: a reader never sees half a token.
+/// [`super::write_private`], with the error this module reports.
 fn write_private(path: &Path, data: &[u8]) -> Result<(), RemoteError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let write = || -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|source| RemoteError::Write {
+    super::write_private(path, data).map_err(|source| RemoteError::Write {
         path: path.to_path_buf(),
         source,
     })

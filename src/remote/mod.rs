@@ -29,7 +29,7 @@ pub mod token;
 pub mod trees;
 pub mod worker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The upgrade protocol of a tunnel to the model gateway.
 pub const TUNNEL: &str = "cohort-tunnel";
@@ -52,4 +52,26 @@ pub enum RemoteError {
     Refused(String),
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+/// A mutex's guard, also when a thread panicked holding it (the tables it guards stay whole:
+/// every change to them is one statement).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes `data` to `path` with mode 0600, atomically: a private temporary file in the same
+/// directory (tempfile makes it 0600), synced, then renamed over it, so a reader never sees
+/// half a token or a moment of wider mode.
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new().prefix(".cohort-").tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }

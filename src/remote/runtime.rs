@@ -14,12 +14,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use super::controller::{Controller, ControllerSettings};
-use super::files;
 use super::fleet::{Fleet, FleetHost, WorkerLaunch};
 use super::protocol::{CacheSpec, Job};
 use super::queue::{Finished, Work};
 use super::registry::Registry;
+use super::{files, lock};
 use crate::git::safefs::Dir;
+use crate::run::blocking;
 use crate::runtime::podman::NetworkMode;
 use crate::runtime::{CachePath, Exit, Output, Role, Runtime, Spawn, BRIDGE_ADDR};
 
@@ -137,16 +138,6 @@ impl RemoteRuntime {
             heartbeat_secs: 2,
         }
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .context("a blocking task panicked")?
 }
 
 #[async_trait::async_trait]
