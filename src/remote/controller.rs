@@ -56,7 +56,25 @@ struct Ctl {
     timeout: Duration,
     /// The run's image, for podman hosts to pull (`/v2/`).
     registry: Mutex<Option<Arc<Registry>>>,
+    /// Requests for work being answered (see [`Controller::drained`]).
+    polling: std::sync::atomic::AtomicUsize,
     stop: CancellationToken,
+}
+
+/// Counts a request for work while it is answered.
+struct Polling<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Polling<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Polling(n)
+    }
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Controller {
@@ -79,6 +97,7 @@ impl Controller {
             gateway: Mutex::new(None),
             timeout: settings.worker_timeout,
             registry: Mutex::new(None),
+            polling: Default::default(),
             stop: CancellationToken::new(),
         });
         tokio::spawn(accept(listener, tls, ctl.clone()));
@@ -113,6 +132,18 @@ impl Controller {
             let _ = std::fs::remove_file(dir.join("worker-token"));
         }
         self.ctl.wake.notify_waiters();
+    }
+
+    /// Waits (a little) until the workers waiting for work have been told the run is over:
+    /// a process that exits right after [`Controller::close_run`] would cut those answers
+    /// off, and a worker would take the dropped connection for an error.
+    pub async fn drained(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.ctl.polling.load(std::sync::atomic::Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The last answers are on their way out of their connections.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     /// Serves `registry` (the run's image, read-only) at `/v2/`.
@@ -276,6 +307,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 async fn lease(ctl: &Arc<Ctl>, req: Request<Incoming>) -> Response<Body> {
+    let _polling = Polling::new(&ctl.polling);
     let (ask, _) = match read_json::<LeaseRequest>(req, 1 << 20).await {
         Ok(v) => v,
         Err(r) => return r,

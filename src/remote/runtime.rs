@@ -180,6 +180,7 @@ impl Runtime for RemoteRuntime {
         };
         if let Some((_, dir)) = ended {
             self.controller.close_run(Some(&dir));
+            self.controller.drained().await;
         }
         Ok(())
     }
