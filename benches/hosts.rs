@@ -2,7 +2,9 @@
 //! and what a warm worker is sent per task against what changed. Not a timed test: it
 //! prints figures for the README.
 //!
-//!   cargo bench --bench hosts -- [--rounds 1] [--tasks 24] [--sleep 5]
+//!   cargo bench --bench hosts -- [--rounds 1] [--tasks 24] [--sleep 5] [--logs DIR]
+//!
+//! `--logs DIR` keeps each run's stderr, with cohort's debug log (phase timings), in DIR.
 //!
 //! The hosts are simulated ones (tests/support/netns.rs): each a network namespace with
 //! its own podman service over TCP, all on this machine, so three hosts share its cores.
@@ -64,10 +66,23 @@ fn run(label: &str, hosts: &[&SimHost], tasks: usize, agent: &str) -> (Duration,
         cmd.args(["--host", &format!("{}={SLOTS}", h.url())]);
     }
     cmd.args(["--agent", "command", "--agent-command", agent]);
+    let logs = arg("--logs", "");
+    if !logs.is_empty() {
+        cmd.env("COHORT_LOG", "cohort=debug");
+    }
     let start = Instant::now();
     let out = cmd.output().expect("running cohort");
     let took = start.elapsed();
     println!("{label}: {:.1} s", took.as_secs_f64());
+    if !logs.is_empty() {
+        let name: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let file = std::path::Path::new(&logs).join(format!("{name}.log"));
+        std::fs::create_dir_all(&logs).expect("the --logs directory");
+        std::fs::write(&file, &out.stderr).expect("writing a run's log");
+    }
     let merged = s.merged_tasks("cohort/service").len();
     if code(&out) != 0 {
         // Seen on main at adc2008: every task merged, then removing a worker container that

@@ -546,6 +546,7 @@ pub fn print_summary(summary: &run::Summary) {
 }
 
 pub async fn run(args: Args, config_path: Option<&Path>) -> Result<u8> {
+    tracing::debug!("cohort run: starting");
     let paths = RepoPaths::discover(&std::env::current_dir()?)?;
     let config = Config::load(config_path, Some(&paths.workdir))?;
     let plan = match (&args.input, &args.tasks, &args.prompt) {

@@ -35,11 +35,14 @@ pub(super) fn remote_runtime(
     };
     tokio::task::block_in_place(|| {
         tokio::runtime::Handle::current().block_on(async {
+            let t0 = std::time::Instant::now();
             let hosts = match specs.is_empty() {
                 true => None,
                 false => Some(fleet_hosts(config, specs).await?),
             };
-            crate::remote::runtime::RemoteRuntime::start(settings, hosts).await
+            let runtime = crate::remote::runtime::RemoteRuntime::start(settings, hosts).await;
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "controller listening");
+            runtime
         })
     })
     .map(Some)
@@ -66,18 +69,32 @@ async fn fleet_hosts(
         )));
     };
     let image_id = crate::remote::registry::image_id_of(&store, &digest)?;
-    let mut hosts = Vec::new();
-    for spec in specs {
-        let podman = crate::runtime::podman::Podman::connect_endpoint(&spec.endpoint)
-            .await
-            .with_context(|| format!("--host {}: cannot reach its podman service", spec.name))?;
-        hosts.push(crate::remote::fleet::FleetHost {
-            name: spec.name,
-            controller_ip: podman.local_ip(),
-            podman,
-            slots: spec.slots,
+    // Every host at once: an ssh handshake or a slow service costs its own wait, not a sum.
+    let t0 = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        set.spawn(async move {
+            let podman = crate::runtime::podman::Podman::connect_endpoint(&spec.endpoint)
+                .await
+                .with_context(|| format!("--host {}: cannot reach its podman service", spec.name))?;
+            anyhow::Ok((
+                i,
+                crate::remote::fleet::FleetHost {
+                    name: spec.name,
+                    controller_ip: podman.local_ip(),
+                    podman,
+                    slots: spec.slots,
+                },
+            ))
         });
     }
+    let mut hosts = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        hosts.push(joined.context("connecting to a podman host panicked")??);
+    }
+    hosts.sort_by_key(|(i, _)| *i);
+    let hosts = hosts.into_iter().map(|(_, h)| h).collect::<Vec<_>>();
+    tracing::debug!(hosts = hosts.len(), ms = t0.elapsed().as_millis() as u64, "podman hosts connected");
     Ok(crate::remote::runtime::Hosts {
         hosts,
         store,

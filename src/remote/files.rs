@@ -91,19 +91,33 @@ fn parent_of<'p>(root: &Dir, path: &'p Path, make: bool) -> Result<(Option<Dir>,
 /// Every file and symlink under `root` as entries (a scratch directory going to the other
 /// side), skipping anything else; at most `cap` bytes in all.
 pub fn read_all(root: &Dir, cap: u64) -> Result<Vec<Entry>> {
-    let mut out = Vec::new();
-    let mut total = 0u64;
-    walk(root, "", &mut |dir, rel, name, kind| {
-        if let Some(e) = read_entry(dir, rel, name, kind)? {
-            total += e.payload_len() as u64;
-            if total > cap {
-                bail!("more than {cap} bytes in the directory; it is not sent");
+    struct All {
+        out: Vec<Entry>,
+        total: u64,
+        cap: u64,
+    }
+    impl Visitor for All {
+        fn visit(&mut self, dir: &Dir, rel: &str, name: &OsStr, kind: Kind) -> Result<bool> {
+            if kind == Kind::Dir {
+                return Ok(true);
             }
-            out.push(e);
+            if let Some(e) = read_entry(dir, rel, name, kind)? {
+                self.total += e.payload_len() as u64;
+                if self.total > self.cap {
+                    bail!("more than {} bytes in the directory; it is not sent", self.cap);
+                }
+                self.out.push(e);
+            }
+            Ok(false)
         }
-        Ok(())
-    })?;
-    Ok(out)
+    }
+    let mut all = All {
+        out: Vec::new(),
+        total: 0,
+        cap,
+    };
+    walk(root, "", &mut all)?;
+    Ok(all.out)
 }
 
 /// One name as an entry: a file's bytes and executable bit, or a symlink's target.
@@ -128,9 +142,21 @@ pub fn read_entry(dir: &Dir, rel: &str, name: &OsStr, kind: Kind) -> Result<Opti
     })
 }
 
-/// Calls `visit(dir, relative path, name, kind)` for every non-directory under `root`,
-/// never entering a `.git`. Names that are not UTF-8 are refused: the protocol carries text.
-pub fn walk(root: &Dir, prefix: &str, visit: &mut dyn FnMut(&Dir, &str, &OsStr, Kind) -> Result<()>) -> Result<()> {
+/// What a [`walk`] shows its caller.
+pub trait Visitor {
+    /// The walk is about to read directory `dir` (`prefix` is its path with a trailing `/`,
+    /// empty at the root).
+    fn enter(&mut self, _dir: &Dir, _prefix: &str) -> Result<()> {
+        Ok(())
+    }
+    /// An entry of `dir`, named `name`, at `rel`; for a directory, whether to walk into it.
+    fn visit(&mut self, dir: &Dir, rel: &str, name: &OsStr, kind: Kind) -> Result<bool>;
+}
+
+/// Walks `root` top-down in one pass, never entering a `.git` and never following a
+/// symlink. Names that are not UTF-8 are refused: the protocol carries text.
+pub fn walk(root: &Dir, prefix: &str, visitor: &mut dyn Visitor) -> Result<()> {
+    visitor.enter(root, prefix)?;
     for (name, kind) in root.entries()? {
         if name.as_bytes() == b".git" {
             continue;
@@ -139,13 +165,10 @@ pub fn walk(root: &Dir, prefix: &str, visit: &mut dyn FnMut(&Dir, &str, &OsStr, 
             bail!("{prefix}{}: a file name that is not UTF-8", name.to_string_lossy());
         };
         let rel = format!("{prefix}{text}");
-        match kind {
-            Kind::Dir => {
-                if let Some(sub) = root.sub(&name)? {
-                    walk(&sub, &format!("{rel}/"), visit)?;
-                }
+        if visitor.visit(root, &rel, &name, kind)? && kind == Kind::Dir {
+            if let Some(sub) = root.sub(&name)? {
+                walk(&sub, &format!("{rel}/"), visitor)?;
             }
-            _ => visit(root, &rel, &name, kind)?,
         }
     }
     Ok(())

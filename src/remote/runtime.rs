@@ -69,8 +69,14 @@ impl RemoteRuntime {
     /// run left there first).
     async fn start_fleet(&self, run_id: &str, token: &super::token::WorkerToken) -> Result<()> {
         let Some(h) = &self.hosts else { return Ok(()) };
+        let t0 = std::time::Instant::now();
+        let mut set = tokio::task::JoinSet::new();
         for host in &h.hosts {
-            Fleet::cleanup_run(&host.podman, run_id).await?;
+            let (podman, run_id) = (host.podman.clone(), run_id.to_string());
+            set.spawn(async move { Fleet::cleanup_run(&podman, &run_id).await });
+        }
+        while let Some(joined) = set.join_next().await {
+            joined.context("cleaning a worker host panicked")??;
         }
         let launch = WorkerLaunch {
             run_id: run_id.to_string(),
@@ -83,6 +89,7 @@ impl RemoteRuntime {
             pids_limit: h.pids_limit,
         };
         let fleet = Fleet::start(h.hosts.clone(), &launch).await?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "worker containers started");
         *self.fleet.lock().await = Some(fleet);
         Ok(())
     }
@@ -161,6 +168,7 @@ impl Runtime for RemoteRuntime {
     async fn cleanup_run(&self, run_id: &str) -> Result<()> {
         // The workers go first, while they are only waiting for work: told the run is over
         // first, they would exit on their own just as podman removes them.
+        let t0 = std::time::Instant::now();
         if let Some(fleet) = self.fleet.lock().await.take() {
             // A host that died during the run cannot be cleaned now; its tasks went to the
             // others, so the run's outcome stands. Said, not failed.
@@ -182,6 +190,7 @@ impl Runtime for RemoteRuntime {
             self.controller.close_run(Some(&dir));
             self.controller.drained().await;
         }
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "workers removed, run closed");
         Ok(())
     }
 

@@ -108,54 +108,16 @@ impl Slot {
     /// neither sent nor dirty, as a local collect leaves them.
     pub fn scan(&mut self, contents: bool) -> Result<Vec<Entry>> {
         let root = Dir::open(&self.root)?;
-        let ignore = ignores(&root)?;
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
-        let manifest = &self.manifest;
-        let tracked_under = |prefix: &str| {
-            manifest
-                .range(prefix.to_string()..)
-                .next()
-                .is_some_and(|(k, _)| k.starts_with(prefix))
+        let mut scan = Scan {
+            manifest: &self.manifest,
+            ignore: gix::ignore::Search::default(),
+            ignored_dirs: Vec::new(),
+            contents,
+            seen: BTreeSet::new(),
+            out: Vec::new(),
         };
-        scan_dir(
-            &root,
-            "",
-            &mut |dir, rel, name, kind| {
-                let known = manifest.get(rel);
-                if known.is_none() && ignored(&ignore, rel, kind == Kind::Dir) {
-                    return Ok(false);
-                }
-                if kind == Kind::Dir {
-                    return Ok(true);
-                }
-                seen.insert(rel.to_string());
-                let st = dir.stat(name)?;
-                if let (Some(k), Some(st)) = (known, &st) {
-                    if k.stat == stat_key(st) && kind == k.kind {
-                        return Ok(false);
-                    }
-                }
-                let Some(entry) = files::read_entry(dir, rel, name, kind)? else {
-                    return Ok(false); // a FIFO or device: nothing git keeps
-                };
-                if let Some(k) = known {
-                    if same(&entry, k)? {
-                        return Ok(false);
-                    }
-                }
-                out.push(if contents {
-                    entry
-                } else {
-                    Entry {
-                        path: rel.to_string(),
-                        kind: EntryKind::Removed,
-                    }
-                });
-                Ok(false)
-            },
-            &tracked_under,
-        )?;
+        files::walk(&root, "", &mut scan)?;
+        let (seen, mut out) = (scan.seen, scan.out);
         for path in self.manifest.keys().filter(|k| !seen.contains(*k)) {
             out.push(Entry {
                 path: path.clone(),
@@ -164,6 +126,88 @@ impl Slot {
         }
         self.dirty = out.iter().map(|e| e.path.clone()).collect();
         Ok(out)
+    }
+}
+
+/// One walk of the checkout against the manifest. Each directory's `.gitignore` is read as
+/// the walk enters it (parents before children, as git layers them); an ignored directory
+/// is not entered, unless cohort wrote files below it.
+struct Scan<'m> {
+    manifest: &'m BTreeMap<String, Known>,
+    ignore: gix::ignore::Search,
+    /// Ignored directories entered because cohort wrote files below them (`a/b/`).
+    ignored_dirs: Vec<String>,
+    contents: bool,
+    seen: BTreeSet<String>,
+    out: Vec<Entry>,
+}
+
+impl Scan<'_> {
+    /// As git sees an untracked path: ignored by a pattern, or inside an ignored directory.
+    fn ignored(&self, rel: &str, is_dir: bool) -> bool {
+        self.ignored_dirs.iter().any(|d| rel.starts_with(d.as_str())) || ignored(&self.ignore, rel, is_dir)
+    }
+
+    fn tracked_under(&self, prefix: &str) -> bool {
+        self.manifest
+            .range(prefix.to_string()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(prefix))
+    }
+}
+
+impl files::Visitor for Scan<'_> {
+    fn enter(&mut self, dir: &Dir, prefix: &str) -> Result<()> {
+        // Only a regular file of at most 1 MiB counts, as before (a symlink is not followed).
+        if let Some(bytes) = dir.read_small(OsStr::new(".gitignore"), 1 << 20)? {
+            let source = format!("{prefix}.gitignore");
+            self.ignore
+                .add_patterns_buffer(&bytes, source, Some(Path::new("")), Default::default())?;
+        }
+        Ok(())
+    }
+
+    fn visit(&mut self, dir: &Dir, rel: &str, name: &OsStr, kind: Kind) -> Result<bool> {
+        let known = self.manifest.get(rel);
+        if kind == Kind::Dir {
+            if !self.ignored(rel, true) {
+                return Ok(true);
+            }
+            let prefix = format!("{rel}/");
+            let enter = self.tracked_under(&prefix);
+            if enter {
+                // Entered for cohort's files only: anything else below is ignored too.
+                self.ignored_dirs.push(prefix);
+            }
+            return Ok(enter);
+        }
+        if known.is_none() && self.ignored(rel, false) {
+            return Ok(false);
+        }
+        self.seen.insert(rel.to_string());
+        let st = dir.stat(name)?;
+        if let (Some(k), Some(st)) = (known, &st) {
+            if k.stat == stat_key(st) && kind == k.kind {
+                return Ok(false);
+            }
+        }
+        let Some(entry) = files::read_entry(dir, rel, name, kind)? else {
+            return Ok(false); // a FIFO or device: nothing git keeps
+        };
+        if let Some(k) = known {
+            if same(&entry, k)? {
+                return Ok(false);
+            }
+        }
+        self.out.push(if self.contents {
+            entry
+        } else {
+            Entry {
+                path: rel.to_string(),
+                kind: EntryKind::Removed,
+            }
+        });
+        Ok(false)
     }
 }
 
@@ -200,50 +244,6 @@ fn known_of(w: &Written, entry: Option<&Entry>) -> Result<Option<Known>> {
     }))
 }
 
-/// Walks `dir`; `visit` returns whether to enter a directory. Never enters `.git`. A
-/// directory with tracked files below is always entered.
-fn scan_dir(
-    dir: &Dir,
-    prefix: &str,
-    visit: &mut dyn FnMut(&Dir, &str, &OsStr, Kind) -> Result<bool>,
-    tracked_under: &dyn Fn(&str) -> bool,
-) -> Result<()> {
-    for (name, kind) in dir.entries()? {
-        if name.as_encoded_bytes() == b".git" {
-            continue;
-        }
-        let Some(text) = name.to_str() else {
-            anyhow::bail!("{prefix}{}: a file name that is not UTF-8", name.to_string_lossy());
-        };
-        let rel = format!("{prefix}{text}");
-        let enter = visit(dir, &rel, &name, kind)? || (kind == Kind::Dir && tracked_under(&format!("{rel}/")));
-        if enter && kind == Kind::Dir {
-            if let Some(sub) = dir.sub(&name)? {
-                scan_dir(&sub, &format!("{rel}/"), visit, tracked_under)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Every `.gitignore` in the checkout, each applying below its own directory.
-fn ignores(root: &Dir) -> Result<gix::ignore::Search> {
-    let mut search = gix::ignore::Search::default();
-    let mut found = Vec::new();
-    files::walk(root, "", &mut |dir, rel, name, kind| {
-        if kind == Kind::File && name == ".gitignore" {
-            if let Some(bytes) = dir.read_small(name, 1 << 20)? {
-                found.push((rel.to_string(), bytes));
-            }
-        }
-        Ok(())
-    })?;
-    for (rel, bytes) in found {
-        search.add_patterns_buffer(&bytes, rel, Some(Path::new("")), Default::default())?;
-    }
-    Ok(search)
-}
-
 fn ignored(search: &gix::ignore::Search, rel: &str, is_dir: bool) -> bool {
     search
         .pattern_matching_relative_path(
@@ -252,4 +252,90 @@ fn ignored(search: &gix::ignore::Search, rel: &str, is_dir: bool) -> bool {
             gix::glob::pattern::Case::Sensitive,
         )
         .is_some_and(|m| m.kind == gix::ignore::Kind::Expendable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(changes: Vec<Entry>) -> Job {
+        Job {
+            lease: String::new(),
+            run_id: "r".into(),
+            task: 1,
+            role: "agent".into(),
+            tree: "t1".into(),
+            reset: false,
+            changes,
+            scratch: Vec::new(),
+            program: "true".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            secret_env: Vec::new(),
+            stdin: None,
+            timeout_secs: None,
+            caches: Vec::new(),
+            gateway: None,
+            heartbeat_secs: 2,
+        }
+    }
+
+    fn paths(entries: &[Entry]) -> Vec<(String, bool)> {
+        let mut v: Vec<(String, bool)> = entries
+            .iter()
+            .map(|e| (e.path.clone(), e.kind == EntryKind::Removed))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// One walk reads each `.gitignore` as it enters its directory: the root's and a
+    /// subdirectory's both apply, an ignored directory is skipped unless cohort wrote files
+    /// below it, and only what differs from the manifest comes back.
+    #[test]
+    fn scan_sends_what_changed_and_skips_what_git_ignores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut slot = Slot::new(&tmp.path().join("checkout")).unwrap();
+        slot.apply(&job(vec![
+            Entry::file(".gitignore", b"build/\n*.log\n", false),
+            Entry::file("src/.gitignore", b"gen.rs\n", false),
+            Entry::file("src/lib.rs", b"fn a() {}\n", false),
+            Entry::file("build/kept.txt", b"tracked under an ignored dir\n", false),
+            Entry::file("gone.txt", b"x\n", false),
+        ]))
+        .unwrap();
+        assert!(slot.scan(true).unwrap().is_empty(), "nothing changed yet");
+
+        let root = tmp.path().join("checkout");
+        std::fs::write(root.join("src/lib.rs"), "fn b() {}\n").unwrap();
+        std::fs::write(root.join("src/gen.rs"), "ignored by src/.gitignore").unwrap();
+        std::fs::write(root.join("src/new.rs"), "new").unwrap();
+        std::fs::write(root.join("run.log"), "ignored by the root's").unwrap();
+        // Untracked in an ignored directory that cohort entered for its own file: ignored,
+        // as git says.
+        std::fs::write(root.join("build/out.o"), "ignored dir, untracked").unwrap();
+        std::fs::create_dir_all(root.join("build/sub")).unwrap();
+        std::fs::write(root.join("build/sub/deeper.o"), "also ignored").unwrap();
+        std::fs::write(root.join("build/kept.txt"), "changed").unwrap();
+        std::fs::create_dir_all(root.join("target/deep")).unwrap();
+        // `*` covers the directory's own .gitignore too, as in git.
+        std::fs::write(root.join("target/.gitignore"), "*\n").unwrap();
+        std::fs::write(root.join("target/deep/x"), "ignored by target/.gitignore").unwrap();
+        std::fs::remove_file(root.join("gone.txt")).unwrap();
+
+        let changed = slot.scan(true).unwrap();
+        assert_eq!(
+            paths(&changed),
+            vec![
+                ("build/kept.txt".into(), false),
+                ("gone.txt".into(), true),
+                ("src/lib.rs".into(), false),
+                ("src/new.rs".into(), false),
+            ]
+        );
+        assert_eq!(
+            slot.state().dirty,
+            vec!["build/kept.txt", "gone.txt", "src/lib.rs", "src/new.rs"]
+        );
+    }
 }

@@ -149,21 +149,17 @@ impl Podman {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        me.version = me.get_json("/version").await?;
-        // `/version` is the Docker-compatible answer (its ApiVersion is Docker's, e.g. 1.41);
-        // the libpod API version, the one cohort speaks, is the ping's header.
-        if !api.is_empty() {
-            me.version.api_version = api.clone();
-        }
         let major = |v: &str| v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0);
-        if major(&api) < 4 && major(&me.version.version) < 4 {
-            return Err(PodmanError::TooOld {
-                version: format!("{api} (podman {})", me.version.version),
-            });
+        if !api.is_empty() && major(&api) < 4 {
+            return Err(PodmanError::TooOld { version: api });
         }
+        // `/info` has the version too: `/version` is not asked, since podman answers it by
+        // running conmon and the OCI runtime (~0.4 s), and every run connects.
         #[derive(Deserialize)]
         struct Info {
             host: InfoHost,
+            #[serde(default)]
+            version: InfoVersion,
         }
         #[derive(Deserialize)]
         struct InfoHost {
@@ -173,7 +169,24 @@ impl Podman {
         struct InfoSecurity {
             rootless: bool,
         }
+        #[derive(Deserialize, Default)]
+        struct InfoVersion {
+            #[serde(rename = "Version", default)]
+            version: String,
+            #[serde(rename = "APIVersion", default)]
+            api_version: String,
+        }
         let info: Info = me.get_json(&format!("{API_PREFIX}/info")).await?;
+        // The libpod API version, the one cohort speaks, is the ping's header.
+        me.version = VersionInfo {
+            api_version: if api.is_empty() { info.version.api_version } else { api },
+            version: info.version.version,
+        };
+        if major(&me.version.api_version) < 4 && major(&me.version.version) < 4 {
+            return Err(PodmanError::TooOld {
+                version: format!("{} (podman {})", me.version.api_version, me.version.version),
+            });
+        }
         me.rootless = info.host.security.rootless;
         Ok(me)
     }

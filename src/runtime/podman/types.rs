@@ -5,16 +5,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// `GET /version`, as much as we check.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The service's podman version and libpod API version (from `_ping` and `/info`).
+#[derive(Debug, Clone, Default)]
 pub struct VersionInfo {
-    #[serde(rename = "Version", default)]
     pub version: String,
-    /// The libpod API version (from `_ping`), not the Docker-compatible one `/version` gives.
-    #[serde(rename = "ApiVersion", default)]
+    /// The libpod API version, not the Docker-compatible one `/version` gives.
     pub api_version: String,
-    #[serde(rename = "MinAPIVersion", default)]
-    pub min_api_version: String,
 }
 
 /// Container network mode (`[container] network`).
