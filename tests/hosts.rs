@@ -324,3 +324,56 @@ fn the_kubernetes_jobs_worker_container_serves_a_run_on_podman() {
     assert!(text(&worker).contains("the run is over"), "{}", text(&worker));
     s.fsck();
 }
+
+/// Starts a run of `tasks` on `host` (one slot), stops it with Ctrl-C once its first task
+/// merged, and returns its exit code.
+fn interrupted_run(s: &Scratch, host: &SimHost, tasks: usize, name: &str) -> i32 {
+    let req = s.request(&format!("{name}.md"), &tasks_doc(tasks).replace("task number", name));
+    let log = std::fs::File::create(s.tmp.path().join(format!("{name}.log"))).unwrap();
+    let mut run = s
+        .cohort()
+        .args(["run", req.to_str().unwrap(), "--agent", "command", "--agent-command", AGENT])
+        .args(["--host", &format!("{}=1", host.url())])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !run_log(s, name).contains("task 001 merged") {
+        assert!(run.try_wait().unwrap().is_none(), "the run ended early: {}", run_log(s, name));
+        assert!(Instant::now() < deadline, "task 1 never merged: {}", run_log(s, name));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(unsafe { libc::kill(run.id() as i32, libc::SIGINT) }, 0);
+    run.wait().unwrap().code().unwrap_or(-1)
+}
+
+/// A run started with `--host` and interrupted is resumed on the same host without naming it
+/// again; `--runtime` given to `resume` runs what is left here instead.
+#[test]
+fn a_resumed_run_keeps_its_hosts_unless_a_runtime_is_given() {
+    let s = Scratch::new();
+    build_image(&s);
+    let hosts = SimHost::start_many(1, |_| false);
+    let host = &hosts[0];
+
+    assert_eq!(interrupted_run(&s, host, 3, "kept"), 130, "{}", run_log(&s, "kept"));
+    let out = s.cohort().args(["resume"]).output().unwrap();
+    assert_eq!(code(&out), 0, "resume: {}", text(&out));
+    let placed = placements(&s);
+    assert_eq!(placed.len(), 3);
+    let workers: std::collections::BTreeSet<&str> = placed.iter().map(|(_, w)| w.as_str()).collect();
+    assert_eq!(workers.len(), 1, "every task ran on the host's one worker: {placed:?}");
+    assert!(!placed[2].1.is_empty(), "task 3, started by resume, ran on the worker: {placed:?}");
+    assert!(host.containers().is_empty(), "the resumed run removed its workers");
+
+    assert_eq!(interrupted_run(&s, host, 3, "here"), 130, "{}", run_log(&s, "here"));
+    let out = s.cohort().args(["resume", "--runtime", "host"]).output().unwrap();
+    assert_eq!(code(&out), 0, "resume --runtime host: {}", text(&out));
+    let placed = placements(&s);
+    assert!(!placed[0].1.is_empty(), "task 1 ran on the host's worker: {placed:?}");
+    // Task 3 had not started when the run stopped: it ran here, on no worker.
+    assert!(placed[2].1.is_empty(), "task 3 ran here, not on a worker: {placed:?}");
+    s.fsck();
+}

@@ -61,7 +61,8 @@ pub struct EngineFlags {
     /// {prompt_file} and {task} are filled in.
     #[arg(long, value_name = "'PROG ARGS…'")]
     pub agent_command: Option<String>,
-    /// Where agents run.
+    /// Where agents run. On `resume`, given without --host or --listen, it also sets aside the
+    /// hosts and listen address the run was started with: what is left runs here.
     #[arg(long, value_enum)]
     pub runtime: Option<RuntimeKind>,
     /// A podman host to run tasks on, SLOTS at a time (1-64, default 4); repeat for more hosts.
@@ -69,7 +70,7 @@ pub struct EngineFlags {
     /// in with ssh-agent or ~/.ssh/id_*, and the host key must already be in
     /// ~/.ssh/known_hosts), or tcp://HOST:PORT (plain, unauthenticated HTTP: trusted networks
     /// only). A bare NAME is one of podman's own connections (`podman system connection
-    /// list`). Given here, these replace [run] hosts.
+    /// list`). Given here, these replace [run] hosts; `resume` reuses the run's own.
     #[arg(long = "host", value_name = "URL[=SLOTS]")]
     pub hosts: Vec<String>,
     /// The model the codex agent uses.
@@ -203,7 +204,7 @@ pub fn build_engine(
     // Looked for in what every task hands back (with token shapes, private keys, .env files),
     // and kept from every agent's environment.
     let scan_key = api_key(config).ok().flatten();
-    let remote = super::run_remote::remote_runtime(&paths, flags, config)?;
+    let remote = super::run_remote::remote_runtime(&paths, flags, config, stored)?;
     let runtime: Arc<dyn Runtime> = match remote {
         Some(r) => Arc::new(r),
         None => local_runtime(flags, config, stored, &scan_key)?,
@@ -485,12 +486,18 @@ pub fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value
         .as_deref()
         .and_then(shlex::split)
         .or_else(|| config.agent.command.clone());
-    serde_json::json!({
+    let mut stored = serde_json::json!({
         "push": flags.push || config.run.push.unwrap_or(false),
         "agent_command": argv,
         "model": flags.model.clone().or(config.agent.model.clone()),
         "base_url": flags.base_url.clone().or(config.agent.base_url.clone()),
-    })
+    });
+    if let (Some(o), serde_json::Value::Object(remote)) =
+        (stored.as_object_mut(), super::run_remote::stored_options(flags, config))
+    {
+        o.extend(remote.into_iter().filter(|(_, v)| !v.is_null()));
+    }
+    stored
 }
 
 /// Ctrl-C or SIGTERM stops the agents and saves state; a second Ctrl-C exits at once.

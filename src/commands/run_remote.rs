@@ -8,23 +8,47 @@ use crate::cli::usage;
 use crate::config::{parse_duration, Config};
 use crate::git::RepoPaths;
 
+/// What a run that serves workers keeps for `resume` (see [`remote_runtime`]).
+pub(super) fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value {
+    let hosts = match flags.hosts.is_empty() {
+        false => Some(flags.hosts.clone()),
+        true => config.run.hosts.clone().filter(|h| !h.is_empty()),
+    };
+    serde_json::json!({
+        "hosts": hosts,
+        "listen": flags.listen.map(|l| l.to_string()),
+        "worker_timeout": flags.worker_timeout,
+    })
+}
+
 /// The remote runtime when the run serves workers (`--listen`, or `--host`/`[run] hosts`,
 /// which start workers on podman hosts): its controller listens and every host answers now,
 /// so that a port in use or a host out of reach is a setup error before anything changed.
+///
+/// Each setting comes from the flags, then config, then what the run was started with
+/// (`stored`), so a resumed run keeps its workers. `--runtime` given without `--host` or
+/// `--listen` sets the stored ones aside: the tasks left run here.
 pub(super) fn remote_runtime(
     paths: &RepoPaths,
     flags: &EngineFlags,
     config: &Config,
+    stored: &serde_json::Value,
 ) -> Result<Option<crate::remote::runtime::RemoteRuntime>> {
-    let empty = Vec::new();
-    let specs = crate::remote::hosts::resolve_hosts(&flags.hosts, config.run.hosts.as_ref().unwrap_or(&empty))
-        .map_err(|e| usage(e.to_string()))?;
-    let listen = match (flags.listen, specs.is_empty()) {
+    let local = flags.runtime.is_some() && flags.hosts.is_empty() && flags.listen.is_none();
+    let stored_hosts: Vec<String> = match local {
+        true => Vec::new(),
+        false => serde_json::from_value(stored["hosts"].clone()).unwrap_or_default(),
+    };
+    let config_hosts = config.run.hosts.clone().unwrap_or_default();
+    let config_hosts = if config_hosts.is_empty() { stored_hosts } else { config_hosts };
+    let specs = crate::remote::hosts::resolve_hosts(&flags.hosts, &config_hosts).map_err(|e| usage(e.to_string()))?;
+    let stored_listen = stored["listen"].as_str().and_then(|a| a.parse().ok()).filter(|_| !local);
+    let listen = match (flags.listen.or(stored_listen), specs.is_empty()) {
         (Some(l), _) => l,
         (None, false) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         (None, true) => return Ok(None),
     };
-    let worker_timeout = match &flags.worker_timeout {
+    let worker_timeout = match flags.worker_timeout.as_deref().or(stored["worker_timeout"].as_str()) {
         Some(t) => parse_duration("--worker-timeout", t)?,
         None => std::time::Duration::from_secs(30),
     };
