@@ -59,6 +59,11 @@ pub enum GitError {
     )]
     ServiceConflict { service: String, paths: String },
     #[error(
+        "{service} is checked out here; cohort merges into it while it runs, so check out \
+         your own branch first (or pass --service-branch with another name)"
+    )]
+    ServiceCheckedOut { service: String },
+    #[error(
         "the repository is in the middle of {what}: {fix}, then run cohort again; or pass --no-sync \
          to run on the last commit without touching your branch (nothing was changed)"
     )]

@@ -171,10 +171,7 @@ pub async fn start(
         let mut notes = Vec::new();
         let (branch, _) = sync::current_branch(&repo)?;
         if branch == format!("refs/heads/{service}") {
-            return Err(crate::cli::usage(format!(
-                "{service} is checked out here; cohort merges into it while it runs, so check out \
-                 your own branch first (or pass --service-branch with another name)"
-            )));
+            return Err(crate::git::GitError::ServiceCheckedOut { service: service.clone() }.into());
         }
         let prepared = match &sync_settings {
             Some(s) => {
