@@ -44,15 +44,29 @@ impl Client {
             controller: self.authority.clone(),
             reason: e.to_string(),
         };
-        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.authority))
-            .await
-            .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(unreachable)?;
+        let tcp = self.connect_tcp().await.map_err(unreachable)?;
         let _ = tcp.set_nodelay(true);
         // The name is not checked (the certificate is pinned); rustls needs one to send.
         let name = rustls::pki_types::ServerName::try_from("cohort-controller")
             .map_err(|e| RemoteError::Tls(e.to_string()))?;
         self.tls.connect(name, tcp).await.map_err(unreachable)
+    }
+
+    /// A TCP connection, in attempts of 1, 2, 3 and 4 s (10 s in all), each from a new port.
+    /// A SYN that met the network half set up (a firewall being rewritten as a container
+    /// starts next to this one) can leave a connection-tracking entry that drops the
+    /// kernel's retransmissions of it, which reuse its port: a new socket gets a new entry.
+    async fn connect_tcp(&self) -> std::io::Result<TcpStream> {
+        for secs in 1..=4 {
+            match tokio::time::timeout(Duration::from_secs(secs), TcpStream::connect(&self.authority)).await {
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    tracing::debug!(controller = self.authority, secs, "no answer to connect; trying from a new port")
+                }
+            }
+        }
+        Err(std::io::ErrorKind::TimedOut.into())
     }
 
     fn request(&self, path: &str, body: Vec<u8>) -> Result<Request<Full<Bytes>>, RemoteError> {
