@@ -299,9 +299,9 @@ async fn start_host(started: &mut Started, launch: &WorkerLaunch) -> Result<()> 
         .with_context(|| format!("worker host {name}: cannot inspect image {}", launch.image_id))?;
     let user = crate::runtime::podman::runtime::parse_image_user(image["Config"]["User"].as_str().unwrap_or(""))
         .unwrap_or((0, 0));
-    // The slots are created and started at once: each is a few podman round trips and an
-    // OCI runtime start, and a host's workers are ready sooner than one after another.
-    let mut set = tokio::task::JoinSet::new();
+    // One slot after another: podman 4.3 deadlocked in containers/storage (a `userns=auto`
+    // create waiting on the layer store while a start held it) when a host's slots were
+    // created and started at once.
     for n in 0..host.slots {
         let container = container_name(&launch.run_id, name, n);
         let labels: BTreeMap<String, String> = [
@@ -339,46 +339,21 @@ async fn start_host(started: &mut Started, launch: &WorkerLaunch) -> Result<()> 
             labels,
             ..Default::default()
         };
-        let (podman, name) = (podman.clone(), name.clone());
-        set.spawn(async move {
-            let id = match podman.create_container(&spec).await {
-                Ok(id) => id,
-                Err(e) => {
-                    return (
-                        n,
-                        None,
-                        Err(anyhow!("worker host {name}: cannot create container {container}: {e}")),
-                    )
-                }
-            };
-            let placement = Placement {
-                host: name.clone(),
-                container: container.clone(),
-                id: id.clone(),
-            };
-            let started = podman
-                .start_container(&id)
-                .await
-                .map_err(|e| anyhow!("worker host {name}: cannot start container {container}: {e}"));
-            (n, Some(placement), started)
+        let id = podman
+            .create_container(&spec)
+            .await
+            .with_context(|| format!("worker host {name}: cannot create container {container}"))?;
+        started.containers.push(Placement {
+            host: name.clone(),
+            container: container.clone(),
+            id: id.clone(),
         });
+        podman
+            .start_container(&id)
+            .await
+            .with_context(|| format!("worker host {name}: cannot start container {container}"))?;
     }
-    // Every created container is kept in `started`, so that a failed start removes it.
-    let mut first_error = None;
-    let mut made = Vec::new();
-    while let Some(joined) = set.join_next().await {
-        let (n, placement, r) = joined.context("starting a worker container panicked")?;
-        made.extend(placement.map(|p| (n, p)));
-        if let Err(e) = r {
-            first_error.get_or_insert(e);
-        }
-    }
-    made.sort_by_key(|(n, _)| *n);
-    started.containers.extend(made.into_iter().map(|(_, p)| p));
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// Force-removes a worker container. One that is exiting on its own just then (its worker

@@ -152,7 +152,8 @@ pub struct JobResult {
     pub exit: WireExit,
     /// Changed, added and removed paths of the checkout, against the job's tree.
     pub changes: Vec<Entry>,
-    /// The scratch directory's files after the command (its conversation, last message).
+    /// What the command changed in the scratch directory (its conversation, last message):
+    /// files written and removals, against what the job sent.
     pub scratch: Vec<Entry>,
 }
 

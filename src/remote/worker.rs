@@ -196,7 +196,7 @@ async fn run_job(
         return Ok(slot);
     }
     let scratch_entries = match agent {
-        true => files::read_all(&scratch_dir, 64 << 20)?,
+        true => changed_since(&job.scratch, files::read_all(&scratch_dir, 64 << 20)?),
         false => Vec::new(),
     };
     let result = JobResult {
@@ -216,6 +216,25 @@ async fn run_job(
         );
     }
     Ok(slot)
+}
+
+/// What differs in `now` from what the job `sent` (the controller still has those): files
+/// written or changed, and removals. codex's home is most of a scratch directory, and most of
+/// it is what it was.
+fn changed_since(sent: &[super::protocol::Entry], now: Vec<super::protocol::Entry>) -> Vec<super::protocol::Entry> {
+    use super::protocol::{Entry, EntryKind};
+    let before: std::collections::HashMap<&str, &Entry> = sent.iter().map(|e| (e.path.as_str(), e)).collect();
+    let present: std::collections::HashSet<String> = now.iter().map(|e| e.path.clone()).collect();
+    let mut out: Vec<Entry> = now.into_iter().filter(|e| before.get(e.path.as_str()) != Some(&e)).collect();
+    out.extend(
+        sent.iter()
+            .filter(|e| e.kind != EntryKind::Removed && !present.contains(&e.path))
+            .map(|e| Entry {
+                path: e.path.clone(),
+                kind: EntryKind::Removed,
+            }),
+    );
+    out
 }
 
 /// The agent's configuration in the scratch directory (codex's config.toml) names the
@@ -354,5 +373,41 @@ async fn forward(
             Ok(_) => last = Instant::now(),
             Err(e) => tracing::warn!("cannot reach the controller: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::protocol::{Entry, EntryKind};
+    use super::*;
+
+    #[test]
+    fn only_what_changed_in_the_scratch_directory_goes_back() {
+        let sent = vec![
+            Entry::file("prompt.txt", b"the task", false),
+            Entry::file("codex/config.toml", b"model = 'x'", false),
+            Entry::file("codex/state.sqlite", b"v1", false),
+            Entry::file("gone.txt", b"x", false),
+        ];
+        let now = vec![
+            Entry::file("prompt.txt", b"the task", false),
+            Entry::file("codex/config.toml", b"model = 'x'", true), // its mode changed
+            Entry::file("codex/state.sqlite", b"v2", false),
+            Entry::file("last-message.txt", b"done", false),
+        ];
+        let mut back: Vec<(String, bool)> = changed_since(&sent, now)
+            .into_iter()
+            .map(|e| (e.path, e.kind == EntryKind::Removed))
+            .collect();
+        back.sort();
+        assert_eq!(
+            back,
+            vec![
+                ("codex/config.toml".into(), false),
+                ("codex/state.sqlite".into(), false),
+                ("gone.txt".into(), true),
+                ("last-message.txt".into(), false),
+            ]
+        );
     }
 }
