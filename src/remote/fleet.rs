@@ -299,9 +299,9 @@ async fn start_host(started: &mut Started, launch: &WorkerLaunch) -> Result<()> 
         .with_context(|| format!("worker host {name}: cannot inspect image {}", launch.image_id))?;
     let user = crate::runtime::podman::runtime::parse_image_user(image["Config"]["User"].as_str().unwrap_or(""))
         .unwrap_or((0, 0));
-    // One slot after another: podman 4.3 deadlocked in containers/storage (a `userns=auto`
-    // create waiting on the layer store while a start held it) when a host's slots were
-    // created and started at once.
+    // One slot after another: with a host's slots created and started at once, podman 4.3
+    // deadlocked (a `userns=auto` create and a start both waiting forever on containers/
+    // storage's layer-store lock). Removals stay concurrent, as the local runtime's are.
     for n in 0..host.slots {
         let container = container_name(&launch.run_id, name, n);
         let labels: BTreeMap<String, String> = [
