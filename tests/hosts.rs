@@ -332,7 +332,14 @@ fn interrupted_run(s: &Scratch, host: &SimHost, tasks: usize, name: &str) -> i32
     let log = std::fs::File::create(s.tmp.path().join(format!("{name}.log"))).unwrap();
     let mut run = s
         .cohort()
-        .args(["run", req.to_str().unwrap(), "--agent", "command", "--agent-command", AGENT])
+        .args([
+            "run",
+            req.to_str().unwrap(),
+            "--agent",
+            "command",
+            "--agent-command",
+            AGENT,
+        ])
         .args(["--host", &format!("{}=1", host.url())])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -341,7 +348,11 @@ fn interrupted_run(s: &Scratch, host: &SimHost, tasks: usize, name: &str) -> i32
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     while !run_log(s, name).contains("task 001 merged") {
-        assert!(run.try_wait().unwrap().is_none(), "the run ended early: {}", run_log(s, name));
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "the run ended early: {}",
+            run_log(s, name)
+        );
         assert!(Instant::now() < deadline, "task 1 never merged: {}", run_log(s, name));
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -365,7 +376,10 @@ fn a_resumed_run_keeps_its_hosts_unless_a_runtime_is_given() {
     assert_eq!(placed.len(), 3);
     let workers: std::collections::BTreeSet<&str> = placed.iter().map(|(_, w)| w.as_str()).collect();
     assert_eq!(workers.len(), 1, "every task ran on the host's one worker: {placed:?}");
-    assert!(!placed[2].1.is_empty(), "task 3, started by resume, ran on the worker: {placed:?}");
+    assert!(
+        !placed[2].1.is_empty(),
+        "task 3, started by resume, ran on the worker: {placed:?}"
+    );
     assert!(host.containers().is_empty(), "the resumed run removed its workers");
 
     assert_eq!(interrupted_run(&s, host, 3, "here"), 130, "{}", run_log(&s, "here"));

@@ -40,9 +40,16 @@ pub(super) fn remote_runtime(
         false => serde_json::from_value(stored["hosts"].clone()).unwrap_or_default(),
     };
     let config_hosts = config.run.hosts.clone().unwrap_or_default();
-    let config_hosts = if config_hosts.is_empty() { stored_hosts } else { config_hosts };
+    let config_hosts = if config_hosts.is_empty() {
+        stored_hosts
+    } else {
+        config_hosts
+    };
     let specs = crate::remote::hosts::resolve_hosts(&flags.hosts, &config_hosts).map_err(|e| usage(e.to_string()))?;
-    let stored_listen = stored["listen"].as_str().and_then(|a| a.parse().ok()).filter(|_| !local);
+    let stored_listen = stored["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .filter(|_| !local);
     let listen = match (flags.listen.or(stored_listen), specs.is_empty()) {
         (Some(l), _) => l,
         (None, false) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -118,7 +125,11 @@ async fn fleet_hosts(
     }
     hosts.sort_by_key(|(i, _)| *i);
     let hosts = hosts.into_iter().map(|(_, h)| h).collect::<Vec<_>>();
-    tracing::debug!(hosts = hosts.len(), ms = t0.elapsed().as_millis() as u64, "podman hosts connected");
+    tracing::debug!(
+        hosts = hosts.len(),
+        ms = t0.elapsed().as_millis() as u64,
+        "podman hosts connected"
+    );
     Ok(crate::remote::runtime::Hosts {
         hosts,
         store,

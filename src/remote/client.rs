@@ -62,7 +62,11 @@ impl Client {
                 Ok(Ok(tcp)) => return Ok(tcp),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    tracing::debug!(controller = self.authority, secs, "no answer to connect; trying from a new port")
+                    tracing::debug!(
+                        controller = self.authority,
+                        secs,
+                        "no answer to connect; trying from a new port"
+                    )
                 }
             }
         }

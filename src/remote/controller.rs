@@ -312,7 +312,11 @@ async fn lease(ctl: &Arc<Ctl>, req: Request<Incoming>) -> Response<Body> {
         Ok(v) => v,
         Err(r) => return r,
     };
-    tracing::debug!(worker = ask.worker, fresh = ask.slot.tree.is_none(), "a worker asks for work");
+    tracing::debug!(
+        worker = ask.worker,
+        fresh = ask.slot.tree.is_none(),
+        "a worker asks for work"
+    );
     let deadline = tokio::time::Instant::now() + LONG_POLL;
     loop {
         let woken = ctl.wake.notified();

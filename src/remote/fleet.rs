@@ -388,7 +388,9 @@ async fn stop_host(started: &Started) -> Vec<String> {
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok(Ok(())) => {}
-            Ok(Err((container, e))) => errors.push(format!("worker host {name}: cannot remove container {container}: {e}")),
+            Ok(Err((container, e))) => {
+                errors.push(format!("worker host {name}: cannot remove container {container}: {e}"))
+            }
             Err(e) => errors.push(format!("worker host {name}: removing a container panicked: {e}")),
         }
     }

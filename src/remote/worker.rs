@@ -225,7 +225,10 @@ fn changed_since(sent: &[super::protocol::Entry], now: Vec<super::protocol::Entr
     use super::protocol::{Entry, EntryKind};
     let before: std::collections::HashMap<&str, &Entry> = sent.iter().map(|e| (e.path.as_str(), e)).collect();
     let present: std::collections::HashSet<String> = now.iter().map(|e| e.path.clone()).collect();
-    let mut out: Vec<Entry> = now.into_iter().filter(|e| before.get(e.path.as_str()) != Some(&e)).collect();
+    let mut out: Vec<Entry> = now
+        .into_iter()
+        .filter(|e| before.get(e.path.as_str()) != Some(&e))
+        .collect();
     out.extend(
         sent.iter()
             .filter(|e| e.kind != EntryKind::Removed && !present.contains(&e.path))

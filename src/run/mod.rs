@@ -171,7 +171,10 @@ pub async fn start(
         let mut notes = Vec::new();
         let (branch, _) = sync::current_branch(&repo)?;
         if branch == format!("refs/heads/{service}") {
-            return Err(crate::git::GitError::ServiceCheckedOut { service: service.clone() }.into());
+            return Err(crate::git::GitError::ServiceCheckedOut {
+                service: service.clone(),
+            }
+            .into());
         }
         let prepared = match &sync_settings {
             Some(s) => {
