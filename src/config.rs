@@ -173,6 +173,10 @@ pub struct RunSection {
     /// podman hosts to run tasks on, as `--host`: `["ssh://USER@HOST/path/podman.sock=8",
     /// "NAME"]` (a NAME is one of podman's connections). `--host` flags replace the list.
     pub hosts: Option<Vec<String>>,
+    /// Where the run listens for workers, as `--listen`: `"0.0.0.0:7443"`.
+    pub listen: Option<String>,
+    /// A worker silent this long loses its task, as `--worker-timeout` (default `30s`).
+    pub worker_timeout: Option<String>,
     pub sync: Option<bool>,
     /// The largest file a task may commit (bytes, or with a suffix `k`, `m`, `g`; default
     /// 100m). A task that leaves a larger one fails, naming it; the rest of its work is kept

@@ -20,14 +20,19 @@ fn start_controller(s: &Scratch, tasks: usize, extra: &[&str]) -> (Child, PathBu
     start_controller_with(s, s.cohort(), &tasks_doc(tasks), &args)
 }
 
-#[allow(clippy::zombie_processes)]
-fn start_controller_with(s: &Scratch, mut cohort: Command, doc: &str, extra: &[&str]) -> (Child, PathBuf) {
+fn start_controller_with(s: &Scratch, cohort: Command, doc: &str, extra: &[&str]) -> (Child, PathBuf) {
     let req = s.request("req.md", doc);
     let mut args = vec!["run", req.to_str().unwrap(), "--listen", "127.0.0.1:0"];
     args.extend(extra);
+    spawn_controller(s, cohort, &args)
+}
+
+/// Starts `cohort ARGS` and waits until its run is open to workers.
+#[allow(clippy::zombie_processes)]
+fn spawn_controller(s: &Scratch, mut cohort: Command, args: &[&str]) -> (Child, PathBuf) {
     let log = std::fs::File::create(s.tmp.path().join("controller.log")).unwrap();
     let mut child = cohort
-        .args(&args)
+        .args(args)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -228,7 +233,11 @@ fn a_bad_token_and_a_lease_the_worker_does_not_hold_are_refused() {
 #[test]
 fn a_silent_worker_loses_its_task_and_its_late_result_is_refused() {
     let s = Scratch::new();
-    let (mut controller, run_dir) = start_controller(&s, 1, &["--worker-timeout", "3s"]);
+    // The timeout from the user's config ([run] worker_timeout), as --worker-timeout would.
+    let config = s.tmp.path().join(".config/cohort");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("config.toml"), "[run]\nworker_timeout = \"3s\"\n").unwrap();
+    let (mut controller, run_dir) = start_controller(&s, 1, &[]);
     let mut a = start_worker(&s, &run_dir, "a", "6");
     let log = run_dir.join("logs/001.log");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -263,7 +272,7 @@ fn a_silent_worker_loses_its_task_and_its_late_result_is_refused() {
         worker_log(&s, "a")
     );
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("worker a went silent"), "{text}");
+    assert!(text.contains("worker a went silent for over 3s"), "{text}");
     assert!(text.contains("on| b"), "{text}");
     assert_eq!(s.merged_tasks("cohort/service").len(), 1);
     let status = s.status_json();
@@ -489,4 +498,53 @@ fn a_hostile_worker_cannot_write_outside_the_tasks_checkout() {
     assert!(tree.contains("100644 blob") && tree.contains("\ta/pwned.txt"), "{tree}");
     assert!(!tree.contains("120000"), "{tree}");
     s.fsck();
+}
+
+/// `[run] listen` in the user's config makes a run listen as `--listen` does; one that is not
+/// an address is a usage error that says what to write.
+#[test]
+fn the_listen_address_can_come_from_config() {
+    let s = Scratch::new();
+    let config = s.tmp.path().join(".config/cohort");
+    std::fs::create_dir_all(&config).unwrap();
+    let agent = agent("slow.sh");
+    let req = s.request("req.md", &tasks_doc(2));
+    let args = [
+        "run",
+        req.to_str().unwrap(),
+        "--agent",
+        "command",
+        "--agent-command",
+        agent.as_str(),
+    ];
+
+    std::fs::write(config.join("config.toml"), "[run]\nlisten = \"nowhere\"\n").unwrap();
+    let out = s.cohort().args(args).output().unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        text(&out).contains("[run] listen = \"nowhere\" is not an address"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        s.git(&["branch", "--list", "cohort/service"]).trim().is_empty(),
+        "nothing changed"
+    );
+
+    std::fs::write(config.join("config.toml"), "[run]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let (mut controller, run_dir) = spawn_controller(&s, s.cohort(), &args);
+    let mut worker = start_worker(&s, &run_dir, "a", "0");
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(120), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
+    assert_eq!(
+        wait(&mut worker, Duration::from_secs(30), "the worker"),
+        0,
+        "{}",
+        worker_log(&s, "a")
+    );
+    assert_eq!(s.merged_tasks("cohort/service").len(), 2);
 }

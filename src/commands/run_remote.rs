@@ -16,8 +16,8 @@ pub(super) fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json
     };
     serde_json::json!({
         "hosts": hosts,
-        "listen": flags.listen.map(|l| l.to_string()),
-        "worker_timeout": flags.worker_timeout,
+        "listen": flags.listen.map(|l| l.to_string()).or(config.run.listen.clone()),
+        "worker_timeout": flags.worker_timeout.clone().or(config.run.worker_timeout.clone()),
     })
 }
 
@@ -25,7 +25,8 @@ pub(super) fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json
 /// which start workers on podman hosts): its controller listens and every host answers now,
 /// so that a port in use or a host out of reach is a setup error before anything changed.
 ///
-/// Each setting comes from the flags, then config, then what the run was started with
+/// Each setting (`--host`/`[run] hosts`, `--listen`/`[run] listen`, `--worker-timeout`/
+/// `[run] worker_timeout`) comes from the flags, then config, then what the run was started with
 /// (`stored`), so a resumed run keeps its workers. `--runtime` given without `--host` or
 /// `--listen` sets the stored ones aside: the tasks left run here.
 pub(super) fn remote_runtime(
@@ -46,18 +47,30 @@ pub(super) fn remote_runtime(
         config_hosts
     };
     let specs = crate::remote::hosts::resolve_hosts(&flags.hosts, &config_hosts).map_err(|e| usage(e.to_string()))?;
+    let configured = match &config.run.listen {
+        Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
+            usage(format!(
+                "[run] listen = {a:?} is not an address; give IP:PORT, e.g. \"0.0.0.0:7443\" (port 0: any free one)"
+            ))
+        })?),
+        None => None,
+    };
     let stored_listen = stored["listen"]
         .as_str()
         .and_then(|a| a.parse().ok())
         .filter(|_| !local);
-    let listen = match (flags.listen.or(stored_listen), specs.is_empty()) {
+    let listen = match (flags.listen.or(configured).or(stored_listen), specs.is_empty()) {
         (Some(l), _) => l,
         (None, false) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         (None, true) => return Ok(None),
     };
-    let worker_timeout = match flags.worker_timeout.as_deref().or(stored["worker_timeout"].as_str()) {
-        Some(t) => parse_duration("--worker-timeout", t)?,
-        None => std::time::Duration::from_secs(30),
+    let worker_timeout = match (&flags.worker_timeout, &config.run.worker_timeout) {
+        (Some(t), _) => parse_duration("--worker-timeout", t)?,
+        (None, Some(t)) => parse_duration("[run] worker_timeout", t)?,
+        _ => match stored["worker_timeout"].as_str() {
+            Some(t) => parse_duration("--worker-timeout", t)?,
+            None => std::time::Duration::from_secs(30),
+        },
     };
     let settings = crate::remote::controller::ControllerSettings {
         listen,

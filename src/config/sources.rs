@@ -39,6 +39,8 @@ pub const SENSITIVE: &[(&str, &str)] = &[
     ("run", "runtime"),
     // Hosts get the user's ssh login and run the run's containers.
     ("run", "hosts"),
+    // Listening opens the run's work queue (and its repository's trees) to the network.
+    ("run", "listen"),
     // Pushing writes to origin with the user's credentials.
     ("run", "push"),
     ("run", "push_tasks"),
