@@ -168,12 +168,9 @@ pub fn build_engine(
     stored: &serde_json::Value,
 ) -> Result<Engine> {
     // With podman hosts, as many at once as they have slots.
-    let host_slots = match flags.hosts.is_empty() {
-        false => Some(flags.hosts.clone()),
-        true => config.run.hosts.clone(),
-    }
-    .map(|h| h.iter().map(|s| crate::remote::hosts::slots_of(s)).sum::<usize>())
-    .filter(|n| *n > 0);
+    let host_slots = super::run_remote::given_hosts(flags, config)
+        .map(|h| h.iter().map(|s| crate::remote::hosts::slots_of(s)).sum::<usize>())
+        .filter(|n| *n > 0);
     let jobs = flags
         .jobs
         .or(config.run.jobs)

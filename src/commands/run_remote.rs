@@ -8,14 +8,18 @@ use crate::cli::usage;
 use crate::config::{parse_duration, Config};
 use crate::git::RepoPaths;
 
-/// What a run that serves workers keeps for `resume` (see [`remote_runtime`]).
-pub(super) fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value {
-    let hosts = match flags.hosts.is_empty() {
+/// The podman hosts given: `--host` flags, which replace `[run] hosts`.
+pub(super) fn given_hosts(flags: &EngineFlags, config: &Config) -> Option<Vec<String>> {
+    match flags.hosts.is_empty() {
         false => Some(flags.hosts.clone()),
         true => config.run.hosts.clone().filter(|h| !h.is_empty()),
-    };
+    }
+}
+
+/// What a run that serves workers keeps for `resume` (see [`remote_runtime`]).
+pub(super) fn stored_options(flags: &EngineFlags, config: &Config) -> serde_json::Value {
     serde_json::json!({
-        "hosts": hosts,
+        "hosts": given_hosts(flags, config),
         "listen": flags.listen.map(|l| l.to_string()).or(config.run.listen.clone()),
         "worker_timeout": flags.worker_timeout.clone().or(config.run.worker_timeout.clone()),
     })
@@ -36,17 +40,13 @@ pub(super) fn remote_runtime(
     stored: &serde_json::Value,
 ) -> Result<Option<crate::remote::runtime::RemoteRuntime>> {
     let local = flags.runtime.is_some() && flags.hosts.is_empty() && flags.listen.is_none();
-    let stored_hosts: Vec<String> = match local {
-        true => Vec::new(),
-        false => serde_json::from_value(stored["hosts"].clone()).unwrap_or_default(),
-    };
-    let config_hosts = config.run.hosts.clone().unwrap_or_default();
-    let config_hosts = if config_hosts.is_empty() {
-        stored_hosts
-    } else {
-        config_hosts
-    };
-    let specs = crate::remote::hosts::resolve_hosts(&flags.hosts, &config_hosts).map_err(|e| usage(e.to_string()))?;
+    let hosts = given_hosts(flags, config)
+        .or_else(|| match local {
+            true => None,
+            false => serde_json::from_value(stored["hosts"].clone()).ok(),
+        })
+        .unwrap_or_default();
+    let specs = crate::remote::hosts::resolve_hosts(&hosts, &[]).map_err(|e| usage(e.to_string()))?;
     let configured = match &config.run.listen {
         Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
             usage(format!(

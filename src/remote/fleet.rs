@@ -18,11 +18,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{anyhow, Context, Result};
 
+use crate::runtime::podman::runtime::LABEL_RUN;
 use crate::runtime::podman::{ContainerSpec, NetworkMode, Podman, SecretFile, UsernsMode};
 use crate::secret::Secret;
 
 pub const LABEL_COHORT: &str = "cohort";
-pub const LABEL_RUN: &str = "cohort.run";
 pub const LABEL_HOST: &str = "cohort.host";
 /// The worker's environment variable for its token (never argv).
 pub const TOKEN_ENV: &str = "COHORT_WORKER_TOKEN";
