@@ -1,7 +1,7 @@
 //! A controller (`cohort run --listen`) and workers (`cohort worker`) on loopback: tasks
 //! spread over the workers and merge once; a bad token and a lease the worker does not
 //! hold are refused; a worker that goes silent loses its task to another, and its late
-//! result is refused.
+//! result is refused; a worker keeps its result through a network outage.
 
 mod support;
 use std::path::{Path, PathBuf};
@@ -73,17 +73,14 @@ fn token_of(run_dir: &Path) -> String {
 }
 
 fn start_worker(s: &Scratch, run_dir: &Path, name: &str, delay: &str) -> Child {
+    start_worker_at(s, run_dir, &url_of(run_dir), name, delay)
+}
+
+/// A worker that reaches the controller at `url` (e.g. through a proxy).
+fn start_worker_at(s: &Scratch, run_dir: &Path, url: &str, name: &str, delay: &str) -> Child {
     let log = std::fs::File::create(s.tmp.path().join(format!("worker-{name}.log"))).unwrap();
     Command::new(env!("CARGO_BIN_EXE_cohort"))
-        .args([
-            "worker",
-            "--controller",
-            &url_of(run_dir),
-            "--name",
-            name,
-            "--tunnel",
-            "127.0.0.1:0",
-        ])
+        .args(["worker", "--controller", url, "--name", name, "--tunnel", "127.0.0.1:0"])
         .arg("--dir")
         .arg(s.tmp.path().join(format!("worker-{name}")))
         .env("COHORT_WORKER_TOKEN", token_of(run_dir))
@@ -547,4 +544,89 @@ fn the_listen_address_can_come_from_config() {
         worker_log(&s, "a")
     );
     assert_eq!(s.merged_tasks("cohort/service").len(), 2);
+}
+
+/// A loopback TCP proxy to `target` that can be cut: while it is down, every connection is
+/// closed as soon as it is made.
+fn cuttable_proxy(target: std::net::SocketAddr) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let up = std::sync::Arc::new(AtomicBool::new(true));
+    let open = up.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            if !open.load(Ordering::SeqCst) {
+                continue; // dropped: closed at once
+            }
+            let Ok(upstream) = std::net::TcpStream::connect(target) else {
+                continue;
+            };
+            let (mut a, b) = (conn.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b.try_clone().unwrap());
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut c, d) = (upstream, conn);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c, &mut d.try_clone().unwrap());
+                let _ = d.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (port, up)
+}
+
+/// The controller out of reach while a worker's agent finishes (as on a podman host while
+/// containers next to the worker's start or stop): the worker keeps trying to send its
+/// result, and the task merges once, from that worker, when the controller is back.
+#[test]
+fn a_worker_keeps_its_result_through_a_network_outage() {
+    use std::sync::atomic::Ordering;
+    let s = Scratch::new();
+    // A lease outlives the outage: the worker is not taken for silent.
+    let (mut controller, run_dir) = start_controller(&s, 1, &["--worker-timeout", "60s"]);
+    let url = url_of(&run_dir);
+    let target: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
+    let (port, up) = cuttable_proxy(target);
+    let mut worker = start_worker_at(&s, &run_dir, &format!("https://127.0.0.1:{port}"), "w", "2");
+    let log = run_dir.join("logs/001.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("on| w") {
+        assert!(Instant::now() < deadline, "the worker never took the task");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    up.store(false, Ordering::SeqCst);
+    // The agent (2 s) ends while the controller is out of reach; the worker's first tries
+    // to send its result fail.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !worker_log(&s, "w").contains("cannot send the result") {
+        assert!(
+            Instant::now() < deadline,
+            "no result was tried: {}",
+            worker_log(&s, "w")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(worker.try_wait().unwrap().is_none(), "{}", worker_log(&s, "w"));
+    up.store(true, Ordering::SeqCst);
+    assert_eq!(
+        wait(&mut controller, Duration::from_secs(60), "the run"),
+        0,
+        "{}",
+        controller_log(&s)
+    );
+    assert_eq!(
+        wait(&mut worker, Duration::from_secs(30), "the worker"),
+        0,
+        "{}",
+        worker_log(&s, "w")
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("went silent"), "{text}");
+    assert_eq!(text.matches("on| ").count(), 1, "{text}");
+    assert_eq!(s.merged_tasks("cohort/service").len(), 1);
+    assert_eq!(s.status_json()["tasks"][0]["worker"], "w");
+    s.fsck();
 }

@@ -205,9 +205,7 @@ async fn run_job(
         scratch: scratch_entries,
     };
     let path = format!("/v1/leases/{}/result", job.lease);
-    let (status, body) = client
-        .post(&path, serde_json::to_vec(&result)?, Duration::from_secs(600))
-        .await?;
+    let (status, body) = send_result(client, &path, serde_json::to_vec(&result)?, settings.give_up).await?;
     if status != StatusCode::OK {
         tracing::warn!(
             task = job.task,
@@ -216,6 +214,30 @@ async fn run_job(
         );
     }
     Ok(slot)
+}
+
+/// POSTs a job's result, again and again while the controller is out of reach, for up to
+/// `give_up`: the agent's work is in it, and a connection that fails for a while (seen on
+/// podman hosts while containers next to this one start or stop) must not throw it away.
+/// A result that arrived although its answer was lost is refused the second time (409),
+/// never taken twice.
+async fn send_result(
+    client: &Client,
+    path: &str,
+    body: Vec<u8>,
+    give_up: Duration,
+) -> Result<(StatusCode, bytes::Bytes)> {
+    let since = Instant::now();
+    loop {
+        match client.post(path, body.clone(), Duration::from_secs(600)).await {
+            Ok(answer) => return Ok(answer),
+            Err(e @ RemoteError::Unreachable { .. }) if since.elapsed() < give_up => {
+                tracing::warn!("cannot send the result: {e}; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// What differs in `now` from what the job `sent` (the controller still has those): files
