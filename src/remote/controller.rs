@@ -51,7 +51,8 @@ struct Ctl {
     scope: Mutex<Option<(String, WorkerToken)>>,
     queue: Mutex<Queue>,
     wake: Notify,
-    repo: PathBuf,
+    /// The repository, opened once: every job's files are made from it.
+    repo: gix::ThreadSafeRepository,
     gateway: Mutex<Option<PathBuf>>,
     timeout: Duration,
     /// The run's image, for podman hosts to pull (`/v2/`).
@@ -85,6 +86,9 @@ impl Controller {
             addr: settings.listen.to_string(),
             source,
         };
+        let repo = crate::git::open(&settings.repo)
+            .map_err(|e| RemoteError::Repository(format!("{e:#}")))?
+            .into_sync();
         let listener = TcpListener::bind(settings.listen).await.map_err(listen)?;
         let addr = listener.local_addr().map_err(listen)?;
         let ctl = Arc::new(Ctl {
@@ -93,7 +97,7 @@ impl Controller {
             scope: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
-            repo: settings.repo,
+            repo,
             gateway: Mutex::new(None),
             timeout: settings.worker_timeout,
             registry: Mutex::new(None),
@@ -326,8 +330,12 @@ async fn lease(ctl: &Arc<Ctl>, req: Request<Incoming>) -> Response<Body> {
         let taken = lock(&ctl.queue).take();
         if let Some(t) = taken {
             let (repo, slot, tree) = (ctl.repo.clone(), ask.slot.clone(), t.tree);
-            let made =
-                tokio::task::spawn_blocking(move || trees::changes_for(&crate::git::open(&repo)?, &slot, tree)).await;
+            let made = tokio::task::spawn_blocking(move || {
+                let mut repo = repo.to_thread_local();
+                repo.object_cache_size_if_unset(4 * 1024 * 1024);
+                trees::changes_for(&repo, &slot, tree)
+            })
+            .await;
             let (changes, reset) = match made {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {

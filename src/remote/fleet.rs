@@ -12,6 +12,12 @@
 //! token is neither in the create spec nor in `inspect` (podman's `type=env` secrets are:
 //! podman 4.3's `inspect` shows their values in `Config.Env` once the container runs). The
 //! secret is removed with the containers.
+//!
+//! All of a run's workers start before its first task and go after its last. Starting them
+//! while the first ones work, and removing each as the run's tail no longer needed it, were
+//! tried: on the simulated hosts (podman 4.3, netavark), a container starting or stopping
+//! next to a working worker cut that worker's new connections to the controller for over
+//! 10 s, long enough to lose tasks to the heartbeat timeout.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

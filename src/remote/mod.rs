@@ -52,6 +52,8 @@ pub enum RemoteError {
     Refused(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("cannot open the repository: {0}")]
+    Repository(String),
 }
 
 /// A mutex's guard, also when a thread panicked holding it (the tables it guards stay whole:
