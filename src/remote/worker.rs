@@ -205,7 +205,10 @@ async fn run_job(
         scratch: scratch_entries,
     };
     let path = format!("/v1/leases/{}/result", job.lease);
-    let (status, body) = send_result(client, &path, serde_json::to_vec(&result)?, settings.give_up).await?;
+    let sent = send_result(client, &path, serde_json::to_vec(&result)?, settings.give_up, cancel).await?;
+    let Some((status, body)) = sent else {
+        return Ok(slot); // stopped meanwhile
+    };
     if status != StatusCode::OK {
         tracing::warn!(
             task = job.task,
@@ -220,20 +223,24 @@ async fn run_job(
 /// `give_up`: the agent's work is in it, and a connection that fails for a while (seen on
 /// podman hosts while containers next to this one start or stop) must not throw it away.
 /// A result that arrived although its answer was lost is refused the second time (409),
-/// never taken twice.
+/// never taken twice. None: the worker was stopped meanwhile.
 async fn send_result(
     client: &Client,
     path: &str,
     body: Vec<u8>,
     give_up: Duration,
-) -> Result<(StatusCode, bytes::Bytes)> {
+    cancel: &CancellationToken,
+) -> Result<Option<(StatusCode, bytes::Bytes)>> {
     let since = Instant::now();
     loop {
         match client.post(path, body.clone(), Duration::from_secs(600)).await {
-            Ok(answer) => return Ok(answer),
+            Ok(answer) => return Ok(Some(answer)),
             Err(e @ RemoteError::Unreachable { .. }) if since.elapsed() < give_up => {
                 tracing::warn!("cannot send the result: {e}; trying again");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = cancel.cancelled() => return Ok(None),
+                }
             }
             Err(e) => return Err(e.into()),
         }
