@@ -117,11 +117,21 @@ pub fn open(path: &Path) -> Result<gix::Repository> {
     // Where the file system keeps no nanoseconds they are 0 on both sides
     // and the check is the whole-second one.
     let options = gix::open::Options::default().config_overrides(["gitoxide.core.useNsec=true"]);
-    let mut repo =
+    let repo =
         gix::open_opts(path, options).with_context(|| format!("cannot open git repository at {}", path.display()))?;
+    Ok(tuned(repo))
+}
+
+/// A handle of a repository opened once (see [`open`]) for this thread, set up as [`open`]
+/// sets up its own.
+pub fn thread_local(repo: &gix::ThreadSafeRepository) -> gix::Repository {
+    tuned(repo.to_thread_local())
+}
+
+fn tuned(mut repo: gix::Repository) -> gix::Repository {
     // Tree diffs and merges read the same objects repeatedly.
     repo.object_cache_size_if_unset(4 * 1024 * 1024);
-    Ok(repo)
+    repo
 }
 
 /// The identity for commits cohort writes: the repository's configured user,

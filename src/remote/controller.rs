@@ -330,12 +330,9 @@ async fn lease(ctl: &Arc<Ctl>, req: Request<Incoming>) -> Response<Body> {
         let taken = lock(&ctl.queue).take();
         if let Some(t) = taken {
             let (repo, slot, tree) = (ctl.repo.clone(), ask.slot.clone(), t.tree);
-            let made = tokio::task::spawn_blocking(move || {
-                let mut repo = repo.to_thread_local();
-                repo.object_cache_size_if_unset(4 * 1024 * 1024);
-                trees::changes_for(&repo, &slot, tree)
-            })
-            .await;
+            let made =
+                tokio::task::spawn_blocking(move || trees::changes_for(&crate::git::thread_local(&repo), &slot, tree))
+                    .await;
             let (changes, reset) = match made {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {
