@@ -197,6 +197,32 @@ async fn host(service: &PodmanService, name: &str, slots: usize) -> FleetHost {
     }
 }
 
+/// The stderr of container `id` once it holds `needle` (60 s at most).
+async fn logs_until(podman: &Podman, id: &str, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, err) = podman.logs(id).await.unwrap();
+        let err = String::from_utf8_lossy(&err).into_owned();
+        if err.contains(needle) {
+            return err;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {needle:?} in the log: {err}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (60 s at most) until no container of `run` is left on `podman`.
+async fn gone(podman: &Podman, run: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while left(podman, run).await.0 > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run {run}'s containers are still there"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Worker containers and the secrets of `run` on `podman`.
 async fn left(podman: &Podman, run: &str) -> (usize, Vec<String>) {
     let containers = podman.list_containers(&[("cohort.run", run)]).await.unwrap().len();
@@ -220,7 +246,12 @@ async fn fleet_starts_workers_without_mounts_or_token_and_stops_them() {
     // The registry is where the controller would listen: the pull works, and the workers
     // (HTTPS to a plain-HTTP server, on a bridge network) reach no controller.
     let port = serve(registry.clone()).await;
-    let token = "cohort-test-token-5f2c9a81d7e3";
+    // A token of the right form (no controller has it): the workers read it, then keep trying
+    // to reach a controller, which is plain HTTP here, until they are stopped.
+    let token = &*format!(
+        "cohort-worker.{}.cohort-test-token-5f2c9a81d7e3-0000000000",
+        "ab".repeat(32)
+    );
 
     let fleet = Fleet::start(vec![host(&service, "box", 2).await], &launch("r1", first, port, token))
         .await
@@ -256,23 +287,14 @@ async fn fleet_starts_workers_without_mounts_or_token_and_stops_them() {
             "{cmd}"
         );
         assert_eq!(raw["Image"], first.image_id(), "the container runs the pulled image");
+        assert_eq!(raw["HostConfig"]["AutoRemove"], true, "podman deletes it once it exits");
     }
-    // `cohort worker` got the token in its environment through the wrapper: it refuses this
-    // one (no real token) rather than saying none is set.
+    // `cohort worker` read the token from its file: with none, or a bad one, it would have
+    // exited (2) instead of saying where it takes jobs from.
     let worker = &placement[0].id;
-    let code = tokio::time::timeout(std::time::Duration::from_secs(60), podman.wait_container(worker))
-        .await
-        .expect("the worker did not exit")
-        .unwrap();
-    let (_, err) = podman.logs(worker).await.unwrap();
-    let err = String::from_utf8_lossy(&err);
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("is not a cohort worker token") && !err.contains("is not set"),
-        "{err}"
-    );
+    let err = logs_until(&podman, worker, "taking jobs from https://").await;
     assert!(!err.contains(token), "{err}");
-    assert_eq!(left(&podman, "r1").await.1, ["cohort-worker-r1-box"]);
+    assert_eq!(left(&podman, "r1").await.1, [fleet::secret_name("r1", "box")]);
 
     // The token file is root's: the worker, which starts as the container's root, reads it;
     // the image user, which the worker drops to (and runs agents as), cannot.
@@ -309,8 +331,11 @@ async fn fleet_starts_workers_without_mounts_or_token_and_stops_them() {
         podman.remove_container(&probe, true).await.unwrap();
     }
 
+    // Stopping kills the workers and removes the secret at once; podman deletes the
+    // containers in its own time.
     fleet.stop().await.unwrap();
-    assert_eq!(left(&podman, "r1").await, (0, vec![]));
+    assert_eq!(left(&podman, "r1").await.1, Vec::<String>::new());
+    gone(&podman, "r1").await;
 
     // A crashed run's leftovers go by label and name; the image is there: no pull.
     let before = registry.served().blob_gets;

@@ -53,10 +53,10 @@ impl Client {
     }
 
     /// A TCP connection, in attempts of 1, 2, 3 and 4 s (10 s in all), each from a new port.
-    /// On podman hosts a connect made while containers next to this one start or stop has
-    /// gone unanswered for seconds (the cause is not pinned down: connection tracking or the
-    /// bridge's moving MAC address are suspects); a new socket often gets through at once
-    /// where the kernel's retransmissions of the first, from the same port, did not.
+    /// On podman hosts with netavark before 1.9 a connect made while containers next to this
+    /// one start or stop has gone unanswered for seconds (the bridge's MAC address moves with
+    /// its ports: see `fleet`'s module doc); a new socket has often got through where the
+    /// kernel's retransmissions of the first, from the same port, did not.
     async fn connect_tcp(&self) -> std::io::Result<TcpStream> {
         for secs in 1..=4 {
             match tokio::time::timeout(Duration::from_secs(secs), TcpStream::connect(&self.authority)).await {

@@ -13,11 +13,21 @@
 //! podman 4.3's `inspect` shows their values in `Config.Env` once the container runs). The
 //! secret is removed with the containers.
 //!
+//! Worker containers are podman's auto-remove kind (`--rm`): however a worker ends (the run
+//! is over, it was stopped, it crashed, or it gave up on a controller that went away), podman
+//! deletes its container and its files. A run's end tells the workers the run is over,
+//! SIGKILLs any that still run, and does not wait for podman's deletion: that is latency
+//! (podman 4.3 takes ~0.2 s per container to notice the exit and clean up), not work cohort
+//! has to see finished. A container that was created but never started is removed outright.
+//!
 //! All of a run's workers start before its first task and go after its last. Starting them
 //! while the first ones work, and removing each as the run's tail no longer needed it, were
-//! tried: on the simulated hosts (podman 4.3, netavark), a container starting or stopping
-//! next to a working worker cut that worker's new connections to the controller for over
-//! 10 s, long enough to lose tasks to the heartbeat timeout.
+//! tried: on the simulated hosts (podman 4.3, netavark 1.4), a container starting or
+//! stopping next to a working worker cut that worker's new connections to the controller
+//! for over 10 s, long enough to lose tasks to the heartbeat timeout. That matches the bug
+//! netavark 1.9 fixed (containers/netavark#833): a Linux bridge takes the lowest MAC address
+//! of its ports, so a veth coming or going can move it, and the containers' ARP entries for
+//! their gateway point at nothing until they expire.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -200,7 +210,9 @@ impl Fleet {
         if errors.is_empty() {
             return Ok(fleet);
         }
-        if let Err(e) = fleet.stop().await {
+        // Removed, not just killed: a container whose start failed may not be running, and
+        // then podman's auto-remove never comes.
+        if let Err(e) = fleet.end(End::Remove).await {
             tracing::warn!("removing the workers after a failed start: {e:#}");
         }
         Err(anyhow!("{}", errors.join("\n")))
@@ -215,12 +227,17 @@ impl Fleet {
         self.hosts.iter().flat_map(|h| h.containers.iter().cloned()).collect()
     }
 
-    /// Remove every container (killing it) and each host's secret, on all hosts at once.
-    /// One host's failure does not stop the others; the error lists every failure.
+    /// End every container and remove each host's secret, on all hosts at once: a running
+    /// worker is killed and podman deletes it (auto-remove); one that never started is
+    /// removed. One host's failure does not stop the others; the error lists every failure.
     pub async fn stop(self) -> Result<()> {
+        self.end(End::Kill).await
+    }
+
+    async fn end(self, how: End) -> Result<()> {
         let mut set = tokio::task::JoinSet::new();
         for started in self.hosts {
-            set.spawn(async move { stop_host(&started).await });
+            set.spawn(async move { stop_host(&started, how).await });
         }
         let mut errors = Vec::new();
         while let Some(joined) = set.join_next().await {
@@ -338,6 +355,7 @@ async fn start_host(started: &mut Started, launch: &WorkerLaunch) -> Result<()> 
             // The image's WORKDIR volume would be an anonymous volume on the host: the
             // worker's files stay in its container and go with it.
             ignore_image_volumes: true,
+            auto_remove: true,
             userns: Some(userns.clone()),
             network: launch.network,
             memory_bytes: launch.memory_bytes,
@@ -381,25 +399,59 @@ async fn remove_worker(podman: &Podman, id: &str) -> Result<(), crate::runtime::
     }
 }
 
+/// Ends worker container `id`: SIGKILL, after which podman deletes it. A container that is
+/// not running is either on its way out already (it exited, and auto-remove is under way)
+/// or was never started, and is removed here.
+async fn end_worker(podman: &Podman, id: &str) -> Result<(), crate::runtime::podman::PodmanError> {
+    let killed = match podman.kill_container(id, "SIGKILL").await {
+        Ok(()) => return Ok(()),
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => e,
+    };
+    match podman.inspect_container(id).await {
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+        Ok(c) if matches!(c.state.status.as_str(), "created" | "configured") => remove_worker(podman, id).await,
+        Ok(c) if c.state.running => Err(killed),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// How a fleet's containers go.
+#[derive(Clone, Copy)]
+enum End {
+    /// [`end_worker`]: killed, and deleted by podman in its own time.
+    Kill,
+    /// [`remove_worker`]: removed, and waited for.
+    Remove,
+}
+
 /// Every failure on one host, each naming it. The containers go at once.
-async fn stop_host(started: &Started) -> Vec<String> {
+async fn stop_host(started: &Started, how: End) -> Vec<String> {
     let name = &started.host.name;
     let podman = &started.host.podman;
     let mut set = tokio::task::JoinSet::new();
     for c in started.containers.clone() {
         let podman = podman.clone();
-        set.spawn(async move { remove_worker(&podman, &c.id).await.map_err(|e| (c.container, e)) });
+        set.spawn(async move {
+            let ended = match how {
+                End::Kill => end_worker(&podman, &c.id).await,
+                End::Remove => remove_worker(&podman, &c.id).await,
+            };
+            ended.map_err(|e| (c.container, e))
+        });
     }
     let mut errors = Vec::new();
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok(Ok(())) => {}
             Ok(Err((container, e))) => {
-                errors.push(format!("worker host {name}: cannot remove container {container}: {e}"))
+                errors.push(format!("worker host {name}: cannot stop container {container}: {e}"))
             }
-            Err(e) => errors.push(format!("worker host {name}: removing a container panicked: {e}")),
+            Err(e) => errors.push(format!("worker host {name}: stopping a container panicked: {e}")),
         }
     }
+    // The containers keep their copy of the secret until podman deletes them.
     if let Err(e) = podman.remove_secret(&started.secret).await {
         errors.push(format!(
             "worker host {name}: cannot remove podman secret {}: {e}",

@@ -166,19 +166,23 @@ impl Runtime for RemoteRuntime {
     }
 
     async fn cleanup_run(&self, run_id: &str) -> Result<()> {
-        // The workers go first, while they are only waiting for work: told the run is over
-        // first, they would exit on their own just as podman removes them.
+        // The fleet's workers are killed first, while they only wait for work: a kill then
+        // returns at once. Told first that the run is over, they would exit on their own, and
+        // each kill would wait for podman's clean-up of that container to let go of it.
+        // Podman deletes them (auto-remove) after this returns.
         let t0 = std::time::Instant::now();
         if let Some(fleet) = self.fleet.lock().await.take() {
             // A host that died during the run cannot be cleaned now; its tasks went to the
             // others, so the run's outcome stands. Said, not failed.
             if let Err(e) = fleet.stop().await {
                 crate::progress::say(&format!(
-                    "cohort: warning: not every worker container could be removed (a host out of reach?); \
+                    "cohort: warning: not every worker container could be stopped (a host out of reach?); \
                      `cohort run` of the same run id, or podman on that host, removes them:\n{e:#}"
                 ));
             }
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "workers stopped");
         }
+        // Workers started elsewhere (`--listen`) are told the run is over.
         let ended = {
             let mut run = lock(&self.run);
             match run.as_ref() {
@@ -190,7 +194,7 @@ impl Runtime for RemoteRuntime {
             self.controller.close_run(Some(&dir));
             self.controller.drained().await;
         }
-        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "workers removed, run closed");
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "workers stopped, run closed");
         Ok(())
     }
 

@@ -339,11 +339,23 @@ impl SimHost {
     /// `podman inspect` of every container on the host (any state), e.g. `["Mounts"]` with
     /// each mount's `Source`, `["State"]["Running"]`, `["Config"]["Env"]`.
     pub fn containers(&self) -> Vec<serde_json::Value> {
-        let ids = run_for(
-            self.podman_cli().args(["ps", "--all", "--quiet", "--no-trunc"]),
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        // Asked again on an error: the run's workers are auto-remove containers, which
+        // podman deletes at any moment, and a listing has once failed next to that.
+        let mut tries = 0;
+        let ids = loop {
+            match run_for(
+                self.podman_cli().args(["ps", "--all", "--quiet", "--no-trunc"]),
+                Duration::from_secs(30),
+            ) {
+                Ok(ids) => break ids,
+                Err(e) if tries < 3 => {
+                    eprintln!("{}: {e}; asking again", self.name);
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("{}: {e}", self.name),
+            }
+        };
         let ids: Vec<&str> = ids.split_whitespace().collect();
         if ids.is_empty() {
             return Vec::new();
@@ -363,6 +375,19 @@ impl SimHost {
             out.extend(records);
         }
         out
+    }
+
+    /// What [`Self::containers`] still lists after up to `within`: the run's workers go by
+    /// podman's auto-remove, which finishes a moment after `cohort run` has exited.
+    pub fn containers_left_after(&self, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = self.containers();
+            if left.is_empty() || std::time::Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The host's podman events so far (`podman events --stream=false`), oldest first, e.g.

@@ -574,5 +574,14 @@ mod tests {
             v["volumes"],
             serde_json::json!([{"Name": "cohort-cache-x", "Dest": "/workspace/target", "Options": ["U"]}])
         );
+        // Auto-remove only when asked for (a task container is removed by cohort, which
+        // reads its exit first).
+        assert!(v.get("remove").is_none(), "{v}");
+        let removed = ContainerSpec {
+            auto_remove: true,
+            ..spec.clone()
+        };
+        let v = serde_json::to_value(removed.to_body(false)).unwrap();
+        assert_eq!(v["remove"], true, "{v}");
     }
 }

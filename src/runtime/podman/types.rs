@@ -126,6 +126,9 @@ pub struct ContainerSpec {
     /// No container log (log driver `none`): whoever attached already has the output, and a
     /// task agent's output would otherwise be kept twice (in the journal with journald).
     pub no_log: bool,
+    /// Podman deletes the container once its main process has exited, whoever ended it
+    /// (podman's `--rm`). The logs go with it.
+    pub auto_remove: bool,
 }
 
 #[derive(Serialize)]
@@ -257,6 +260,8 @@ pub(crate) struct CreateBody {
     pub no_new_privileges: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_configuration: Option<LogConfig>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub remove: bool,
 }
 
 #[derive(Serialize)]
@@ -387,6 +392,7 @@ impl ContainerSpec {
             stdin: self.stdin,
             no_new_privileges: true,
             log_configuration: self.no_log.then_some(LogConfig { driver: "none" }),
+            remove: self.auto_remove,
         }
     }
 }
