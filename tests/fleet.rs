@@ -348,6 +348,18 @@ async fn fleet_starts_workers_without_mounts_or_token_and_stops_them() {
     assert_eq!(Fleet::cleanup_run(&podman, "r2").await.unwrap(), 2);
     assert_eq!(left(&podman, "r2").await, (0, vec![]));
 
+    // A worker that ends on its own (here: with a token it cannot read) is deleted by podman;
+    // stopping its fleet then finds nothing to kill and removes the secret.
+    let bad = Fleet::start(
+        vec![host(&service, "box", 1).await],
+        &launch("r4", first, port, "not-a-worker-token"),
+    )
+    .await
+    .unwrap();
+    gone(&podman, "r4").await;
+    bad.stop().await.unwrap();
+    assert_eq!(left(&podman, "r4").await, (0, vec![]));
+
     // A host that cannot pull: the error names it and the port, and nothing is left.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

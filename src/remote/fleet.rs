@@ -15,10 +15,10 @@
 //!
 //! Worker containers are podman's auto-remove kind (`--rm`): however a worker ends (the run
 //! is over, it was stopped, it crashed, or it gave up on a controller that went away), podman
-//! deletes its container and its files. A run's end tells the workers the run is over,
-//! SIGKILLs any that still run, and does not wait for podman's deletion: that is latency
-//! (podman 4.3 takes ~0.2 s per container to notice the exit and clean up), not work cohort
-//! has to see finished. A container that was created but never started is removed outright.
+//! deletes its container and its files. A run's end SIGKILLs its workers and does not wait
+//! for podman's deletion: that is latency (podman 4.3 takes ~0.2 s per container to notice
+//! the exit and clean up), not work cohort has to see finished. A container that was created
+//! but never started is removed outright.
 //!
 //! All of a run's workers start before its first task and go after its last. Starting them
 //! while the first ones work, and removing each as the run's tail no longer needed it, were
